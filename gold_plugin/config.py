@@ -1,0 +1,247 @@
+"""One typed configuration for every GOLD option, validated once.
+
+Both backends (OpenRLHF and local) read a :class:`GoldConfig`. On the command line every field is a
+dotted option under ``--gold.`` (teacher fields under ``--gold.teacher.``), following OpenRLHF's
+``--actor.model_name_or_path`` convention; :func:`add_gold_arguments` registers them and
+:func:`gold_config_from_args` builds the config back from the parsed namespace. Names follow TRL's
+``GOLDConfig`` where the meaning is the same (``beta``, ``lmbda``, ``uld_*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+Signal = Literal["advantage", "logit", "both"]
+AlignmentMode = Literal["spans", "positional"]
+TeacherBackend = Literal["hf", "vllm"]
+ChatTemplateSource = Literal["teacher", "student"]
+
+
+class GoldConfigError(ValueError):
+    """A GOLD option, or a combination of options, that cannot work; the message says what to change."""
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher runs and what it returns."""
+
+    model_name_or_path: str | None = None
+    """Teacher model (HF folder or hub name); its own tokenizer and chat template are used."""
+    tokenizer_name_or_path: str | None = None
+    """Teacher tokenizer if it differs from ``model_name_or_path``."""
+    backend: TeacherBackend = "hf"
+    """``hf`` (transformers, CPU or GPU) or ``vllm`` (prompt log-probs, GPU only)."""
+    num_replicas: int = 1
+    """Teacher actors; a batch is split over them."""
+    num_gpus_per_replica: float = 1.0
+    """GPUs per teacher replica (0 for CPU; fractions to colocate with other models)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallel size inside one replica (vllm backend only)."""
+    chat_template: ChatTemplateSource = "teacher"
+    """Render the prompt with the ``teacher``'s own chat template, or send the ``student``'s prompt text."""
+    topk: int = 0
+    """Top-k teacher log-probs per response position (needed by the logit loss); 0 = sampled tokens only."""
+    max_len: int | None = None
+    """Teacher context length; default: the model's ``max_position_embeddings``."""
+    micro_batch_size: int = 8
+    """Sequences per teacher forward pass (hf backend)."""
+    max_retries: int = 2
+    """Restarts of a dead replica before its share of a batch fails with an error naming it."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights dtype: ``auto`` = bf16 on GPU, fp32 on CPU."""
+
+
+@dataclass
+class GoldConfig:
+    """All GOLD options. See DESIGN §4 for the maths each one controls."""
+
+    alpha: float = 1.0
+    """Weight of distillation vs task reward: A = (1-alpha)*A_reward + alpha*kl_coef*A_distill. 1 = reward-free."""
+    kl_coef: float = 1.0
+    """Scale of the distillation advantages."""
+    kl_discount: float = 0.0
+    """gamma in [0, 1]: distillation advantage of a group sums discounted d of later groups (0 = own group only)."""
+    signal: Signal = "advantage"
+    """``advantage`` (sampled aligned KL), ``logit`` (aligned GKD/ULD loss) or ``both``."""
+    logit_coef: float = 1.0
+    """Weight of the logit loss: loss = policy_loss + alpha*logit_coef*L."""
+    alignment: AlignmentMode = "spans"
+    """``spans`` (byte-span groups, GOLD) or ``positional`` (ULD's truncate-and-pair-by-index baseline)."""
+    beta: float = 0.5
+    """Generalised JSD interpolation (TRL/GKD): 0 = KL(T||S) forward, 1 = KL(S||T) reverse."""
+    lmbda: float = 1.0
+    """Fraction of prompts trained on-policy (GKD); the rest use the dataset's reference completion."""
+    uld_hybrid_matched_weight: float | None = None
+    """Weight of the matched-vocabulary (JSD) part; None with the unmatched weight None = adaptive."""
+    uld_hybrid_unmatched_weight: float | None = None
+    """Weight of the unmatched-vocabulary (ULD sorted-L1) part; None = adaptive."""
+    uld_student_temperature: float = 1.0
+    """Temperature applied to the student's logits in the logit loss."""
+    uld_teacher_temperature: float = 1.0
+    """Temperature applied to the teacher's log-probs in the logit loss."""
+    pair_eos: bool = True
+    """Pair the student's final EOS with the teacher's end-of-turn as a group of its own (else drop it)."""
+    logit_chunk_size: int = 1024
+    """Aligned positions per chunk in the logit loss: extra memory is bounded by chunk x vocabulary."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.teacher, dict):
+            self.teacher = TeacherConfig(**self.teacher)
+        self.validate()
+
+    @property
+    def uses_logit_loss(self) -> bool:
+        return self.signal in ("logit", "both")
+
+    @property
+    def uses_advantages(self) -> bool:
+        return self.signal in ("advantage", "both")
+
+    @property
+    def needs_reward(self) -> bool:
+        """Whether a task reward (reward model or function) is read at all."""
+        return self.alpha < 1.0
+
+    def validate(self) -> None:
+        """Raise :class:`GoldConfigError` naming the option to change if any value is out of range."""
+        _check_choice("signal", self.signal, Signal)
+        _check_choice("alignment", self.alignment, AlignmentMode)
+        _check_choice("teacher.backend", self.teacher.backend, TeacherBackend)
+        _check_choice("teacher.chat_template", self.teacher.chat_template, ChatTemplateSource)
+        for name in ("alpha", "kl_discount", "beta", "lmbda"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise GoldConfigError(f"--gold.{name} must be in [0, 1], got {value}.")
+        for name in ("kl_coef", "logit_coef"):
+            if getattr(self, name) < 0:
+                raise GoldConfigError(f"--gold.{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("uld_student_temperature", "uld_teacher_temperature"):
+            if getattr(self, name) <= 0:
+                raise GoldConfigError(f"--gold.{name} must be > 0, got {getattr(self, name)}.")
+        weights = (self.uld_hybrid_matched_weight, self.uld_hybrid_unmatched_weight)
+        if (weights[0] is None) != (weights[1] is None):
+            raise GoldConfigError(
+                "Set both --gold.uld_hybrid_matched_weight and --gold.uld_hybrid_unmatched_weight, "
+                "or neither (adaptive weights)."
+            )
+        if weights[0] is not None and (weights[0] < 0 or weights[1] < 0):
+            raise GoldConfigError(f"Hybrid weights must be >= 0, got {weights}.")
+        if self.logit_chunk_size < 1:
+            raise GoldConfigError(f"--gold.logit_chunk_size must be >= 1, got {self.logit_chunk_size}.")
+        if self.uses_logit_loss and self.teacher.topk < 1:
+            raise GoldConfigError(
+                f"--gold.signal={self.signal} needs the teacher's top-k log-probs: set --gold.teacher.topk "
+                "(for example 64), or use --gold.signal=advantage."
+            )
+        t = self.teacher
+        if t.topk < 0 or t.num_replicas < 1 or t.tensor_parallel_size < 1 or t.micro_batch_size < 1:
+            raise GoldConfigError(
+                "--gold.teacher.topk must be >= 0 and num_replicas, tensor_parallel_size, micro_batch_size >= 1."
+            )
+        if t.num_gpus_per_replica < 0 or t.max_retries < 0:
+            raise GoldConfigError("--gold.teacher.num_gpus_per_replica and max_retries must be >= 0.")
+        if t.backend == "vllm" and t.num_gpus_per_replica < t.tensor_parallel_size:
+            raise GoldConfigError(
+                f"--gold.teacher.backend=vllm with tensor_parallel_size={t.tensor_parallel_size} needs "
+                f"--gold.teacher.num_gpus_per_replica >= {t.tensor_parallel_size} "
+                f"(got {t.num_gpus_per_replica}); vLLM cannot run on CPU."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: Any, literal: Any) -> None:
+    choices = get_args(literal)
+    if value not in choices:
+        raise GoldConfigError(f"--gold.{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "adaptive", "") else float(text)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after each field) as --help text."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = following.value.value
+    return docs
+
+
+def _add_dataclass_arguments(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
+    hints = get_type_hints(cls)
+    docs = _field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if f.name == "teacher":
+            continue
+        hint = hints[f.name]
+        default = getattr(defaults, f.name)
+        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "") + f" (default: {default})"}
+        if get_origin(hint) is Literal:
+            kwargs.update(type=str, choices=list(get_args(hint)))
+        elif hint is bool:
+            kwargs.update(type=_parse_bool, metavar="BOOL")
+        elif hint == (float | None):
+            kwargs.update(type=_parse_optional_float)
+        elif hint == (int | None):
+            kwargs.update(type=int)
+        elif hint == (str | None):
+            kwargs.update(type=str)
+        else:
+            kwargs.update(type=hint)
+        group.add_argument(f"--{prefix}{f.name}", dest=f"{prefix}{f.name}", **kwargs)
+
+
+def add_gold_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register every GOLD option as ``--gold.<name>`` and ``--gold.teacher.<name>``, in two help groups."""
+    _add_dataclass_arguments(parser.add_argument_group("GOLD distillation (--gold.*)"), GoldConfig, "gold.")
+    _add_dataclass_arguments(
+        parser.add_argument_group("GOLD teacher (--gold.teacher.*)"), TeacherConfig, "gold.teacher."
+    )
+
+
+def gold_config_from_args(args: argparse.Namespace | Any) -> GoldConfig:
+    """Build and validate a GoldConfig from a flat namespace (``gold.alpha`` keys) or a nested one."""
+    flat = vars(args) if isinstance(args, argparse.Namespace) else None
+    if flat is not None and any(k.startswith("gold.") for k in flat):
+        teacher = {
+            k[len("gold.teacher.") :]: v for k, v in flat.items() if k.startswith("gold.teacher.")
+        }
+        top = {
+            k[len("gold.") :]: v
+            for k, v in flat.items()
+            if k.startswith("gold.") and not k.startswith("gold.teacher.")
+        }
+    else:
+        gold = args.gold
+        teacher = dict(vars(gold.teacher))
+        top = {k: v for k, v in vars(gold).items() if k != "teacher"}
+    return GoldConfig(**top, teacher=TeacherConfig(**teacher))
