@@ -38,6 +38,8 @@ class TeacherConfig:
     """Teacher actors; a batch is split over them."""
     num_gpus_per_replica: float = 1.0
     """GPUs per teacher replica (0 for CPU; fractions to colocate with other models)."""
+    num_cpus_per_replica: float = 1.0
+    """CPUs per teacher replica (Ray resource request; also its torch threads on CPU)."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallel size inside one replica (vllm backend only)."""
     chat_template: ChatTemplateSource = "teacher"
@@ -142,8 +144,10 @@ class GoldConfig:
             raise GoldConfigError(
                 "--gold.teacher.topk must be >= 0 and num_replicas, tensor_parallel_size, micro_batch_size >= 1."
             )
-        if t.num_gpus_per_replica < 0 or t.max_retries < 0:
-            raise GoldConfigError("--gold.teacher.num_gpus_per_replica and max_retries must be >= 0.")
+        if t.num_gpus_per_replica < 0 or t.num_cpus_per_replica < 0 or t.max_retries < 0:
+            raise GoldConfigError(
+                "--gold.teacher.num_gpus_per_replica, num_cpus_per_replica and max_retries must be >= 0."
+            )
         if t.backend == "vllm" and t.num_gpus_per_replica < t.tensor_parallel_size:
             raise GoldConfigError(
                 f"--gold.teacher.backend=vllm with tensor_parallel_size={t.tensor_parallel_size} needs "
@@ -232,9 +236,7 @@ def gold_config_from_args(args: argparse.Namespace | Any) -> GoldConfig:
     """Build and validate a GoldConfig from a flat namespace (``gold.alpha`` keys) or a nested one."""
     flat = vars(args) if isinstance(args, argparse.Namespace) else None
     if flat is not None and any(k.startswith("gold.") for k in flat):
-        teacher = {
-            k[len("gold.teacher.") :]: v for k, v in flat.items() if k.startswith("gold.teacher.")
-        }
+        teacher = {k[len("gold.teacher.") :]: v for k, v in flat.items() if k.startswith("gold.teacher.")}
         top = {
             k[len("gold.") :]: v
             for k, v in flat.items()

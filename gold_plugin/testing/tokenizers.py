@@ -37,7 +37,9 @@ GPT2_TEMPLATE = (
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("GOLD_PLUGIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gold_plugin")
+    root = os.environ.get("GOLD_PLUGIN_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "gold_plugin"
+    )
     return Path(root) / "tokenizers"
 
 
@@ -134,7 +136,7 @@ def tokenizer_dir(name: str) -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_test_tokenizer(name: str):
     """A ``transformers`` tokenizer for ``gpt2``, ``qwen`` or ``mistral`` (cached in-process)."""
     from transformers import AutoTokenizer
