@@ -1,0 +1,706 @@
+"""Aligned logit loss (GOLD proper): generalised JSD on the shared vocabulary + ULD on the rest.
+
+At each aligned position the student's full next-token distribution (its logits) is compared with the
+teacher's top-k log-probs through the vocabulary map ``teacher_to_student`` (int64 over teacher ids, -1 =
+unmatched):
+
+- **matched part**: the teacher's top-k ids that map to student ids (several teacher ids mapping to one student
+  id are merged by adding their probabilities) plus one *rest* bucket holding everything else: the teacher's
+  ``1 - sum`` of its matched top-k probabilities and the student's probability of every other student id. The
+  generalised JSD(beta) is taken between these two proper distributions (``matched_normalization="tail"``,
+  default): it is >= 0, zero iff the student gives the teacher's probability to every matched top-k token,
+  and equals the full-vocabulary JSD when both vocabularies are identical and k covers the vocabulary.
+  ``matched_normalization="none"`` reproduces TRL's hybrid loss instead: the JSD formula applied to the raw,
+  unnormalised probabilities of the matched ids only (not a divergence: it can be negative).
+- **unmatched part (ULD)**: the teacher's top-k probabilities of ids that do not map, sorted descending, vs the
+  student's probabilities of ids that are not images of the map, sorted descending, zero-padded, L1. The
+  student side covers the student's whole unmatched vocabulary exactly: its top-k sorted values plus the mass
+  of all lower-ranked ids (which meet the teacher's zero padding), so no sort over the vocabulary is needed.
+- ``alignment="positional"``: the original ULD baseline: the teacher's whole top-k sorted vs the student's whole
+  sorted distribution, L1; no vocabulary map.
+
+``loss = w_m * matched + w_u * unmatched`` with fixed weights or, when both are None, adaptive weights
+``w_m = (#teacher ids that map) / teacher vocabulary size`` and ``w_u = 1 - w_m`` (TRL's rule).
+
+Temperatures: the student's logits are divided by ``student_temperature`` before the softmax; the teacher's
+top-k log-probs are reshaped by ``teacher_temperature`` inside the top-k (``p_i^(1/T)`` renormalised to the same
+total top-k mass; the mass outside the top-k is unknown and kept), exact when the top-k covers the vocabulary.
+
+Memory: positions are processed in chunks of ``chunk_size``; one reusable ``[chunk, V]`` fp32 buffer (plus an
+eighth of one in the backward pass) exists at a time. The gradient with respect to the logits is computed
+analytically in the backward pass from per-position statistics saved in the forward pass (log-normaliser, masses,
+top-k indices, small coefficient tensors), so no ``[positions, V]`` activations are kept between forward and
+backward. Masked positions (``mask`` False, or no
+valid teacher slot) are never computed and get exactly zero loss and zero gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd, uld_distance
+
+MatchedNormalization = Literal["tail", "none"]
+_NEG_INF = float("-inf")
+_LOG2 = 0.6931471805599453
+
+
+@dataclass(frozen=True)
+class LogitLossOptions:
+    """Options of the aligned logit loss; :meth:`from_config` reads them from a ``GoldConfig``."""
+
+    beta: float = 0.5
+    matched_weight: float | None = None
+    unmatched_weight: float | None = None
+    student_temperature: float = 1.0
+    teacher_temperature: float = 1.0
+    chunk_size: int = 1024
+    alignment: Literal["spans", "positional"] = "spans"
+    matched_normalization: MatchedNormalization = "tail"
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> LogitLossOptions:
+        """Options from a ``GoldConfig`` (or any object with its field names), then ``overrides``."""
+        options = cls(
+            beta=config.beta,
+            matched_weight=config.uld_hybrid_matched_weight,
+            unmatched_weight=config.uld_hybrid_unmatched_weight,
+            student_temperature=config.uld_student_temperature,
+            teacher_temperature=config.uld_teacher_temperature,
+            chunk_size=config.logit_chunk_size,
+            alignment=config.alignment,
+        )
+        return replace(options, **overrides)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}.")
+        if (self.matched_weight is None) != (self.unmatched_weight is None):
+            raise ValueError("Set both hybrid weights (matched and unmatched) or neither (adaptive).")
+        if self.matched_weight is not None and (self.matched_weight < 0 or self.unmatched_weight < 0):
+            raise ValueError("Hybrid weights must be >= 0.")
+        if self.student_temperature <= 0 or self.teacher_temperature <= 0:
+            raise ValueError("Temperatures must be > 0.")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
+        if self.alignment not in ("spans", "positional"):
+            raise ValueError(f"alignment must be 'spans' or 'positional', got {self.alignment!r}.")
+        if self.matched_normalization not in ("tail", "none"):
+            raise ValueError(
+                f"matched_normalization must be 'tail' or 'none', got {self.matched_normalization!r}."
+            )
+
+
+@dataclass
+class LogitLoss:
+    """Per-position results; reduce ``loss`` as the training step needs (e.g. mean over valid positions)."""
+
+    loss: torch.Tensor
+    """[N] float32 (float64 for float64 logits), differentiable w.r.t. the student logits; 0 where masked."""
+    matched: torch.Tensor
+    """[N] matched (JSD) part, not weighted, no gradient."""
+    unmatched: torch.Tensor
+    """[N] unmatched (ULD) part, not weighted, no gradient."""
+    valid: torch.Tensor
+    """[N] bool: positions that were computed."""
+    matched_weight: float
+    unmatched_weight: float
+
+
+def _resolve_options(config: Any | None, options: dict[str, Any]) -> LogitLossOptions:
+    if isinstance(config, LogitLossOptions):
+        resolved = replace(config, **options)
+    elif config is not None:
+        resolved = LogitLossOptions.from_config(config, **options)
+    else:
+        resolved = LogitLossOptions(**options)
+    resolved.validate()
+    return resolved
+
+
+@dataclass
+class _Teacher:
+    """Teacher-side tensors for the computed rows (no gradient), on the student's device, compute dtype."""
+
+    # [R, k] unique student ids of the matched slots, compacted to the front (0 = filler where masked)
+    matched_ids: torch.Tensor
+    matched_mask: torch.Tensor  # [R, k] bool
+    matched_logprobs: torch.Tensor  # [R, k] log-probs of the matched student ids (merged duplicates)
+    rest_logprob: torch.Tensor  # [R] log(1 - sum of matched probs)
+    unmatched_sorted: torch.Tensor  # [R, k] probs of unmatched valid slots, sorted descending, 0-padded
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2; -inf at x >= 0."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -_LOG2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _tempered_teacher(logprobs: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher top-k log-probs reshaped by ``temperature`` inside the top-k, keeping the top-k's total mass."""
+    logprobs = torch.where(valid, logprobs, torch.full_like(logprobs, _NEG_INF))
+    if temperature == 1.0:
+        return logprobs
+    scaled = logprobs / temperature
+    return scaled - torch.logsumexp(scaled, -1, keepdim=True) + torch.logsumexp(logprobs, -1, keepdim=True)
+
+
+def _prepare_teacher(
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    teacher_to_student: torch.Tensor | None,
+    options: LogitLossOptions,
+    student_vocab: int,
+    dtype: torch.dtype,
+) -> _Teacher:
+    valid = topk_ids >= 0
+    logprobs = _tempered_teacher(topk_logprobs.to(dtype), valid, options.teacher_temperature)
+    rows, k = topk_ids.shape
+    if options.alignment == "positional" or teacher_to_student is None:
+        unmatched = torch.where(valid, logprobs.exp(), torch.zeros((), dtype=dtype, device=logprobs.device))
+        empty_ids = torch.zeros(rows, 0, dtype=torch.int64, device=topk_ids.device)
+        return _Teacher(
+            matched_ids=empty_ids,
+            matched_mask=empty_ids.bool(),
+            matched_logprobs=empty_ids.to(dtype),
+            rest_logprob=torch.zeros(rows, dtype=dtype, device=topk_ids.device),
+            unmatched_sorted=unmatched.sort(dim=-1, descending=True).values,
+        )
+    student_ids = torch.where(valid, teacher_to_student[topk_ids.clamp(min=0)], -1)
+    matched_slot = student_ids >= 0
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    unmatched = torch.where(valid & ~matched_slot, logprobs.exp(), zero)
+
+    # Merge duplicate student ids within a row (several teacher ids with the same bytes) and compact the
+    # unique ids to the front: sort by student id, mark the first slot of each run, add probabilities per run.
+    key = torch.where(matched_slot, student_ids, student_vocab)
+    sorted_key, order = key.sort(dim=-1)
+    sorted_logprobs = logprobs.gather(1, order)
+    is_sentinel = sorted_key == student_vocab
+    first = torch.ones_like(matched_slot)
+    first[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    first &= ~is_sentinel
+    run = (torch.cumsum(first.to(torch.int64), dim=1) - 1).clamp(min=0)
+    run_size = torch.zeros(rows, k, dtype=torch.int64, device=topk_ids.device).scatter_add_(
+        1, run, (~is_sentinel).to(torch.int64)
+    )
+    merged_prob = torch.zeros(rows, k, dtype=dtype, device=topk_ids.device).scatter_add_(
+        1, run, torch.where(is_sentinel, zero, sorted_logprobs.exp())
+    )
+    # Scatter-add (not scatter): non-first slots add exact zeros, so no two writes ever conflict.
+    first_logprob = torch.zeros(rows, k, dtype=dtype, device=topk_ids.device).scatter_add_(
+        1, run, torch.where(first, sorted_logprobs, zero)
+    )
+    num_unique = first.sum(dim=1, keepdim=True)
+    matched_mask = torch.arange(k, device=topk_ids.device)[None, :] < num_unique
+    # A single slot keeps its log-prob exactly; merged runs use the log of the summed probabilities.
+    matched_logprobs = torch.where(run_size == 1, first_logprob, merged_prob.log())
+    matched_logprobs = torch.where(
+        matched_mask, matched_logprobs, torch.full_like(matched_logprobs, LOG_PROB_FLOOR)
+    )
+    matched_ids = torch.zeros(rows, k, dtype=torch.int64, device=topk_ids.device).scatter_add_(
+        1, run, torch.where(first, sorted_key, 0)
+    )
+    matched_ids = torch.where(matched_mask, matched_ids, 0)
+    masked_for_lse = torch.where(matched_mask, matched_logprobs, torch.full_like(matched_logprobs, _NEG_INF))
+    rest_logprob = _log1mexp(torch.logsumexp(masked_for_lse, dim=-1))
+    return _Teacher(
+        matched_ids=matched_ids,
+        matched_mask=matched_mask,
+        matched_logprobs=matched_logprobs,
+        rest_logprob=rest_logprob,
+        unmatched_sorted=unmatched.sort(dim=-1, descending=True).values,
+    )
+
+
+def _small_loss(
+    teacher: _Teacher,
+    student_matched: torch.Tensor,
+    student_rest: torch.Tensor,
+    student_top_unmatched: torch.Tensor,
+    student_unmatched_mass_log: torch.Tensor,
+    options: LogitLossOptions,
+    weights: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss per position from per-position statistics only (small tensors; autograd gives their gradients)."""
+    if options.alignment == "positional":
+        matched = torch.zeros_like(student_rest)
+    elif options.matched_normalization == "tail":
+        ones = torch.ones_like(teacher.matched_mask[:, :1])
+        matched = generalized_jsd(
+            torch.cat([student_matched, student_rest[:, None]], dim=1),
+            torch.cat([teacher.matched_logprobs, teacher.rest_logprob[:, None]], dim=1),
+            options.beta,
+            mask=torch.cat([teacher.matched_mask, ones], dim=1),
+        )
+    else:
+        matched = generalized_jsd(
+            student_matched, teacher.matched_logprobs, options.beta, mask=teacher.matched_mask
+        )
+    student_top = student_top_unmatched.exp()
+    teacher_sorted = teacher.unmatched_sorted
+    width = max(student_top.shape[1], teacher_sorted.shape[1])
+    l1 = (
+        (
+            torch.nn.functional.pad(student_top, (0, width - student_top.shape[1]))
+            - torch.nn.functional.pad(teacher_sorted, (0, width - teacher_sorted.shape[1]))
+        )
+        .abs()
+        .sum(dim=1)
+    )
+    # Student ids ranked below its top-k meet the teacher's zero padding: they add their total mass.
+    lower_ranked_mass = (student_unmatched_mass_log.exp() - student_top.sum(dim=1)).clamp(min=0.0)
+    unmatched = l1 + lower_ranked_mass
+    loss = weights[0] * matched + weights[1] * unmatched
+    return loss, matched, unmatched
+
+
+@dataclass
+class _Saved:
+    """Per-row statistics the backward pass needs (all small)."""
+
+    rows: torch.Tensor  # [R] row index into the 2-D logits
+    out_index: torch.Tensor  # [R] index into the [N] outputs
+    lse: torch.Tensor  # [R] log-normaliser of logits / temperature
+    coef_base: torch.Tensor  # [R] coefficient of p on every column
+    coef_unmatched: torch.Tensor  # [R] extra coefficient of p on unmatched columns
+    coef_rest: torch.Tensor  # [R] rest coefficient, to be removed again on the row's matched ids
+    matched_ids: torch.Tensor  # [R, km]
+    matched_mask: torch.Tensor  # [R, km] bool
+    grad_matched: torch.Tensor  # [R, km] dL/d(log p) at matched ids
+    top_ids: torch.Tensor  # [R, ku]
+    grad_top: torch.Tensor  # [R, ku] dL/d(log p) at the student's unmatched top ids
+
+
+def _safe_ratio_coef(grad: torch.Tensor, log_mass: torch.Tensor) -> torch.Tensor:
+    """grad / mass for a mass given in log space; 0 where the mass is below the floor (its gradient is 0)."""
+    usable = log_mass > LOG_PROB_FLOOR
+    return torch.where(usable, grad * torch.exp(-log_mass.clamp(min=LOG_PROB_FLOOR)), torch.zeros_like(grad))
+
+
+class _Workspace:
+    """One reusable ``[chunk, V]`` buffer (compute dtype) for the chunk's logits / exponentials / probabilities.
+
+    Reusing it across chunks keeps the peak at one chunk-sized buffer and avoids re-faulting fresh pages for
+    every chunk on CPU (on CUDA the caching allocator would reuse the block anyway).
+    """
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buffer = torch.empty(rows, vocab, dtype=dtype, device=device)
+
+    def load(self, logits_2d: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The rows' logits divided by the temperature, in the compute dtype."""
+        out = self.buffer[: rows.shape[0]]
+        if logits_2d.dtype == out.dtype:
+            torch.index_select(logits_2d, 0, rows, out=out)
+        else:  # bf16 / fp16: convert a few rows at a time so the low-precision copy stays small
+            for block in _row_blocks(rows.shape[0]):
+                out[block].copy_(logits_2d.index_select(0, rows[block]))
+        if temperature != 1.0:
+            out.div_(temperature)
+        return out
+
+
+def _row_blocks(num_rows: int, parts: int = 8) -> list[slice]:
+    """About ``parts`` consecutive row slices covering ``num_rows``: bounds row-wise temporaries to 1/parts."""
+    step = max(1, -(-num_rows // parts))
+    return [slice(first, first + step) for first in range(0, num_rows, step)]
+
+
+def _gather_scaled(
+    logits_2d: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``logits_2d[rows[i], ids[i, j]] / temperature`` (a small gather from the original logits)."""
+    values = logits_2d[rows[:, None], ids].to(dtype)
+    return values / temperature if temperature != 1.0 else values
+
+
+class _AlignedLogitLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits_2d: torch.Tensor,
+        rows: torch.Tensor,
+        out_index: torch.Tensor,
+        num_outputs: int,
+        teacher: _Teacher,
+        image_mask: torch.Tensor | None,
+        options: LogitLossOptions,
+        weights: tuple[float, float],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = torch.float64 if logits_2d.dtype == torch.float64 else torch.float32
+        device = logits_2d.device
+        vocab = logits_2d.shape[1]
+        loss = torch.zeros(num_outputs, dtype=dtype, device=device)
+        matched_out = torch.zeros_like(loss)
+        unmatched_out = torch.zeros_like(loss)
+        saved_chunks: list[_Saved] = []
+        needs_grad = ctx.needs_input_grad[0]
+        temperature = options.student_temperature
+        k_unmatched = min(teacher.unmatched_sorted.shape[1], vocab)
+        workspace = (
+            _Workspace(min(options.chunk_size, rows.shape[0]), vocab, dtype, device) if rows.numel() else None
+        )
+        for start in range(0, rows.shape[0], options.chunk_size):
+            chunk = slice(start, start + options.chunk_size)
+            chunk_rows = rows[chunk]
+            t_chunk = _Teacher(
+                **{name: getattr(teacher, name)[chunk] for name in teacher.__dataclass_fields__}  # type: ignore[arg-type]
+            )
+            # One pass of exp(x - max) serves three sums: all ids, the rest (all but this row's matched ids) and
+            # the unmatched vocabulary (no image of the map); entries are zeroed in place between the sums.
+            scaled = workspace.load(logits_2d, chunk_rows, temperature)
+            row_max = scaled.amax(dim=1)
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            matched_scaled = scaled.gather(1, t_chunk.matched_ids)
+            exps = scaled.sub_(row_max[:, None]).exp_()
+            sum_all = exps.sum(dim=1)
+            lse = sum_all.log() + row_max
+            student_matched = matched_scaled - lse[:, None]
+            if t_chunk.matched_ids.shape[1]:
+                # Filler slots rewrite the row's first compacted entry, so each position gets one consistent value.
+                fill_ids = torch.where(t_chunk.matched_mask, t_chunk.matched_ids, t_chunk.matched_ids[:, :1])
+                fill_values = torch.where(
+                    t_chunk.matched_mask[:, :1].expand_as(fill_ids),
+                    torch.zeros_like(student_matched),
+                    exps.gather(1, fill_ids),
+                )
+                exps.scatter_(1, fill_ids, fill_values)
+                sum_rest = exps.sum(dim=1)
+            else:
+                sum_rest = sum_all
+            if image_mask is not None:
+                exps.masked_fill_(image_mask[None, :], 0.0)
+                sum_unmatched = exps.sum(dim=1)
+            else:
+                sum_unmatched = sum_all
+            if k_unmatched:
+                top_exps, top_ids = exps.topk(k_unmatched, dim=1)
+                # Exact log-probs from the original logits; zeroed (masked) or underflowed entries have p = 0.
+                top_values = torch.where(
+                    top_exps > 0,
+                    _gather_scaled(logits_2d, chunk_rows, top_ids, temperature, dtype) - lse[:, None],
+                    torch.full_like(top_exps, _NEG_INF),
+                )
+            else:
+                top_ids = torch.zeros(exps.shape[0], 0, dtype=torch.int64, device=device)
+                top_values = torch.zeros(exps.shape[0], 0, dtype=dtype, device=device)
+            del scaled, exps
+            log_sum_all = sum_all.log()
+            # log(rest mass): from the matched mass where the rest holds most of the probability (exactly the
+            # teacher's formula, so identical distributions cancel exactly), else by the direct sum (accurate
+            # for a small rest).
+            matched_lse = torch.logsumexp(
+                torch.where(
+                    t_chunk.matched_mask, student_matched, torch.full_like(student_matched, _NEG_INF)
+                ),
+                dim=1,
+            )
+            rest_log = torch.where(matched_lse < -_LOG2, _log1mexp(matched_lse), sum_rest.log() - log_sum_all)
+            stats = [student_matched, rest_log, top_values, sum_unmatched.log() - log_sum_all]
+            with torch.enable_grad():
+                leaves = [s.detach().requires_grad_(needs_grad) for s in stats]
+                chunk_loss, chunk_matched, chunk_unmatched = _small_loss(t_chunk, *leaves, options, weights)
+                if needs_grad:
+                    grads = torch.autograd.grad(chunk_loss.sum(), leaves, allow_unused=True)
+                    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+            out_chunk = out_index[chunk]
+            loss[out_chunk] = chunk_loss.detach()
+            matched_out[out_chunk] = chunk_matched.detach()
+            unmatched_out[out_chunk] = chunk_unmatched.detach()
+            if needs_grad:
+                g_matched, g_rest, g_top, g_unmatched = grads
+                coef_rest = _safe_ratio_coef(g_rest, stats[1])
+                coef_unmatched = _safe_ratio_coef(g_unmatched, stats[3])
+                total = g_matched.sum(dim=1) + g_top.sum(dim=1) + g_rest + g_unmatched
+                saved_chunks.append(
+                    _Saved(
+                        rows=chunk_rows,
+                        out_index=out_chunk,
+                        lse=lse,
+                        coef_base=coef_rest - total,
+                        coef_unmatched=coef_unmatched,
+                        coef_rest=coef_rest,
+                        matched_ids=t_chunk.matched_ids,
+                        matched_mask=t_chunk.matched_mask,
+                        grad_matched=g_matched,
+                        top_ids=top_ids,
+                        grad_top=g_top,
+                    )
+                )
+        ctx.mark_non_differentiable(matched_out, unmatched_out)
+        if needs_grad:
+            ctx.save_for_backward(logits_2d)
+            ctx.saved_chunks = saved_chunks
+            ctx.image_mask = image_mask
+            ctx.temperature = temperature
+            ctx.dtype = dtype
+            ctx.chunk_rows = min(options.chunk_size, rows.shape[0])
+        return loss, matched_out, unmatched_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+        (logits_2d,) = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits_2d)
+        dtype = ctx.dtype
+        unmatched_columns = None if ctx.image_mask is None else (~ctx.image_mask).to(dtype)
+        workspace = None
+        for saved in ctx.saved_chunks:
+            upstream = grad_loss[saved.out_index].to(dtype) / ctx.temperature
+            if not bool(upstream.any()):
+                continue
+            if workspace is None:
+                workspace = _Workspace(ctx.chunk_rows, logits_2d.shape[1], dtype, logits_2d.device)
+            probs = workspace.load(logits_2d, saved.rows, ctx.temperature)
+            probs.sub_(saved.lse[:, None]).exp_()
+            p_matched = probs.gather(1, saved.matched_ids)
+            base = saved.coef_base * upstream
+            extra = saved.coef_unmatched * upstream
+            if unmatched_columns is None:
+                probs.mul_((base + extra)[:, None])
+            else:
+                # Coefficient base + extra on unmatched columns, base on the others; built for a few rows at a
+                # time so that the temporary stays at an eighth of the chunk.
+                for block in _row_blocks(probs.shape[0]):
+                    probs[block].mul_(
+                        torch.addcmul(base[block, None], extra[block, None], unmatched_columns[None, :])
+                    )
+            # Direct terms at the gathered ids, and the rest coefficient removed again on this row's matched ids.
+            rest_removed = torch.where(saved.matched_mask, saved.coef_rest[:, None] * p_matched, 0.0)
+            matched_terms = (saved.grad_matched - rest_removed) * upstream[:, None]
+            probs.scatter_add_(1, saved.matched_ids, matched_terms)
+            probs.scatter_add_(1, saved.top_ids, saved.grad_top * upstream[:, None])
+            if grad_logits.dtype == probs.dtype:
+                grad_logits.index_add_(0, saved.rows, probs)
+            else:
+                for block in _row_blocks(probs.shape[0]):
+                    grad_logits.index_add_(0, saved.rows[block], probs[block].to(grad_logits.dtype))
+            del probs
+        return grad_logits, None, None, None, None, None, None, None
+
+
+def _to_index_tensor(values: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(np.array(values, dtype=np.int64, copy=not values.flags.writeable))
+    return torch.as_tensor(values, dtype=torch.int64, device=device)
+
+
+def _rows_and_logits(
+    student_logits: torch.Tensor, positions: Any | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    device = student_logits.device
+    if student_logits.dim() == 2:
+        if positions is not None:
+            rows = _to_index_tensor(positions, device).reshape(-1)
+        else:
+            rows = torch.arange(student_logits.shape[0], device=device)
+        return student_logits, rows
+    if student_logits.dim() != 3:
+        raise ValueError(
+            f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}."
+        )
+    if positions is None:
+        raise ValueError(
+            "With [B, T, V] student logits pass positions: [N, 2] (batch, time) pairs or [N] flat rows."
+        )
+    batch, time, vocab = student_logits.shape
+    positions = _to_index_tensor(positions, device)
+    if positions.dim() == 2 and positions.shape[1] == 2:
+        if positions.numel() and (
+            int(positions[:, 0].max()) >= batch
+            or int(positions[:, 1].max()) >= time
+            or int(positions.min()) < 0
+        ):
+            raise ValueError(f"positions out of range for logits of shape {tuple(student_logits.shape)}.")
+        rows = positions[:, 0] * time + positions[:, 1]
+    else:
+        rows = positions.reshape(-1)
+    return student_logits.reshape(batch * time, vocab), rows
+
+
+def _validated_teacher_inputs(
+    topk_ids: Any, topk_logprobs: Any, num_positions: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = _to_index_tensor(topk_ids, device)
+    logprobs = torch.as_tensor(topk_logprobs, device=device)
+    if ids.dim() != 2 or ids.shape != logprobs.shape:
+        raise ValueError(
+            f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs {tuple(logprobs.shape)} must both be "
+            "[N, k] (one row per aligned position, -1 = padded slot)."
+        )
+    if num_positions is not None and ids.shape[0] != num_positions:
+        raise ValueError(f"{ids.shape[0]} teacher rows for {num_positions} student positions.")
+    if torch.isnan(logprobs[ids >= 0]).any():
+        raise ValueError("teacher_topk_logprobs contain NaN at non-padded slots.")
+    return ids, logprobs
+
+
+def _map_and_weights(
+    teacher_to_student: Any | None,
+    options: LogitLossOptions,
+    vocab: int,
+    device: torch.device,
+    max_teacher_id: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[float, float]]:
+    if options.alignment == "positional":
+        return None, None, (0.0, 1.0)
+    if teacher_to_student is None:
+        raise ValueError("alignment='spans' needs teacher_to_student (VocabMap.teacher_to_student).")
+    teacher_to_student = getattr(teacher_to_student, "teacher_to_student", teacher_to_student)  # a VocabMap
+    mapping = _to_index_tensor(teacher_to_student, device).reshape(-1)
+    if max_teacher_id >= mapping.shape[0]:
+        raise ValueError(
+            f"Teacher id {max_teacher_id} is outside teacher_to_student (size {mapping.shape[0]})."
+        )
+    if mapping.numel() and int(mapping.max()) >= vocab:
+        raise ValueError(
+            f"teacher_to_student maps to student id {int(mapping.max())}, but the student logits have {vocab} columns."
+        )
+    image_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    image_mask[mapping[mapping >= 0]] = True
+    if options.matched_weight is None:
+        matched_share = float((mapping >= 0).sum()) / max(1, mapping.shape[0])
+        weights = (matched_share, 1.0 - matched_share)
+    else:
+        weights = (float(options.matched_weight), float(options.unmatched_weight))
+    return mapping, image_mask, weights
+
+
+def aligned_logit_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: Any,
+    teacher_topk_logprobs: Any,
+    teacher_to_student: Any | None = None,
+    *,
+    config: Any | None = None,
+    positions: Any | None = None,
+    mask: Any | None = None,
+    **options: Any,
+) -> LogitLoss:
+    """Aligned GKD/ULD logit loss at N aligned positions (see the module docstring for the maths).
+
+    - ``student_logits``: ``[N, V]`` logits at the aligned positions, or the full ``[B, T, V]`` logits with
+      ``positions`` (``[N, 2]`` (batch, time) pairs or ``[N]`` flat row indices): no gathered copy is made.
+      bf16/fp16 are computed in fp32; the gradient has the logits' dtype.
+    - ``teacher_topk_ids`` / ``teacher_topk_logprobs``: ``[N, k]``, -1 = padded slot.
+    - ``teacher_to_student``: int64 over teacher ids, -1 = unmatched, or a ``VocabMap`` (not needed for
+      ``alignment="positional"``).
+    - ``config``: a ``GoldConfig`` or :class:`LogitLossOptions`; keyword ``options`` override its fields (names of
+      :class:`LogitLossOptions`, e.g. ``beta=0.0``, ``chunk_size=256``, ``matched_normalization="none"``).
+    - ``mask``: ``[N]`` bool, False = position gets exactly zero loss and gradient (and costs no compute);
+      rows whose teacher slots are all padded are masked too.
+    """
+    resolved = _resolve_options(config, options)
+    if not torch.is_floating_point(student_logits):
+        raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}.")
+    device = student_logits.device
+    logits_2d, rows_all = _rows_and_logits(student_logits, positions)
+    ids, logprobs = _validated_teacher_inputs(
+        teacher_topk_ids, teacher_topk_logprobs, rows_all.shape[0], device
+    )
+    num_positions = rows_all.shape[0]
+    if rows_all.numel() and (int(rows_all.min()) < 0 or int(rows_all.max()) >= logits_2d.shape[0]):
+        raise ValueError(f"positions out of range for {logits_2d.shape[0]} logit rows.")
+    valid = (ids >= 0).any(dim=1)
+    if mask is not None:
+        mask_t = torch.as_tensor(mask, device=device).to(torch.bool).reshape(-1)
+        if mask_t.shape[0] != num_positions:
+            raise ValueError(f"mask has {mask_t.shape[0]} entries for {num_positions} positions.")
+        valid &= mask_t
+    max_teacher_id = int(ids.max()) if ids.numel() else -1
+    mapping, image_mask, weights = _map_and_weights(
+        teacher_to_student, resolved, logits_2d.shape[1], device, max_teacher_id
+    )
+    out_index = valid.nonzero().reshape(-1)
+    dtype = torch.float64 if logits_2d.dtype == torch.float64 else torch.float32
+    teacher = _prepare_teacher(
+        ids[out_index], logprobs[out_index], mapping, resolved, logits_2d.shape[1], dtype
+    )
+    loss, matched, unmatched = _AlignedLogitLoss.apply(
+        logits_2d, rows_all[out_index], out_index, num_positions, teacher, image_mask, resolved, weights
+    )
+    return LogitLoss(
+        loss=loss,
+        matched=matched,
+        unmatched=unmatched,
+        valid=valid,
+        matched_weight=weights[0],
+        unmatched_weight=weights[1],
+    )
+
+
+def aligned_logit_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_to_student: torch.Tensor | Sequence[int] | None = None,
+    *,
+    config: Any | None = None,
+    mask: torch.Tensor | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Straightforward full-vocabulary transcription of the same loss (plain autograd, no chunking).
+
+    For tests and the benchmark only: it materialises several ``[N, V]`` tensors, projects the teacher's
+    top-k onto the student vocabulary with a scatter and sorts the whole student vocabulary for ULD.
+    ``student_logits`` is ``[N, V]``; returns the per-position loss ``[N]``.
+    """
+    resolved = _resolve_options(config, options)
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    n, vocab = student_logits.shape
+    ids = torch.as_tensor(teacher_topk_ids, dtype=torch.int64, device=student_logits.device)
+    slot_valid = ids >= 0
+    t_log = torch.as_tensor(teacher_topk_logprobs, device=student_logits.device).to(dtype)
+    t_log = torch.where(slot_valid, t_log, torch.full_like(t_log, _NEG_INF))
+    if resolved.teacher_temperature != 1.0:
+        tau = resolved.teacher_temperature
+        top_mass_log = torch.logsumexp(t_log, -1, keepdim=True)
+        t_log = torch.log_softmax(t_log / tau, dim=-1) + top_mass_log
+    t_prob = t_log.exp()
+    s_log = torch.log_softmax(student_logits.to(dtype) / resolved.student_temperature, dim=-1)
+    s_prob = s_log.exp()
+    row_valid = slot_valid.any(dim=1)
+    if mask is not None:
+        row_valid &= torch.as_tensor(mask, dtype=torch.bool, device=student_logits.device)
+    if resolved.alignment == "positional":
+        loss = uld_distance(s_prob, torch.where(slot_valid, t_prob, torch.zeros_like(t_prob)))
+        return torch.where(row_valid, loss, torch.zeros_like(loss))
+    mapping = torch.as_tensor(teacher_to_student, dtype=torch.int64, device=student_logits.device)
+    student_id = torch.where(slot_valid, mapping[ids.clamp(min=0)], -1)
+    matched_slot = student_id >= 0
+    # Teacher probabilities projected onto the student vocabulary; duplicates add up.
+    t_on_student = torch.zeros(n, vocab, dtype=dtype, device=student_logits.device).scatter_add_(
+        1, student_id.clamp(min=0), torch.where(matched_slot, t_prob, torch.zeros_like(t_prob))
+    )
+    support = torch.zeros(n, vocab, dtype=torch.bool, device=student_logits.device).scatter_(
+        1, student_id.clamp(min=0), matched_slot
+    )
+    if resolved.matched_normalization == "tail":
+        t_rest = (1.0 - t_on_student.sum(dim=1)).clamp(min=0.0)
+        s_rest = torch.where(support, torch.zeros_like(s_prob), s_prob).sum(dim=1)
+        matched = generalized_jsd(
+            torch.cat([s_log, s_rest.log()[:, None]], dim=1),
+            torch.cat([t_on_student.log(), t_rest.log()[:, None]], dim=1),
+            resolved.beta,
+            mask=torch.cat([support, torch.ones_like(support[:, :1])], dim=1),
+        )
+    else:
+        matched = generalized_jsd(s_log, t_on_student.log(), resolved.beta, mask=support)
+    image = torch.zeros(vocab, dtype=torch.bool, device=student_logits.device)
+    image[mapping[mapping >= 0]] = True
+    student_unmatched = torch.where(image[None, :], torch.zeros_like(s_prob), s_prob)
+    teacher_unmatched = torch.where(slot_valid & ~matched_slot, t_prob, torch.zeros_like(t_prob))
+    unmatched = uld_distance(student_unmatched, teacher_unmatched)
+    if resolved.matched_weight is None:
+        w_m = float((mapping >= 0).sum()) / mapping.shape[0]
+        w_u = 1.0 - w_m
+    else:
+        w_m, w_u = resolved.matched_weight, resolved.unmatched_weight
+    loss = w_m * matched + w_u * unmatched
+    return torch.where(row_valid, loss, torch.zeros_like(loss))
