@@ -1,0 +1,44 @@
+"""Build a teacher scorer from the typed :class:`~gold_plugin.config.TeacherConfig`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gold_plugin.config import GoldConfigError, TeacherConfig
+from gold_plugin.teacher.types import TeacherScorer
+
+
+def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherScorer:
+    """The scorer that ``teacher_config`` describes (``hf`` or ``vllm`` backend).
+
+    ``overrides`` go to the backend's constructor (e.g. ``device="cpu"`` for :class:`HFTeacher`,
+    ``llm=...`` for :class:`VLLMTeacher`).
+    """
+    if isinstance(teacher_config, dict):
+        teacher_config = TeacherConfig(**teacher_config)
+    if not teacher_config.model_name_or_path:
+        raise GoldConfigError("Set --gold.teacher.model_name_or_path (the teacher model folder or hub name).")
+    common: dict[str, Any] = {
+        "tokenizer_name_or_path": teacher_config.tokenizer_name_or_path,
+        "topk": teacher_config.topk,
+        "max_len": teacher_config.max_len,
+    }
+    if teacher_config.backend == "hf":
+        from gold_plugin.teacher.hf import HFTeacher
+
+        kwargs = {
+            **common,
+            "micro_batch_size": teacher_config.micro_batch_size,
+            "dtype": teacher_config.dtype,
+        }
+        return HFTeacher(teacher_config.model_name_or_path, **{**kwargs, **overrides})
+    if teacher_config.backend == "vllm":
+        from gold_plugin.teacher.vllm_backend import VLLMTeacher
+
+        kwargs = {
+            **common,
+            "tensor_parallel_size": teacher_config.tensor_parallel_size,
+            "dtype": teacher_config.dtype,
+        }
+        return VLLMTeacher(teacher_config.model_name_or_path, **{**kwargs, **overrides})
+    raise GoldConfigError(f"--gold.teacher.backend must be 'hf' or 'vllm', got {teacher_config.backend!r}.")

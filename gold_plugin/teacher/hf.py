@@ -1,0 +1,210 @@
+"""Hugging Face transformers teacher backend (CPU or GPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
+from gold_plugin.teacher.types import TeacherRequest, TeacherResult, TeacherScorer
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto`` = bf16 on GPU, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {['auto', *_DTYPES]}, got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+class HFTeacher(TeacherScorer):
+    """Scores responses with a ``transformers`` causal LM.
+
+    Sequences are sorted by length and scored ``micro_batch_size`` at a time, right-padded with an
+    attention mask and explicit position ids. Only the hidden states at response positions go through
+    the output layer, ``logit_chunk_size`` positions at a time, with a float32 log-softmax: no
+    ``[batch, length, vocab]`` tensor is ever built.
+
+    Args:
+        model_name_or_path: HF folder or hub name, or an already loaded ``PreTrainedModel``.
+        tokenizer_name_or_path: the teacher tokenizer if it is not stored with the model.
+        topk: top-k ids and log-probs per response position (0 = only the response tokens' log-probs).
+        max_len: teacher context; default the model's ``max_position_embeddings``.
+        micro_batch_size: sequences per forward pass.
+        device: default ``cuda`` when available, else ``cpu``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
+        end_of_turn_token: token scored when a response ended with the student's EOS (see
+            :class:`~gold_plugin.teacher.prepare.RequestEncoder`).
+        logit_chunk_size: response positions per output-layer chunk (memory: chunk x vocab floats).
+        tokenizer: an already loaded tokenizer (overrides ``tokenizer_name_or_path``).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | Any,
+        tokenizer_name_or_path: str | None = None,
+        *,
+        topk: int = 0,
+        max_len: int | None = None,
+        micro_batch_size: int = 8,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        end_of_turn_token: str | None = None,
+        logit_chunk_size: int = 1024,
+        tokenizer: Any = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if topk < 0 or micro_batch_size < 1 or logit_chunk_size < 1:
+            raise ValueError("topk must be >= 0, micro_batch_size and logit_chunk_size >= 1.")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = resolve_dtype(dtype, self.device)
+        if isinstance(model_name_or_path, str):
+            model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype)
+            source = tokenizer_name_or_path or model_name_or_path
+        else:  # an already loaded model keeps its dtype unless one is asked for
+            model = model_name_or_path if dtype == "auto" else model_name_or_path.to(torch_dtype)
+            source = tokenizer_name_or_path or getattr(model, "name_or_path", None)
+        if tokenizer is None:
+            if not source:
+                raise ValueError("Give the teacher tokenizer (tokenizer_name_or_path or tokenizer).")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = model.to(self.device).eval()
+        self._tokenizer = tokenizer
+        self.topk = int(topk)
+        self.micro_batch_size = int(micro_batch_size)
+        self.logit_chunk_size = int(logit_chunk_size)
+        config = self.model.config
+        self.max_len = int(max_len or getattr(config, "max_position_embeddings", 0) or 0)
+        if self.max_len < 2:
+            raise ValueError("Set max_len: the model config has no max_position_embeddings.")
+        self.encoder = RequestEncoder(tokenizer, self.max_len, end_of_turn_token)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+        self._decoder = self._find_decoder()
+        self._lm_head = self.model.get_output_embeddings()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def _find_decoder(self) -> torch.nn.Module | None:
+        try:
+            decoder = self.model.get_decoder()
+        except (AttributeError, NotImplementedError):
+            return None
+        return None if decoder is None or decoder is self.model else decoder
+
+    def _finalize_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Model-specific output transforms that ``CausalLM.forward`` applies after the output layer."""
+        config = self.model.config
+        scale = getattr(config, "logit_scale", None)  # Cohere
+        if isinstance(scale, (int, float)) and scale != 1:
+            logits = logits * scale
+        scaling = getattr(config, "logits_scaling", None)  # Granite
+        if isinstance(scaling, (int, float)) and scaling != 1:
+            logits = logits / scaling
+        cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+        if isinstance(cap, (int, float)) and cap > 0:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
+        prepared = self.encoder.prepare_all(requests)
+        results: list[TeacherResult | None] = [None] * len(prepared)
+        todo = []
+        for index, item in enumerate(prepared):
+            if isinstance(item, str):
+                results[index] = TeacherResult.failed(item, self.topk)
+            elif item.num_scored == 0:
+                results[index] = build_result(item, self.topk, np.zeros(0, dtype=np.float32))
+            else:
+                todo.append(index)
+        todo.sort(key=lambda i: prepared[i].input_ids.shape[0], reverse=True)  # type: ignore[union-attr]
+        for start in range(0, len(todo), self.micro_batch_size):
+            batch = todo[start : start + self.micro_batch_size]
+            sequences: list[PreparedSequence] = [prepared[i] for i in batch]  # type: ignore[misc]
+            for index, seq, scores in zip(batch, sequences, self._score_batch(sequences)):
+                results[index] = build_result(seq, self.topk, *scores)
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _score_batch(
+        self, sequences: list[PreparedSequence]
+    ) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
+        lengths = np.array([s.input_ids.shape[0] for s in sequences])
+        batch, width = len(sequences), int(lengths.max())
+        ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            ids[row, : lengths[row]] = seq.input_ids
+        attention = np.arange(width)[None, :] < lengths[:, None]
+        # Flat (row, position) of the logits that predict each scored response token.
+        counts = np.array([s.num_scored for s in sequences])
+        rows = np.repeat(np.arange(batch), counts)
+        starts = np.array([s.prompt_len + s.first_scored - 1 for s in sequences])
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        cols = np.repeat(starts, counts) + offsets
+        targets = ids[rows, cols + 1]
+
+        input_ids = torch.from_numpy(ids).to(self.device)
+        attention_mask = torch.from_numpy(attention.astype(np.int64)).to(self.device)
+        position_ids = torch.arange(width, device=self.device).unsqueeze(0).expand(batch, -1)
+        rows_t = torch.from_numpy(rows).to(self.device)
+        cols_t = torch.from_numpy(cols).to(self.device)
+        if self._decoder is not None:
+            hidden = self._decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+            selected = hidden[rows_t, cols_t]
+            del hidden
+            project = self._lm_head
+        else:  # no separable decoder: full logits (in the model's dtype), only for exotic models
+            logits_all = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).logits
+            selected = logits_all[rows_t, cols_t]
+            del logits_all
+
+            def project(x: torch.Tensor) -> torch.Tensor:
+                return x
+
+        targets_t = torch.from_numpy(targets).to(self.device)
+        token_lp, top_ids, top_lp = [], [], []
+        for begin in range(0, selected.shape[0], self.logit_chunk_size):
+            chunk = slice(begin, begin + self.logit_chunk_size)
+            logits = project(selected[chunk]).float()
+            if self._decoder is not None:
+                logits = self._finalize_logits(logits)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token_lp.append(logprobs.gather(-1, targets_t[chunk, None]).squeeze(-1).cpu())
+            if self.topk > 0:
+                k = min(self.topk, logprobs.shape[-1])
+                values, indices = torch.topk(logprobs, k, dim=-1)
+                top_ids.append(indices.cpu())
+                top_lp.append(values.cpu())
+        split = np.cumsum(counts)[:-1]
+        lp = np.split(torch.cat(token_lp).numpy().astype(np.float32), split)
+        if self.topk == 0:
+            return [(x, None, None) for x in lp]
+        ids_np = torch.cat(top_ids).numpy().astype(np.int64)
+        lps_np = torch.cat(top_lp).numpy().astype(np.float32)
+        if ids_np.shape[1] < self.topk:  # vocabulary smaller than k: pad
+            pad = self.topk - ids_np.shape[1]
+            ids_np = np.pad(ids_np, ((0, 0), (0, pad)), constant_values=-1)
+            lps_np = np.pad(lps_np, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return list(zip(lp, np.split(ids_np, split), np.split(lps_np, split)))
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+        self._decoder = None
+        self._lm_head = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,185 @@
+"""vLLM teacher backend: prompt log-probs of ``[prompt | response]`` token-id prompts (GPU only).
+
+vLLM is imported lazily; this module imports without it. Prompt log-probs in vLLM 0.29 are the
+float32 log-softmax of the raw logits (temperature is ignored) and ``k`` is capped by the engine's
+``max_logprobs``, which the backend raises to ``topk``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
+from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
+
+
+def parse_prompt_logprobs(
+    prompt_logprobs: Any, input_ids: np.ndarray, positions: np.ndarray, topk: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Log-probs of ``input_ids[positions]`` and the top-k at those positions from vLLM prompt log-probs.
+
+    ``prompt_logprobs`` is a ``RequestOutput.prompt_logprobs``: ``FlatLogprobs`` (parsed with numpy
+    when every position has the engine's ``[actual, top-1..top-k]`` layout) or a list of
+    ``{token_id: Logprob}`` dicts (entry 0 None; k or k + 1 entries per position). Raises
+    :class:`TeacherError` if the output does not hold the asked positions or tokens.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    targets = np.asarray(input_ids, dtype=np.int64)[positions]
+    if prompt_logprobs is None or len(prompt_logprobs) != len(input_ids):
+        got = None if prompt_logprobs is None else len(prompt_logprobs)
+        raise TeacherError(
+            f"vLLM returned prompt log-probs for {got} positions, expected {len(input_ids)} "
+            "(is prompt_logprobs set in SamplingParams?)"
+        )
+    if positions.size and positions.min() < 1:
+        raise TeacherError("vLLM has no log-prob for the first prompt token (position 0).")
+    if hasattr(prompt_logprobs, "start_indices"):
+        fast = _parse_flat(prompt_logprobs, targets, positions, topk)
+        if fast is not None:
+            return fast
+    return _parse_dicts(prompt_logprobs, targets, positions, topk)
+
+
+def _parse_flat(
+    flat: Any, targets: np.ndarray, positions: np.ndarray, topk: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+    starts = np.asarray(flat.start_indices, dtype=np.int64)[positions]
+    ends = np.asarray(flat.end_indices, dtype=np.int64)[positions]
+    width = topk + 1
+    if not np.all(ends - starts == width):
+        return None
+    index = starts[:, None] + np.arange(width)
+    token_ids = np.asarray(flat.token_ids, dtype=np.int64)[index]
+    if not np.array_equal(token_ids[:, 0], targets):
+        return None
+    logprobs = np.asarray(flat.logprobs, dtype=np.float32)[index]
+    if topk == 0:
+        return logprobs[:, 0], None, None
+    return logprobs[:, 0], token_ids[:, 1:], logprobs[:, 1:]
+
+
+def _parse_dicts(
+    positions_logprobs: Any, targets: np.ndarray, positions: np.ndarray, topk: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    m = positions.shape[0]
+    token_lp = np.empty(m, dtype=np.float32)
+    top_ids = np.full((m, topk), -1, dtype=np.int64)
+    top_lp = np.full((m, topk), -np.inf, dtype=np.float32)
+    for row, (pos, target) in enumerate(zip(positions.tolist(), targets.tolist())):
+        entries = positions_logprobs[pos]
+        if not entries or target not in entries:
+            raise TeacherError(
+                f"vLLM prompt log-probs at position {pos} do not include the prompt token {target}."
+            )
+        token_lp[row] = entries[target].logprob
+        if topk:
+            ranked = sorted(
+                entries.items(),
+                key=lambda item: (item[1].rank if item[1].rank is not None else np.inf, -item[1].logprob),
+            )[:topk]
+            top_ids[row, : len(ranked)] = [token_id for token_id, _ in ranked]
+            top_lp[row, : len(ranked)] = [entry.logprob for _, entry in ranked]
+    return token_lp, (top_ids if topk else None), (top_lp if topk else None)
+
+
+class VLLMTeacher(TeacherScorer):
+    """Scores responses with vLLM's prompt log-probs (``max_tokens=1``, token-id prompts, flat log-probs).
+
+    Args:
+        model_name_or_path: HF folder or hub name of the teacher.
+        tokenizer_name_or_path: teacher tokenizer if not stored with the model.
+        topk: top-k log-probs per response position (vLLM's ``prompt_logprobs``).
+        max_len: vLLM ``max_model_len``; a scored sequence holds at most ``max_len - 1`` tokens
+            (vLLM keeps room for the one generated token).
+        tensor_parallel_size, dtype, gpu_memory_utilization: passed to ``vllm.LLM``.
+        llm: an already built ``vllm.LLM`` (or stand-in) instead of building one.
+        llm_kwargs: more ``vllm.LLM`` options (e.g. ``distributed_executor_backend="ray"``).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer_name_or_path: str | None = None,
+        *,
+        topk: int = 0,
+        max_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.85,
+        end_of_turn_token: str | None = None,
+        flat_logprobs: bool = True,
+        llm: Any = None,
+        tokenizer: Any = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0, got {topk}.")
+        self.topk = int(topk)
+        self.flat_logprobs = flat_logprobs
+        tokenizer_source = tokenizer_name_or_path or model_name_or_path
+        self._tokenizer = tokenizer or AutoTokenizer.from_pretrained(tokenizer_source)
+        if llm is None:
+            from vllm import LLM
+
+            llm = LLM(
+                model=model_name_or_path,
+                tokenizer=tokenizer_source,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                max_model_len=max_len,
+                max_logprobs=max(self.topk, int(llm_kwargs.pop("max_logprobs", 20))),
+                gpu_memory_utilization=gpu_memory_utilization,
+                **llm_kwargs,
+            )
+        self.llm = llm
+        engine_max = int(llm.model_config.max_model_len)
+        self.max_len = min(int(max_len), engine_max) if max_len else engine_max
+        self.encoder = RequestEncoder(self._tokenizer, self.max_len - 1, end_of_turn_token)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def _sampling_params(self) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=1,
+            temperature=1.0,
+            prompt_logprobs=self.topk,
+            detokenize=False,
+            flat_logprobs=self.flat_logprobs,
+        )
+
+    def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
+        from vllm.inputs import TokensPrompt
+
+        prepared = self.encoder.prepare_all(requests)
+        results: list[TeacherResult | None] = [None] * len(prepared)
+        todo: list[int] = []
+        for index, item in enumerate(prepared):
+            if isinstance(item, str):
+                results[index] = TeacherResult.failed(item, self.topk)
+            elif item.num_scored == 0:
+                results[index] = build_result(item, self.topk, np.zeros(0, dtype=np.float32))
+            else:
+                todo.append(index)
+        if todo:
+            sequences: list[PreparedSequence] = [prepared[i] for i in todo]  # type: ignore[misc]
+            prompts = [TokensPrompt(prompt_token_ids=seq.input_ids.tolist()) for seq in sequences]
+            outputs = self.llm.generate(prompts, self._sampling_params(), use_tqdm=False)
+            if len(outputs) != len(prompts):
+                raise TeacherError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts.")
+            for index, seq, output in zip(todo, sequences, outputs):
+                positions = seq.prompt_len + np.arange(seq.first_scored, seq.num_fed)
+                scores = parse_prompt_logprobs(output.prompt_logprobs, seq.input_ids, positions, self.topk)
+                results[index] = build_result(seq, self.topk, *scores)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.llm = None
