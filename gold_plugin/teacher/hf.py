@@ -118,20 +118,12 @@ class HFTeacher(TeacherScorer):
         return logits
 
     def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
-        prepared = self.encoder.prepare_all(requests)
-        results: list[TeacherResult | None] = [None] * len(prepared)
-        todo = []
-        for index, item in enumerate(prepared):
-            if isinstance(item, str):
-                results[index] = TeacherResult.failed(item, self.topk)
-            elif item.num_scored == 0:
-                results[index] = build_result(item, self.topk, np.zeros(0, dtype=np.float32))
-            else:
-                todo.append(index)
-        todo.sort(key=lambda i: prepared[i].input_ids.shape[0], reverse=True)  # type: ignore[union-attr]
+        results, todo, prepared = self.encoder.partition(requests, self.topk)
+        by_length = sorted(range(len(todo)), key=lambda k: prepared[k].input_ids.shape[0], reverse=True)
+        todo, prepared = [todo[k] for k in by_length], [prepared[k] for k in by_length]
         for start in range(0, len(todo), self.micro_batch_size):
             batch = todo[start : start + self.micro_batch_size]
-            sequences: list[PreparedSequence] = [prepared[i] for i in batch]  # type: ignore[misc]
+            sequences = prepared[start : start + self.micro_batch_size]
             for index, seq, scores in zip(batch, sequences, self._score_batch(sequences)):
                 results[index] = build_result(seq, self.topk, *scores)
         return results  # type: ignore[return-value]

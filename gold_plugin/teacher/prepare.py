@@ -251,6 +251,27 @@ class RequestEncoder:
                 out.append(f"the teacher tokenizer failed on this request: {type(exc).__name__}: {exc}")
         return out
 
+    def partition(
+        self, requests: Sequence[TeacherRequest], topk: int
+    ) -> tuple[list[TeacherResult | None], list[int], list[PreparedSequence]]:
+        """Prepare every request and settle the ones that need no forward pass.
+
+        Returns the result slots (filled for rejected requests and for responses with nothing to score,
+        ``None`` elsewhere), the indices still to score, and their prepared sequences in the same order.
+        """
+        results: list[TeacherResult | None] = [None] * len(requests)
+        todo: list[int] = []
+        sequences: list[PreparedSequence] = []
+        for index, item in enumerate(self.prepare_all(requests)):
+            if isinstance(item, str):
+                results[index] = TeacherResult.failed(item, topk)
+            elif item.num_scored == 0:
+                results[index] = build_result(item, topk, np.zeros(0, dtype=np.float32))
+            else:
+                todo.append(index)
+                sequences.append(item)
+        return results, todo, sequences
+
 
 def build_result(
     prepared: PreparedSequence,

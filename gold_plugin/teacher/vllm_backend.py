@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
+from gold_plugin.teacher.prepare import RequestEncoder, build_result
 from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
 
 
@@ -159,18 +159,8 @@ class VLLMTeacher(TeacherScorer):
     def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
         from vllm.inputs import TokensPrompt
 
-        prepared = self.encoder.prepare_all(requests)
-        results: list[TeacherResult | None] = [None] * len(prepared)
-        todo: list[int] = []
-        for index, item in enumerate(prepared):
-            if isinstance(item, str):
-                results[index] = TeacherResult.failed(item, self.topk)
-            elif item.num_scored == 0:
-                results[index] = build_result(item, self.topk, np.zeros(0, dtype=np.float32))
-            else:
-                todo.append(index)
+        results, todo, sequences = self.encoder.partition(requests, self.topk)
         if todo:
-            sequences: list[PreparedSequence] = [prepared[i] for i in todo]  # type: ignore[misc]
             prompts = [TokensPrompt(prompt_token_ids=seq.input_ids.tolist()) for seq in sequences]
             outputs = self.llm.generate(prompts, self._sampling_params(), use_tqdm=False)
             if len(outputs) != len(prompts):
