@@ -23,7 +23,6 @@ import gc
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gold_plugin.signals import aligned_logit_loss, aligned_logit_loss_reference  # noqa: E402
+from gold_plugin.testing.trl_reference import trl_uld_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -130,20 +130,7 @@ def make_trl_loss(
     except Exception as error:  # noqa: BLE001 - any import failure means: no TRL column
         print(f"[trl] skipped: cannot import trl.experimental.gold ({type(error).__name__}: {error})")
         return None
-    config = types.SimpleNamespace(
-        uld_crossentropy_weight=0.0,
-        uld_distillation_weight=1.0,
-        uld_student_temperature=1.0,
-        uld_teacher_temperature=1.0,
-        uld_skip_student_eos=False,
-        uld_skip_teacher_eos=False,
-        use_extended_uld=False,
-        uld_token_merge_strategy="observed",
-        uld_use_hybrid_loss=True,
-        uld_hybrid_matched_weight=None,
-        uld_hybrid_unmatched_weight=None,
-        beta=beta,
-    )
+    config = trl_uld_config(beta=beta)
 
     class VocabOnly:
         def __init__(self, vocab: dict[str, int]) -> None:

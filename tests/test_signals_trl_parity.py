@@ -7,34 +7,18 @@ weights, ``matched_normalization="none"`` and per-sample mean-then-batch-mean re
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 from gold_plugin.signals import aligned_logit_loss
 from gold_plugin.testing.tokenizers import load_test_tokenizer
+from gold_plugin.testing.trl_reference import trl_uld_config
 
 gold_trainer = pytest.importorskip("trl.experimental.gold.gold_trainer")
 
 
 def _trl_loss_fn(student_tok, teacher_tok, **config):
-    defaults = dict(
-        uld_crossentropy_weight=0.0,
-        uld_distillation_weight=1.0,
-        uld_student_temperature=1.0,
-        uld_teacher_temperature=1.0,
-        uld_skip_student_eos=False,
-        uld_skip_teacher_eos=False,
-        use_extended_uld=False,
-        uld_token_merge_strategy="observed",
-        uld_use_hybrid_loss=True,
-        uld_hybrid_matched_weight=None,
-        uld_hybrid_unmatched_weight=None,
-        beta=0.5,
-    )
-    defaults.update(config)
-    return gold_trainer.ULDLoss(types.SimpleNamespace(**defaults), student_tok, teacher_tok)
+    return gold_trainer.ULDLoss(trl_uld_config(**config), student_tok, teacher_tok)
 
 
 def _string_equality_map(student_tok, teacher_tok, teacher_vocab: int) -> torch.Tensor:
