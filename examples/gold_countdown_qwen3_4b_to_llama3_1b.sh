@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# (a) Reward-free GOLD across tokenizers on Countdown:
+#     teacher Qwen/Qwen3-4B-Instruct-2507 (Qwen byte-level BPE, 151k) -> student meta-llama/Llama-3.2-1B-Instruct
+#     (Llama-3 byte-level BPE, 128k). --gold.alpha 1: no reward model, no reward function, no reference model.
+#
+# GPUs: one node with 8 GPUs (uses 6): actor 2 (ZeRO-2), vLLM rollout 2 x 1, teacher 2 replicas x 1 (vLLM
+# prompt log-probs). Smaller machine: add --train.colocate_all --vllm.enable_sleep --ds.enable_sleep and set
+# --actor.num_gpus_per_node / --vllm.num_engines to your GPU count (the teacher then shares the actor's GPUs).
+#
+# Before: ray start --head --num-gpus 8 ; python examples/prepare_countdown.py --out "$DATA"
+# Check the options without a cluster: bash examples/gold_countdown_qwen3_4b_to_llama3_1b.sh --dry_run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STUDENT=${STUDENT:-meta-llama/Llama-3.2-1B-Instruct}
+TEACHER=${TEACHER:-Qwen/Qwen3-4B-Instruct-2507}
+DATA=${DATA:-/shared/data/countdown_train.jsonl}
+SAVE=${SAVE:-/shared/ckpt/gold-countdown-llama1b}
+SUBMIT=(ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-json='{"working_dir": "."}' --)
+if [[ " $* " == *" --dry_run "* ]]; then SUBMIT=(); fi
+
+"${SUBMIT[@]}" python3 launchers/train_gold.py \
+   --actor.model_name_or_path "$STUDENT" \
+   --actor.num_nodes 1 --actor.num_gpus_per_node 2 \
+   --vllm.num_engines 2 --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
+   --gold.teacher.model_name_or_path "$TEACHER" \
+   --gold.teacher.backend vllm --gold.teacher.num_replicas 2 --gold.teacher.num_gpus_per_replica 1 \
+   --gold.alpha 1.0 --gold.kl_coef 1.0 --gold.signal advantage --gold.alignment spans \
+   --algo.advantage.estimator reinforce --algo.kl.init_coef 0 \
+   --data.prompt_dataset "$DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template \
+   --data.max_len 1536 --rollout.max_new_tokens 1024 --rollout.temperature 1.0 \
+   --rollout.batch_size 64 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8 \
+   --train.batch_size 256 --train.micro_batch_size 4 --train.max_epochs 1 --train.num_episodes 1 \
+   --actor.adam.lr 1e-6 --ds.zero_stage 2 --ds.param_dtype bf16 --actor.gradient_checkpointing_enable \
+   --ckpt.output_dir "$SAVE" --ckpt.path "$SAVE/ckpt" --ckpt.save_steps 50 --ckpt.save_hf \
+   --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE/runs" \
+   "$@"

@@ -1,0 +1,67 @@
+"""Raw chat prompts for the teacher's own template.
+
+OpenRLHF's rollouts carry only the student-templated prompt string. To render the teacher's chat template we keep
+a lookup ``templated prompt -> raw messages``, built from the same dataset rows with OpenRLHF's own
+``preprocess_data`` (so the keys are exactly the strings the rollouts carry).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+ChatMessages = list[dict[str, Any]]
+
+
+def raw_messages(value: Any) -> ChatMessages:
+    """A dataset's prompt column as chat messages (a plain string becomes one user turn)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m for m in value):
+        return [dict(copy.deepcopy(m)) for m in value]
+    raise ValueError(f"Cannot read chat messages from a prompt of type {type(value).__name__}.")
+
+
+def build_prompt_lookup(
+    rows: Iterable[Mapping[str, Any]], tokenizer: Any, data_args: Any
+) -> dict[str, ChatMessages]:
+    """``{student prompt string: raw messages}`` for ``rows``, rendered exactly as OpenRLHF's PromptDataset does.
+
+    ``data_args`` is ``args.data`` (``input_key``, ``label_key``, ``input_template``, ``apply_chat_template``).
+    Rows whose prompt cannot be read as messages are skipped (the experience maker then falls back to the
+    student's prompt text for them and counts it).
+    """
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+
+    apply_chat_template = (
+        tokenizer.apply_chat_template if getattr(data_args, "apply_chat_template", False) else None
+    )
+    input_key = getattr(data_args, "input_key", "input")
+    template = getattr(data_args, "input_template", None)
+    lookup: dict[str, ChatMessages] = {}
+    for row in rows:
+        try:
+            messages = raw_messages(row[input_key])
+        except (KeyError, ValueError):
+            continue
+        prompt, _ = preprocess_data(row, template, input_key, None, apply_chat_template)
+        lookup[prompt] = messages
+    return lookup
+
+
+def load_prompt_lookup(strategy: Any, tokenizer: Any) -> dict[str, ChatMessages]:
+    """Load the training prompts as OpenRLHF's ``prepare_datasets`` does and build the lookup."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    args = strategy.args
+    data = blending_datasets(
+        args.data.prompt_dataset,
+        args.data.prompt_probs,
+        strategy,
+        args.train.seed,
+        max_count=args.data.max_samples,
+        dataset_split=args.data.prompt_split,
+    )
+    data = data.select(range(min(args.data.max_samples, len(data))))
+    return build_prompt_lookup(data, tokenizer, args.data)

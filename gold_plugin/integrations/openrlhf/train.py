@@ -1,0 +1,198 @@
+"""The cluster run: OpenRLHF's Ray layout plus a teacher group, with the GOLD trainer and policy actor.
+
+Follows OpenRLHF 0.11.2's ``train_ppo_ray.train`` with these differences (decided in :class:`LaunchPlan`):
+
+- a teacher :class:`~gold_plugin.teacher.TeacherGroup`, placed like the reference model: inside the actor's
+  placement group (a GPU share per replica) with ``--train.colocate_actor_ref`` / ``--train.colocate_all``,
+  otherwise on its own GPUs;
+- a reward-model group only when a reward model is really used (never for ``--gold.alpha 1``, and never
+  an uninitialised one when the reward comes from a remote URL or function);
+- a reward function / remote URL handed to the vLLM engines only when ``alpha < 1``;
+- ``GoldPolicyModelActor`` and ``GoldPPOTrainer`` / ``GoldPPOTrainerAsync`` instead of OpenRLHF's classes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .launch_plan import COLOCATED_GPU_SHARE, LaunchPlan
+
+
+def plugin_runtime_env() -> dict[str, Any]:
+    """Ray runtime env for the driver: OpenRLHF's env vars, plus ``gold_plugin`` shipped to the workers as a
+    ``py_module`` when it is not installed in site-packages (a checkout, e.g. ``ray job submit --working-dir .``)."""
+    import gold_plugin
+
+    env: dict[str, Any] = {
+        "env_vars": {
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+            "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+        }
+    }
+    package_dir = os.path.dirname(os.path.abspath(gold_plugin.__file__))
+    if "site-packages" not in package_dir and "dist-packages" not in package_dir:
+        env["py_modules"] = [package_dir]
+    return env
+
+
+def create_teacher_group(plan: LaunchPlan, placement: Any | None) -> Any:
+    """The teacher replicas, in the actor's placement group (``placement``) or on their own GPUs."""
+    from gold_plugin.teacher import TeacherGroup
+
+    actor_options: dict[str, Any] = {}
+    scorer_overrides: dict[str, Any] = {}
+    if placement is not None:
+        if plan.gold.teacher.backend == "vllm":  # share the GPU with the actor: cap vLLM's memory pool
+            scorer_overrides["gpu_memory_utilization"] = COLOCATED_GPU_SHARE
+        actor_options = {
+            "num_gpus": COLOCATED_GPU_SHARE,
+            "num_cpus": COLOCATED_GPU_SHARE,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=placement, placement_group_bundle_index=-1
+            ),
+        }
+    return TeacherGroup(
+        plan.gold, actor_options=actor_options, scorer_overrides=scorer_overrides, name="gold-teacher"
+    )
+
+
+def train(plan: LaunchPlan) -> None:
+    """Start Ray, create the groups of ``plan``, train, save."""
+    from openrlhf.trainer.ray import create_vllm_engines
+    from openrlhf.trainer.ray.launcher import RayActorGroup, ReferenceModelActor, RewardModelActor
+    from openrlhf.trainer.ray.ppo_critic import CriticModelActor
+    from openrlhf.utils import get_strategy
+
+    from .actor import GoldPolicyModelActor
+    from .trainer import GoldPPOTrainer, GoldPPOTrainerAsync
+
+    args = plan.args
+    if args.use_ms:
+        from modelscope.utils.hf_util import patch_hub
+
+        patch_hub()
+    if not ray.is_initialized():
+        ray.init(runtime_env=plugin_runtime_env())
+
+    strategy = get_strategy(args)
+    strategy.print(args)
+    duplicate = args.ds.ring_attn_size * args.ds.tensor_parallel_size
+
+    actor_pg = None
+    if args.train.colocate_actor_ref or args.train.colocate_all:
+        bundles = [{"GPU": 1, "CPU": 1} for _ in range(args.actor.num_nodes * args.actor.num_gpus_per_node)]
+        actor_pg = placement_group(bundles, strategy="PACK")
+        ray.get(actor_pg.ready())
+
+    vllm_engines = None
+    if args.vllm.num_engines:
+        vllm_engines = create_vllm_engines(
+            args.vllm.num_engines,
+            args.vllm.tensor_parallel_size,
+            args.actor.model_name_or_path,
+            args.train.seed,
+            args.train.full_determinism_enable,
+            args.vllm.enable_prefix_caching,
+            args.vllm.enforce_eager,
+            args.data.max_len,
+            actor_pg if args.train.colocate_all and not args.train.async_enable else None,
+            args.vllm.gpu_memory_utilization,
+            args.vllm.enable_sleep,
+            "processed_logprobs" if args.algo.advantage.is_correction_level != "off" else None,
+            agent_func_path=args.train.agent_func_path,
+            remote_rm_url=args.reward.remote_url if plan.gold.needs_reward else None,
+            max_images_per_prompt=args.data.max_images_per_prompt,
+        )
+
+    share = COLOCATED_GPU_SHARE if actor_pg else 1
+    actor_group = RayActorGroup(
+        args.actor.num_nodes,
+        args.actor.num_gpus_per_node,
+        GoldPolicyModelActor,
+        pg=actor_pg,
+        num_gpus_per_actor=share,
+        duplicate_actors=duplicate,
+    )
+    ref_group = None
+    if plan.create_reference_group:
+        ref_group = RayActorGroup(
+            args.ref.num_nodes,
+            args.ref.num_gpus_per_node,
+            ReferenceModelActor,
+            pg=actor_pg,
+            num_gpus_per_actor=share,
+            duplicate_actors=duplicate,
+        )
+    teacher = create_teacher_group(plan, actor_pg if plan.teacher_colocated else None)
+
+    critic_pg = actor_pg if args.train.colocate_all else None
+    if plan.create_critic_group and args.train.colocate_critic_reward:
+        bundles = [{"GPU": 1, "CPU": 1} for _ in range(args.critic.num_nodes * args.critic.num_gpus_per_node)]
+        critic_pg = placement_group(bundles, strategy="PACK")
+        ray.get(critic_pg.ready())
+    critic_share = COLOCATED_GPU_SHARE if critic_pg else 1
+    critic_group = None
+    if plan.create_critic_group:
+        critic_group = RayActorGroup(
+            args.critic.num_nodes,
+            args.critic.num_gpus_per_node,
+            CriticModelActor,
+            pg=critic_pg,
+            num_gpus_per_actor=critic_share,
+            duplicate_actors=duplicate,
+        )
+    reward_group = None
+    if plan.create_reward_model_group:
+        reward_group = RayActorGroup(
+            args.reward.num_nodes,
+            args.reward.num_gpus_per_node,
+            RewardModelActor,
+            pg=critic_pg,
+            num_gpus_per_actor=critic_share,
+            duplicate_actors=duplicate,
+        )
+
+    trainer_class = GoldPPOTrainerAsync if args.train.async_enable else GoldPPOTrainer
+    trainer = trainer_class.remote(
+        args.actor.model_name_or_path,
+        strategy,
+        actor_group,
+        critic_group,
+        reward_group,
+        ref_group,
+        vllm_engines,
+        teacher=teacher,
+        do_sample=True,
+        max_len=args.data.max_len,
+        max_new_tokens=args.rollout.max_new_tokens,
+        temperature=args.rollout.temperature,
+        top_p=args.rollout.top_p,
+    )
+    max_steps = ray.get(trainer.get_max_steps.remote())
+
+    refs = list(
+        actor_group.async_init_model_from_pretrained(
+            strategy, args.actor.model_name_or_path, max_steps, vllm_engines
+        )
+    )
+    if ref_group is not None:
+        refs.extend(ref_group.async_init_model_from_pretrained(strategy, args.actor.model_name_or_path))
+    if reward_group is not None:
+        refs.extend(reward_group.async_init_model_from_pretrained(strategy, args.reward.model_name_or_path))
+    ray.get(refs)
+    if critic_group is not None:
+        ray.get(
+            critic_group.async_init_model_from_pretrained(strategy, args.critic.model_name_or_path, max_steps)
+        )
+
+    ray.get(trainer.fit.remote())
+    ray.get(actor_group.async_save_model())
+    if critic_group is not None and args.critic.save_value_network:
+        ray.get(critic_group.async_save_model())
+    teacher.shutdown()

@@ -1,0 +1,5 @@
+"""Import-only stand-in (see tests/stubs/README.md)."""
+
+
+class TokensPrompt(dict):
+    pass
