@@ -105,6 +105,22 @@ def test_decode_drops_the_sentencepiece_space_but_canonical_bytes_keep_it():
     assert ids_to_bytes(mistral, np.asarray(ids)) == b" Hello"
 
 
+@pytest.mark.parametrize("name", TEST_TOKENIZERS)
+def test_ids_outside_the_vocabulary_never_crash_and_make_the_sample_unalignable(name):
+    tok = load_test_tokenizer(name)
+    teacher = load_test_tokenizer("gpt2" if name == "qwen" else "qwen")
+    good = encode_continuation(tok, "Hi there")
+    # A padded embedding row (vLLM samples the model's logits width, which exceeds the tokenizer) and -1.
+    for bad_id in (len(tok) + 5, -1):
+        s_ids = good[:1] + [bad_id] + good[1:]
+        with pytest.raises(ValueError, match=f"{bad_id}.*outside"):
+            ids_to_bytes(tok, s_ids)
+        text = text_for_teacher(tok, s_ids)  # one bad sample must not crash the rollout
+        assert text == "Hi there"
+        alignment = align(tok, s_ids, teacher, encode_continuation(teacher, text))
+        assert not alignment.aligned and "outside the vocabulary" in alignment.reason
+
+
 def test_invalid_utf8_inside_a_response_makes_the_sample_unalignable():
     mistral, qwen = load_test_tokenizer("mistral"), load_test_tokenizer("qwen")
     # A lead byte followed by ASCII: not a cut at the end, so it cannot be sent to the teacher faithfully.

@@ -82,3 +82,23 @@ def test_end_to_end_with_three_d_logits_and_per_sample_mean() -> None:
     (grad,) = torch.autograd.grad(per_sample.mean(), logits)
     touched = grad.abs().sum(-1) > 0
     assert touched.nonzero().tolist() == inputs.positions.tolist()
+
+
+def test_groups_without_teacher_candidates_give_no_position() -> None:
+    # The teacher could not score its last token (beyond its context): top-k row of -1 / -inf. That group has no
+    # signal, so it must not count in the per-sample mean (it would dilute the sample's loss).
+    mask = torch.zeros(1, 6, dtype=torch.bool)
+    mask[0, 1:6] = True
+    ids, lp = _topk(6, 3, 0)
+    ids[5] = -1
+    lp[5] = -np.inf
+    inputs = logit_loss_inputs([ALIGN_A], [ids], [lp], mask)
+    assert inputs.positions.tolist() == [[0, 1], [0, 2], [0, 4]]
+    assert inputs.teacher_topk_ids[:, 0].tolist() == [0, 10, 20]
+    mapping = torch.arange(60)
+    logits = torch.randn(1, 7, 60, dtype=torch.float64)
+    out = aligned_logit_loss(
+        logits, inputs.teacher_topk_ids, inputs.teacher_topk_logprobs, mapping, positions=inputs.positions
+    )
+    per_sample = per_sample_mean(out.loss, inputs.sample_index, 1)
+    assert per_sample.item() == pytest.approx(out.loss.mean().item()) and out.valid.all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -56,6 +57,17 @@ def test_hand_computed_hybrid(beta: float, matched_hand: float) -> None:
     assert out.unmatched.item() == pytest.approx(ULD_HAND, abs=1e-12)
     assert (out.matched_weight, out.unmatched_weight) == (0.5, 0.5)
     assert out.loss.item() == pytest.approx(0.5 * matched_hand + 0.5 * ULD_HAND, abs=1e-12)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_hand_value_does_not_depend_on_the_order_of_top_k_slots(order: tuple[int, ...]) -> None:
+    # An unmatched slot (teacher id 2) must never hide the matched student id 0 (teacher id 1), whatever comes first.
+    index = list(order)
+    expected = 0.5 * _kl(T_MATCHED, S_MATCHED) + 0.5 * ULD_HAND
+    for loss_fn in (aligned_logit_loss, aligned_logit_loss_reference):
+        out = loss_fn(_student_logits(), TOP_IDS[:, index], TOP_LOGPROBS[:, index], MAP, beta=0.0)
+        loss = out.loss if hasattr(out, "loss") else out
+        assert loss.item() == pytest.approx(expected, abs=1e-12), loss_fn.__name__
 
 
 def test_hand_computed_trl_normalisation_and_fixed_weights() -> None:
@@ -277,6 +289,21 @@ def test_gold_config_is_accepted() -> None:
     assert LogitLossOptions.from_config(config).chunk_size == 2
     overridden = aligned_logit_loss(logits, ids, values, mapping, config=config, beta=1.0)
     assert not torch.allclose(overridden.loss, from_config.loss)
+
+
+def test_teacher_ids_beyond_the_map_are_unmatched_not_an_error() -> None:
+    # A teacher model's logits are often wider than its tokenizer (padded embedding rows), so its top-k can name
+    # an id that teacher_to_student does not cover. Like VocabMap.map_teacher_ids, such an id is unmatched (ULD).
+    logits, ids, values, mapping = _random_case()
+    beyond = ids.clone()
+    beyond[0, -1] = mapping.shape[0] + 3
+    padded_map = torch.cat([mapping, torch.full((10,), -1, dtype=torch.int64)])
+    out = aligned_logit_loss(logits, beyond, values, mapping)
+    expected = aligned_logit_loss(logits, beyond, values, padded_map, matched_weight=out.matched_weight,
+                                  unmatched_weight=out.unmatched_weight)  # fmt: skip
+    torch.testing.assert_close(out.loss, expected.loss, atol=0, rtol=0)
+    # Adaptive weights stay the matched share of the teacher's vocabulary.
+    assert out.matched_weight == pytest.approx(float((mapping >= 0).sum()) / mapping.shape[0])
 
 
 def test_clear_errors() -> None:

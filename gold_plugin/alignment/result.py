@@ -14,8 +14,10 @@ class Alignment:
     ``student_group[i]`` / ``teacher_group[j]`` give the group of each student / teacher token, ``-1`` where
     the token is masked (incomplete trailing bytes, a dropped EOS, or an unalignable sample). Group ids
     run ``0..num_groups-1`` in text order and every group holds at least one token on each side; the
-    bytes of group g are identical on both sides (the final EOS / end-of-turn group is zero bytes on both). ``aligned`` is False for a sample that broke the
-    bytes invariant: then every entry is -1, ``num_groups`` is 0 and ``reason`` says why.
+    bytes of group g are identical on both sides (the final EOS / end-of-turn group is zero bytes on both),
+    except that group 0 of one side may also hold the SentencePiece dummy-prefix space that its tokenizer added
+    (see :func:`~gold_plugin.alignment.align`). ``aligned`` is False for a sample that broke the bytes
+    invariant: then every entry is -1, ``num_groups`` is 0 and ``reason`` says why.
     """
 
     student_group: np.ndarray

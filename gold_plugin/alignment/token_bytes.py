@@ -162,9 +162,22 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray:
 
 
 def ids_to_bytes(tokenizer: Any, ids: Iterable[int] | np.ndarray | Any) -> bytes:
-    """The UTF-8 bytes that ``ids`` contribute to the text (concatenated canonical bytes, not ``decode``)."""
-    table = token_table(tokenizer).token_bytes
-    return b"".join([table[i] for i in _as_int_list(ids)])
+    """The UTF-8 bytes that ``ids`` contribute to the text (concatenated canonical bytes, not ``decode``).
+
+    Raises ``ValueError`` naming the id for an id outside the tokenizer's vocabulary.
+    """
+    return _joined_bytes(token_table(tokenizer), _as_int_list(ids), skip_out_of_range=False)
+
+
+def _joined_bytes(table: TokenTable, ids: list[int], skip_out_of_range: bool) -> bytes:
+    token_bytes = table.token_bytes
+    size = len(token_bytes)
+    if ids and (min(ids) < 0 or max(ids) >= size):
+        if not skip_out_of_range:
+            bad = next(i for i in ids if not 0 <= i < size)
+            raise ValueError(f"Token id {bad} is outside the vocabulary of {table.name!r} ({size} ids).")
+        ids = [i for i in ids if 0 <= i < size]
+    return b"".join([token_bytes[i] for i in ids])
 
 
 def incomplete_utf8_tail_length(data: bytes) -> int:
@@ -185,9 +198,11 @@ def text_for_teacher(tokenizer: Any, ids: Iterable[int] | np.ndarray | Any) -> s
     Built from canonical bytes (so a SentencePiece leading space is kept). A trailing incomplete UTF-8
     character (a response cut inside it) cannot be sent and is dropped; :func:`align` accepts that and masks
     the student tokens that cover it. Other invalid bytes become U+FFFD, which makes the sample unalignable
-    (it then gets no signal) rather than silently misaligned.
+    (it then gets no signal) rather than silently misaligned. Never raises for a bad sample: ids outside the
+    vocabulary (a model's padded embedding rows) contribute nothing, and :func:`align` reports such a sample
+    unalignable.
     """
-    data = ids_to_bytes(tokenizer, ids)
+    data = _joined_bytes(token_table(tokenizer), _as_int_list(ids), skip_out_of_range=True)
     cut = incomplete_utf8_tail_length(data)
     return data[: len(data) - cut].decode("utf-8", errors="replace")
 

@@ -42,7 +42,8 @@ def logit_loss_inputs(
 ) -> LogitLossInputs:
     """Group-start positions of every aligned sample and the matching teacher top-k rows.
 
-    Samples whose alignment failed, or without teacher top-k, contribute no position. Different k per sample are
+    Samples whose alignment failed, or without teacher top-k, contribute no position, nor do groups whose teacher
+    row has no candidate (all ids -1: a token beyond the teacher's context). Different k per sample are
     padded to the largest with id -1. Vectorised within each sample (numpy); one Python iteration per sample.
     Raises ``ValueError`` naming the sample if an alignment does not match the action count or the teacher rows.
     """
@@ -75,6 +76,9 @@ def logit_loss_inputs(
                 f"{len(alignment.teacher_group)} teacher tokens; expected [n_teacher_tokens, k]."
             )
         student_first, teacher_first = group_starts(alignment)
+        # A teacher row without any candidate (a token it could not score) has no signal: no position.
+        has_candidate = (top_ids[teacher_first] >= 0).any(axis=1)
+        student_first, teacher_first = student_first[has_candidate], teacher_first[has_candidate]
         rows.append(np.full(student_first.shape[0], b, dtype=np.int64))
         cols.append(columns[student_first])
         ids.append(top_ids[teacher_first])

@@ -554,10 +554,6 @@ def _map_and_weights(
         raise ValueError("alignment='spans' needs teacher_to_student (VocabMap.teacher_to_student).")
     teacher_to_student = getattr(teacher_to_student, "teacher_to_student", teacher_to_student)  # a VocabMap
     mapping = _to_index_tensor(teacher_to_student, device).reshape(-1)
-    if max_teacher_id >= mapping.shape[0]:
-        raise ValueError(
-            f"Teacher id {max_teacher_id} is outside teacher_to_student (size {mapping.shape[0]})."
-        )
     if mapping.numel() and int(mapping.max()) >= vocab:
         raise ValueError(
             f"teacher_to_student maps to student id {int(mapping.max())}, but the student logits have {vocab} columns."
@@ -569,7 +565,16 @@ def _map_and_weights(
         weights = (matched_share, 1.0 - matched_share)
     else:
         weights = (float(options.matched_weight), float(options.unmatched_weight))
-    return mapping, image_mask, weights
+    return _pad_unmatched(mapping, max_teacher_id), image_mask, weights
+
+
+def _pad_unmatched(mapping: torch.Tensor, max_teacher_id: int) -> torch.Tensor:
+    """``mapping`` extended with -1 (unmatched) up to ``max_teacher_id``: a teacher model's logits are often
+    wider than its tokenizer (padded embedding rows), so its top-k may name ids the map does not cover."""
+    if max_teacher_id < mapping.shape[0]:
+        return mapping
+    pad = torch.full((max_teacher_id + 1 - mapping.shape[0],), -1, dtype=mapping.dtype, device=mapping.device)
+    return torch.cat([mapping, pad])
 
 
 def aligned_logit_loss(
@@ -672,14 +677,19 @@ def aligned_logit_loss_reference(
         loss = uld_distance(s_prob, torch.where(slot_valid, t_prob, torch.zeros_like(t_prob)))
         return torch.where(row_valid, loss, torch.zeros_like(loss))
     mapping = torch.as_tensor(teacher_to_student, dtype=torch.int64, device=student_logits.device)
-    student_id = torch.where(slot_valid, mapping[ids.clamp(min=0)], -1)
+    lookup = _pad_unmatched(mapping, int(ids.max()) if ids.numel() else -1)
+    student_id = torch.where(slot_valid, lookup[ids.clamp(min=0)], -1)
     matched_slot = student_id >= 0
     # Teacher probabilities projected onto the student vocabulary; duplicates add up.
     t_on_student = torch.zeros(n, vocab, dtype=dtype, device=student_logits.device).scatter_add_(
         1, student_id.clamp(min=0), torch.where(matched_slot, t_prob, torch.zeros_like(t_prob))
     )
-    support = torch.zeros(n, vocab, dtype=torch.bool, device=student_logits.device).scatter_(
-        1, student_id.clamp(min=0), matched_slot
+    # Count matched slots per student id (scatter_ would let an unmatched slot, clamped to id 0, overwrite a match).
+    support = (
+        torch.zeros(n, vocab, dtype=torch.int64, device=student_logits.device).scatter_add_(
+            1, student_id.clamp(min=0), matched_slot.to(torch.int64)
+        )
+        > 0
     )
     if resolved.matched_normalization == "tail":
         t_rest = (1.0 - t_on_student.sum(dim=1)).clamp(min=0.0)
