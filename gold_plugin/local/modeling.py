@@ -1,0 +1,248 @@
+"""Student-side model utilities for the local backend: sampling, log-probs, tiny models, SFT, accuracy.
+
+Everything here is plain torch + transformers (no Ray), so it runs on CPU or one GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """Sampled responses for a batch of prompts (``n`` per prompt, prompt-major order).
+
+    ``response_ids[i]`` ends with the EOS id when ``ends_with_eos[i]``; otherwise it was cut at
+    ``max_new_tokens``. Padding is already stripped.
+    """
+
+    prompt_index: list[int]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    ends_with_eos: list[bool]
+
+
+def tiny_llama(vocab_size: int, tokenizer, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0):
+    """A small randomly initialised Llama (no download) sized for CPU demos."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    n_samples_per_prompt: int = 1,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    micro_batch_size: int = 256,
+) -> Rollout:
+    """Batched ``generate`` with left padding; responses are cut after the first EOS."""
+    device = next(model.parameters()).device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    expanded = [(i, list(p)) for i, p in enumerate(prompt_ids) for _ in range(n_samples_per_prompt)]
+    rollout = Rollout([], [], [], [])
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(expanded), micro_batch_size):
+        chunk = expanded[start : start + micro_batch_size]
+        ids, mask = _left_pad([p for _, p in chunk], pad_id, device)
+        kwargs = (
+            {"do_sample": False}
+            if greedy
+            else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            top_k=None,
+            **kwargs,
+        )
+        new = out[:, ids.shape[1] :].tolist()
+        for (index, prompt), row in zip(chunk, new):
+            ends = eos_id in row
+            response = row[: row.index(eos_id) + 1] if ends else row
+            rollout.prompt_index.append(index)
+            rollout.prompt_ids.append(prompt)
+            rollout.response_ids.append(response)
+            rollout.ends_with_eos.append(ends)
+    model.train(was_training)
+    return rollout
+
+
+def pack_right(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Right-padded ``[prompt | response]`` rows, their attention mask, and the response (action) mask.
+
+    ``action_mask[b, j]`` marks response token j of row b, j in ``[0, max_response_len)``; the log-prob of
+    that token is read from the logits at position ``len(prompt) + j - 1``.
+    """
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(r) for r in rows)
+    num_actions = max(max((len(r) for r in response_ids), default=0), 1)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    action_mask = torch.zeros((len(rows), num_actions), dtype=torch.bool)
+    for b, (row, response) in enumerate(zip(rows, response_ids)):
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[b, : len(row)] = 1
+        action_mask[b, : len(response)] = True
+    return ids.to(device), attn.to(device), action_mask.to(device), num_actions
+
+
+def response_logits_and_logprobs(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-response-token logits ``[B, A, V]``, their log-probs of the taken tokens ``[B, A]``, action mask.
+
+    Positions outside a response hold zeros in the log-probs. Gradients flow when called under grad.
+    """
+    device = next(model.parameters()).device
+    ids, attn, action_mask, num_actions = pack_right(prompt_ids, response_ids, pad_id, device)
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    prompt_len = torch.tensor([len(p) for p in prompt_ids], device=device)
+    offsets = torch.arange(num_actions, device=device)
+    # logits at position t predict token t+1: response token j sits at prompt_len + j.
+    gather_pos = (prompt_len[:, None] + offsets[None, :] - 1).clamp(0, ids.shape[1] - 1)
+    token_pos = (prompt_len[:, None] + offsets[None, :]).clamp(0, ids.shape[1] - 1)
+    batch_index = torch.arange(len(prompt_ids), device=device)[:, None]
+    action_logits = logits[batch_index, gather_pos]
+    taken = ids[batch_index, token_pos]
+    logprobs = torch.log_softmax(action_logits, dim=-1).gather(-1, taken[..., None]).squeeze(-1)
+    logprobs = logprobs * action_mask
+    return action_logits, logprobs, action_mask
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def accuracy(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    check: Callable[[str, str], bool],
+    *,
+    input_key: str = "input",
+    label_key: str = "label",
+    max_new_tokens: int = 8,
+    micro_batch_size: int = 512,
+) -> float:
+    """Share of records whose greedy response passes ``check(response_text, label)``."""
+    prompts = [encode_prompt(tokenizer, r[input_key]) for r in records]
+    rollout = sample(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        greedy=True,
+        micro_batch_size=micro_batch_size,
+    )
+    correct = 0
+    for response, record in zip(rollout.response_ids, records):
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        correct += int(check(text, str(record[label_key])))
+    return correct / max(len(records), 1)
+
+
+def sft(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    input_key: str = "input",
+    label_key: str = "label",
+    log: Callable[[int, float], None] | None = None,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 25,
+    constant_lr: bool = False,
+) -> int:
+    """Supervised fine-tuning on ``prompt -> label + EOS`` (loss on the answer and EOS only), cosine LR after a
+    50-step warmup (``constant_lr``: no decay).
+
+    ``stop(step)`` is asked every ``check_every`` steps and ends training early when it returns True.
+    Returns the number of steps taken.
+    """
+    rng = random.Random(seed)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    encoded = [
+        (encode_prompt(tokenizer, r[input_key]), encode_prompt(tokenizer, str(r[label_key])) + [eos_id])
+        for r in records
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / 50)
+            * (1.0 if constant_lr else 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
+        ),
+    )
+    model.train()
+    for step in range(steps):
+        batch = rng.sample(encoded, min(batch_size, len(encoded)))
+        prompts, answers = [b[0] for b in batch], [b[1] for b in batch]
+        _, logprobs, mask = response_logits_and_logprobs(model, prompts, answers, pad_id)
+        loss = -(logprobs * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if log is not None:
+            log(step, float(loss))
+        if stop is not None and (step + 1) % check_every == 0 and stop(step + 1):
+            model.eval()
+            return step + 1
+        model.train()
+    model.eval()
+    return steps
