@@ -218,23 +218,16 @@ def make_teacher(gold_config: Any, in_process: bool, device: str) -> tuple[Any, 
     return RayTeacher(gold_config, device), tokenizer
 
 
-def resolved_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     """Train as the parsed command line says; returns the metrics history."""
+    from gold_plugin.local.modeling import resolve_device
     from gold_plugin.local.trainer import LocalTrainer
 
     gold = gold_config_from_args(args)
     if not gold.teacher.model_name_or_path:
         raise GoldConfigError("Set --gold.teacher.model_name_or_path (or use --demo).")
     config = train_config_from_args(args)
-    device = resolved_device(config.device)
+    device = str(resolve_device(config.device))
     teacher, teacher_tokenizer = (None, None)
     if gold.alpha > 0:
         teacher, teacher_tokenizer = make_teacher(gold, config.teacher_in_process, device)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gold_plugin.local.modeling import accuracy, sft, tiny_llama
+from gold_plugin.local.modeling import accuracy, resolve_device, sft, tiny_llama
 from gold_plugin.local.task import AdditionTask, build_tokenizer, is_correct, write_jsonl
 
 # Demo values for options whose general defaults suit large models, applied unless given on the command line.
@@ -55,10 +55,6 @@ class DemoModels:
     student_init_accuracy: float
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _train_or_load(
     folder: Path,
     kind: str,
@@ -80,7 +76,7 @@ def _train_or_load(
     if info.exists():
         return json.loads(info.read_text())["heldout_accuracy"]
     train, held = task.split()
-    model = tiny_llama(len(tokenizer), tokenizer, hidden_size=hidden, seed=seed).to(_device())
+    model = tiny_llama(len(tokenizer), tokenizer, hidden_size=hidden, seed=seed).to(resolve_device())
     dev_rows = task.records(train[:200])
 
     def reached(_step: int) -> bool:

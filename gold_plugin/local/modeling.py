@@ -27,6 +27,13 @@ class Rollout:
     ends_with_eos: list[bool]
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; any other name as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def tiny_llama(vocab_size: int, tokenizer, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0):
     """A small randomly initialised Llama (no download) sized for CPU demos."""
     from transformers import LlamaConfig, LlamaForCausalLM

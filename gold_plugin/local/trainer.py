@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from gold_plugin.config import GoldConfig
-from gold_plugin.local.modeling import accuracy, encode_prompt, response_logits_and_logprobs, sample
+from gold_plugin.local.modeling import (
+    accuracy,
+    encode_prompt,
+    resolve_device,
+    response_logits_and_logprobs,
+    sample,
+)
 
 RewardFunc = Callable[[list[str], list[str], list[str]], Any]
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
@@ -78,12 +84,6 @@ class LocalTrainConfig:
     device: str = "auto"  # --local.device
     teacher_in_process: bool = False  # --local.teacher_in_process
     progress: bool = True
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_reward_func(path: str) -> RewardFunc:
@@ -185,7 +185,7 @@ class LocalTrainer:
 
         self.config, self.gold, self.teacher = config, gold, teacher
         self.teacher_tokenizer = teacher_tokenizer
-        self.device = _device(config.device)
+        self.device = resolve_device(config.device)
         if gold.needs_reward and config.reward_func is None:
             raise ValueError(
                 f"--gold.alpha {gold.alpha} < 1 mixes in a task reward: give --reward.remote_url path/to/reward.py "
@@ -222,6 +222,7 @@ class LocalTrainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
+        self.history: list[dict[str, float]] = []
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -232,7 +233,6 @@ class LocalTrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(config.tensorboard_dir)
-        self.history: list[dict[str, float]] = []
 
     # -- data ---------------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -533,7 +533,6 @@ class LocalTrainer:
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         _set_rng_state(state["rng"])
-        self._resumed_history = self.history
         print(f"Resumed from {folder} at step {self.step}.")
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -552,10 +551,7 @@ class LocalTrainer:
         from tqdm.auto import tqdm
 
         c = self.config
-        resumed = self.step > 0
-        history = getattr(self, "_resumed_history", None)
-        self.history = list(history) if history else []
-        if not resumed and c.eval_steps != 0:
+        if self.step == 0 and c.eval_steps != 0:
             metrics = self.evaluate()
             if metrics:
                 self._log(metrics)
@@ -587,13 +583,6 @@ class LocalTrainer:
 
 
 _SHOWN = ("gold/sampled_kl", "reward/mean", "eval/accuracy", "gold/logit_loss")
-
-
-def config_summary(config: LocalTrainConfig) -> dict[str, Any]:
-    summary = asdict(config)
-    summary.pop("prompts"), summary.pop("eval_prompts")
-    summary["reward_func"] = bool(config.reward_func)
-    return summary
 
 
 def prompt_rows(rows: Sequence[dict], input_key: str) -> list[dict]:
