@@ -7,6 +7,10 @@ weights, ``matched_normalization="none"`` and per-sample mean-then-batch-mean re
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,7 +18,29 @@ from gold_plugin.signals import aligned_logit_loss
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 from gold_plugin.testing.trl_reference import trl_uld_config
 
-gold_trainer = pytest.importorskip("trl.experimental.gold.gold_trainer")
+
+def _import_trl_gold_trainer():
+    """TRL decides at import time whether vLLM is installed. The OpenRLHF tests put import-only vLLM stand-ins
+    (tests/stubs) on ``sys.path``; hide them while TRL is imported, or TRL would try to import real vLLM
+    internals from them. trl is a test requirement: a failing import fails this module instead of skipping."""
+    stubs = str(Path(__file__).parent / "stubs")
+    stub_modules = {
+        name: module
+        for name, module in sys.modules.items()
+        if (name == "vllm" or name.startswith("vllm.")) and stubs in (getattr(module, "__file__", None) or "")
+    }
+    saved_path = list(sys.path)
+    for name in stub_modules:
+        del sys.modules[name]
+    sys.path[:] = [entry for entry in sys.path if entry != stubs]
+    try:
+        return importlib.import_module("trl.experimental.gold.gold_trainer")
+    finally:
+        sys.path[:] = saved_path
+        sys.modules.update(stub_modules)
+
+
+gold_trainer = _import_trl_gold_trainer()
 
 
 def _trl_loss_fn(student_tok, teacher_tok, **config):
