@@ -66,16 +66,6 @@ REWARDS = [1.0, 0.0, 1.0, 0.5, 1.0, 0.0]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     student_dir = save_tiny_teacher(tmp_path_factory.mktemp("student"), "qwen", seed=1)
     teacher_dir = save_tiny_teacher(tmp_path_factory.mktemp("teacher"), "mistral", seed=2)
@@ -103,7 +93,7 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher_group(ray_cluster, models):
+def teacher_group(local_ray, models):
     """A real TeacherGroup: one Ray actor running HFTeacher on CPU."""
     plan = _plan(models, alpha=0.5, extra="--gold.signal both")
     group = TeacherGroup(plan.gold, scorer_overrides={"device": "cpu"})

@@ -29,16 +29,6 @@ REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def teacher_config(tmp_path_factory):
     path = save_tiny_teacher(tmp_path_factory.mktemp("ray_teacher"), "gpt2", seed=2)
     return TeacherConfig(

@@ -266,24 +266,19 @@ def _plan_groups(args: SimpleNamespace, gold: GoldConfig, plan: LaunchPlan) -> N
             )
         )
     critic_reward_colocated = bool(args.critic.model_name_or_path and args.train.colocate_critic_reward)
-    if plan.create_critic_group:
-        groups.append(
-            GroupPlan(
-                "critic",
-                args.critic.num_nodes * args.critic.num_gpus_per_node,
-                COLOCATED_GPU_SHARE if critic_reward_colocated else 1.0,
-                "critic/reward placement group" if critic_reward_colocated else "own GPUs",
+    for name, role, wanted in (
+        ("critic", args.critic, plan.create_critic_group),
+        ("reward", args.reward, plan.create_reward_model_group),
+    ):
+        if wanted:
+            groups.append(
+                GroupPlan(
+                    name,
+                    role.num_nodes * role.num_gpus_per_node,
+                    COLOCATED_GPU_SHARE if critic_reward_colocated else 1.0,
+                    "critic/reward placement group" if critic_reward_colocated else "own GPUs",
+                )
             )
-        )
-    if plan.create_reward_model_group:
-        groups.append(
-            GroupPlan(
-                "reward",
-                args.reward.num_nodes * args.reward.num_gpus_per_node,
-                COLOCATED_GPU_SHARE if critic_reward_colocated else 1.0,
-                "critic/reward placement group" if critic_reward_colocated else "own GPUs",
-            )
-        )
     t = gold.teacher
     if plan.teacher_colocated:
         groups.append(GroupPlan("teacher", t.num_replicas, COLOCATED_GPU_SHARE, "actor placement group"))

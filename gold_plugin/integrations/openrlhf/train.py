@@ -110,25 +110,20 @@ def train(plan: LaunchPlan) -> None:
             max_images_per_prompt=args.data.max_images_per_prompt,
         )
 
-    share = COLOCATED_GPU_SHARE if actor_pg else 1
-    actor_group = RayActorGroup(
-        args.actor.num_nodes,
-        args.actor.num_gpus_per_node,
-        GoldPolicyModelActor,
-        pg=actor_pg,
-        num_gpus_per_actor=share,
-        duplicate_actors=duplicate,
-    )
-    ref_group = None
-    if plan.create_reference_group:
-        ref_group = RayActorGroup(
-            args.ref.num_nodes,
-            args.ref.num_gpus_per_node,
-            ReferenceModelActor,
-            pg=actor_pg,
+    def model_group(role, actor_class, pg):
+        """A group of ``role.num_nodes x role.num_gpus_per_node`` model actors, sharing GPUs inside ``pg``."""
+        share = COLOCATED_GPU_SHARE if pg else 1
+        return RayActorGroup(
+            role.num_nodes,
+            role.num_gpus_per_node,
+            actor_class,
+            pg=pg,
             num_gpus_per_actor=share,
             duplicate_actors=duplicate,
         )
+
+    actor_group = model_group(args.actor, GoldPolicyModelActor, actor_pg)
+    ref_group = model_group(args.ref, ReferenceModelActor, actor_pg) if plan.create_reference_group else None
     teacher = create_teacher_group(plan, actor_pg if plan.teacher_colocated else None)
 
     critic_pg = actor_pg if args.train.colocate_all else None
@@ -136,27 +131,10 @@ def train(plan: LaunchPlan) -> None:
         bundles = [{"GPU": 1, "CPU": 1} for _ in range(args.critic.num_nodes * args.critic.num_gpus_per_node)]
         critic_pg = placement_group(bundles, strategy="PACK")
         ray.get(critic_pg.ready())
-    critic_share = COLOCATED_GPU_SHARE if critic_pg else 1
-    critic_group = None
-    if plan.create_critic_group:
-        critic_group = RayActorGroup(
-            args.critic.num_nodes,
-            args.critic.num_gpus_per_node,
-            CriticModelActor,
-            pg=critic_pg,
-            num_gpus_per_actor=critic_share,
-            duplicate_actors=duplicate,
-        )
-    reward_group = None
-    if plan.create_reward_model_group:
-        reward_group = RayActorGroup(
-            args.reward.num_nodes,
-            args.reward.num_gpus_per_node,
-            RewardModelActor,
-            pg=critic_pg,
-            num_gpus_per_actor=critic_share,
-            duplicate_actors=duplicate,
-        )
+    critic_group = model_group(args.critic, CriticModelActor, critic_pg) if plan.create_critic_group else None
+    reward_group = (
+        model_group(args.reward, RewardModelActor, critic_pg) if plan.create_reward_model_group else None
+    )
 
     trainer_class = GoldPPOTrainerAsync if args.train.async_enable else GoldPPOTrainer
     trainer = trainer_class.remote(
