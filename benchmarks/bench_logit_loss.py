@@ -1,7 +1,7 @@
 """Time and peak memory of the aligned logit loss (forward + backward) on the same inputs, in one process:
 
 1. ``chunked``: :func:`gold_plugin.signals.aligned_logit_loss` (chunked, analytic backward);
-2. ``full-vocab``: :func:`gold_plugin.signals.aligned_logit_loss_reference`, the same loss written
+2. ``full-vocab``: :func:`gold_plugin.testing.references.aligned_logit_loss_reference`, the same loss written
    straightforwardly over the whole vocabulary with autograd;
 3. ``trl``: TRL 1.16's hybrid ULD loss (``trl.experimental.gold.gold_trainer.ULDLoss``, its real code, built from a
    minimal config object and two vocabularies) on the full teacher logits the top-k were taken from.
@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gold_plugin.signals import aligned_logit_loss, aligned_logit_loss_reference  # noqa: E402
+from gold_plugin.signals import aligned_logit_loss  # noqa: E402
+from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.trl_reference import trl_uld_config  # noqa: E402
 
 

@@ -41,9 +41,9 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
 from gold_plugin.integrations.openrlhf.prompts import build_prompt_lookup  # noqa: E402
-from gold_plugin.signals.advantages import group_advantages  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherRequest  # noqa: E402
 from gold_plugin.teacher.testing import save_tiny_teacher  # noqa: E402
+from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]  # one Ray teacher actor + tiny models: ~1-2 min on 2 cores
@@ -254,7 +254,7 @@ def _independent_distill_advantages(models, plan, key, exp, b):
         logprobs = models.student(seq[None]).logits[0].float().log_softmax(-1)
     start = seq.shape[0] - response_ids.size
     student_lp = logprobs[start - 1 : -1].gather(-1, seq[start:, None]).squeeze(-1)
-    return group_advantages(
+    return group_advantages_reference(
         alignment, student_lp, torch.from_numpy(result.logprobs), plan.gold.kl_discount
     ), raw
 

@@ -13,8 +13,13 @@ from gold_plugin.signals import (
     batch_distill_advantages,
     discounted_reverse_cumsum,
     group_advantages,
-    group_kl,
     mix_advantages,
+)
+from gold_plugin.testing.references import group_advantages_reference, group_kl_reference
+
+# The public one-sample function (the production batch code) and the loop-by-loop reference give the same values.
+PER_SAMPLE = pytest.mark.parametrize(
+    "per_sample", [group_advantages, group_advantages_reference], ids=["public", "reference"]
 )
 
 
@@ -43,46 +48,50 @@ D_B = [(-0.3 - 0.2) + 0.4, -1.0 + (0.1 + 0.2 + 0.3)]  # [-0.1, -0.4]
 
 
 def test_group_kl_hand_values() -> None:
-    assert group_kl(ALIGN_A, STUDENT_A, TEACHER_A).tolist() == pytest.approx(D_A, abs=1e-6)
-    assert group_kl(ALIGN_B, STUDENT_B, TEACHER_B).tolist() == pytest.approx(D_B, abs=1e-6)
+    assert group_kl_reference(ALIGN_A, STUDENT_A, TEACHER_A).tolist() == pytest.approx(D_A, abs=1e-6)
+    assert group_kl_reference(ALIGN_B, STUDENT_B, TEACHER_B).tolist() == pytest.approx(D_B, abs=1e-6)
 
 
-def test_advantages_without_discount() -> None:
-    adv = group_advantages(ALIGN_A, STUDENT_A, TEACHER_A)
+@PER_SAMPLE
+def test_advantages_without_discount(per_sample) -> None:
+    adv = per_sample(ALIGN_A, STUDENT_A, TEACHER_A)
     assert adv.dtype == torch.float32
     assert adv.tolist() == pytest.approx([-0.2, -0.25, -0.25, 0.5, -0.2], abs=1e-6)
-    adv_b = group_advantages(ALIGN_B, STUDENT_B, TEACHER_B)
+    adv_b = per_sample(ALIGN_B, STUDENT_B, TEACHER_B)
     assert adv_b.tolist() == pytest.approx([0.1, 0.1, 0.4, 0.0, 0.0], abs=1e-6)
     assert adv_b[3] == 0 and adv_b[4] == 0  # masked tail: exactly zero
 
 
-def test_advantages_with_discount() -> None:
+@PER_SAMPLE
+def test_advantages_with_discount(per_sample) -> None:
     # gamma = 0.5: R3 = 0.2, R2 = -0.5 + 0.5*0.2 = -0.4, R1 = 0.25 + 0.5*(-0.4) = 0.05, R0 = 0.2 + 0.5*0.05.
-    adv = group_advantages(ALIGN_A, STUDENT_A, TEACHER_A, kl_discount=0.5)
+    adv = per_sample(ALIGN_A, STUDENT_A, TEACHER_A, kl_discount=0.5)
     assert adv.tolist() == pytest.approx([-0.225, -0.05, -0.05, 0.4, -0.2], abs=1e-6)
     # gamma = 1: undiscounted sum of the remaining groups.
-    adv_b = group_advantages(ALIGN_B, STUDENT_B, TEACHER_B, kl_discount=1.0)
+    adv_b = per_sample(ALIGN_B, STUDENT_B, TEACHER_B, kl_discount=1.0)
     assert adv_b.tolist() == pytest.approx([0.5, 0.5, 0.4, 0.0, 0.0], abs=1e-6)
 
 
-def test_minus_inf_teacher_logprob_is_clamped_not_inf() -> None:
+@PER_SAMPLE
+def test_minus_inf_teacher_logprob_is_clamped_not_inf(per_sample) -> None:
     teacher = TEACHER_A.clone()
     teacher[0] = float("-inf")
-    adv = group_advantages(ALIGN_A, STUDENT_A, teacher)
+    adv = per_sample(ALIGN_A, STUDENT_A, teacher)
     assert torch.isfinite(adv).all()
     assert adv[0].item() == pytest.approx(-(-0.5 + 80.0), abs=1e-4)
 
 
-def test_unscored_teacher_token_masks_its_group() -> None:
+@PER_SAMPLE
+def test_unscored_teacher_token_masks_its_group(per_sample) -> None:
     # NaN is the teacher contract's mark for a token it could not score (beyond its context).
     teacher = TEACHER_A.clone()
     teacher[3] = float("nan")  # inside group 2 (the 1:3 group)
-    d = group_kl(ALIGN_A, STUDENT_A, teacher)
+    d = group_kl_reference(ALIGN_A, STUDENT_A, teacher)
     assert torch.isnan(d[2]) and not torch.isnan(d[[0, 1, 3]]).any()
-    adv = group_advantages(ALIGN_A, STUDENT_A, teacher)
+    adv = per_sample(ALIGN_A, STUDENT_A, teacher)
     assert adv.tolist() == pytest.approx([-0.2, -0.25, -0.25, 0.0, -0.2], abs=1e-6)
     # gamma = 0.5, the masked group adds nothing: R2 = 0 + 0.5*0.2, R1 = 0.25 + 0.5*0.1, R0 = 0.2 + 0.5*0.3.
-    adv = group_advantages(ALIGN_A, STUDENT_A, teacher, kl_discount=0.5)
+    adv = per_sample(ALIGN_A, STUDENT_A, teacher, kl_discount=0.5)
     assert adv.tolist() == pytest.approx([-0.35, -0.3, -0.3, 0.0, -0.2], abs=1e-6)
 
 
@@ -132,10 +141,10 @@ def test_batch_layout_matches_per_sample_and_stats() -> None:
         )
         assert out.advantages.shape == (4, 10)
         torch.testing.assert_close(
-            out.advantages[0, 2:7], group_advantages(ALIGN_A, STUDENT_A, TEACHER_A, gamma)
+            out.advantages[0, 2:7], group_advantages_reference(ALIGN_A, STUDENT_A, TEACHER_A, gamma)
         )
         torch.testing.assert_close(
-            out.advantages[1, 3:8], group_advantages(ALIGN_B, STUDENT_B, TEACHER_B, gamma)
+            out.advantages[1, 3:8], group_advantages_reference(ALIGN_B, STUDENT_B, TEACHER_B, gamma)
         )
         assert torch.all(out.advantages[~mask] == 0)
         assert torch.all(out.advantages[2:] == 0)  # unalignable sample; every teacher token unscored
@@ -157,7 +166,9 @@ def test_batch_masks_groups_with_unscored_tokens() -> None:
     teacher[5] = float("nan")  # the end-of-turn token did not fit in the teacher's context
     log_probs, mask = _layout([(1, STUDENT_A)], num_actions=7)
     out = batch_distill_advantages([ALIGN_A], [teacher], log_probs, mask, kl_discount=0.5)
-    torch.testing.assert_close(out.advantages[0, 1:6], group_advantages(ALIGN_A, STUDENT_A, teacher, 0.5))
+    torch.testing.assert_close(
+        out.advantages[0, 1:6], group_advantages_reference(ALIGN_A, STUDENT_A, teacher, 0.5)
+    )
     assert out.advantages[0, 5] == 0
     assert out.num_groups.tolist() == [3]
     assert out.kl_sum.item() == pytest.approx(sum(D_A[:3]), abs=1e-6)

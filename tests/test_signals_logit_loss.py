@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gold_plugin.config import GoldConfig
-from gold_plugin.signals import LogitLossOptions, aligned_logit_loss, aligned_logit_loss_reference
+from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
+from gold_plugin.testing.references import aligned_logit_loss_reference
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hand-computed case. Student vocabulary of 4 with probabilities [0.4, 0.3, 0.2, 0.1]; teacher vocabulary of 4 with

@@ -1,6 +1,6 @@
 """Distillation signals (pure torch): aligned advantages, alpha mixing, and the aligned GKD/ULD logit loss.
 
-No Ray, vLLM, DeepSpeed or OpenRLHF imports here. See DESIGN §4 and docs/signals.md.
+No Ray, vLLM, DeepSpeed or OpenRLHF imports here. The maths: docs/design.md and docs/signals.md.
 """
 
 from gold_plugin.signals.advantages import (
@@ -8,7 +8,6 @@ from gold_plugin.signals.advantages import (
     batch_distill_advantages,
     discounted_reverse_cumsum,
     group_advantages,
-    group_kl,
     mix_advantages,
 )
 from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd, uld_distance
@@ -17,7 +16,6 @@ from gold_plugin.signals.logit_loss import (
     LogitLoss,
     LogitLossOptions,
     aligned_logit_loss,
-    aligned_logit_loss_reference,
 )
 
 __all__ = [
@@ -27,12 +25,10 @@ __all__ = [
     "LogitLossInputs",
     "LogitLossOptions",
     "aligned_logit_loss",
-    "aligned_logit_loss_reference",
     "batch_distill_advantages",
     "discounted_reverse_cumsum",
     "generalized_jsd",
     "group_advantages",
-    "group_kl",
     "logit_loss_inputs",
     "per_sample_mean",
     "mix_advantages",

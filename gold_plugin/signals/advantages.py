@@ -62,19 +62,6 @@ def discounted_reverse_cumsum(values: torch.Tensor, gamma: float) -> torch.Tenso
     return full.reshape(*lead, num_blocks * block)[..., :length].to(out_dtype)
 
 
-def _as_index(groups: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(groups), dtype=torch.int64, device=device)
-
-
-def _checked_logprobs(logprobs: torch.Tensor, expected: int, side: str) -> torch.Tensor:
-    if logprobs.dim() != 1 or logprobs.shape[0] != expected:
-        raise ValueError(
-            f"{side}_logprobs must be 1-D with one entry per {side} response token ({expected}), "
-            f"got shape {tuple(logprobs.shape)}."
-        )
-    return logprobs.to(torch.float64)
-
-
 def _group_sums(
     groups: torch.Tensor, logprobs: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,26 +86,6 @@ def _group_d(
     return torch.where(s_bad | t_bad, torch.full_like(d, float("nan")), d)
 
 
-def group_kl(
-    alignment: Alignment, student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor
-) -> torch.Tensor:
-    """``d_g = lS(g) - lT(g)`` for every group (float64, ``[num_groups]``).
-
-    NaN marks an unscored token (the teacher contract's mask for tokens beyond its context): a group holding
-    one gets d = NaN (no signal). Log-probs below ``LOG_PROB_FLOOR`` (including -inf) are clamped to it.
-    """
-    device = student_logprobs.device
-    s_group = _as_index(alignment.student_group, device)
-    t_group = _as_index(alignment.teacher_group, device)
-    s_lp = _checked_logprobs(student_logprobs, s_group.shape[0], "student")
-    t_lp = _checked_logprobs(teacher_logprobs.to(device), t_group.shape[0], "teacher")
-    num_groups = int(alignment.num_groups)
-    for side, groups in (("student", s_group), ("teacher", t_group)):
-        if groups.numel() and int(groups.max()) >= num_groups:
-            raise ValueError(f"{side}_group has ids >= num_groups ({num_groups}).")
-    return _group_d(s_group, t_group, s_lp, t_lp, num_groups)
-
-
 def group_advantages(
     alignment: Alignment,
     student_logprobs: torch.Tensor,
@@ -127,18 +94,25 @@ def group_advantages(
 ) -> torch.Tensor:
     """Per-student-token distillation advantages of one sample (float32, 0 where masked).
 
-    ``student_logprobs``: the student's log-prob of each student response token; ``teacher_logprobs``: the
-    teacher's log-prob of each teacher response token (same lengths as the alignment's group arrays).
-    A group with a NaN (unscored) token gets 0 and adds nothing to the discounted sums of earlier groups.
+    The one-sample form of :func:`batch_distill_advantages` (the same computation, so what a user sees for one
+    sample is what training uses): ``student_logprobs`` holds the student's log-prob of each student response
+    token, ``teacher_logprobs`` the teacher's log-prob of each teacher response token (NaN = unscored; a group
+    holding one gets 0 and adds nothing to the discounted sums of earlier groups).
     """
-    d = group_kl(alignment, student_logprobs, teacher_logprobs)
-    returns = discounted_reverse_cumsum(d.nan_to_num(nan=0.0), kl_discount)
-    s_group = _as_index(alignment.student_group, student_logprobs.device)
-    valid = s_group >= 0
-    valid[valid.clone()] = ~torch.isnan(d[s_group[valid]])
-    advantages = torch.zeros(s_group.shape[0], dtype=torch.float64, device=student_logprobs.device)
-    advantages[valid] = -returns[s_group[valid]]
-    return advantages.to(torch.float32)
+    student_logprobs, teacher_logprobs = torch.as_tensor(student_logprobs), torch.as_tensor(teacher_logprobs)
+    for side, values, groups in (
+        ("student", student_logprobs, alignment.student_group),
+        ("teacher", teacher_logprobs, alignment.teacher_group),
+    ):
+        if values.dim() != 1 or values.shape[0] != len(groups):
+            raise ValueError(
+                f"{side}_logprobs must be 1-D with one entry per {side} response token ({len(groups)}), "
+                f"got shape {tuple(values.shape)}."
+            )
+    num_tokens = len(alignment.student_group)
+    mask = torch.ones(1, num_tokens, dtype=torch.bool, device=student_logprobs.device)
+    out = batch_distill_advantages([alignment], [teacher_logprobs], student_logprobs[None], mask, kl_discount)
+    return out.advantages[0]
 
 
 @dataclass
