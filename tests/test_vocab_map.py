@@ -1,4 +1,4 @@
-"""VocabMap by canonical bytes between real tokenizers (DESIGN §3)."""
+"""VocabMap by canonical bytes between real tokenizers (docs/design.md, "Vocabulary map")."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_byte_fallback_duplicates_prefer_the_regular_piece():
 def test_matched_shares_canonical_bytes_vs_exact_string():
     gpt2, mistral = load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
     vocab = VocabMap(gpt2, mistral)  # mistral teacher: shares are of Mistral's vocabulary
-    # DESIGN §3: exact strings match about a quarter of Mistral's vocabulary, canonical bytes about two thirds.
+    # docs/design.md: exact strings match about a quarter of Mistral's vocabulary, canonical bytes about two thirds.
     assert 0.20 < vocab.exact_string_matched_fraction < 0.30
     assert 0.60 < vocab.matched_fraction < 0.72
     for s, t in CROSS_PAIRS:
@@ -110,3 +110,18 @@ def test_cached_per_pair_and_lookup_helpers():
     assert table[q_hello] == m_hello and (table[len(qwen) :] == -1).all()
     summary = first.summary()
     assert summary["teacher_vocab"] == len(qwen) and summary["student_vocab"] == len(mistral)
+
+
+def test_clearing_the_token_bytes_cache_also_forgets_vocabulary_maps():
+    from gold_plugin.alignment import clear_token_bytes_cache, token_table
+    from gold_plugin.alignment.vocab_map import _MAPS
+
+    student, teacher = load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
+    first = VocabMap(student, teacher)
+    assert _MAPS and VocabMap(student, teacher).teacher_to_student is first.teacher_to_student  # cached
+    clear_token_bytes_cache()
+    assert not _MAPS
+    rebuilt = VocabMap(student, teacher)
+    assert rebuilt.teacher_to_student is not first.teacher_to_student
+    np.testing.assert_array_equal(rebuilt.teacher_to_student, first.teacher_to_student)
+    assert token_table(student) is rebuilt.student_table

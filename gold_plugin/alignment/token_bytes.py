@@ -1,6 +1,6 @@
 """Canonical bytes of every token id: what the token contributes to the UTF-8 text.
 
-Supported tokenizer families (DESIGN §3):
+Supported tokenizer families (docs/design.md, "Token bytes"):
 
 - byte-level BPE (GPT-2, Qwen, Llama-3, ...): each character of a token string stands for one byte through
   the GPT-2 bytes-to-unicode table;
@@ -118,14 +118,23 @@ def hash_powers(size: int) -> np.ndarray:
 
 
 _TABLES: dict[int, tuple[Any, TokenTable]] = {}
+# Caches of values derived from token tables (the vocabulary maps): cleared with the tables. Modules that build
+# on this one register theirs (:func:`derived_cache`), so this module imports none of them.
+_DERIVED_CACHES: list[dict] = []
+
+
+def derived_cache() -> dict:
+    """A new cache of values derived from token tables, emptied by :func:`clear_token_bytes_cache`."""
+    cache: dict = {}
+    _DERIVED_CACHES.append(cache)
+    return cache
 
 
 def clear_token_bytes_cache() -> None:
-    """Forget every cached token table (and, through them, vocabulary maps)."""
+    """Forget every cached token table and everything derived from them (vocabulary maps)."""
     _TABLES.clear()
-    from gold_plugin.alignment.vocab_map import _MAPS
-
-    _MAPS.clear()
+    for cache in _DERIVED_CACHES:
+        cache.clear()
 
 
 def tokenizer_name(tokenizer: Any) -> str:

@@ -1,4 +1,4 @@
-"""Vocabulary map between two tokenizers by canonical bytes (DESIGN §3).
+"""Vocabulary map between two tokenizers by canonical bytes (docs/design.md, "Vocabulary map").
 
 Student id s and teacher id t match when their canonical bytes are equal and neither is special. This matches
 SentencePiece's ``▁Hello`` with byte-level BPE's ``ĠHello`` (both are the bytes ``b" Hello"``), which TRL's
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from gold_plugin.alignment.token_bytes import TokenTable, token_table
+from gold_plugin.alignment.token_bytes import TokenTable, derived_cache, token_table
 
-_MAPS: dict[tuple[int, int], _Maps] = {}
+_MAPS: dict[tuple[int, int], _Maps] = derived_cache()
 _MAX_CACHED_PAIRS = 16
 
 
