@@ -35,8 +35,8 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     TOPK_LOGPROBS_KEY,
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
-from gold_plugin.teacher.testing import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
+from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 TOPK = 5

@@ -42,8 +42,8 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
 from gold_plugin.integrations.openrlhf.prompts import build_prompt_lookup  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherRequest  # noqa: E402
-from gold_plugin.teacher.testing import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
+from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]  # one Ray teacher actor + tiny models: ~1-2 min on 2 cores

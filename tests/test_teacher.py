@@ -12,7 +12,7 @@ from gold_plugin.alignment import encode_continuation, ids_to_bytes
 from gold_plugin.config import GoldConfigError, TeacherConfig
 from gold_plugin.teacher import HFTeacher, TeacherRequest, TeacherResult, TeacherScorer, build_teacher
 from gold_plugin.teacher.prepare import RequestEncoder, fit_to_context
-from gold_plugin.teacher.testing import save_tiny_teacher
+from gold_plugin.testing.tiny_teacher import save_tiny_teacher
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 TOPK = 8

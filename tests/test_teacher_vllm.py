@@ -1,6 +1,6 @@
 """vllm backend: request building and output parsing against stand-ins of vLLM 0.29's output objects.
 
-vLLM cannot run on CPU. ``gold_plugin.teacher.vllm_standins`` reproduces vLLM 0.29.0's ``Logprob``,
+vLLM cannot run on CPU. ``gold_plugin.testing.vllm_standins`` reproduces vLLM 0.29.0's ``Logprob``,
 ``FlatLogprobs``, ``RequestOutput`` and the engine's prompt log-prob layout (entry 0 None; the actual
 token first, then the top-k; k + 1 entries when the actual token is outside the top-k), answered by
 the same tiny Hugging Face model that the hf backend uses, so both backends must agree.
@@ -15,9 +15,9 @@ import pytest
 
 from gold_plugin.config import TeacherConfig
 from gold_plugin.teacher import HFTeacher, TeacherError, TeacherRequest, VLLMTeacher, build_teacher
-from gold_plugin.teacher import vllm_standins as vs
-from gold_plugin.teacher.testing import save_tiny_teacher
 from gold_plugin.teacher.vllm_backend import parse_prompt_logprobs
+from gold_plugin.testing import vllm_standins as vs
+from gold_plugin.testing.tiny_teacher import save_tiny_teacher
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 TOPK = 5
