@@ -24,7 +24,8 @@ import torch
 from gold_plugin.local.modeling import accuracy, resolve_device, sft, tiny_llama
 from gold_plugin.local.task import AdditionTask, build_tokenizer, is_correct, write_jsonl
 
-# Demo values for options whose general defaults suit large models, applied unless given on the command line.
+# Demo values for options whose general defaults suit large models: the parser's defaults under --demo
+# (:func:`demo_defaults`), so an option given on the command line always wins.
 DEMO_DEFAULTS = {
     "gold.signal": "logit",
     "gold.teacher.topk": 8,
@@ -108,13 +109,14 @@ def with_teacher_tokenizer(student: Path, teacher: Path, out: Path) -> Path:
     """The student's weights re-indexed to the teacher's tokenizer (same function, teacher's ids): the
     same-tokenizer reference of the experiment. Every teacher token must have a student token with the same
     canonical bytes (true for the demo's two digit tokenizers); the EOS and pad tokens are paired by role."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from gold_plugin.alignment import VocabMap
+    from gold_plugin.teacher.tokenizer import load_tokenizer
 
     if (out / "config.json").exists():
         return out
-    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+    s_tok, t_tok = load_tokenizer(str(student)), load_tokenizer(str(teacher))
     mapping = torch.tensor(VocabMap(s_tok, t_tok).teacher_to_student)
     mapping[t_tok.eos_token_id], mapping[t_tok.pad_token_id] = s_tok.eos_token_id, s_tok.pad_token_id
     if (mapping < 0).any():
@@ -135,6 +137,22 @@ def with_teacher_tokenizer(student: Path, teacher: Path, out: Path) -> Path:
     return out
 
 
+def model_paths(
+    run_dir: str | Path,
+    teacher_steps: int = 1000,
+    student_seed: int = 0,
+    student_start_accuracy: float = 0.25,
+) -> tuple[Path, Path, Path, Path]:
+    """Where :func:`prepare_models` puts the teacher, the student, the training and the held-out prompts."""
+    run_dir = Path(run_dir)
+    return (
+        run_dir / f"teacher_digits_sft{teacher_steps}",
+        run_dir / f"student_seed{student_seed}_start{student_start_accuracy:g}",
+        run_dir / "data" / "train.jsonl",
+        run_dir / "data" / "heldout.jsonl",
+    )
+
+
 def prepare_models(
     run_dir: str | Path,
     *,
@@ -150,14 +168,13 @@ def prepare_models(
     task = task or AdditionTask()
     run_dir = Path(run_dir)
     train, held = task.split()
-    train_data = run_dir / "data" / "train.jsonl"
-    eval_data = run_dir / "data" / "heldout.jsonl"
+    teacher, student, train_data, eval_data = model_paths(
+        run_dir, teacher_steps, student_seed, student_start_accuracy
+    )
     if not train_data.exists():
         write_jsonl(task.records(train), train_data)
         write_jsonl(task.records(held), eval_data)
-    teacher = run_dir / f"teacher_digits_sft{teacher_steps}"
     teacher_acc = _train_or_load(teacher, "digits", run_dir / "tok_digits", task, teacher_steps, 1000, hidden)
-    student = run_dir / f"student_seed{student_seed}_start{student_start_accuracy:g}"
     student_acc = _train_or_load(
         student,
         "student_digits",
@@ -171,17 +188,33 @@ def prepare_models(
     return DemoModels(run_dir, teacher, student, train_data, eval_data, teacher_acc, student_acc)
 
 
+def _model_options(teacher: Path, student: Path, train_data: Path, eval_data: Path) -> dict[str, str]:
+    """The options that point the local backend at the demo's models, data and reward."""
+    return {
+        "actor.model_name_or_path": str(student),
+        "gold.teacher.model_name_or_path": str(teacher),
+        "data.prompt_dataset": str(train_data),
+        "eval.dataset": str(eval_data),
+        "data.label_key": "label",
+        "reward.remote_url": str(Path(__file__).with_name("task_reward.py")),
+    }
+
+
 def demo_argv(models: DemoModels, extra: list[str] | None = None) -> list[str]:
     """The ``--backend local`` arguments that train the prepared student (add ``--gold.*`` etc. in ``extra``)."""
-    return [
-        "--actor.model_name_or_path", str(models.student_init),
-        "--gold.teacher.model_name_or_path", str(models.teacher),
-        "--data.prompt_dataset", str(models.train_data),
-        "--eval.dataset", str(models.eval_data),
-        "--data.label_key", "label",
-        "--reward.remote_url", str(Path(__file__).with_name("task_reward.py")),
-        *(extra or []),
-    ]  # fmt: skip
+    options = _model_options(models.teacher, models.student_init, models.train_data, models.eval_data)
+    return [*(item for name, value in options.items() for item in (f"--{name}", value)), *(extra or [])]
+
+
+def demo_defaults(run_dir: str | Path) -> dict[str, object]:
+    """The parser defaults under ``--demo`` (argparse ``dest`` names): the demo's models, data and reward in
+    ``run_dir``, its training values (:data:`DEMO_DEFAULTS`), checkpoints in ``run_dir/gold_run``, no progress bar."""
+    return {
+        **_model_options(*model_paths(run_dir)),
+        **DEMO_DEFAULTS,
+        "ckpt.path": str(Path(run_dir) / "gold_run"),
+        "local.no_progress": True,
+    }
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:
@@ -192,40 +225,22 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, float]:
-    """Prepare (or reuse) the models, run GOLD from the student, print and return the accuracy table."""
-    from gold_plugin.local.cli import build_parser, run
+    """Prepare (or reuse) the models, run GOLD from the student, print and return the accuracy table.
 
-    a = vars(args)
-    run_dir = Path(a["local.run_dir"])
+    ``args`` is a command line parsed with :func:`demo_defaults` as defaults (``gold_plugin.local.cli``).
+    """
+    from gold_plugin.local.config import configs_from_args
+    from gold_plugin.local.launch import train
+
+    run_dir = Path(vars(args)["local.run_dir"])
     start = time.perf_counter()
     print(f"GOLD demo in {run_dir} (2-digit addition; teacher and student tokenizers differ in ids and EOS)")
     models = prepare_models(run_dir)
-    # Every option given on the command line is kept; the demo fills in the models and data.
-    parser = build_parser()
-    given = [f"--{k}" for k, v in a.items() if v != parser.get_default(k)]
-    passthrough = []
-    for key in given:
-        name = key[2:]
-        if name in ("demo", "local.run_dir"):
-            continue
-        value = a[name]
-        if isinstance(value, bool):
-            if value:
-                passthrough.append(key)
-        elif isinstance(value, (list, tuple)):
-            passthrough += [key, *map(str, value)]
-        elif value is not None:
-            passthrough += [key, str(value)]
-    defaults = []
-    for name, value in DEMO_DEFAULTS.items():
-        if f"--{name}" not in given:
-            defaults += [f"--{name}", str(value)]
-    ckpt = run_dir / "gold_run"
-    argv = demo_argv(models, [*defaults, "--ckpt.path", str(ckpt), "--local.no_progress", *passthrough])
-    metrics_path = Path(a["local.metrics_path"] or ckpt / "metrics.jsonl")
-    if metrics_path.exists() and "--ckpt.load_enable" not in passthrough:
+    config, gold = configs_from_args(args)
+    metrics_path = Path(config.metrics_path) if config.metrics_path else None
+    if metrics_path is not None and metrics_path.exists() and not config.load_checkpoint:
         metrics_path.unlink()
-    history = run(parser.parse_args(argv))
+    history = train(config, gold)
     evals = [h for h in history if "eval/accuracy" in h]
     before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
     table = format_table(

@@ -16,9 +16,7 @@ import random
 import re
 import shutil
 import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from gold_plugin.config import GoldConfig
+from gold_plugin.local.config import LocalTrainConfig
 from gold_plugin.local.modeling import (
     accuracy,
     encode_prompt,
@@ -34,74 +33,7 @@ from gold_plugin.local.modeling import (
     sample,
 )
 
-RewardFunc = Callable[[list[str], list[str], list[str]], Any]
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
-
-
-@dataclass
-class LocalTrainConfig:
-    """Options of the local backend that are not GOLD options (OpenRLHF's names in comments)."""
-
-    student: str = ""  # --actor.model_name_or_path
-    prompts: list[dict] = field(default_factory=list)  # --data.prompt_dataset rows
-    eval_prompts: list[dict] = field(default_factory=list)  # --eval.dataset rows
-    input_key: str = "input"  # --data.input_key
-    label_key: str | None = "label"  # --data.label_key
-    apply_chat_template: bool = False  # --data.apply_chat_template
-    learning_rate: float = 1e-6  # --actor.adam.lr
-    adam_betas: tuple[float, float] = (0.9, 0.95)  # --actor.adam.betas
-    weight_decay: float = 0.0  # --actor.adam.weight_decay
-    lr_warmup_ratio: float = 0.03  # --actor.lr_warmup_ratio
-    min_lr_ratio: float = 0.1  # --actor.min_lr_ratio
-    max_norm: float = 1.0  # --actor.max_norm
-    eps_clip: float = 0.2  # --actor.eps_clip
-    rollout_batch_size: int = 8  # --rollout.batch_size (prompts per step)
-    n_samples_per_prompt: int = 1  # --rollout.n_samples_per_prompt
-    temperature: float = 1.0  # --rollout.temperature
-    top_p: float = 1.0  # --rollout.top_p
-    max_new_tokens: int = 64  # --rollout.max_new_tokens
-    train_batch_size: int | None = None  # --train.batch_size (samples per optimizer step; None = the rollout)
-    micro_batch_size: int = 64  # --train.micro_batch_size
-    max_epochs: int = 1  # --train.max_epochs
-    num_episodes: int = 1  # --train.num_episodes
-    max_steps: int | None = None  # --local.max_steps (overrides episodes)
-    seed: int = 42  # --train.seed
-    advantage_estimator: str = "group_norm"  # --algo.advantage.estimator (used when alpha < 1)
-    reward_func: RewardFunc | None = None  # --reward.remote_url path/to/reward.py
-    ckpt_path: str | None = None  # --ckpt.path
-    save_steps: int = -1  # --ckpt.save_steps
-    load_checkpoint: bool = False  # --ckpt.load_enable
-    max_ckpt_num: int = 3  # --ckpt.max_num
-    output_dir: str | None = None  # --ckpt.output_dir (final HF model)
-    eval_steps: int = -1  # --eval.steps
-    eval_max_new_tokens: int | None = None
-    logging_steps: int = 1  # --logger.logging_steps
-    tensorboard_dir: str | None = None  # --logger.tensorboard_dir
-    metrics_path: str | None = None  # --local.metrics_path (jsonl)
-    advantage_norm: str = (
-        "whiten"  # --local.advantage_norm: whiten | mean | none (mean = --algo.advantage.no_std_norm)
-    )
-    device: str = "auto"  # --local.device
-    teacher_in_process: bool = False  # --local.teacher_in_process
-    progress: bool = True
-
-
-def load_reward_func(path: str) -> RewardFunc:
-    """``reward_func(queries, prompts, labels)`` from a Python file (OpenRLHF's ``--reward.remote_url x.py``)."""
-    import importlib.util
-
-    if not path.endswith(".py") or not os.path.isfile(path):
-        raise ValueError(
-            f"--reward.remote_url {path!r}: the local backend takes a Python file defining "
-            "reward_func(queries, prompts, labels) (HTTP reward servers are for the OpenRLHF backend)."
-        )
-    spec = importlib.util.spec_from_file_location("gold_local_reward", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    if not hasattr(module, "reward_func"):
-        raise ValueError(f"{path} defines no reward_func(queries, prompts, labels).")
-    return module.reward_func
 
 
 def _rewards_tensor(output: Any, count: int) -> torch.Tensor:
@@ -186,15 +118,7 @@ class LocalTrainer:
         self.config, self.gold, self.teacher = config, gold, teacher
         self.teacher_tokenizer = teacher_tokenizer
         self.device = resolve_device(config.device)
-        if gold.needs_reward and config.reward_func is None:
-            raise ValueError(
-                f"--gold.alpha {gold.alpha} < 1 mixes in a task reward: give --reward.remote_url path/to/reward.py "
-                "(defining reward_func(queries, prompts, labels)), or set --gold.alpha 1."
-            )
-        if not config.prompts:
-            raise ValueError(
-                "No training prompts: set --data.prompt_dataset (a .jsonl/.json file or HF dataset)."
-            )
+        config.check_gold(gold)  # reward, reference completions: GoldConfigError naming the option
         self.eval_check = eval_check
         start = latest_checkpoint(config.ckpt_path) if config.load_checkpoint else None
         source = str(start) if start is not None else config.student
@@ -583,18 +507,3 @@ class LocalTrainer:
 
 
 _SHOWN = ("gold/sampled_kl", "reward/mean", "eval/accuracy", "gold/logit_loss")
-
-
-def prompt_rows(rows: Sequence[dict], input_key: str) -> list[dict]:
-    """Rows that have the input key; raises naming the key if none does, warns with the count if some do not."""
-    kept = [r for r in rows if input_key in r]
-    if rows and not kept:
-        raise ValueError(
-            f"No row of the dataset has --data.input_key {input_key!r} (keys: {sorted(rows[0])})."
-        )
-    if len(kept) < len(rows):
-        warnings.warn(
-            f"{len(rows) - len(kept)} of {len(rows)} dataset rows have no {input_key!r} key and are skipped.",
-            stacklevel=2,
-        )
-    return kept

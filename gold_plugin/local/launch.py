@@ -1,0 +1,72 @@
+"""Run the local backend from validated configs: start the teacher, train, save, stop the teacher.
+
+Shared by the command line (:mod:`gold_plugin.local.cli`) and the demo (:mod:`gold_plugin.local.demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gold_plugin.config import GoldConfig, TeacherConfig
+from gold_plugin.local.config import LocalTrainConfig
+
+
+class RayTeacher:
+    """A Ray :class:`~gold_plugin.teacher.TeacherGroup` started on a local Ray instance."""
+
+    def __init__(self, teacher: TeacherConfig, device: str) -> None:
+        import ray
+
+        from gold_plugin.teacher import TeacherGroup
+
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        self.group = TeacherGroup(teacher, scorer_overrides={"device": device})
+
+    def score(self, requests):
+        return self.group.score(requests)
+
+    def close(self) -> None:
+        import ray
+
+        self.group.shutdown()
+        if self._started_ray:
+            ray.shutdown()
+
+
+def make_teacher(teacher: TeacherConfig, in_process: bool, device: str) -> Any:
+    """An in-process :class:`~gold_plugin.teacher.HFTeacher`, or a Ray ``TeacherGroup`` on a local Ray.
+
+    On the CPU the Ray replicas ask for no GPU (a copy of ``teacher`` with ``num_gpus_per_replica=0``; the
+    validated config itself is left as it is).
+    """
+    from gold_plugin.teacher import build_teacher
+
+    if in_process:
+        return build_teacher(teacher, device=device)
+    if device == "cpu" and teacher.num_gpus_per_replica:
+        teacher = dataclasses.replace(teacher, num_gpus_per_replica=0.0)
+    return RayTeacher(teacher, device)
+
+
+def train(config: LocalTrainConfig, gold: GoldConfig) -> list[dict]:
+    """Train as ``config`` and ``gold`` say (a checkpoint at the end when ``ckpt_path`` is set); the history."""
+    from gold_plugin.local.modeling import resolve_device
+    from gold_plugin.local.trainer import LocalTrainer
+    from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+
+    config.check_gold(gold)
+    device = str(resolve_device(config.device))
+    teacher_tokenizer = load_teacher_tokenizer(gold.teacher)
+    teacher = make_teacher(gold.teacher, config.teacher_in_process, device) if gold.alpha > 0 else None
+    try:
+        trainer = LocalTrainer(config, gold, teacher, teacher_tokenizer)
+        history = trainer.fit()
+        if config.ckpt_path:
+            trainer.save_checkpoint()
+    finally:
+        if teacher is not None and hasattr(teacher, "close"):
+            teacher.close()
+    return history
