@@ -7,25 +7,23 @@ import pytest
 import torch
 
 from gold_plugin.alignment import VocabMap, align, group_starts
+from gold_plugin.local.modeling import tiny_llama
 from gold_plugin.signals import aligned_logit_loss, batch_distill_advantages, group_advantages
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = load_test_tokenizer("gpt2")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = tiny_llama(
+        len(tokenizer),
         hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ).eval()
     prompt = tokenizer.encode("Question: what is two plus two?\nAnswer:")
     response = tokenizer.encode(" Two plus two is four, of course.") + [tokenizer.eos_token_id]
     return tokenizer, model, prompt, response

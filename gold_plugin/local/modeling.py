@@ -1,4 +1,4 @@
-"""Student-side model utilities for the local backend: sampling, log-probs, tiny models, SFT, accuracy.
+"""Student-side model utilities for the local backend: sampling, log-probs, the tiny-model builder, SFT, accuracy.
 
 Everything here is plain torch + transformers (no Ray), so it runs on CPU or one GPU.
 """
@@ -9,6 +9,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,25 +35,34 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def tiny_llama(vocab_size: int, tokenizer, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0):
-    """A small randomly initialised Llama (no download) sized for CPU demos."""
+def tiny_llama(vocab_size: int, tokenizer: Any = None, *, seed: int = 0, **config: Any) -> Any:
+    """A small randomly initialised ``LlamaForCausalLM`` built from a config (no download): the project's one
+    tiny-model builder (the demo's models, the tests' teachers and students).
+
+    Defaults: 2 layers, ``hidden_size`` 128 (``intermediate_size`` twice that), 4 heads, 64 positions, tied
+    embeddings; with ``tokenizer``, its EOS and pad ids and no BOS. ``config`` overrides any ``LlamaConfig``
+    field. Weights are drawn after ``torch.manual_seed(seed)``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden = config.get("hidden_size", 128)
+    values: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    }
+    if tokenizer is not None:
+        values.update(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+        )
+    values.update(config)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**values))
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
