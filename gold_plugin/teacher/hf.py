@@ -61,7 +61,9 @@ class HFTeacher(TeacherScorer):
         logit_chunk_size: int = 1024,
         tokenizer: Any = None,
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from gold_plugin.teacher.tokenizer import load_tokenizer
 
         if topk < 0 or micro_batch_size < 1 or logit_chunk_size < 1:
             raise ValueError("topk must be >= 0, micro_batch_size and logit_chunk_size >= 1.")
@@ -76,7 +78,7 @@ class HFTeacher(TeacherScorer):
         if tokenizer is None:
             if not source:
                 raise ValueError("Give the teacher tokenizer (tokenizer_name_or_path or tokenizer).")
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = load_tokenizer(source)
         self.model = model.to(self.device).eval()
         self._tokenizer = tokenizer
         self.topk = int(topk)

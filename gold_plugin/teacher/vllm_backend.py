@@ -115,14 +115,14 @@ class VLLMTeacher(TeacherScorer):
         tokenizer: Any = None,
         **llm_kwargs: Any,
     ) -> None:
-        from transformers import AutoTokenizer
+        from gold_plugin.teacher.tokenizer import load_tokenizer
 
         if topk < 0:
             raise ValueError(f"topk must be >= 0, got {topk}.")
         self.topk = int(topk)
         self.flat_logprobs = flat_logprobs
         tokenizer_source = tokenizer_name_or_path or model_name_or_path
-        self._tokenizer = tokenizer or AutoTokenizer.from_pretrained(tokenizer_source)
+        self._tokenizer = tokenizer or load_tokenizer(tokenizer_source)
         if llm is None:
             from vllm import LLM
 

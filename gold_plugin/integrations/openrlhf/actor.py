@@ -171,12 +171,10 @@ def teacher_to_student_map(
     student_tokenizer: Any, gold: GoldConfig, vocab_size: int | None = None
 ) -> torch.Tensor:
     """The teacher->student id map the logit loss needs, from the teacher's tokenizer (no teacher weights)."""
-    from transformers import AutoTokenizer
-
     from gold_plugin.alignment import VocabMap
+    from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
 
-    path = gold.teacher.tokenizer_name_or_path or gold.teacher.model_name_or_path
-    teacher_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    teacher_tokenizer = load_teacher_tokenizer(gold.teacher)
     return VocabMap(student_tokenizer, teacher_tokenizer).teacher_to_student_tensor()
 
 

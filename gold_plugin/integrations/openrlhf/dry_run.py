@@ -28,12 +28,6 @@ def _is_local(path: str | None) -> bool:
     return bool(path) and os.path.exists(path)  # type: ignore[arg-type]
 
 
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-
-
 def check_tokenizers(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
     """Load the tokenizers whose paths exist, refuse one whose tokens cannot be mapped to bytes, report the map.
 
@@ -54,6 +48,7 @@ def check_tokenizers(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
         return report
 
     from gold_plugin.alignment import UnsupportedTokenizerError, VocabMap, token_bytes
+    from gold_plugin.teacher.tokenizer import load_tokenizer
 
     loaded = {}
     for role, path, found in (
@@ -62,7 +57,7 @@ def check_tokenizers(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
     ):
         if not found:
             continue
-        tokenizer = _load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
         try:
             token_bytes(tokenizer)
         except UnsupportedTokenizerError as err:

@@ -16,19 +16,13 @@ from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerA
 from openrlhf.utils.logging_utils import init_logger
 from ray.util.queue import Queue
 
-from gold_plugin.config import GoldConfig, gold_config_from_args
+from gold_plugin.config import gold_config_from_args
+from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
 
 from .experience_maker import GoldExperienceMaker
 from .prompts import load_prompt_lookup
 
 logger = init_logger(__name__)
-
-
-def _load_teacher_tokenizer(gold: GoldConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    path = gold.teacher.tokenizer_name_or_path or gold.teacher.model_name_or_path
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 
 
 def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceMaker:
@@ -50,7 +44,7 @@ def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceM
         trainer.tokenizer,
         teacher=teacher,
         gold_config=gold,
-        teacher_tokenizer=_load_teacher_tokenizer(gold),
+        teacher_tokenizer=load_teacher_tokenizer(gold.teacher),
         prompt_lookup=prompt_lookup,
     )
     return trainer.experience_maker
