@@ -3,7 +3,10 @@
 1. ``chunked``: :func:`gold_plugin.signals.aligned_logit_loss` (chunked, analytic backward);
 2. ``full-vocab``: :func:`gold_plugin.testing.references.aligned_logit_loss_reference`, the same loss written
    straightforwardly over the whole vocabulary with autograd;
-3. ``trl``: TRL 1.16's hybrid ULD loss (``trl.experimental.gold.gold_trainer.ULDLoss``, its real code, built from a
+3. ``projected``: :func:`gold_plugin.signals.projected_logit_loss`, the byte projection of the student onto the
+   teacher's candidates at every teacher position (real tokenizers: Qwen student, GPT-2 teacher, on
+   number-heavy text; as many teacher positions as ``--positions``, top-k = ``--topk``), side by side with 1;
+4. ``trl``: TRL 1.16's hybrid ULD loss (``trl.experimental.gold.gold_trainer.ULDLoss``, its real code, built from a
    minimal config object and two vocabularies) on the full teacher logits the top-k were taken from.
 
 Peak memory is the peak *above* what was allocated before the call (the inputs): CUDA via
@@ -31,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gold_plugin.signals import aligned_logit_loss  # noqa: E402
+from gold_plugin.signals.byte_projection import projected_logit_loss  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.trl_reference import trl_uld_config  # noqa: E402
 
@@ -56,7 +60,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed runs per implementation (default 3 cuda, 1 cpu)"
     )
-    parser.add_argument("--skip", nargs="*", default=[], choices=["chunked", "full-vocab", "trl"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["chunked", "full-vocab", "projected", "trl"]
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -181,6 +187,53 @@ def run_timed(
     return result
 
 
+def projection_inputs_for(positions: int, samples: int, per_sample: int, topk: int, device: torch.device):
+    """Projection inputs of ``positions`` teacher positions over ``samples`` rows of ``per_sample`` actions.
+
+    Student: the Qwen tokenizer (single digits, whole CJK words; its logits are padded to --vocab), teacher:
+    GPT-2 (multi-digit tokens, CJK as byte pieces), so both segment the same text differently in both
+    directions. Teacher top-k: the teacher's own token plus random ids with random log-probs (the cost does
+    not depend on the values).
+    """
+    import numpy as np
+
+    from gold_plugin.alignment import align, encode_continuation, text_for_teacher
+    from gold_plugin.alignment.sorted_vocab import sorted_vocab
+    from gold_plugin.signals.byte_projection_inputs import projection_inputs
+    from gold_plugin.testing.tokenizers import load_test_tokenizer
+
+    student, teacher = load_test_tokenizer("qwen"), load_test_tokenizer("gpt2")
+    rng = np.random.default_rng(0)
+    vocab = sorted_vocab(student, teacher)
+    alignments, ids, top_ids, top_lp = [], [], [], []
+    quota = positions // samples
+    for _ in range(samples):
+        vocabulary = [" total", "東京都", "価格は", "北京大学", "の人口は"]
+        words = [f"{w}{rng.integers(0, 1000)}" for w in rng.choice(vocabulary, 400)]
+        s_ids = student.encode(" ".join(words), add_special_tokens=False)[:per_sample]
+        t_ids = encode_continuation(teacher, text_for_teacher(student, s_ids))
+        alignment = align(student, s_ids, teacher, t_ids)
+        cand = rng.integers(0, len(teacher), size=(len(t_ids), topk))
+        cand[:, 0] = t_ids
+        if len(t_ids) < quota:
+            raise SystemExit(f"only {len(t_ids)} teacher tokens in a sample of {per_sample}; need {quota}")
+        cand[quota:] = -1  # exactly `quota` teacher positions per sample
+        lp = np.log(rng.dirichlet(np.ones(topk), size=len(t_ids)) * 0.95).astype(np.float32)
+        alignments.append(alignment)
+        ids.append(np.asarray(s_ids))
+        top_ids.append(cand)
+        top_lp.append(lp)
+    mask = torch.ones(samples, per_sample, dtype=torch.bool)
+    start = time.perf_counter()
+    inputs = projection_inputs(vocab, alignments, ids, top_ids, top_lp, mask.to(device))
+    print(
+        f"[projected] {inputs.num_positions} teacher positions ({int((inputs.consumed > 0).sum())} inside a student "
+        f"token), {inputs.query_lo.shape[0]} range queries; inputs built on the CPU in "
+        f"{(time.perf_counter() - start) * 1e3:.0f} ms"
+    )
+    return inputs
+
+
 def trl_parity(trl_fn, mapping: torch.Tensor, vocab: int, teacher_vocab: int, device: torch.device) -> float:
     """|ours - TRL| on a few positions where the definitions coincide.
 
@@ -252,6 +305,20 @@ def main() -> None:
             repeats,
             warmup,
         )
+    if "projected" not in args.skip:
+        inputs = projection_inputs_for(args.positions, args.samples, per_sample, args.topk, device)
+        for chunk_size in args.chunk_size:
+            name = f"projected({chunk_size})"
+            results[name] = run_timed(
+                name,
+                lambda chunk_size=chunk_size: projected_logit_loss(
+                    leaf, inputs, beta=args.beta, chunk_size=chunk_size
+                ).loss.mean(),
+                leaf,
+                memory,
+                repeats,
+                warmup,
+            )
     if "full-vocab" not in args.skip:
         results["full-vocab"] = run_timed(
             "full-vocab",
@@ -287,7 +354,15 @@ def main() -> None:
                 f"[check] {name} vs full-vocab loss: |diff| = {abs(results[name]['loss'] - full['loss']):.2e} "
                 "(same definition)"
             )
-    print("\nratios (chunked / other), lower is better:")
+    print("\nratios, lower is better:")
+    for chunk_size in args.chunk_size:
+        ours, base = results.get(f"projected({chunk_size})"), results.get(f"chunked({chunk_size})")
+        if ours and base:
+            print(
+                f"  projected({chunk_size}) vs chunked({chunk_size}): peak memory "
+                f"{ours['peak_bytes'] / base['peak_bytes']:.3f} (target <= 1.2)  time "
+                f"{ours['time_s'] / base['time_s']:.3f} (target <= 1.5)"
+            )
     for name in chunked_names:
         for other in ("full-vocab", "trl"):
             ours, theirs = results.get(name), results.get(other)

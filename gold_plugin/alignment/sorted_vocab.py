@@ -73,6 +73,12 @@ class SortedVocab:
     student_byte_lengths: np.ndarray
     teacher_byte_lengths: np.ndarray
     teacher_special: np.ndarray
+    teacher_canonical: np.ndarray
+    """``int64 [V_teacher]``: the lowest teacher id with the same bytes (-1 for special / zero-width ids)."""
+    teacher_sorted_keys: np.ndarray
+    """``S``: the distinct regular teacher keys, sorted."""
+    teacher_sorted_canonical: np.ndarray
+    """``int64``: the canonical teacher id of each of ``teacher_sorted_keys``."""
 
     @property
     def size(self) -> int:
@@ -87,6 +93,17 @@ class SortedVocab:
         lo = np.searchsorted(self.sorted_keys, keys, side="left")
         hi = np.searchsorted(self.sorted_keys, np.strings.add(keys, _BEYOND_HEX), side="left")
         return lo.astype(np.int64), hi.astype(np.int64)
+
+    def teacher_ids(self, keys: np.ndarray) -> np.ndarray:
+        """Canonical teacher id whose bytes equal each key, -1 if none."""
+        keys = np.asarray(keys)
+        table = self.teacher_sorted_keys
+        if table.shape[0] == 0:
+            return np.full(keys.shape, -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(table, keys), table.shape[0] - 1)
+        return np.where(
+            (table[at] == keys) & (np.strings.str_len(keys) > 0), self.teacher_sorted_canonical[at], -1
+        )
 
     def exact_ids(self, keys: np.ndarray, lo: np.ndarray | None = None) -> np.ndarray:
         """Student id whose bytes equal each (non-empty) key, -1 if none (``lo`` from :meth:`prefix_ranges`)."""
@@ -118,12 +135,27 @@ def _build(student: TokenTable, teacher: TokenTable) -> SortedVocab:
     rank = np.empty_like(order)
     rank[order] = np.arange(order.shape[0], dtype=np.int64)
     zero_width = student.special | (student.byte_lengths == 0)
-    regular_teacher = np.unique(teacher_keys[~teacher.special & (teacher.byte_lengths > 0)])
+    regular = np.flatnonzero(~teacher.special & (teacher.byte_lengths > 0))
+    regular_teacher, first = np.unique(teacher_keys[regular], return_index=True)
+    teacher_sorted_canonical = regular[first].astype(np.int64)  # np.unique's first occurrence: the lowest id
+    teacher_canonical = np.full(len(teacher), -1, dtype=np.int64)
+    if regular.shape[0]:
+        teacher_canonical[regular] = teacher_sorted_canonical[
+            np.searchsorted(regular_teacher, teacher_keys[regular])
+        ]
     teacher_token = np.zeros(len(student), dtype=bool)
     if regular_teacher.shape[0]:
         at = np.minimum(np.searchsorted(regular_teacher, student_keys), regular_teacher.shape[0] - 1)
         teacher_token = (regular_teacher[at] == student_keys) & ~zero_width
-    arrays = (order, rank, teacher_token, zero_width)
+    arrays = (
+        order,
+        rank,
+        teacher_token,
+        zero_width,
+        teacher_canonical,
+        teacher_sorted_canonical,
+        regular_teacher,
+    )
     for array in arrays:
         array.setflags(write=False)
     sorted_keys = student_keys[order]
@@ -139,4 +171,7 @@ def _build(student: TokenTable, teacher: TokenTable) -> SortedVocab:
         student_byte_lengths=student.byte_lengths,
         teacher_byte_lengths=teacher.byte_lengths,
         teacher_special=teacher.special,
+        teacher_canonical=teacher_canonical,
+        teacher_sorted_keys=regular_teacher,
+        teacher_sorted_canonical=teacher_sorted_canonical,
     )

@@ -365,18 +365,24 @@ def _assemble(
         )
         unresolved[active] |= spelled & ~sampled
 
+    # Equal bytes (several teacher ids for one string) merge into the first slot; a candidate's parent is the
+    # longest resolved candidate whose bytes are a proper prefix of its own (the keys share u).
     slot = np.arange(k)
-    same = (key[:, :, None] == key[:, None, :]) & text[:, :, None] & text[:, None, :]
+    canonical = np.where(text, vocab.teacher_canonical[safe], -1)
+    same = (canonical[:, :, None] == canonical[:, None, :]) & text[:, :, None] & text[:, None, :]
     first = np.argmax(same, axis=2)
     resolved_rep = text & ~unresolved & (first == slot[None, :])
-    proper_prefix = (
-        np.strings.startswith(key[:, :, None], key[:, None, :])
-        & (key_len[:, None, :] < key_len[:, :, None])
-        & resolved_rep[:, None, :]
-        & text[:, :, None]
-    )
-    score = np.where(proper_prefix, key_len[:, None, :], -1)
-    parent = np.where(score.max(axis=2, initial=-1) >= 0, np.argmax(score, axis=2), -1)
+    rep_canonical = np.where(resolved_rep, canonical, -2)
+    parent = np.full((num, k), -1, dtype=np.int64)
+    for length in range(1, int(cand_len.max(initial=0))):
+        shorter = text & (cand_len > length)
+        if not shorter.any():
+            continue
+        ancestor = np.full((num, k), -1, dtype=np.int64)
+        ancestor[shorter] = vocab.teacher_ids(truncate_hex(cand_key[shorter], length))
+        match = (ancestor[:, :, None] == rep_canonical[:, None, :]) & (ancestor[:, :, None] >= 0)
+        found = match.any(axis=2)
+        parent = np.where(found, np.argmax(match, axis=2), parent)
 
     event = np.full((num, k), -1, dtype=np.int64)
     event = np.where(text & ~unresolved, first, event)

@@ -27,22 +27,30 @@ def _blocks(num_rows: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + block) for start in range(0, num_rows, block)]
 
 
-def _probs(
-    logits_2d: torch.Tensor, rows: torch.Tensor, temperature: float, dtype: torch.dtype
-) -> torch.Tensor:
-    scaled = logits_2d.index_select(0, rows).to(dtype)
-    if temperature != 1.0:
-        scaled.div_(temperature)
-    return scaled.log_softmax(dim=1).exp_()
+class _Workspace:
+    """Reusable ``[block, V]`` buffers: one allocation per call instead of fresh pages for every block."""
+
+    def __init__(
+        self, rows: int, vocab: int, vocab_sorted: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.probs = torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.sorted = torch.empty(rows, vocab_sorted, dtype=dtype, device=device)
+        self.cumulative = torch.zeros(rows, vocab_sorted + 1, dtype=torch.float64, device=device)
+
+    def load_probs(self, logits_2d: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        probs = self.probs[: rows.shape[0]]
+        if probs.dtype == logits_2d.dtype:
+            torch.index_select(logits_2d, 0, rows, out=probs)
+        else:
+            probs.copy_(logits_2d.index_select(0, rows))
+        if temperature != 1.0:
+            probs.div_(temperature)
+        probs.sub_(torch.logsumexp(probs, dim=1, keepdim=True)).exp_()
+        return probs
 
 
-def _cumulative(probs_sorted: torch.Tensor) -> torch.Tensor:
-    """``[b, V + 1]`` float64 cumulative sums with a leading zero column."""
-    out = torch.zeros(
-        probs_sorted.shape[0], probs_sorted.shape[1] + 1, dtype=torch.float64, device=probs_sorted.device
-    )
-    torch.cumsum(probs_sorted, dim=1, dtype=torch.float64, out=out[:, 1:])
-    return out
+def _split_queries(by_row: torch.Tensor, offsets: torch.Tensor, block: slice, num_rows: int) -> torch.Tensor:
+    return by_row[offsets[block.start] : offsets[min(block.stop, num_rows)]]
 
 
 class _RangeMass(torch.autograd.Function):
@@ -61,30 +69,42 @@ class _RangeMass(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = torch.float64 if logits_2d.dtype == torch.float64 else torch.float32
         unique_rows, local = torch.unique(rows, return_inverse=True)
-        masses = torch.zeros(rows.shape[0], dtype=torch.float64, device=logits_2d.device)
         by_row = torch.argsort(local)
-        counts = torch.bincount(local, minlength=unique_rows.shape[0])
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        for block in _blocks(unique_rows.shape[0], chunk_size):
-            block_rows = unique_rows[block]
-            queries = by_row[offsets[block.start] : offsets[min(block.stop, unique_rows.shape[0])]]
+        offsets = torch.cat(
+            [local.new_zeros(1), torch.bincount(local, minlength=unique_rows.shape[0]).cumsum(0)]
+        )
+        point = (hi - lo) == 1
+        masses = torch.zeros(rows.shape[0], dtype=torch.float64, device=logits_2d.device)
+        blocks = _blocks(unique_rows.shape[0], chunk_size)
+        workspace = _Workspace(
+            blocks[0].stop - blocks[0].start, logits_2d.shape[1], order.shape[0], dtype, logits_2d.device
+        )
+        weights = untied_sorted.to(dtype)
+        for block in blocks:
+            queries = _split_queries(by_row, offsets, block, unique_rows.shape[0])
             if queries.numel() == 0:
                 continue
-            probs = _probs(logits_2d, block_rows, temperature, dtype)
-            sorted_probs = probs.index_select(1, order)
+            probs = workspace.load_probs(logits_2d, unique_rows[block], temperature)
             q_row = local[queries] - block.start
-            q_untied = untied[queries]
+            # Points (one token's probability) are read directly; ranges from cumulative sums.
+            points = point[queries]
+            p_queries = queries[points]
+            p_weight = torch.where(
+                untied[p_queries], weights[lo[p_queries]], torch.ones_like(weights[lo[p_queries]])
+            )
+            masses[p_queries] = (probs[q_row[points], order[lo[p_queries]]] * p_weight).to(torch.float64)
             for kind in (False, True):
-                selected = queries[q_untied == kind]
-                if selected.numel() == 0:
+                chosen = ~points & (untied[queries] == kind)
+                if not bool(chosen.any()):
                     continue
+                sorted_probs = workspace.sorted[: probs.shape[0]]
+                torch.index_select(probs, 1, order, out=sorted_probs)
                 if kind:
-                    sorted_probs.mul_(untied_sorted.to(dtype))
-                cumulative = _cumulative(sorted_probs)
-                r = q_row[q_untied == kind]
+                    sorted_probs.mul_(weights)
+                cumulative = workspace.cumulative[: probs.shape[0]]
+                torch.cumsum(sorted_probs, dim=1, dtype=torch.float64, out=cumulative[:, 1:])
+                selected, r = queries[chosen], q_row[chosen]
                 masses[selected] = cumulative[r, hi[selected]] - cumulative[r, lo[selected]]
-                del cumulative
-            del probs, sorted_probs
         masses = masses.clamp(min=0.0).to(dtype)
         ctx.save_for_backward(logits_2d, rows, lo, hi, untied, order, untied_sorted, masses)
         ctx.temperature = temperature
@@ -102,42 +122,55 @@ class _RangeMass(torch.autograd.Function):
         rank[order] = torch.arange(vocab_sorted, device=order.device)
         unique_rows, local = torch.unique(rows, return_inverse=True)
         by_row = torch.argsort(local)
-        counts = torch.bincount(local, minlength=unique_rows.shape[0])
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        offsets = torch.cat(
+            [local.new_zeros(1), torch.bincount(local, minlength=unique_rows.shape[0]).cumsum(0)]
+        )
+        point = (hi - lo) == 1
         grad_masses = grad_masses.to(torch.float64)
-        for block in _blocks(unique_rows.shape[0], ctx.chunk_size):
-            queries = by_row[offsets[block.start] : offsets[min(block.stop, unique_rows.shape[0])]]
+        blocks = _blocks(unique_rows.shape[0], ctx.chunk_size)
+        size = blocks[0].stop - blocks[0].start
+        workspace = _Workspace(size, logits_2d.shape[1], vocab_sorted, dtype, logits_2d.device)
+        # One extra, always-zero column: padded logit columns (beyond the sorted vocabulary) read it.
+        coefficient = torch.zeros(size, vocab_sorted + 1, dtype=torch.float64, device=logits_2d.device)
+        column_rank = torch.cat([rank, rank.new_full((logits_2d.shape[1] - vocab_sorted,), vocab_sorted)])
+        full = torch.empty(size, logits_2d.shape[1], dtype=torch.float64, device=logits_2d.device)
+        weights = untied_sorted.to(torch.float64)
+        for block in blocks:
+            queries = _split_queries(by_row, offsets, block, unique_rows.shape[0])
             g = grad_masses[queries]
             if queries.numel() == 0 or not bool(g.any()):
                 continue
             block_rows = unique_rows[block]
+            n = block_rows.shape[0]
             q_row = local[queries] - block.start
-            coefficient = torch.zeros(block_rows.shape[0], vocab_sorted, dtype=torch.float64, device=g.device)
+            coef = coefficient[:n, :vocab_sorted].zero_()
+            # d M_q / d p_x = 1 for x in q (times the weight): points directly, ranges by a difference array.
+            points = point[queries]
+            p_queries = queries[points]
+            p_weight = torch.where(
+                untied[p_queries], weights[lo[p_queries]], torch.ones_like(weights[lo[p_queries]])
+            )
+            coef.index_put_((q_row[points], lo[p_queries]), g[points] * p_weight, accumulate=True)
             for kind in (False, True):
-                chosen = untied[queries] == kind
+                chosen = ~points & (untied[queries] == kind)
                 if not bool(chosen.any()):
                     continue
-                diff = torch.zeros(
-                    block_rows.shape[0], vocab_sorted + 1, dtype=torch.float64, device=g.device
-                )
+                diff = workspace.cumulative[:n].zero_()
                 diff.index_put_((q_row[chosen], lo[queries[chosen]]), g[chosen], accumulate=True)
                 diff.index_put_((q_row[chosen], hi[queries[chosen]]), -g[chosen], accumulate=True)
                 running = diff[:, :vocab_sorted].cumsum_(dim=1)
                 if kind:
-                    running.mul_(untied_sorted.to(torch.float64))
-                coefficient.add_(running)
-                del diff, running
-            row_dot = torch.zeros(block_rows.shape[0], dtype=torch.float64, device=g.device)
+                    running.mul_(weights)
+                coef.add_(running)
+            row_dot = torch.zeros(n, dtype=torch.float64, device=g.device)
             row_dot.index_add_(0, q_row, g * masses[queries].to(torch.float64))
-            probs = _probs(logits_2d, block_rows, ctx.temperature, dtype)
-            full = torch.zeros(block_rows.shape[0], logits_2d.shape[1], dtype=torch.float64, device=g.device)
-            full[:, :vocab_sorted] = coefficient.index_select(1, rank)
-            del coefficient
-            full.sub_(row_dot[:, None]).mul_(probs)
+            probs = workspace.load_probs(logits_2d, block_rows, ctx.temperature)
+            grad = full[:n]
+            torch.index_select(coefficient[:n], 1, column_rank, out=grad)
+            grad.sub_(row_dot[:, None]).mul_(probs)
             if ctx.temperature != 1.0:
-                full.div_(ctx.temperature)
-            grad_logits.index_add_(0, block_rows, full.to(grad_logits.dtype))
-            del probs, full
+                grad.div_(ctx.temperature)
+            grad_logits.index_add_(0, block_rows, grad.to(grad_logits.dtype))
         return grad_logits, None, None, None, None, None, None, None, None
 
 
