@@ -58,7 +58,7 @@ class TeacherConfig:
 
 @dataclass
 class GoldConfig:
-    """All GOLD options. See DESIGN §4 for the maths each one controls."""
+    """All GOLD options. The maths each one controls: docs/design.md, "Signals"."""
 
     alpha: float = 1.0
     """Weight of distillation vs task reward: A = (1-alpha)*A_reward + alpha*kl_coef*A_distill. 1 = reward-free."""

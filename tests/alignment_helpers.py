@@ -61,7 +61,7 @@ def group_bytes(tokenizer, ids, groups: np.ndarray, num_groups: int) -> list[byt
 
 
 def check_invariants(student, s_ids, teacher, t_ids, alignment: Alignment) -> None:
-    """DESIGN §3 properties of an aligned sample (independent of how align computes them)."""
+    """The properties of an aligned sample (docs/design.md, "Span groups") (independent of how align computes them)."""
     assert alignment.aligned, alignment.reason
     s_group, t_group, n = alignment.student_group, alignment.teacher_group, alignment.num_groups
     assert s_group.shape == (len(s_ids),) and t_group.shape == (len(t_ids),)

@@ -1,4 +1,4 @@
-"""Span alignment between real tokenizers (GPT-2, Qwen, Mistral-v1), every ordered pair (DESIGN §3)."""
+"""Span alignment between real tokenizers (GPT-2, Qwen, Mistral-v1), every ordered pair (docs/design.md, "Span groups")."""
 
 from __future__ import annotations
 

@@ -96,10 +96,50 @@ def test_no_import_cycles_in_the_package():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-def test_production_code_does_not_import_the_test_references():
-    graph = import_graph()
-    users = {m for m, edges in graph.items() if "gold_plugin.testing.references" in edges}
-    assert not {m for m in users if not m.startswith("gold_plugin.testing")}
+# docs/design.md, "Layers": lowest first; a module may import its own layer and the ones before it.
+LAYERS = (
+    "gold_plugin.config",
+    "gold_plugin.alignment",
+    "gold_plugin.signals",
+    "gold_plugin.teacher",
+    "gold_plugin.step",
+    "gold_plugin.local",
+    "gold_plugin.integrations",
+)
+# Production code that may import the test scaffolding: the inspector offers the bundled test tokenizers by name.
+USES_TESTING = {("gold_plugin.alignment.inspector", "gold_plugin.testing.tokenizers")}
+HEAVY = ("ray", "vllm", "deepspeed", "openrlhf", "flash_attn")
+
+
+def _layer(module: str) -> int | None:
+    return next((i for i, p in enumerate(LAYERS) if module == p or module.startswith(p + ".")), None)
+
+
+def test_imports_point_down_the_layers():
+    upward = []
+    for module, edges in import_graph().items():
+        here = _layer(module)
+        for target in edges:
+            there = _layer(target)
+            if here is not None and there is not None and there > here:
+                upward.append(f"{module} -> {target}")
+            if (
+                target.startswith("gold_plugin.testing")
+                and not module.startswith("gold_plugin.testing")
+                and (module, target) not in USES_TESTING
+            ):
+                upward.append(f"{module} -> {target} (test scaffolding)")
+    assert not upward, upward
+
+
+def test_the_core_imports_no_cluster_package():
+    code = (
+        "import sys, gold_plugin.alignment, gold_plugin.signals, gold_plugin.config\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize(

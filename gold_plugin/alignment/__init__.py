@@ -1,4 +1,4 @@
-"""Cross-tokenizer alignment (DESIGN §3): canonical token bytes, span groups and the vocabulary map.
+"""Cross-tokenizer alignment (docs/design.md, "Alignment"; docs/alignment.md): canonical token bytes, span groups and the vocabulary map.
 
 Pure numpy (torch only on request); imports neither Ray, vLLM, DeepSpeed nor OpenRLHF.
 

@@ -1,4 +1,4 @@
-"""Span groups between two tokenisations of the same response text (DESIGN §3), vectorised with numpy.
+"""Span groups between two tokenisations of the same response text (docs/design.md, "Span groups"), vectorised with numpy.
 
 A shared boundary is a byte position (> 0) where both sides end a token; group g holds the tokens of each
 side between shared boundaries g-1 and g. Per token: ``group = searchsorted(shared, end)`` (zero-width tokens

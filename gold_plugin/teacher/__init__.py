@@ -1,4 +1,4 @@
-"""Teacher service (DESIGN §5): score student responses with the teacher's own tokenizer and template.
+"""Teacher service (docs/design.md, "Teacher"; docs/teacher.md): score student responses with the teacher's own tokenizer and template.
 
 - :class:`TeacherRequest` / :class:`TeacherResult` and the :class:`TeacherScorer` contract (no Ray);
 - backends :class:`HFTeacher` (transformers, CPU or GPU) and :class:`VLLMTeacher` (vLLM prompt log-probs);

@@ -2,7 +2,7 @@
 
 ``GoldActorPPOTrainer.training_step`` pops the per-token GOLD extras from ``experience.info`` (OpenRLHF would
 otherwise try to log them), runs OpenRLHF's own ``training_step`` and, at its single backward, adds
-``alpha * logit_coef * L`` where ``L`` is the aligned GKD/ULD loss (DESIGN §4b) at the aligned positions, summed
+``alpha * logit_coef * L`` where ``L`` is the aligned GKD/ULD loss (docs/design.md, "Aligned logit loss") at the aligned positions, summed
 and normalised like OpenRLHF's token-mean policy loss (per action token over the optimiser step). The student's
 logits are read from the actor forward that OpenRLHF's step already runs (a forward hook), so no second forward
 is made. The loss is logged as ``gold_logit_loss`` (mean per aligned position).

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_gold.py",
         description=f"GOLD on-policy distillation on OpenRLHF {OPENRLHF_VERSION}: OpenRLHF's train_ppo_ray options "
-        "plus --gold.* (DESIGN §4). Submit with `ray job submit -- python launchers/train_gold.py ...`.",
+        "plus --gold.* (docs/design.md). Submit with `ray job submit -- python launchers/train_gold.py ...`.",
     )
     add_launcher_arguments(parser)
     add_openrlhf_arguments(parser)

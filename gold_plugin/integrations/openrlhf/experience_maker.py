@@ -7,8 +7,8 @@ For every rollout micro-batch it
    prompt text, counted in ``gold_teacher_prompt_fallback``);
 2. sends the teacher requests on a background thread, so that teacher scoring overlaps the actor / reference /
    critic forwards that OpenRLHF dispatches in ``make_experience``;
-3. aligns student and teacher tokens (DESIGN §3), turns the aligned log-probs into per-token distillation
-   advantages (DESIGN §4a) and, for the logit loss, collects the teacher's top-k at the first token of each group;
+3. aligns student and teacher tokens (docs/design.md, "Alignment"), turns the aligned log-probs into per-token distillation
+   advantages (docs/design.md, "Distillation advantages") and, for the logit loss, collects the teacher's top-k at the first token of each group;
 4. in ``compute_advantages_and_returns`` lets OpenRLHF compute its own advantages for the chosen estimator and
    mixes them: ``A = (1 - alpha) A_reward + alpha kl_coef A_distill``.
 
@@ -85,7 +85,7 @@ def _mask_unscored_groups(alignment: Alignment, teacher_logprobs: np.ndarray) ->
 
 
 class GoldExperienceMaker(RemoteExperienceMaker):
-    """OpenRLHF's ``RemoteExperienceMaker`` with GOLD distillation advantages and teacher top-k (DESIGN §6).
+    """OpenRLHF's ``RemoteExperienceMaker`` with GOLD distillation advantages and teacher top-k (docs/design.md, "OpenRLHF integration").
 
     Args (beyond the base class's):
         teacher: anything with ``score(list[TeacherRequest]) -> list[TeacherResult]`` (a ``TeacherGroup`` of Ray
