@@ -28,6 +28,7 @@ from vllm.logprobs import FlatLogprobs  # noqa: E402
 from gold_plugin.alignment import encode_continuation  # noqa: E402
 from gold_plugin.config import TeacherConfig  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherRequest, VLLMTeacher, build_teacher  # noqa: E402
+from gold_plugin.testing import vllm_standins  # noqa: E402
 from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher, vllm_cpu_engine_kwargs  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
@@ -68,7 +69,8 @@ def teacher(teacher_dir):
         tensor_parallel_size=1,
         num_gpus_per_replica=0,
     )
-    teacher = build_teacher(config, **vllm_cpu_engine_kwargs())
+    # max_logprobs below topk: the backend raises it to topk when it builds the engine.
+    teacher = build_teacher(config, max_logprobs=TOPK - 2, **vllm_cpu_engine_kwargs())
     yield teacher
     teacher.close()
 
@@ -105,7 +107,7 @@ def test_engine_built_from_the_teacher_config(teacher):
     engine = teacher.llm.llm_engine.vllm_config
     assert engine.parallel_config.tensor_parallel_size == 1
     assert engine.model_config.max_model_len == MAX_LEN and teacher.max_len == MAX_LEN
-    assert engine.model_config.max_logprobs == 20  # vLLM's default cap, already >= topk
+    assert engine.model_config.max_logprobs == TOPK  # raised from the TOPK - 2 asked
     assert teacher.encoder.max_context == MAX_LEN - 1
     assert str(engine.model_config.dtype) == "torch.float32"
 
@@ -203,3 +205,31 @@ def test_scoring_again_and_one_by_one_gives_the_same(teacher):
     assert_same(teacher.score(REQUESTS), first, atol=0)
     one_by_one = [teacher.score([request])[0] for request in REQUESTS]
     assert_same(one_by_one, first, atol=1e-5)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["FlatLogprobs", "list-of-dicts"])
+def test_standins_have_the_real_engines_layout(teacher, teacher_dir, hf_reference, flat):
+    """The stand-ins (vLLM 0.29's layout, for what this engine cannot show) against the real engine: the same
+    positions, ids, ranks and order of entries, log-probs to 1e-4."""
+    ids = hf_reference.encoder.prepare(REQUESTS[2]).input_ids.tolist()
+    params = teacher._sampling_params()
+    params.flat_logprobs = flat
+    [real] = teacher.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+    standin_params = vllm_standins.SamplingParams(
+        max_tokens=1, prompt_logprobs=TOPK, detokenize=False, flat_logprobs=flat
+    )
+    llm = vllm_standins.StandInLLM(str(teacher_dir))
+    [fake] = llm.generate([vllm_standins.TokensPrompt(prompt_token_ids=ids)], standin_params)
+    assert real.prompt_token_ids == fake.prompt_token_ids == ids
+    real_lp, fake_lp = real.prompt_logprobs, fake.prompt_logprobs
+    assert len(real_lp) == len(fake_lp) == len(ids)
+    if flat:
+        assert real_lp.start_indices == fake_lp.start_indices and real_lp.end_indices == fake_lp.end_indices
+    else:
+        assert real_lp[0] is None and fake_lp[0] is None
+    for position in range(1, len(ids)):
+        real_entries, fake_entries = real_lp[position], fake_lp[position]
+        assert list(real_entries) == list(fake_entries)  # actual token first, then the top-k, best first
+        for token_id, entry in real_entries.items():
+            assert entry.rank == fake_entries[token_id].rank and entry.decoded_token is None
+            assert abs(entry.logprob - fake_entries[token_id].logprob) < ATOL
