@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gold_plugin.signals import aligned_logit_loss  # noqa: E402
-from gold_plugin.signals.byte_projection import projected_logit_loss  # noqa: E402
+from gold_plugin.signals.byte_projection import ProjectionVocab, projected_logit_loss  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.trl_reference import trl_uld_config  # noqa: E402
 
@@ -231,7 +231,7 @@ def projection_inputs_for(positions: int, samples: int, per_sample: int, topk: i
         f"token), {inputs.query_lo.shape[0]} range queries; inputs built on the CPU in "
         f"{(time.perf_counter() - start) * 1e3:.0f} ms"
     )
-    return inputs
+    return inputs, ProjectionVocab.from_sorted(vocab, device)
 
 
 def trl_parity(trl_fn, mapping: torch.Tensor, vocab: int, teacher_vocab: int, device: torch.device) -> float:
@@ -306,13 +306,15 @@ def main() -> None:
             warmup,
         )
     if "projected" not in args.skip:
-        inputs = projection_inputs_for(args.positions, args.samples, per_sample, args.topk, device)
+        inputs, projection_vocab = projection_inputs_for(
+            args.positions, args.samples, per_sample, args.topk, device
+        )
         for chunk_size in args.chunk_size:
             name = f"projected({chunk_size})"
             results[name] = run_timed(
                 name,
                 lambda chunk_size=chunk_size: projected_logit_loss(
-                    leaf, inputs, beta=args.beta, chunk_size=chunk_size
+                    leaf, inputs, projection_vocab, beta=args.beta, chunk_size=chunk_size
                 ).loss.mean(),
                 leaf,
                 memory,

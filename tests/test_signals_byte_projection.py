@@ -10,7 +10,12 @@ from gold_plugin.alignment import align, encode_continuation, text_for_teacher, 
 from gold_plugin.alignment.sorted_vocab import sorted_vocab
 from gold_plugin.local.task import build_tokenizer
 from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
-from gold_plugin.signals.byte_projection import projected_logit_loss, student_event_probs, teacher_event_probs
+from gold_plugin.signals.byte_projection import (
+    ProjectionVocab,
+    projected_logit_loss,
+    student_event_probs,
+    teacher_event_probs,
+)
 from gold_plugin.signals.byte_projection_inputs import projection_inputs
 from gold_plugin.signals.range_mass import range_mass
 from gold_plugin.testing.tokenizers import load_test_tokenizer
@@ -31,7 +36,7 @@ def _pair(student, teacher, text: str) -> tuple[list[int], list[int]]:
 
 def _inputs(student, teacher, s_ids, t_ids, top_ids, top_lp, *, ends=True, max_chain=4):
     alignment = align(student, s_ids, teacher, t_ids)
-    return projection_inputs(
+    inputs = projection_inputs(
         sorted_vocab(student, teacher),
         [alignment],
         [np.asarray(s_ids)],
@@ -42,6 +47,7 @@ def _inputs(student, teacher, s_ids, t_ids, top_ids, top_lp, *, ends=True, max_c
         teacher_end_ids=[teacher.eos_token_id] if ends else (),
         max_chain=max_chain,
     )
+    return inputs, ProjectionVocab.from_sorted(sorted_vocab(student, teacher))
 
 
 def _ids(tokenizer, pieces: list[str]) -> list[int]:
@@ -99,10 +105,10 @@ def test_merged_student_digit_teacher_is_the_sum_over_tokens_starting_with_the_d
     j4 = len(t_ids) - 3  # teacher "4", then "2", then EOS
     k_ids[j4], k_lp[j4] = [t4, t5, t2], np.log([0.7, 0.2, 0.05])
     k_ids[j4 + 1], k_lp[j4 + 1] = [t2, t4, -1], [np.log(0.9), np.log(0.05), -np.inf]
-    inputs = _inputs(student, teacher, s_ids, t_ids, k_ids, k_lp)
+    inputs, pv = _inputs(student, teacher, s_ids, t_ids, k_ids, k_lp)
     assert inputs.num_positions == 2 and inputs.consumed.tolist() == [0, 1]
     logits = torch.randn(1, len(s_ids), len(student), dtype=torch.float64)
-    probs, rest = student_event_probs(logits, inputs, LogitLossOptions())
+    probs, rest = student_event_probs(logits, inputs, LogitLossOptions(), pv)
     q = torch.softmax(logits[0, len(s_ids) - 2], dim=0)  # the distribution that chose "42"
     starts4, starts5, starts2 = (_starting_with(student, d) for d in (b"4", b"5", b"2"))
     torch.testing.assert_close(
@@ -130,10 +136,10 @@ def test_split_student_merged_teacher_follows_the_sampled_path(digit_tokenizers)
     j = len(t_ids) - 2
     k_ids[j] = _ids(teacher, pieces)
     k_lp[j] = np.log([0.5, 0.2, 0.1, 0.05, 0.1])
-    inputs = _inputs(student, teacher, s_ids, t_ids, k_ids, k_lp)
+    inputs, pv = _inputs(student, teacher, s_ids, t_ids, k_ids, k_lp)
     assert inputs.num_positions == 1
     logits = torch.randn(1, len(s_ids), len(student), dtype=torch.float64)
-    probs, rest = student_event_probs(logits, inputs, LogitLossOptions())
+    probs, rest = student_event_probs(logits, inputs, LogitLossOptions(), pv)
     i = len(s_ids) - 3  # the student position that chose "4"
     q_i, q_next = torch.softmax(logits[0, i], 0), torch.softmax(logits[0, i + 1], 0)
     s4, s6, s2, s3 = _ids(student, ["4", "6", "2", "3"])
@@ -164,11 +170,13 @@ def test_same_tokenizer_equals_todays_matched_loss(name, digit_tokenizers):
     teacher_lp = torch.randn(len(t_ids), vocab, dtype=torch.float64).mul(3).log_softmax(-1)
     teacher_lp[:, tokenizer.all_special_ids] = -torch.inf  # no special candidates: today's ULD part is empty
     top = teacher_lp.topk(k, dim=-1)
-    inputs = _inputs(tokenizer, tokenizer, s_ids, t_ids, top.indices.numpy(), top.values.numpy(), ends=False)
+    inputs, pv = _inputs(
+        tokenizer, tokenizer, s_ids, t_ids, top.indices.numpy(), top.values.numpy(), ends=False
+    )
     assert inputs.num_positions == len(t_ids)  # every position, the final EOS pair included
     logits = torch.randn(1, len(s_ids), vocab, dtype=torch.float64, requires_grad=True)
     for beta in (0.0, 0.5, 1.0):
-        new = projected_logit_loss(logits, inputs, beta=beta)
+        new = projected_logit_loss(logits, inputs, pv, beta=beta)
         rows = inputs.positions[:, 1]
         old = aligned_logit_loss(
             logits[0],
@@ -192,12 +200,12 @@ def test_loss_gradcheck_and_chunking(digit_tokenizers):
     torch.manual_seed(2)
     teacher_lp = torch.randn(len(t_ids), len(teacher), dtype=torch.float64).mul(2).log_softmax(-1)
     top = teacher_lp.topk(12, dim=-1)
-    inputs = _inputs(student, teacher, s_ids, t_ids, top.indices.numpy(), top.values.numpy())
+    inputs, pv = _inputs(student, teacher, s_ids, t_ids, top.indices.numpy(), top.values.numpy())
     assert inputs.num_positions > 0
     logits = torch.randn(1, len(s_ids), len(student), dtype=torch.float64, requires_grad=True)
 
     def loss(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        return projected_logit_loss(x, inputs, beta=0.3, student_temperature=1.5, chunk_size=chunk).loss
+        return projected_logit_loss(x, inputs, pv, beta=0.3, student_temperature=1.5, chunk_size=chunk).loss
 
     assert torch.autograd.gradcheck(loss, (logits,), atol=1e-7)
     torch.testing.assert_close(loss(logits, 8), loss(logits, 4096), rtol=0, atol=1e-14)
@@ -245,6 +253,7 @@ def test_real_tokenizers_ranges_equal_a_vocabulary_scan_and_probabilities_sum_to
     for b, x in enumerate(ids):
         mask[b, : len(x)] = True
     inputs = projection_inputs(vocab, alignments, ids, top_ids, top_lp, mask)
+    pv = ProjectionVocab.from_sorted(vocab)
     assert inputs.num_positions > 0
     # Every key's range is exactly the set of student tokens whose bytes start with it (a vocabulary scan):
     # keys are teacher tokens of the texts, alone and after the first bytes of a student token.
@@ -260,10 +269,10 @@ def test_real_tokenizers_ranges_equal_a_vocabulary_scan_and_probabilities_sum_to
         scan = {i for i, b in enumerate(s_bytes) if b.startswith(key)}
         assert set(vocab.order[a:z].tolist()) == scan, key
     logits = torch.randn(len(ids), width, len(student)) * 3
-    probs, rest = student_event_probs(logits, inputs, LogitLossOptions(chunk_size=64))
+    probs, rest = student_event_probs(logits, inputs, LogitLossOptions(chunk_size=64), pv)
     assert float(probs.min()) >= 0 and float(rest.min()) >= 0
     assert float((probs.sum(dim=1) + rest).max()) <= 1 + 1e-5
-    loss = projected_logit_loss(logits, inputs, chunk_size=64).loss
+    loss = projected_logit_loss(logits, inputs, pv, chunk_size=64).loss
     assert torch.isfinite(loss).all() and float(loss.min()) >= -1e-6
 
 

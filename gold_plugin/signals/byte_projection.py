@@ -13,10 +13,13 @@ generalised JSD(beta) (exact endpoints). Differentiable through the student's lo
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gold_plugin.alignment.sorted_vocab import SortedVocab
 from gold_plugin.signals.byte_projection_inputs import ProjectionInputs
 from gold_plugin.signals.divergences import generalized_jsd
 from gold_plugin.signals.logit_loss import LogitLoss, LogitLossOptions, _resolve_options, _tempered_teacher
@@ -25,56 +28,127 @@ from gold_plugin.signals.range_mass import range_mass
 _TINY = 1e-30
 
 
-def _flat_rows(student_logits: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if student_logits.dim() == 3:
-        batch, time, vocab = student_logits.shape
-        if positions.numel() and (
-            int(positions[:, 0].max()) >= batch
-            or int(positions[:, 1].max()) >= time
-            or int(positions.min()) < 0
-        ):
-            raise ValueError(f"positions out of range for logits of shape {tuple(student_logits.shape)}.")
-        return student_logits.reshape(batch * time, vocab), positions[:, 0] * time + positions[:, 1]
+@dataclass(frozen=True)
+class ProjectionVocab:
+    """The byte-sorted student vocabulary as tensors, for the training side (built once per run)."""
+
+    order: torch.Tensor
+    """int64 ``[V]``: sorted position -> student id."""
+    untied_sorted: torch.Tensor
+    """float32 ``[V]`` in sorted order: 1 where the student token is not also a teacher token."""
+
+    @classmethod
+    def from_sorted(cls, vocab: SortedVocab, device: Any = None) -> ProjectionVocab:
+        return cls(
+            order=torch.as_tensor(vocab.order, device=device),
+            untied_sorted=torch.as_tensor(
+                ~vocab.teacher_token[vocab.order], dtype=torch.float32, device=device
+            ),
+        )
+
+    def to(self, device: Any) -> ProjectionVocab:
+        return ProjectionVocab(self.order.to(device), self.untied_sorted.to(device))
+
+
+def _flat_rows(
+    student_logits: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``([N, V] logits, flat row index of every (row, column))`` for ``[B, T, V]`` or ``[T, V]`` logits."""
     if student_logits.dim() == 2:
-        return student_logits, positions[:, 1] if positions.dim() == 2 else positions
-    raise ValueError(f"student_logits must be [B, T, V] or [N, V], got shape {tuple(student_logits.shape)}.")
+        student_logits = student_logits[None]
+    if student_logits.dim() != 3:
+        raise ValueError(
+            f"student_logits must be [B, T, V] or [T, V], got shape {tuple(student_logits.shape)}."
+        )
+    batch, time, vocab = student_logits.shape
+    if rows.numel() and (
+        int(rows.max()) >= batch
+        or int(columns.max()) >= time
+        or int(rows.min()) < 0
+        or int(columns.min()) < 0
+    ):
+        raise ValueError(f"positions out of range for logits of shape {tuple(student_logits.shape)}.")
+    return student_logits.reshape(batch * time, vocab), rows * time + columns
 
 
-def _products(masses: torch.Tensor, factors: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    with_one = torch.cat([masses, masses.new_ones(1)])
-    index = torch.where(factors >= 0, factors, masses.shape[0])
-    return with_one[index].prod(dim=1) * sign.to(masses.dtype)
+def _points(ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-token ranges ``[rank, rank + 1)``; empty where ``rank`` is -1."""
+    present = ranks >= 0
+    return torch.where(present, ranks, 0), torch.where(present, ranks + 1, 0)
+
+
+class _MassQueries:
+    """Range queries gathered from dense per-position index tensors, answered by one :func:`range_mass` call."""
+
+    def __init__(self) -> None:
+        self.parts: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple]
+        ] = []
+
+    def add(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, untied: torch.Tensor | bool) -> int:
+        """Queries for every entry with ``lo < hi`` (any shape); returns a handle for :meth:`dense`."""
+        shape = lo.shape
+        rows, lo, hi = (torch.broadcast_to(x, shape).reshape(-1) for x in (rows, lo, hi))
+        untied = torch.broadcast_to(torch.as_tensor(untied, device=lo.device), shape).reshape(-1)
+        keep = (lo < hi).nonzero().reshape(-1)
+        self.parts.append((keep, rows[keep], lo[keep], hi[keep], untied[keep], shape))
+        return len(self.parts) - 1
+
+    def solve(self, logits_2d: torch.Tensor, vocab: ProjectionVocab, options: LogitLossOptions) -> None:
+        cat = [torch.cat([p[i] for p in self.parts]) for i in range(1, 5)]
+        masses = range_mass(
+            logits_2d,
+            *cat[:3],
+            cat[3].to(torch.bool),
+            vocab.order,
+            vocab.untied_sorted,
+            temperature=options.student_temperature,
+            chunk_size=options.chunk_size,
+        )
+        self.values = masses.split([p[0].shape[0] for p in self.parts])
+
+    def dense(self, handle: int) -> torch.Tensor:
+        keep, *_, shape = self.parts[handle]
+        values = self.values[handle]
+        out = values.new_zeros(math.prod(shape))
+        return out.index_put((keep,), values).reshape(shape)
 
 
 def student_event_probs(
-    student_logits: torch.Tensor, inputs: ProjectionInputs, options: LogitLossOptions
+    student_logits: torch.Tensor, inputs: ProjectionInputs, options: LogitLossOptions, vocab: ProjectionVocab
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's projected ``(event probabilities [P, E], remainder [P])``, conditioned as documented."""
-    logits_2d, rows = _flat_rows(student_logits, inputs.query_positions)
-    masses = range_mass(
-        logits_2d,
-        rows,
-        inputs.query_lo,
-        inputs.query_hi,
-        inputs.query_untied,
-        inputs.order,
-        inputs.untied_sorted,
-        temperature=options.student_temperature,
-        chunk_size=options.chunk_size,
+    """The student's projected ``(event probabilities [P, k + 1], remainder [P])``, conditioned as documented."""
+    rows, cols = inputs.positions[:, 0], inputs.positions[:, 1]
+    logits_2d, row_i = _flat_rows(student_logits, rows, cols)
+    _, path_rows = _flat_rows(
+        student_logits, rows[:, None].expand_as(inputs.path_columns), inputs.path_columns
     )
-    num, num_events = inputs.num_positions, inputs.num_events
-    events = masses.new_zeros(num * num_events).index_add(
-        0, inputs.term_event, _products(masses, inputs.term_factors, inputs.term_sign)
-    )
-    events = events.view(num, num_events).clamp(min=0.0)
-    has_den = torch.zeros(num, dtype=torch.bool, device=masses.device)
-    has_den[inputs.denominator_position] = True
-    den = masses.new_zeros(num).index_add(
-        0,
-        inputs.denominator_position,
-        _products(masses, inputs.denominator_factors, inputs.denominator_sign),
-    )
-    den = torch.where(has_den, den.clamp(min=_TINY), torch.ones_like(den))
+    path_rows = torch.cat([row_i[:, None], path_rows], dim=1)  # [P, D + 1]: i, i + 1, ..., i + D
+    num, k = inputs.teacher_event.shape
+    depth = inputs.chain_lo.shape[2]
+    shared = inputs.consumed == 0
+    queries = _MassQueries()
+    ranges = queries.add(row_i[:, None], inputs.range_lo, inputs.range_hi, shared[:, None])
+    exact = queries.add(row_i[:, None], *_points(inputs.exact_rank), False)
+    path = queries.add(path_rows, *_points(inputs.path_ranks), False)
+    chain = queries.add(path_rows[:, None, 1:], inputs.chain_lo, inputs.chain_hi, False)
+    end = queries.add(row_i[:, None], *_points(inputs.end_ranks), False)
+    condition = queries.add(row_i, inputs.condition_lo, inputs.condition_hi, False)
+    condition_exact = queries.add(row_i, *_points(inputs.condition_exact_rank), False)
+    queries.solve(logits_2d, vocab, options)
+
+    range_mass_ = queries.dense(ranges)
+    # Chain term at depth d: p(s_i) * p(s_i+1) * ... * p(s_i+d) * p_{i+1+d}(starts with what is left).
+    path_prefix = queries.dense(path).cumprod(dim=1)[:, :depth]  # [P, D]
+    chained = (queries.dense(chain) * path_prefix[:, None, :]).sum(dim=2)  # [P, k]
+    inclusive = range_mass_ + chained * inputs.chain_subtract
+    taken = inclusive.new_zeros(num, k + 1).scatter_add_(
+        1, torch.where(inputs.parent >= 0, inputs.parent, k), inclusive
+    )[:, :k]
+    owned = (range_mass_ + queries.dense(exact) + chained - taken).clamp(min=0.0)
+    events = torch.cat([owned, queries.dense(end).sum(dim=1, keepdim=True)], dim=1)
+    den = queries.dense(condition) - queries.dense(condition_exact)
+    den = torch.where(shared, torch.ones_like(den), den.clamp(min=_TINY))
     probs = events / den[:, None]
     return probs, (1.0 - probs.sum(dim=1)).clamp(min=0.0)
 
@@ -82,15 +156,13 @@ def student_event_probs(
 def teacher_event_probs(
     inputs: ProjectionInputs, options: LogitLossOptions, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The teacher's ``[P, E + 1]`` probabilities of the events and (last column) the remainder."""
-    ids_valid = torch.isfinite(inputs.teacher_topk_logprobs)
-    logprobs = _tempered_teacher(
-        inputs.teacher_topk_logprobs.to(dtype), ids_valid, options.teacher_temperature
-    )
-    probs = torch.where(ids_valid, logprobs.exp(), torch.zeros_like(logprobs))
-    num, num_events = inputs.num_positions, inputs.num_events
+    """The teacher's ``[P, k + 2]`` probabilities of the events (candidate slots, end) and the remainder (last)."""
+    valid = torch.isfinite(inputs.teacher_topk_logprobs)
+    logprobs = _tempered_teacher(inputs.teacher_topk_logprobs.to(dtype), valid, options.teacher_temperature)
+    probs = torch.where(valid, logprobs.exp(), torch.zeros_like(logprobs))
+    num, k = inputs.teacher_event.shape
     assigned = inputs.teacher_event >= 0
-    events = probs.new_zeros(num, num_events).scatter_add_(
+    events = probs.new_zeros(num, k + 1).scatter_add_(
         1, inputs.teacher_event.clamp(min=0), torch.where(assigned, probs, torch.zeros_like(probs))
     )
     rest = (1.0 - events.sum(dim=1)).clamp(min=0.0)
@@ -100,24 +172,27 @@ def teacher_event_probs(
 def projected_logit_loss(
     student_logits: torch.Tensor,
     inputs: ProjectionInputs,
+    vocab: ProjectionVocab,
     *,
     config: Any | None = None,
     **options: Any,
 ) -> LogitLoss:
     """Per-teacher-position loss ``[P]`` of the byte projection (``LogitLoss.matched``; ``unmatched`` is 0).
 
-    ``student_logits``: ``[B, T, V]`` (positions are (row, action column) pairs) or ``[N, V]``. ``config``: a
-    ``GoldConfig`` or :class:`~gold_plugin.signals.LogitLossOptions` (beta, temperatures, chunk size are used).
+    ``student_logits``: ``[B, T, V]`` (``inputs.positions`` are (row, column) pairs into it) or ``[T, V]`` (row 0).
+    ``config``: a ``GoldConfig`` or :class:`~gold_plugin.signals.LogitLossOptions` (beta, temperatures and chunk
+    size are read); keyword ``options`` override it.
     """
     resolved = _resolve_options(config, options)
     if not torch.is_floating_point(student_logits):
         raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}.")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     num = inputs.num_positions
+    device = student_logits.device
     if num == 0:
         zero = student_logits.new_zeros(0, dtype=dtype)
-        return LogitLoss(zero, zero, zero, torch.zeros(0, dtype=torch.bool), 1.0, 0.0)
-    probs, rest = student_event_probs(student_logits, inputs, resolved)
+        return LogitLoss(zero, zero, zero, torch.zeros(0, dtype=torch.bool, device=device), 1.0, 0.0)
+    probs, rest = student_event_probs(student_logits, inputs, resolved, vocab.to(device))
     teacher = teacher_event_probs(inputs, resolved, dtype)
     student = torch.cat([probs, rest[:, None]], dim=1)
     support = teacher > 0
@@ -125,12 +200,11 @@ def projected_logit_loss(
     loss = generalized_jsd(
         student.clamp(min=_TINY).log(), teacher.clamp(min=_TINY).log(), resolved.beta, mask=support
     )
-    valid = torch.ones(num, dtype=torch.bool, device=loss.device)
     return LogitLoss(
         loss=loss,
         matched=loss.detach(),
         unmatched=torch.zeros_like(loss).detach(),
-        valid=valid,
+        valid=torch.ones(num, dtype=torch.bool, device=device),
         matched_weight=1.0,
         unmatched_weight=0.0,
     )

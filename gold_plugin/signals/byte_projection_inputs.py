@@ -45,96 +45,49 @@ DEFAULT_MAX_CHAIN = 4
 
 @dataclass
 class ProjectionInputs:
-    """Everything :func:`~gold_plugin.signals.projected_logit_loss` needs for a batch (P teacher positions)."""
+    """Everything :func:`~gold_plugin.signals.projected_logit_loss` needs for a batch of P teacher positions.
+
+    Every field is per position (first dimension P), so a batch can be split and merged by sample like
+    :class:`~gold_plugin.signals.LogitLossInputs`. Sorted-vocabulary ranks and ranges refer to
+    :class:`~gold_plugin.alignment.sorted_vocab.SortedVocab`; ``lo == hi`` is an empty range (no term).
+    """
 
     positions: torch.Tensor
-    """[P, 2] int64 (row, action column) of the covering student position of every teacher position."""
+    """[P, 2] int64 (row, action column) of the student position i covering the teacher position."""
     sample_index: torch.Tensor
     """[P] int64: the row of each position, for per-sample reductions."""
     consumed: torch.Tensor
-    """[P] int64: bytes of the student's token consumed before the teacher position (0 = shared boundary)."""
+    """[P] int64: bytes of the student's token at i before the teacher position (0 = shared boundary)."""
     teacher_event: torch.Tensor
-    """[P, k] int64: event of each teacher slot (candidate index, ``k`` = end, -1 = remainder)."""
+    """[P, k] int64: event of each teacher slot (candidate slot, ``k`` = end, -1 = remainder)."""
     teacher_topk_logprobs: torch.Tensor
     """[P, k] float32, -inf at padded slots."""
-    query_positions: torch.Tensor
-    """[Q, 2] int64 (row, column) of each range query."""
-    query_lo: torch.Tensor
-    query_hi: torch.Tensor
-    query_untied: torch.Tensor
-    """[Q] bool: weight the range by ``SortedVocab.teacher_token == False``."""
-    term_factors: torch.Tensor
-    """[T, F] int64 indices into the queries (-1 = factor 1); a term is the product of its factors."""
-    term_sign: torch.Tensor
-    term_event: torch.Tensor
-    """[T] int64 flat index ``p * num_events + event``."""
-    denominator_factors: torch.Tensor
-    denominator_sign: torch.Tensor
-    denominator_position: torch.Tensor
-    """Terms of the conditioning mass of positions with ``consumed > 0`` (1 elsewhere)."""
-    order: torch.Tensor
-    untied_sorted: torch.Tensor
-    num_events: int
+    range_lo: torch.Tensor
+    range_hi: torch.Tensor
+    """[P, k] int64: the student tokens at i that start with the candidate's key (untied at shared boundaries)."""
+    exact_rank: torch.Tensor
+    """[P, k] int64: sorted rank of the student token spelling the key, at shared boundaries (-1 = none)."""
+    parent: torch.Tensor
+    """[P, k] int64: the candidate slot this one's mass is taken from (-1 = none)."""
+    chain_lo: torch.Tensor
+    chain_hi: torch.Tensor
+    """[P, k, D] int64: range at path depth d (the student position i + 1 + d) of the chain-rule terms."""
+    chain_subtract: torch.Tensor
+    """[P, k] bool: the chain terms are also taken from the parent."""
+    path_columns: torch.Tensor
+    """[P, D] int64: action columns of the sampled path after i (i + 1, ..., i + D)."""
+    path_ranks: torch.Tensor
+    """[P, D + 1] int64: sorted ranks of the sampled tokens at i, i + 1, ..., i + D (-1 = none)."""
+    end_ranks: torch.Tensor
+    """[P, M] int64: sorted ranks of the student's end ids whose mass at i is the end event (-1 = none)."""
+    condition_lo: torch.Tensor
+    condition_hi: torch.Tensor
+    condition_exact_rank: torch.Tensor
+    """[P] int64: where ``consumed > 0``, the conditioning mass is range minus the exact token (-1 = none)."""
 
     @property
     def num_positions(self) -> int:
         return int(self.positions.shape[0])
-
-
-class _Queries:
-    """Collects range queries and the signed products of them that make up each event."""
-
-    def __init__(self, num_factors: int) -> None:
-        self.num_factors = num_factors
-        self.rows: list[np.ndarray] = []
-        self.cols: list[np.ndarray] = []
-        self.lo: list[np.ndarray] = []
-        self.hi: list[np.ndarray] = []
-        self.untied: list[np.ndarray] = []
-        self.count = 0
-        self.terms: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {"event": [], "den": []}
-
-    def add(
-        self, rows: np.ndarray, cols: np.ndarray, lo: np.ndarray, hi: np.ndarray, untied: np.ndarray
-    ) -> np.ndarray:
-        n = rows.shape[0]
-        self.rows.append(rows)
-        self.cols.append(cols)
-        self.lo.append(lo)
-        self.hi.append(hi)
-        self.untied.append(np.broadcast_to(untied, (n,)).astype(bool))
-        index = np.arange(self.count, self.count + n, dtype=np.int64)
-        self.count += n
-        return index
-
-    def term(
-        self, kind: str, factors: list[np.ndarray], sign: float | np.ndarray, target: np.ndarray
-    ) -> None:
-        n = target.shape[0]
-        if n == 0:
-            return
-        matrix = np.full((n, self.num_factors), -1, dtype=np.int64)
-        for f, column in enumerate(factors):
-            matrix[:, f] = column
-        self.terms[kind].append((matrix, np.broadcast_to(np.asarray(sign, dtype=np.float64), (n,)), target))
-
-    def stacked(self, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = self.terms[kind]
-        if not parts:
-            return np.zeros((0, self.num_factors), np.int64), np.zeros(0), np.zeros(0, np.int64)
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-        return (
-            cat(self.rows, np.int64),
-            cat(self.cols, np.int64),
-            cat(self.lo, np.int64),
-            cat(self.hi, np.int64),
-            cat(self.untied, bool),
-        )
 
 
 @dataclass
@@ -285,55 +238,56 @@ def _build(
     teacher_end_ids: Sequence[int],
     max_chain: int,
 ) -> ProjectionInputs:
-    queries = _Queries(max_chain + 1)
+    end_ranks = vocab.rank[np.asarray([e for e in student_end_ids if 0 <= e < vocab.size], dtype=np.int64)]
     if parts:
         pos = _concat_positions(parts)
-        teacher_event = _assemble(vocab, pos, queries, student_end_ids, teacher_end_ids, max_chain)
+        fields = _assemble(vocab, pos, end_ranks, teacher_end_ids, max_chain)
+        fields.update(
+            positions=np.stack([pos.row, pos.col], axis=1),
+            sample_index=pos.row,
+            consumed=pos.consumed,
+            teacher_topk_logprobs=pos.top_logprobs,
+        )
     else:
-        pos = None
-        teacher_event = np.zeros((0, 0), np.int64)
-    k = teacher_event.shape[1]
-    rows, cols, lo, hi, untied = queries.arrays()
-    factors, sign, event = queries.stacked("event")
-    d_factors, d_sign, d_pos = queries.stacked("den")
-
-    def t(x: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.as_tensor(np.array(x), dtype=dtype, device=device)
-
-    empty = np.zeros(0, np.int64)
+        empty, empty_k = np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
+        fields = dict(
+            positions=np.zeros((0, 2), np.int64),
+            sample_index=empty,
+            consumed=empty,
+            teacher_event=empty_k,
+            teacher_topk_logprobs=np.zeros((0, 0), np.float32),
+            range_lo=empty_k,
+            range_hi=empty_k,
+            exact_rank=empty_k,
+            parent=empty_k,
+            chain_lo=np.zeros((0, 0, max_chain), np.int64),
+            chain_hi=np.zeros((0, 0, max_chain), np.int64),
+            chain_subtract=np.zeros((0, 0), bool),
+            path_columns=np.zeros((0, max_chain), np.int64),
+            path_ranks=np.zeros((0, max_chain + 1), np.int64),
+            end_ranks=np.zeros((0, max(1, end_ranks.shape[0])), np.int64),
+            condition_lo=empty,
+            condition_hi=empty,
+            condition_exact_rank=empty,
+        )
+    dtypes = {"teacher_topk_logprobs": torch.float32, "chain_subtract": torch.bool}
     return ProjectionInputs(
-        positions=t(np.stack([pos.row, pos.col], axis=1) if pos else np.zeros((0, 2), np.int64)),
-        sample_index=t(pos.row if pos else empty),
-        consumed=t(pos.consumed if pos else empty),
-        teacher_event=t(teacher_event),
-        teacher_topk_logprobs=t(pos.top_logprobs if pos else np.zeros((0, 0)), torch.float32),
-        query_positions=t(np.stack([rows, cols], axis=1)),
-        query_lo=t(lo),
-        query_hi=t(hi),
-        query_untied=t(untied, torch.bool),
-        term_factors=t(factors),
-        term_sign=t(sign, torch.float64),
-        term_event=t(event),
-        denominator_factors=t(d_factors),
-        denominator_sign=t(d_sign, torch.float64),
-        denominator_position=t(d_pos),
-        order=t(vocab.order),
-        untied_sorted=t(~vocab.teacher_token[vocab.order], torch.float32),
-        num_events=k + 1,
+        **{
+            name: torch.as_tensor(np.array(value), dtype=dtypes.get(name, torch.int64), device=device)
+            for name, value in fields.items()
+        }
     )
 
 
 def _assemble(
     vocab: SortedVocab,
     pos: _Positions,
-    queries: _Queries,
-    student_end_ids: Sequence[int],
+    end_ranks: np.ndarray,
     teacher_end_ids: Sequence[int],
     max_chain: int,
-) -> np.ndarray:
-    """Adds every query and term of the batch to ``queries``; returns the teacher slots' events ``[P, k]``."""
+) -> dict[str, np.ndarray]:
+    """The per-position fields of :class:`ProjectionInputs` (numpy), vectorised over positions and slots."""
     num, k = pos.top_ids.shape
-    position = np.arange(num, dtype=np.int64)
     ids = pos.top_ids
     in_table = (ids >= 0) & (ids < vocab.teacher_keys.shape[0])
     safe = np.where(in_table, ids, 0)
@@ -381,47 +335,26 @@ def _assemble(
         ancestor = np.full((num, k), -1, dtype=np.int64)
         ancestor[shorter] = vocab.teacher_ids(truncate_hex(cand_key[shorter], length))
         match = (ancestor[:, :, None] == rep_canonical[:, None, :]) & (ancestor[:, :, None] >= 0)
-        found = match.any(axis=2)
-        parent = np.where(found, np.argmax(match, axis=2), parent)
+        parent = np.where(match.any(axis=2), np.argmax(match, axis=2), parent)
 
     event = np.full((num, k), -1, dtype=np.int64)
     event = np.where(text & ~unresolved, first, event)
     event = np.where(text & unresolved, parent, event)
     event = np.where(is_end, k, event)
-    num_events = k + 1
-
-    def flat(p: np.ndarray, e: np.ndarray) -> np.ndarray:
-        return p * num_events + e
 
     rank = vocab.rank
-    p_idx, c_idx = np.nonzero(resolved_rep)
-    par = parent[p_idx, c_idx]
-    has_parent = par >= 0
-    # Ranges (owned minus children's), and the exact token at a shared boundary.
-    nonempty = lo[p_idx, c_idx] < hi[p_idx, c_idx]
-    rp, rc = p_idx[nonempty], c_idx[nonempty]
-    rq = queries.add(pos.row[rp], pos.col[rp], lo[rp, rc], hi[rp, rc], ell[rp] == 0)
-    queries.term("event", [rq], 1.0, flat(rp, rc))
-    with_parent = has_parent[nonempty]
-    queries.term("event", [rq[with_parent]], -1.0, flat(rp[with_parent], parent[rp, rc][with_parent]))
-    at_boundary = (ell[p_idx] == 0) & (exact[p_idx, c_idx] >= 0)
-    ep, ec = p_idx[at_boundary], c_idx[at_boundary]
-    e_rank = rank[exact[ep, ec]]
-    eq = queries.add(pos.row[ep], pos.col[ep], e_rank, e_rank + 1, False)
-    queries.term("event", [eq], 1.0, flat(ep, ec))
+    range_lo = np.where(resolved_rep, lo, 0)
+    range_hi = np.where(resolved_rep, hi, 0)
+    exact_rank = np.where(resolved_rep & (ell[:, None] == 0) & (exact >= 0), rank[np.maximum(exact, 0)], -1)
+    parent = np.where(resolved_rep, parent, -1)
 
-    # Chain rule along the sampled path.
-    on_chain = chain[p_idx, c_idx]
-    cp, cc = p_idx[on_chain], c_idx[on_chain]
+    # Chain rule along the sampled path: the range at depth d is what is left of the key after the sampled
+    # tokens i .. i + d; the path goes on while the sampled token ends inside what is left.
+    chain &= resolved_rep
+    chain_lo = np.zeros((num, k, max_chain), np.int64)
+    chain_hi = np.zeros((num, k, max_chain), np.int64)
+    cp, cc = np.nonzero(chain)
     if cp.shape[0]:
-        cpar = parent[cp, cc]
-        s_rank = rank[pos.student_id[cp]]
-        s_owner = ell[cp] > 0
-        s_owner |= ~vocab.teacher_token[pos.student_id[cp]]
-        safe_par = np.maximum(cpar, 0)
-        s_owner |= extends_sample[cp, safe_par] | (key[cp, safe_par] == s_key[cp])
-        subtract = (cpar >= 0) & s_owner
-        factors = [queries.add(pos.row[cp], pos.col[cp], s_rank, s_rank + 1, False)]
         consumed = pos.student_len[cp].copy()
         alive = np.ones(cp.shape[0], dtype=bool)
         for d in range(max_chain):
@@ -431,42 +364,52 @@ def _assemble(
                 break
             rest = _drop_hex(key[cp, cc], consumed)
             r_lo, r_hi = vocab.prefix_ranges(rest)
-            idx = np.flatnonzero(alive & (r_lo < r_hi))
-            rq = queries.add(pos.row[cp[idx]], pos.chain_cols[cp[idx], d], r_lo[idx], r_hi[idx], False)
-            chain_factors = [f[idx] for f in factors] + [rq]
-            queries.term("event", chain_factors, 1.0, flat(cp[idx], cc[idx]))
-            sub = subtract[idx]
-            queries.term("event", [f[sub] for f in chain_factors], -1.0, flat(cp[idx][sub], cpar[idx][sub]))
-            # Continue where the sampled next token ends inside what is left of the candidate.
-            next_key = vocab.student_keys[np.maximum(next_id, 0)]
+            chain_lo[cp, cc, d] = np.where(alive, r_lo, 0)
+            chain_hi[cp, cc, d] = np.where(alive, r_hi, 0)
             next_len = pos.chain_lens[cp, d]
-            rest_len = key_len[cp, cc] - consumed
-            alive &= (next_len > 0) & (next_len < rest_len) & np.strings.startswith(rest, next_key)
-            next_rank = rank[np.maximum(next_id, 0)]
-            factors.append(queries.add(pos.row[cp], pos.chain_cols[cp, d], next_rank, next_rank + 1, False))
+            alive &= (next_len > 0) & (next_len < key_len[cp, cc] - consumed)
+            alive &= np.strings.startswith(rest, vocab.student_keys[np.maximum(next_id, 0)])
             consumed = consumed + next_len
+    # The chain's mass is taken from the parent only where the parent owns the sampled token.
+    safe_parent = np.maximum(parent, 0)
+    rows = np.arange(num)[:, None]
+    owns_sample = (
+        (ell[:, None] > 0)
+        | ~vocab.teacher_token[pos.student_id][:, None]
+        | extends_sample[rows, safe_parent]
+        | (key[rows, safe_parent] == s_key[:, None])
+    )
+    chain_subtract = chain & (parent >= 0) & owns_sample
+
+    path_ids = np.concatenate([pos.student_id[:, None], pos.chain_ids], axis=1)
+    path_ranks = np.where(path_ids >= 0, rank[np.maximum(path_ids, 0)], -1)
 
     # The end event, at shared boundaries where the teacher has an end id among its candidates.
-    end_ids = np.asarray([e for e in student_end_ids if 0 <= e < vocab.size], dtype=np.int64)
-    end_pos = np.flatnonzero((ell == 0) & is_end.any(axis=1))
-    if end_ids.shape[0] and end_pos.shape[0]:
-        ep = np.repeat(end_pos, end_ids.shape[0])
-        er = np.tile(rank[end_ids], end_pos.shape[0])
-        eq = queries.add(pos.row[ep], pos.col[ep], er, er + 1, False)
-        queries.term("event", [eq], 1.0, flat(ep, np.full_like(ep, k)))
+    at_end = (ell == 0) & is_end.any(axis=1) & (end_ranks.shape[0] > 0)
+    if end_ranks.shape[0] == 0:
+        end_ranks = np.full(1, -1, dtype=np.int64)
+    end = np.where(at_end[:, None], end_ranks[None, :], -1)
 
     # Conditioning on the consumed bytes u: tokens at i that start with u and go beyond it.
-    inside = np.flatnonzero(ell > 0)
-    if inside.shape[0]:
-        u_lo, u_hi = vocab.prefix_ranges(u_key[inside])
-        uq = queries.add(pos.row[inside], pos.col[inside], u_lo, u_hi, False)
-        queries.term("den", [uq], 1.0, position[inside])
-        u_exact = vocab.exact_ids(u_key[inside], u_lo)
-        has = u_exact >= 0
-        x_rank = rank[u_exact[has]]
-        xq = queries.add(pos.row[inside][has], pos.col[inside][has], x_rank, x_rank + 1, False)
-        queries.term("den", [xq], -1.0, position[inside][has])
-    return event
+    inside = ell > 0
+    c_lo, c_hi = vocab.prefix_ranges(u_key)
+    c_exact = vocab.exact_ids(u_key, c_lo)
+    return dict(
+        teacher_event=np.where((event == k) & ~at_end[:, None], -1, event),
+        range_lo=range_lo,
+        range_hi=range_hi,
+        exact_rank=exact_rank,
+        parent=parent,
+        chain_lo=chain_lo,
+        chain_hi=chain_hi,
+        chain_subtract=chain_subtract,
+        path_columns=pos.chain_cols,
+        path_ranks=path_ranks,
+        end_ranks=end,
+        condition_lo=np.where(inside, c_lo, 0),
+        condition_hi=np.where(inside, c_hi, 0),
+        condition_exact_rank=np.where(inside & (c_exact >= 0), rank[np.maximum(c_exact, 0)], -1),
+    )
 
 
 def _drop_hex(keys: np.ndarray, num_bytes: np.ndarray) -> np.ndarray:
