@@ -172,6 +172,9 @@ def test_configuration_errors_exit_2_with_the_message(tmp_path, capsys):
             main(base + extra)
         assert err.value.code == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # no teacher: refused before any model is loaded
+        main(["--actor.model_name_or_path", "s", "--data.prompt_dataset", str(data)])
+    assert err.value.code == 2 and "Set --gold.teacher.model_name_or_path" in capsys.readouterr().err
 
 
 def test_errors_while_training_keep_their_traceback(tmp_path, monkeypatch):

@@ -2,12 +2,11 @@
 
 Options keep OpenRLHF 0.11.2's dotted names where OpenRLHF has them (``--actor.model_name_or_path``,
 ``--data.prompt_dataset``, ``--rollout.n_samples_per_prompt``, ``--actor.adam.lr``, ``--ckpt.path`` ...), the
-same ``--gold.*`` options as the OpenRLHF backend, and a few ``--local.*`` options of this backend; all but
-``--demo``, ``--local.run_dir``, ``--local.num_threads`` and the alias ``--algo.advantage.no_std_norm`` are
-declared by the config classes
-(:class:`~gold_plugin.local.config.LocalTrainConfig`, :class:`~gold_plugin.config.GoldConfig`).
-``--demo`` runs the self-contained demo (nothing from a hub): see :mod:`gold_plugin.local.demo`; its values are
-the parser's defaults there, so every option given on the command line is kept.
+same ``--gold.*`` options as the OpenRLHF backend, and a few ``--local.*`` options of this backend. The config
+classes declare them (:class:`~gold_plugin.local.config.LocalTrainConfig`, :class:`~gold_plugin.config.GoldConfig`);
+only ``--demo``, ``--local.run_dir``, ``--local.num_threads`` and the alias ``--algo.advantage.no_std_norm`` are
+declared here. ``--demo`` runs the self-contained demo (nothing from a hub, :mod:`gold_plugin.local.demo`): its
+values become the parser's defaults, so every option given on the command line is kept.
 """
 
 from __future__ import annotations

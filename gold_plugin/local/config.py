@@ -295,9 +295,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LocalTrainConfig, GoldC
 
 def local_config_from_args(args: argparse.Namespace) -> LocalTrainConfig:
     """The validated :class:`LocalTrainConfig` a parsed command line describes (prompts and reward loaded)."""
-    a = vars(args)
+    a, hints = vars(args), _hints()
     values = {f.name: a[f.metadata["option"]] for f in option_fields()}
-    values["adam_betas"] = tuple(values["adam_betas"])
+    for name, value in values.items():
+        if get_origin(hints[name]) is tuple:  # argparse gives nargs values as a list
+            values[name] = tuple(value)
     if values["metrics_path"] is None and values["ckpt_path"]:
         values["metrics_path"] = os.path.join(values["ckpt_path"], "metrics.jsonl")
     key = values["input_key"]
