@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Signal = Literal["advantage", "logit", "both"]
 AlignmentMode = Literal["spans", "positional"]
+LogitProjection = Literal["bytes", "vocab"]
 TeacherBackend = Literal["hf", "vllm"]
 ChatTemplateSource = Literal["teacher", "student"]
+AdvantageNorm = Literal["none", "mean", "whiten"]
 
 
 class GoldConfigError(ValueError):
     """A GOLD option, or a combination of options, that cannot work; the message says what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TeacherConfig:
-    """Where the teacher runs and what it returns."""
+    """Where the teacher runs and what it returns (immutable: ``dataclasses.replace`` builds a changed copy)."""
 
     model_name_or_path: str | None = None
     """Teacher model (HF folder or hub name); its own tokenizer and chat template are used."""
@@ -56,9 +59,10 @@ class TeacherConfig:
     """Weights dtype: ``auto`` = bf16 on GPU, fp32 on CPU."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class GoldConfig:
-    """All GOLD options. The maths each one controls: docs/design.md, "Signals"."""
+    """All GOLD options, validated once at construction and immutable afterwards (``dataclasses.replace`` builds a
+    changed, re-validated copy). The maths each one controls: docs/design.md, "Signals"; docs/signals.md."""
 
     alpha: float = 1.0
     """Weight of distillation vs task reward: A = (1-alpha)*A_reward + alpha*kl_coef*A_distill. 1 = reward-free."""
@@ -66,16 +70,24 @@ class GoldConfig:
     """Scale of the distillation advantages."""
     kl_discount: float = 0.0
     """gamma in [0, 1]: distillation advantage of a group sums discounted d of later groups (0 = own group only)."""
+    advantage_norm: AdvantageNorm = "whiten"
+    """Normalisation of the distillation advantages over the rollout's on-policy signal tokens before mixing:
+    ``none`` (raw -d_g), ``mean`` (centred) or ``whiten`` (centred, divided by the std)."""
     signal: Signal = "advantage"
     """``advantage`` (sampled aligned KL), ``logit`` (aligned GKD/ULD loss) or ``both``."""
     logit_coef: float = 1.0
     """Weight of the logit loss: loss = policy_loss + alpha*logit_coef*L."""
     alignment: AlignmentMode = "spans"
     """``spans`` (byte-span groups, GOLD) or ``positional`` (ULD's truncate-and-pair-by-index baseline)."""
+    logit_projection: LogitProjection = "vocab"
+    """How the logit loss meets the teacher's top-k (``spans`` only): ``bytes`` projects the student onto each
+    candidate's bytes at every teacher position (right where the tokenizers cut text into pieces of different
+    lengths); ``vocab`` is GOLD's hybrid as in TRL (same-bytes tokens at group starts, JSD + ULD for the rest)."""
     beta: float = 0.5
     """Generalised JSD interpolation (TRL/GKD): 0 = KL(T||S) forward, 1 = KL(S||T) reverse."""
     lmbda: float = 1.0
-    """Fraction of prompts trained on-policy (GKD); the rest use the dataset's reference completion."""
+    """Fraction of each batch's prompts trained on-policy (GKD); the rest use the dataset's reference completion
+    (--data.output_key), trained with the logit loss only."""
     uld_hybrid_matched_weight: float | None = None
     """Weight of the matched-vocabulary (JSD) part; None with the unmatched weight None = adaptive."""
     uld_hybrid_unmatched_weight: float | None = None
@@ -92,8 +104,15 @@ class GoldConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.teacher, dict):
-            self.teacher = TeacherConfig(**self.teacher)
+            object.__setattr__(self, "teacher", TeacherConfig(**self.teacher))
         self.validate()
+        if self.lmbda < 1.0 and not self.uses_logit_loss:
+            warnings.warn(
+                f"--gold.lmbda={self.lmbda} with --gold.signal advantage: off-policy samples (reference "
+                "completions) get no policy gradient and there is no logit loss, so they are scored and logged "
+                "but train nothing. Use --gold.signal logit or both to learn from them.",
+                stacklevel=3,
+            )
 
     @property
     def uses_logit_loss(self) -> bool:
@@ -104,6 +123,11 @@ class GoldConfig:
         return self.signal in ("advantage", "both")
 
     @property
+    def uses_off_policy(self) -> bool:
+        """Whether some prompts use the dataset's reference completion (GKD's lmbda < 1)."""
+        return self.lmbda < 1.0
+
+    @property
     def needs_reward(self) -> bool:
         """Whether a task reward (reward model or function) is read at all."""
         return self.alpha < 1.0
@@ -112,6 +136,8 @@ class GoldConfig:
         """Raise :class:`GoldConfigError` naming the option to change if any value is out of range."""
         _check_choice("signal", self.signal, Signal)
         _check_choice("alignment", self.alignment, AlignmentMode)
+        _check_choice("logit_projection", self.logit_projection, LogitProjection)
+        _check_choice("advantage_norm", self.advantage_norm, AdvantageNorm)
         _check_choice("teacher.backend", self.teacher.backend, TeacherBackend)
         _check_choice("teacher.chat_template", self.teacher.chat_template, ChatTemplateSource)
         for name in ("alpha", "kl_discount", "beta", "lmbda"):

@@ -85,3 +85,31 @@ def test_cli_rejects_bad_choice_before_building():
     add_gold_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--gold.alignment", "nope"])
+
+
+def test_configs_are_immutable_after_validation():
+    import dataclasses
+
+    cfg = GoldConfig(alpha=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.alpha = 2.0  # would skip validation
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.teacher.topk = 8
+    with pytest.raises(GoldConfigError, match="--gold.alpha"):
+        dataclasses.replace(cfg, alpha=2.0)  # a changed copy is validated again
+    assert (
+        dataclasses.replace(cfg, advantage_norm="none").advantage_norm == "none"
+        and cfg.advantage_norm != "none"
+    )
+    with pytest.raises(GoldConfigError, match="advantage_norm"):
+        GoldConfig(advantage_norm="std")
+
+
+def test_lmbda_with_the_advantage_signal_only_warns_that_off_policy_samples_train_nothing():
+    with pytest.warns(UserWarning, match="train nothing"):
+        GoldConfig(lmbda=0.5, signal="advantage")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GoldConfig(lmbda=0.5, signal="logit", teacher=TeacherConfig(topk=4))

@@ -1,0 +1,504 @@
+"""The GOLD step, written once and called by both backends (OpenRLHF and local).
+
+Rollout -> teacher requests -> teacher results -> alignments -> distillation advantages (normalised, mixed with
+the task-reward advantages) and logit-loss inputs -> per-position logit loss -> one reduction -> one set of
+metrics. The backends are adapters around these functions: they sample, run the model forwards and the
+optimiser, and move tensors between processes; every GOLD decision is made here (docs/signals.md, "The GOLD
+step").
+
+Two functions are the hook for the logit loss, so that another kind of logit loss plugs in at exactly these two
+places: :func:`build_logit_inputs` (alignments, teacher results, student ids, action mask -> inputs whose
+``positions`` are ``(row, action column)`` pairs and whose ``sample_index`` names each position's sample) and
+:func:`compute_logit_loss` (student logits ``[B, T, V]``, those inputs, config -> per-position loss).
+
+Imports alignment, signals and the teacher's types; never Ray or OpenRLHF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gold_plugin.alignment import (
+    Alignment,
+    align_batch,
+    encode_continuation_batch,
+    text_for_teacher,
+    token_byte_lengths,
+)
+from gold_plugin.alignment.sorted_vocab import SortedVocab, sorted_vocab
+from gold_plugin.config import GoldConfig
+from gold_plugin.signals.advantages import DistillAdvantages, batch_distill_advantages, mix_advantages
+from gold_plugin.signals.byte_projection import ProjectionVocab, projected_logit_loss
+from gold_plugin.signals.byte_projection_inputs import ProjectionInputs, projection_inputs
+from gold_plugin.signals.estimators import normalise_advantages
+from gold_plugin.signals.logit_inputs import LogitLossInputs, logit_loss_inputs
+from gold_plugin.signals.logit_loss import LogitLoss, aligned_logit_loss
+from gold_plugin.teacher.types import TeacherRequest, TeacherResult
+
+__all__ = [
+    "AlignedBatch",
+    "LogitVocab",
+    "align_results",
+    "build_logit_inputs",
+    "choose_off_policy",
+    "compute_logit_loss",
+    "distill_advantages",
+    "gold_advantages",
+    "logit_inputs_class",
+    "logit_loss_term",
+    "logit_metrics",
+    "mask_unscored_groups",
+    "mean_metrics",
+    "reference_response_ids",
+    "reference_text",
+    "response_ends_with_eos",
+    "sample_metrics",
+    "teacher_requests",
+]
+
+
+# ── off-policy samples (GKD's lmbda) ──
+
+
+def reference_text(value: Any) -> str | None:
+    """A dataset's reference completion (``--data.output_key``) as text, or None if the row has none.
+
+    A string is the completion; chat messages give the content of the last one (the assistant's answer).
+    An empty string, None or anything else counts as missing (the prompt is then trained on-policy).
+    """
+    if isinstance(value, list) and value and isinstance(value[-1], Mapping):
+        value = value[-1].get("content")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    return value if isinstance(value, str) and value else None
+
+
+def choose_off_policy(
+    references: Sequence[str | None], lmbda: float, seed: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which prompts of a batch use their reference completion instead of a student sample (GKD's lmbda).
+
+    ``round((1 - lmbda) * P)`` of the ``P`` prompts are drawn without replacement, seeded by ``(seed, step)``
+    so that both backends and a resumed run draw the same. Returns ``(off_policy, missing_reference)``, both
+    ``[P]`` bool: a drawn prompt without a reference completion is trained on-policy (never dropped) and marked
+    in ``missing_reference``.
+    """
+    count = len(references)
+    chosen = np.zeros(count, dtype=bool)
+    num_off = int(np.floor((1.0 - float(lmbda)) * count + 0.5))
+    if num_off > 0:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]))
+        chosen[rng.choice(count, size=min(num_off, count), replace=False)] = True
+    has_reference = np.array([r is not None for r in references], dtype=bool)
+    return chosen & has_reference, chosen & ~has_reference
+
+
+def reference_response_ids(
+    student_tokenizer: Any, texts: Sequence[str], max_new_tokens: int | None
+) -> list[list[int]]:
+    """The student's response ids for reference completions: the text as a continuation of the prompt (no
+    dummy-prefix space, special-token strings as text), cut at ``max_new_tokens``, then the student's EOS when
+    there is room (as a sampled response that ended)."""
+    eos = student_tokenizer.eos_token_id
+    out = []
+    for ids in encode_continuation_batch(student_tokenizer, list(texts)):
+        if max_new_tokens is not None and len(ids) >= max_new_tokens:
+            out.append(list(ids[:max_new_tokens]))
+        else:
+            out.append(list(ids) + ([eos] if eos is not None else []))
+    return out
+
+
+# ── teacher requests ──
+
+
+def response_ends_with_eos(student_tokenizer: Any, response_ids: Sequence[int] | np.ndarray) -> bool:
+    """True when the response's last token is a zero-width special token (EOS / end of turn): the teacher then
+    scores its own end-of-turn token in its place."""
+    ids = np.asarray(response_ids)
+    if ids.size == 0:
+        return False
+    last = int(ids[-1])
+    lengths = token_byte_lengths(student_tokenizer)
+    special = set(getattr(student_tokenizer, "all_special_ids", None) or [])
+    return last in special and 0 <= last < lengths.shape[0] and int(lengths[last]) == 0
+
+
+def teacher_requests(
+    student_tokenizer: Any, response_ids: Sequence[Sequence[int] | np.ndarray], teacher_prompts: Sequence[Any]
+) -> list[TeacherRequest]:
+    """One teacher request per response: the teacher prompt (chat messages or text) and the response text rebuilt
+    from the student's canonical token bytes (not ``decode``), without a final EOS, which becomes
+    ``ends_with_eos``."""
+    if len(response_ids) != len(teacher_prompts):
+        raise ValueError(f"{len(response_ids)} responses but {len(teacher_prompts)} teacher prompts.")
+    requests = []
+    for ids, prompt in zip(response_ids, teacher_prompts):
+        ids = np.asarray(ids, dtype=np.int64)
+        ends = response_ends_with_eos(student_tokenizer, ids)
+        text = text_for_teacher(student_tokenizer, ids[:-1] if ends else ids)
+        requests.append(TeacherRequest(prompt=prompt, response=text, ends_with_eos=ends))
+    return requests
+
+
+# ── teacher results -> alignments ──
+
+
+def mask_unscored_groups(alignment: Alignment, teacher_logprobs: np.ndarray) -> Alignment:
+    """Drop the groups that hold a teacher token without a log-prob (NaN: it did not fit the teacher's context)
+    and renumber the rest ``0..n-1``, so that every later step sees only scored groups (the alignment contract,
+    every group on both sides, still holds). The only place where unscored teacher tokens are handled."""
+    unscored = np.isnan(np.asarray(teacher_logprobs, dtype=np.float64))
+    if not unscored.any() or not alignment.aligned:
+        return alignment
+    t_group = np.asarray(alignment.teacher_group)
+    bad = np.unique(t_group[unscored & (t_group >= 0)])
+    keep = np.setdiff1d(np.arange(alignment.num_groups), bad)
+    renumber = np.full(alignment.num_groups + 1, -1, dtype=np.int64)  # the last slot maps -1 to -1
+    renumber[keep] = np.arange(keep.size)
+    s_group = renumber[np.asarray(alignment.student_group)]
+    t_group = renumber[t_group]
+    t_group[unscored] = -1
+    return dataclasses.replace(
+        alignment, student_group=s_group, teacher_group=t_group, num_groups=int(keep.size)
+    )
+
+
+@dataclass
+class AlignedBatch:
+    """A batch's teacher results aligned to the student's responses (one entry per sample)."""
+
+    alignments: list[Alignment]
+    """Unscored groups already removed (:func:`mask_unscored_groups`); unalignable samples carry the reason."""
+    teacher_logprobs: list[torch.Tensor]
+    """float32 ``[n_teacher_tokens]`` per sample (NaN only at tokens outside every group)."""
+    results: list[TeacherResult | None]
+    teacher_failed: torch.Tensor
+    """``[B]`` bool: no teacher result, or the teacher reported an error for the sample."""
+    masked_tokens: torch.Tensor
+    """``[B]`` float: teacher tokens that did not fit the teacher's context."""
+
+
+def align_results(
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    response_ids: Sequence[Sequence[int] | np.ndarray],
+    results: Sequence[TeacherResult | None],
+    gold: GoldConfig,
+    problems: Sequence[str | None] | None = None,
+) -> AlignedBatch:
+    """Align every response with the teacher's tokens of the same text; never raises for one bad sample.
+
+    A missing result (``None``; ``problems[b]`` says why) or a teacher error becomes an unalignable sample that
+    carries the reason (``teacher: <error>``) and gets no signal; groups holding an unscored teacher token are
+    removed. The other samples are aligned in one :func:`~gold_plugin.alignment.align_batch` call.
+    """
+    if len(results) != len(response_ids):
+        raise ValueError(f"{len(results)} teacher results for {len(response_ids)} responses.")
+    count = len(response_ids)
+    alignments: list[Alignment | None] = [None] * count
+    logprobs: list[torch.Tensor] = [torch.zeros(0)] * count
+    failed = torch.zeros(count, dtype=torch.bool)
+    masked = torch.zeros(count)
+    todo = []
+    for b, (ids, result) in enumerate(zip(response_ids, results)):
+        if result is None or result.error is not None:
+            if result is None:
+                reason = (problems[b] if problems is not None else None) or "no teacher result"
+            else:
+                reason = f"teacher: {result.error}"
+            alignments[b] = Alignment.unalignable(len(ids), 0, reason)
+            failed[b] = True
+            continue
+        todo.append(b)
+        masked[b] = float(result.num_masked)
+    aligned = align_batch(
+        student_tokenizer,
+        [response_ids[b] for b in todo],
+        teacher_tokenizer,
+        [results[b].token_ids for b in todo],
+        pair_eos=gold.pair_eos,
+        mode=gold.alignment,
+    )
+    for b, alignment in zip(todo, aligned):
+        values = np.array(results[b].logprobs, dtype=np.float32)  # a copy: results may be read-only arrays
+        alignments[b] = mask_unscored_groups(alignment, values)
+        logprobs[b] = torch.from_numpy(values)
+    return AlignedBatch(
+        alignments=alignments,  # type: ignore[arg-type]
+        teacher_logprobs=logprobs,
+        results=list(results),
+        teacher_failed=failed,
+        masked_tokens=masked,
+    )
+
+
+# ── distillation advantages ──
+
+
+def distill_advantages(
+    aligned: AlignedBatch, action_log_probs: torch.Tensor, action_mask: torch.Tensor, gold: GoldConfig
+) -> tuple[DistillAdvantages, torch.Tensor]:
+    """Raw per-token distillation advantages ``-sum_g' gamma^(g'-g) d_g'`` in the ``[B, A]`` action layout, and
+    the ``[B, A]`` bool mask of the tokens that carry a signal (tokens of scored groups)."""
+    mask = action_mask.to(torch.bool)
+    distill = batch_distill_advantages(
+        aligned.alignments,
+        aligned.teacher_logprobs,
+        action_log_probs.float(),
+        mask,
+        kl_discount=gold.kl_discount,
+    )
+    groups = [np.asarray(a.student_group) for a in aligned.alignments]
+    signal = torch.zeros_like(mask)
+    if groups:
+        signal[mask] = torch.from_numpy(np.concatenate(groups) >= 0).to(mask.device)
+    return distill, signal
+
+
+def gold_advantages(
+    reward_advantages: Sequence[torch.Tensor | None] | None,
+    distill: Sequence[torch.Tensor],
+    signal_masks: Sequence[torch.Tensor],
+    off_policy: Sequence[torch.Tensor],
+    gold: GoldConfig,
+) -> list[torch.Tensor]:
+    """The advantages the policy loss sees, for a whole rollout given as parts (OpenRLHF's micro-batches, or one
+    part for the local backend):
+
+    ``A = (1 - alpha) A_reward + alpha kl_coef norm(A_distill)``, and 0 on off-policy samples (no policy gradient
+    on text the student did not sample). ``norm`` is ``--gold.advantage_norm`` over the signal-carrying tokens of
+    the on-policy samples of all parts together; with ``--gold.signal logit`` the distillation part is 0.
+    ``reward_advantages`` is never read when ``alpha == 1`` (may be None).
+    """
+    parts = len(distill)
+    if len(signal_masks) != parts or len(off_policy) != parts:
+        raise ValueError("distill, signal_masks and off_policy need one entry per part.")
+    on_policy_signal = [
+        s.to(torch.bool) & ~o.to(device=s.device, dtype=torch.bool)[:, None]
+        for s, o in zip(signal_masks, off_policy)
+    ]
+    if gold.uses_advantages:
+        normed = normalise_advantages(distill, on_policy_signal, gold.advantage_norm)
+    else:
+        normed = [torch.zeros_like(d, dtype=torch.float32) for d in distill]
+    out = []
+    for b in range(parts):
+        reward = reward_advantages[b] if (reward_advantages is not None and gold.alpha < 1.0) else None
+        mixed = mix_advantages(reward, normed[b], gold.alpha, gold.kl_coef)
+        off = off_policy[b].to(torch.bool).to(mixed.device)
+        if bool(off.any()):
+            mixed = torch.where(off[:, None], torch.zeros((), dtype=mixed.dtype, device=mixed.device), mixed)
+        out.append(mixed)
+    return out
+
+
+# ── the logit loss: inputs, per-position loss, one reduction ──
+
+
+@dataclass(frozen=True)
+class LogitVocab:
+    """Vocabulary tables the logit loss needs, built once per run (on both the rollout and the training side)."""
+
+    teacher_to_student: torch.Tensor | None = None
+    """int64 ``[teacher vocabulary]``, -1 = unmatched (``--gold.logit_projection vocab``)."""
+    sorted: SortedVocab | None = None
+    """The byte-sorted student vocabulary (``--gold.logit_projection bytes``): builds the inputs."""
+    projection: ProjectionVocab | None = None
+    """Its tensors, for the loss."""
+    student_end_ids: tuple[int, ...] = ()
+    """The student's EOS: its probability is the end event of the byte projection."""
+    teacher_end_ids: tuple[int, ...] = ()
+    """The teacher's special ids (EOS, end-of-turn, ...): one end event."""
+
+    @classmethod
+    def build(cls, student_tokenizer: Any, teacher_tokenizer: Any, gold: GoldConfig) -> LogitVocab:
+        if not gold.uses_logit_loss or gold.alignment == "positional":
+            return cls()
+        if gold.logit_projection == "bytes":
+            vocab = sorted_vocab(student_tokenizer, teacher_tokenizer)
+            eos = getattr(student_tokenizer, "eos_token_id", None)
+            return cls(
+                sorted=vocab,
+                projection=ProjectionVocab.from_sorted(vocab),
+                student_end_ids=(int(eos),) if isinstance(eos, int) else (),
+                teacher_end_ids=tuple(
+                    int(i) for i in getattr(teacher_tokenizer, "all_special_ids", []) or []
+                ),
+            )
+        from gold_plugin.alignment import VocabMap
+
+        return cls(VocabMap(student_tokenizer, teacher_tokenizer).teacher_to_student_tensor())
+
+    def check(self, gold: GoldConfig) -> None:
+        if not gold.uses_logit_loss or gold.alignment != "spans":
+            return
+        if gold.logit_projection == "bytes" and self.projection is None:
+            raise ValueError("The byte-projected logit loss needs the byte-sorted student vocabulary.")
+        if gold.logit_projection == "vocab" and self.teacher_to_student is None:
+            raise ValueError(
+                "The logit loss with --gold.alignment spans needs the teacher->student vocabulary map."
+            )
+
+
+def _projects_bytes(gold: GoldConfig) -> bool:
+    return gold.alignment == "spans" and gold.logit_projection == "bytes"
+
+
+def logit_inputs_class(gold: GoldConfig) -> type:
+    """The inputs dataclass :func:`build_logit_inputs` returns for this configuration (for transport)."""
+    return ProjectionInputs if _projects_bytes(gold) else LogitLossInputs
+
+
+def build_logit_inputs(
+    alignments: Sequence[Alignment],
+    results: Sequence[TeacherResult | None],
+    response_ids: Sequence[Sequence[int] | np.ndarray],
+    action_mask: torch.Tensor,
+    gold: GoldConfig,
+    vocab: LogitVocab | None = None,
+) -> LogitLossInputs | ProjectionInputs:
+    """The logit-loss inputs of a batch (hook 1 of 2); the byte projection needs ``vocab`` (:meth:`LogitVocab.build`). Row b of ``action_mask`` holds sample b, whose action
+    tokens in order are ``response_ids[b]``.
+
+    ``positions`` are ``(row, action column)`` pairs (column j = the action token that the logits at action
+    column j predict), ``sample_index`` the row of each position; every other field is per position
+    (first dimension N). Samples without teacher top-k or without alignment contribute nothing.
+    """
+    counts = action_mask.to(torch.bool).sum(dim=1).tolist()
+    for b, ids in enumerate(response_ids):
+        if len(ids) != counts[b]:
+            raise ValueError(
+                f"Sample {b}: {len(ids)} response ids but action_mask marks {counts[b]} actions."
+            )
+    usable = [r is not None and r.error is None for r in results]
+    if _projects_bytes(gold):
+        if vocab is None or vocab.sorted is None:
+            raise ValueError("--gold.logit_projection bytes: pass the LogitVocab built for it.")
+        return projection_inputs(
+            vocab.sorted,
+            alignments,
+            response_ids,
+            [r.topk_ids if ok else None for r, ok in zip(results, usable)],
+            [r.topk_logprobs if ok else None for r, ok in zip(results, usable)],
+            action_mask,
+            student_end_ids=vocab.student_end_ids,
+            teacher_end_ids=vocab.teacher_end_ids,
+        )
+    return logit_loss_inputs(
+        alignments,
+        [r.topk_ids if ok else None for r, ok in zip(results, usable)],
+        [r.topk_logprobs if ok else None for r, ok in zip(results, usable)],
+        action_mask,
+    )
+
+
+def compute_logit_loss(
+    student_logits: torch.Tensor,
+    inputs: LogitLossInputs | ProjectionInputs,
+    gold: GoldConfig,
+    vocab: LogitVocab,
+    *,
+    action_offset: int = 0,
+) -> LogitLoss:
+    """Per-position logit loss (hook 2 of 2): ``loss [N]`` (differentiable) and ``valid [N]``.
+
+    ``student_logits`` is ``[B, T, V]`` where ``student_logits[b, action_offset + j]`` predicts action token j of
+    row b (OpenRLHF's actor logits: offset ``T - 1 - num_actions``; the local backend's action logits: 0).
+    """
+    if isinstance(inputs, ProjectionInputs):
+        if action_offset:
+            inputs = dataclasses.replace(
+                inputs,
+                positions=inputs.positions
+                + torch.tensor([0, int(action_offset)], device=inputs.positions.device),
+                path_columns=inputs.path_columns + int(action_offset),
+            )
+        moved = ProjectionInputs(
+            **{f.name: getattr(inputs, f.name).to(student_logits.device) for f in dataclasses.fields(inputs)}
+        )
+        return projected_logit_loss(student_logits, moved, vocab.projection, config=gold)
+    positions = inputs.positions
+    if action_offset:
+        positions = positions + torch.tensor([0, int(action_offset)], device=positions.device)
+    mapping = vocab.teacher_to_student
+    if mapping is not None:
+        mapping = mapping.to(student_logits.device)
+    return aligned_logit_loss(
+        student_logits,
+        inputs.teacher_topk_ids.to(student_logits.device),
+        inputs.teacher_topk_logprobs.to(student_logits.device),
+        mapping,
+        config=gold,
+        positions=positions.to(student_logits.device),
+    )
+
+
+def logit_loss_term(
+    per_position_loss: torch.Tensor, num_action_tokens: float | torch.Tensor, gold: GoldConfig
+) -> torch.Tensor:
+    """The term added to the policy loss: ``alpha * logit_coef * sum(loss) / num_action_tokens``.
+
+    ``num_action_tokens`` is the action-token count of the whole optimiser step (OpenRLHF's token-mean
+    normaliser): the logit loss is reduced exactly like the token-mean policy loss, so ``--gold.logit_coef``
+    means the same in both backends. Positions from micro-batches of one step add up to one step's loss.
+    """
+    total = per_position_loss.sum()
+    return (
+        gold.alpha
+        * gold.logit_coef
+        * total
+        / torch.as_tensor(num_action_tokens, dtype=total.dtype, device=total.device).clamp(min=1.0)
+    )
+
+
+# ── metrics (one set of names; per-sample values, logged as means over samples) ──
+
+
+def sample_metrics(
+    aligned: AlignedBatch,
+    distill: DistillAdvantages,
+    off_policy: torch.Tensor,
+    missing_reference: torch.Tensor,
+    prompt_fallback: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample ``[B]`` float32 metrics of the step; both backends log their mean over the samples."""
+    batch = distill.aligned.shape[0]
+    off = off_policy.to(torch.float32).reshape(batch)
+    return {
+        "gold/sampled_kl": distill.kl_sum.float(),
+        "gold/sampled_kl_per_group": distill.kl_mean.float(),
+        "gold/aligned_token_share": distill.aligned_token_fraction.float(),
+        "gold/one_to_one_group_share": distill.one_to_one_fraction.float(),
+        "gold/unaligned": (~distill.aligned).to(torch.float32),
+        "gold/teacher_failed": aligned.teacher_failed.to(torch.float32),
+        "gold/teacher_masked_tokens": aligned.masked_tokens.to(torch.float32),
+        "gold/teacher_prompt_fallback": (
+            torch.zeros(batch)
+            if prompt_fallback is None
+            else prompt_fallback.to(torch.float32).reshape(batch)
+        ),
+        "gold/on_policy": 1.0 - off,
+        "gold/off_policy": off,
+        "gold/missing_reference": missing_reference.to(torch.float32).reshape(batch),
+    }
+
+
+def logit_metrics(loss: LogitLoss, batch_size: int) -> dict[str, torch.Tensor]:
+    """``gold/logit_loss`` (mean over the computed positions) and ``gold/logit_positions`` (per sample)."""
+    count = loss.valid.sum()
+    return {
+        "gold/logit_loss": loss.loss.detach().sum() / count.clamp(min=1),
+        "gold/logit_positions": count.to(torch.float32) / max(int(batch_size), 1),
+    }
+
+
+def mean_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Means over samples, as OpenRLHF logs per-sample info (the local backend's logging)."""
+    return {k: float(v.double().mean()) if v.numel() else 0.0 for k, v in metrics.items()}

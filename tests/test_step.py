@@ -1,0 +1,186 @@
+"""The GOLD step both backends call (gold_plugin.step): off-policy draw, requests, alignment, advantages, loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gold_plugin.alignment import align
+from gold_plugin.alignment.result import Alignment
+from gold_plugin.config import GoldConfig, TeacherConfig
+from gold_plugin.signals.logit_loss import LogitLoss
+from gold_plugin.step import (
+    align_results,
+    build_logit_inputs,
+    choose_off_policy,
+    distill_advantages,
+    gold_advantages,
+    logit_loss_term,
+    logit_metrics,
+    mask_unscored_groups,
+    mean_metrics,
+    reference_response_ids,
+    reference_text,
+    sample_metrics,
+    teacher_requests,
+)
+from gold_plugin.teacher.types import TeacherResult
+from gold_plugin.testing.tokenizers import load_test_tokenizer
+
+
+def test_off_policy_draw_is_a_seeded_share_of_the_prompts():
+    refs = [f"answer {i}" for i in range(32)]
+    off, missing = choose_off_policy(refs, 0.25, seed=7, step=3)
+    assert off.sum() == 24 and not missing.any()
+    again, _ = choose_off_policy(refs, 0.25, seed=7, step=3)
+    other, _ = choose_off_policy(refs, 0.25, seed=7, step=4)
+    assert np.array_equal(off, again) and not np.array_equal(off, other)
+    assert choose_off_policy(refs, 0.5, 7, 0)[0].sum() == 16
+    assert not choose_off_policy(refs, 1.0, 7, 0)[0].any() and choose_off_policy(refs, 0.0, 7, 0)[0].all()
+    # Prompts without a reference are trained on-policy and counted, never dropped.
+    holes = [None if i % 2 else r for i, r in enumerate(refs)]
+    off, missing = choose_off_policy(holes, 0.0, 7, 0)
+    assert np.array_equal(off, np.arange(32) % 2 == 0) and np.array_equal(missing, np.arange(32) % 2 == 1)
+
+
+def test_reference_text_and_ids():
+    assert reference_text("42") == "42" and reference_text(7) == "7"
+    assert reference_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
+    assert reference_text(None) is None and reference_text("") is None and reference_text(True) is None
+    tok = load_test_tokenizer("qwen")
+    [full, cut] = (
+        reference_response_ids(tok, ["Hello world", "Hello world"], None),
+        reference_response_ids(tok, ["Hello world"], 1),
+    )
+    plain = tok("Hello world", add_special_tokens=False)["input_ids"]
+    assert full[0] == plain + [tok.eos_token_id] and cut[0] == plain[:1]  # cut responses have no EOS
+
+
+def test_teacher_requests_from_canonical_bytes():
+    tok = load_test_tokenizer("qwen")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok(" café ☕", add_special_tokens=False)["input_ids"]
+    with_end, cut = teacher_requests(tok, [ids + [end], ids], [[{"role": "user", "content": "hi"}], "plain"])
+    assert with_end.response == cut.response == " café ☕"
+    assert with_end.ends_with_eos and not cut.ends_with_eos and cut.prompt == "plain"
+    with pytest.raises(ValueError, match="teacher prompts"):
+        teacher_requests(tok, [ids], [])
+
+
+def _alignment(student, teacher):
+    return Alignment(np.array(student), np.array(teacher), num_groups=len({g for g in student if g >= 0}))
+
+
+def test_unscored_groups_are_masked_and_renumbered():
+    alignment = _alignment([0, 1, 1, 2, 3], [0, 1, 2, 2, 2, 3])
+    masked = mask_unscored_groups(alignment, np.array([-1.0, -2.0, np.nan, -1.0, -1.0, -0.5]))
+    # group 2 (teacher tokens 2..4) holds the NaN: gone; group 3 becomes 2
+    assert masked.num_groups == 3
+    assert masked.student_group.tolist() == [0, 1, 1, -1, 2]
+    assert masked.teacher_group.tolist() == [0, 1, -1, -1, -1, 2]
+    assert mask_unscored_groups(alignment, np.zeros(6)) is alignment
+
+
+def _result(token_ids, logprobs, error=None, topk=2):
+    n = len(token_ids)
+    ids = np.tile(np.arange(topk), (n, 1)).astype(np.int64)
+    return TeacherResult(
+        token_ids=np.asarray(token_ids, dtype=np.int64),
+        token_bytes=np.ones(n, dtype=np.int64),
+        logprobs=np.asarray(logprobs, dtype=np.float32),
+        topk_ids=ids,
+        topk_logprobs=np.full((n, topk), -1.0, dtype=np.float32),
+        error=error,
+    )
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three gpt2 responses scored by a 'teacher' with the same tokenizer: good, unscored tail, teacher error."""
+    tok = load_test_tokenizer("gpt2")
+    texts = [" one two three", " four five", " six"]
+    ids = [np.asarray(tok(t)["input_ids"]) for t in texts]
+    results = [
+        _result(ids[0], [-1.0, -2.0, -0.5]),
+        _result(ids[1], [-1.0, np.nan]),
+        TeacherResult.failed("prompt rejected by the chat template", topk=2),
+    ]
+    gold = GoldConfig(signal="both", teacher=TeacherConfig(topk=2), kl_discount=0.0)
+    aligned = align_results(tok, tok, ids, results, gold)
+    width = max(len(x) for x in ids)
+    mask = torch.zeros(3, width + 1, dtype=torch.bool)
+    for b, x in enumerate(ids):
+        mask[b, 1 : 1 + len(x)] = True  # right-shifted actions, as in OpenRLHF's layout
+    logprobs = torch.full(mask.shape, -1.5) * mask
+    return tok, ids, results, gold, aligned, mask, logprobs
+
+
+def test_align_results_masks_unscored_groups_and_keeps_the_teachers_reason(batch):
+    tok, ids, _results, _gold, aligned, _mask, _ = batch
+    expected = align(tok, ids[0], tok, ids[0])
+    assert aligned.alignments[0].student_group.tolist() == expected.student_group.tolist() == [0, 1, 2]
+    assert aligned.alignments[1].student_group.tolist() == [0, -1]  # the unscored token's group is gone
+    bad = aligned.alignments[2]
+    assert not bad.aligned and bad.reason == "teacher: prompt rejected by the chat template"
+    assert aligned.teacher_failed.tolist() == [False, False, True]
+    problem = align_results(
+        tok, tok, ids[:1], [None], batch[3], problems=["response is not one contiguous span"]
+    )
+    assert problem.alignments[0].reason == "response is not one contiguous span"
+
+
+def test_advantages_metrics_and_logit_inputs(batch):
+    _tok, ids, results, gold, aligned, mask, logprobs = batch
+    distill, signal = distill_advantages(aligned, logprobs, mask, gold)
+    assert signal.sum() == 3 + 1 and signal[2].sum() == 0
+    # d_g = -1.5 - lT: advantages -d = lT + 1.5
+    torch.testing.assert_close(distill.advantages[0, 1:4], torch.tensor([0.5, -0.5, 1.0]))
+    metrics = sample_metrics(
+        aligned, distill, torch.tensor([False, True, False]), torch.zeros(3, dtype=torch.bool)
+    )
+    assert metrics["gold/unaligned"].tolist() == [0.0, 0.0, 1.0]
+    assert metrics["gold/teacher_failed"].tolist() == [0.0, 0.0, 1.0]
+    assert mean_metrics(metrics)["gold/off_policy"] == pytest.approx(1 / 3)
+    inputs = build_logit_inputs(aligned.alignments, results, ids, mask, gold)
+    assert inputs.positions.tolist() == [[0, 1], [0, 2], [0, 3], [1, 1]]  # (row, action column)
+    assert inputs.sample_index.tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match="Sample 0"):
+        build_logit_inputs(aligned.alignments, results, [ids[0][:1], ids[1], ids[2]], mask, gold)
+
+
+def test_gold_advantages_normalise_on_policy_tokens_mix_and_zero_off_policy():
+    distill = [torch.tensor([[1.0, 3.0, 0.0], [10.0, 20.0, 0.0]]), torch.tensor([[5.0, 0.0, 0.0]])]
+    signal = [torch.tensor([[True, True, False], [True, True, False]]), torch.tensor([[True, False, False]])]
+    off = [torch.tensor([False, True]), torch.tensor([False])]
+    reward = [torch.full((2, 3), 2.0), torch.full((1, 3), -2.0)]
+    gold = GoldConfig(alpha=0.5, kl_coef=2.0, advantage_norm="mean")
+    out = gold_advantages(reward, distill, signal, off, gold)
+    # mean over on-policy signal tokens {1, 3, 5} = 3; the off-policy row (10, 20) does not count
+    torch.testing.assert_close(out[0][0], torch.tensor([0.5 * 2 + 0.5 * 2 * -2.0, 0.5 * 2 + 0.0, 1.0]))
+    assert torch.equal(out[0][1], torch.zeros(3))  # off-policy: no policy gradient at all
+    torch.testing.assert_close(out[1][0], torch.tensor([-1.0 + 2.0, -1.0, -1.0]))
+    on = [torch.zeros(2, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)]
+    exact = gold_advantages(reward, distill, signal, on, GoldConfig(alpha=0.0))
+    assert all(torch.equal(a, r) for a, r in zip(exact, reward))  # alpha 0: the reward advantages, exactly
+    logit_only = gold_advantages(
+        None, distill, signal, off, GoldConfig(signal="logit", teacher=TeacherConfig(topk=1))
+    )
+    assert all(torch.equal(a, torch.zeros_like(a)) for a in logit_only)
+
+
+def test_logit_loss_reduction_is_a_token_mean_over_the_step():
+    gold = GoldConfig(alpha=0.5, logit_coef=3.0, signal="logit", teacher=TeacherConfig(topk=1))
+    per_position = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    term = logit_loss_term(per_position, 12, gold)
+    assert float(term.detach()) == pytest.approx(0.5 * 3.0 * 6.0 / 12)
+    halves = logit_loss_term(per_position[:1], 12, gold) + logit_loss_term(per_position[1:], 12, gold)
+    assert float(halves.detach()) == pytest.approx(
+        float(term.detach())
+    )  # micro-batches add up to the step's term
+    loss = LogitLoss(per_position, per_position, per_position, torch.tensor([True, True, False]), 0.5, 0.5)
+    logged = logit_metrics(loss, batch_size=4)
+    assert (
+        float(logged["gold/logit_loss"]) == pytest.approx(3.0)
+        and float(logged["gold/logit_positions"]) == 0.5
+    )
