@@ -149,7 +149,7 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, tuple]:
     }
 
 
-OURS_ONLY_PREFIXES = ("--gold.", "--backend", "--dry_run")
+OURS_ONLY_PREFIXES = ("--gold.", "--backend", "--dry_run", "--data.output_key")
 
 
 def test_every_openrlhf_option_has_the_same_name_type_and_default():
@@ -169,7 +169,7 @@ def _parse_ours(argv: list[str]) -> dict:
     return {
         k: v
         for k, v in parsed.items()
-        if not k.startswith(OURS_ONLY_PREFIXES[0][2:]) and k not in ("backend", "dry_run")
+        if not k.startswith(OURS_ONLY_PREFIXES[0][2:]) and k not in ("backend", "dry_run", "data.output_key")
     }
 
 
@@ -246,7 +246,7 @@ def test_reference_model_only_when_kl_to_reference_is_asked_for():
         ("--gold.signal logit", "1.0", "--gold.teacher.topk"),
         ("--algo.advantage.estimator gae", "1.0", "critic-free estimator"),
         ("--algo.kl.init_coef 0.01", "1.0", "--algo.kl.use_loss"),
-        ("--gold.lmbda 0.5", "1.0", "--backend local"),
+        ("--gold.lmbda 0.5", "1.0", "--data.output_key"),
         ("--algo.dynamic_filtering_enable", "1.0", "reward-free"),
         (
             "--algo.advantage.estimator rloo --rollout.n_samples_per_prompt 1",

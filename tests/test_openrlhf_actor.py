@@ -30,11 +30,12 @@ from gold_plugin.alignment import VocabMap  # noqa: E402
 from gold_plugin.integrations.openrlhf.actor import GoldActorPPOTrainer  # noqa: E402
 from gold_plugin.integrations.openrlhf.args import build_parser  # noqa: E402
 from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
-    LOGIT_MASK_KEY,
-    TOPK_IDS_KEY,
-    TOPK_LOGPROBS_KEY,
+    LOGIT_INPUTS_PREFIX,
+    pack_logit_inputs,
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
+from gold_plugin.signals.logit_inputs import LogitLossInputs  # noqa: E402
+from gold_plugin.step import LogitVocab  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
@@ -76,12 +77,16 @@ class RecordingStrategy:
         pass
 
 
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
+def init_gloo(tmp_path_factory) -> None:
+    """A one-process gloo group standing in for the NCCL world (OpenRLHF's loss normalisers all-reduce)."""
     if not dist.is_initialized():
         rendezvous = tmp_path_factory.mktemp("gloo") / "rendezvous"
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    yield
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    init_gloo(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +119,19 @@ def _trainer(setup, monkeypatch, gold: bool):
     trainer = ActorPPOTrainer(strategy, actor, None, optimizer, scheduler, tokenizer=setup.tok)
     if gold:
         trainer.__class__ = GoldActorPPOTrainer
-        trainer.setup_gold(setup.plan.gold, setup.mapping)
+        trainer.setup_gold(setup.plan.gold, LogitVocab(setup.mapping))
     return trainer, strategy, actor
 
 
-def _experience(setup, actor) -> Experience:
-    """Two right-padded rollouts with teacher top-k at some response positions, after OpenRLHF's replay path."""
+def _experience(setup, actor) -> tuple[Experience, list[tuple[int, int, torch.Tensor, torch.Tensor]]]:
+    """Two right-padded rollouts with teacher top-k at some response positions (packed by the experience maker's
+    :func:`pack_logit_inputs`), after OpenRLHF's replay path; and the positions as (row, action column, ids,
+    log-probs)."""
     tok = setup.tok
     g = torch.Generator().manual_seed(0)
-    rows = []
-    for prompt, response, positions in (
-        ("Add 2 and 2.", "It is 4, clearly.", [0, 2, 3]),
-        ("Hi!", "Hello there", [1]),
+    rows, expected = [], []
+    for row, (prompt, response, positions) in enumerate(
+        (("Add 2 and 2.", "It is 4, clearly.", [0, 2, 3]), ("Hi!", "Hello there", [1]))
     ):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         r_ids = tok(response, add_special_tokens=False)["input_ids"]
@@ -135,15 +141,21 @@ def _experience(setup, actor) -> Experience:
         action_mask[0, len(p_ids) - 1 :] = 1
         with torch.no_grad():
             old = actor(seq, action_mask, torch.ones_like(seq))
-        ids = torch.full((1, TOPK, length - 1), -1)
-        logprobs = torch.full((1, TOPK, length - 1), float("-inf"))
-        mask = torch.zeros(1, length - 1)
+        cols, ids, logprobs = [], [], []
         for j in positions:
             col = len(p_ids) - 1 + j
-            ids[0, :, col] = torch.randint(3, 32000, (TOPK,), generator=g)
-            ids[0, -1, col] = -1  # an empty slot
-            logprobs[0, :, col] = torch.randn(TOPK, generator=g).log_softmax(-1) - 0.2
-            mask[0, col] = 1.0
+            top = torch.randint(3, 32000, (TOPK,), generator=g)
+            top[-1] = -1  # an empty slot
+            cols.append(col)
+            ids.append(top)
+            logprobs.append(torch.randn(TOPK, generator=g).log_softmax(-1) - 0.2)
+            expected.append((row, col, ids[-1], logprobs[-1]))
+        inputs = LogitLossInputs(
+            positions=torch.tensor([[0, c] for c in cols]),
+            teacher_topk_ids=torch.stack(ids),
+            teacher_topk_logprobs=torch.stack(logprobs),
+            sample_index=torch.zeros(len(cols), dtype=torch.int64),
+        )
         rows.append(
             Experience(
                 sequences=seq,
@@ -153,17 +165,18 @@ def _experience(setup, actor) -> Experience:
                 advantages=torch.randn(1, length - 1, generator=g) * action_mask,
                 response_length=torch.tensor([len(r_ids)]),
                 total_length=torch.tensor([length]),
-                info={
-                    TOPK_IDS_KEY: ids,
-                    TOPK_LOGPROBS_KEY: logprobs,
-                    LOGIT_MASK_KEY: mask,
-                    "gold_distill_kl": torch.tensor([0.25]),
-                },
+                info={**pack_logit_inputs(inputs, 1), "gold/sampled_kl": torch.tensor([0.25])},
             )
         )
     batch = Experience.concat_experiences(rows, tok.pad_token_id)
     items = split_experience_batch(batch)
-    return make_experience_batch(items)  # what the replay buffer's collate_fn hands to training_step
+    return make_experience_batch(
+        items
+    ), expected  # what the replay buffer's collate_fn hands to training_step
+
+
+def _logit_keys(info) -> list[str]:
+    return [k for k in info if k.startswith(LOGIT_INPUTS_PREFIX)]
 
 
 def _grads(actor):
@@ -172,19 +185,20 @@ def _grads(actor):
 
 def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monkeypatch):
     plain, plain_strategy, plain_actor = _trainer(setup, monkeypatch, gold=False)
-    experience = _experience(setup, plain_actor)
-    plain_exp = _experience(setup, plain_actor)
-    for key in (TOPK_IDS_KEY, TOPK_LOGPROBS_KEY, LOGIT_MASK_KEY):
+    experience, expected = _experience(setup, plain_actor)
+    plain_exp, _ = _experience(setup, plain_actor)
+    for key in _logit_keys(plain_exp.info):
         plain_exp.info.pop(key)
     plain_status = plain.training_step(plain_exp, 0.0, 0)
     plain_grads = _grads(plain_actor)
 
     gold, gold_strategy, gold_actor = _trainer(setup, monkeypatch, gold=True)
+    assert _logit_keys(experience.info)
     status = gold.training_step(experience, 0.0, 0)
     gold_grads = _grads(gold_actor)
 
     assert len(plain_strategy.losses) == 1 and len(gold_strategy.losses) == 1  # one backward, loss added once
-    assert not any(k in experience.info for k in (TOPK_IDS_KEY, TOPK_LOGPROBS_KEY, LOGIT_MASK_KEY))
+    assert not _logit_keys(experience.info)
 
     # Independent expectation: the reference (full-vocabulary) loss at the same positions, normalised per action token.
     actor = gold_actor
@@ -192,16 +206,15 @@ def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monk
     seqs, attn = experience.sequences, experience.attention_mask
     position_ids = attn.long().cumsum(-1) - 1
     logits = actor.model(seqs, attention_mask=attn, position_ids=position_ids.clamp(min=0))["logits"].float()
-    rows, cols, ids, lps = [], [], [], []
-    for b, exp in enumerate(split_experience_batch(_experience(setup, plain_actor))):
-        for col in exp.info[LOGIT_MASK_KEY].nonzero().flatten().tolist():
-            rows.append(b)
-            cols.append(col)  # action column j is predicted by the logits at position j
-            ids.append(exp.info[TOPK_IDS_KEY][:, col])
-            lps.append(exp.info[TOPK_LOGPROBS_KEY][:, col])
+    rows = [r for r, *_ in expected]
+    cols = [c for _, c, *_ in expected]  # action column j is predicted by the logits at position j
     assert len(rows) == 4
     expected_per_position = aligned_logit_loss_reference(
-        logits[rows, cols], torch.stack(ids), torch.stack(lps), setup.mapping, config=setup.plan.gold
+        logits[rows, cols],
+        torch.stack([e[2] for e in expected]),
+        torch.stack([e[3] for e in expected]),
+        setup.mapping,
+        config=setup.plan.gold,
     )
     num_tokens = experience.action_mask.sum()
     extra = ALPHA * LOGIT_COEF * expected_per_position.sum() / num_tokens
@@ -218,10 +231,10 @@ def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monk
 
     metrics = status["metrics"]
     torch.testing.assert_close(
-        metrics["gold_logit_loss"], expected_per_position.detach().mean(), atol=1e-5, rtol=1e-4
+        metrics["gold/logit_loss"], expected_per_position.detach().mean(), atol=1e-5, rtol=1e-4
     )
-    assert float(metrics["gold_logit_positions"]) == 4.0
-    assert "gold_distill_kl" in metrics and "gold_logit_loss" not in plain_status["metrics"]
+    assert float(metrics["gold/logit_positions"]) == 2.0  # 4 positions in 2 samples
+    assert "gold/sampled_kl" in metrics and "gold/logit_loss" not in plain_status["metrics"]
 
 
 def test_advantage_only_signal_leaves_openrlhf_training_step_unchanged(setup, monkeypatch):
@@ -233,8 +246,8 @@ def test_advantage_only_signal_leaves_openrlhf_training_step_unchanged(setup, mo
             "--algo.kl.init_coef 0 --vllm.num_engines 1 --actor.num_gpus_per_node 1".split()
         )
     ).gold
-    experience = _experience(setup, actor)
+    experience, _ = _experience(setup, actor)
     status = gold.training_step(experience, 0.0, 0)
     assert len(strategy.losses) == 1
-    assert "gold_logit_loss" not in status["metrics"]
-    assert LOGIT_MASK_KEY not in experience.info  # still popped: OpenRLHF could not log a per-token list
+    assert "gold/logit_loss" not in status["metrics"]
+    assert not _logit_keys(experience.info)  # still popped: OpenRLHF could not log a per-position list

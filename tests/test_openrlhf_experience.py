@@ -31,16 +31,16 @@ from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer  # noqa: 
 from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator  # noqa: E402
 
 from gold_plugin.alignment import align, text_for_teacher  # noqa: E402
-from gold_plugin.integrations.openrlhf.actor import pop_gold_extras  # noqa: E402
 from gold_plugin.integrations.openrlhf.args import build_parser  # noqa: E402
 from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
-    LOGIT_MASK_KEY,
-    TOPK_IDS_KEY,
-    TOPK_LOGPROBS_KEY,
+    LOGIT_INPUTS_PREFIX,
     GoldExperienceMaker,
+    pop_logit_inputs,
+    unpack_logit_inputs,
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
-from gold_plugin.integrations.openrlhf.prompts import build_prompt_lookup  # noqa: E402
+from gold_plugin.integrations.openrlhf.prompts import build_prompt_lookup, build_reference_lookup  # noqa: E402
+from gold_plugin.signals.logit_inputs import LogitLossInputs  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherRequest  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
@@ -65,8 +65,8 @@ RESPONSES = [  # two samples per prompt; the last of each pair is cut (no EOS)
 REWARDS = [1.0, 0.0, 1.0, 0.5, 1.0, 0.0]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def build_models(tmp_path_factory) -> SimpleNamespace:
+    """Tiny Llamas: student and reference with the Qwen tokenizer, teacher with the Mistral one."""
     student_dir = save_tiny_teacher(tmp_path_factory.mktemp("student"), "qwen", seed=1)
     teacher_dir = save_tiny_teacher(tmp_path_factory.mktemp("teacher"), "mistral", seed=2)
     ref_dir = save_tiny_teacher(tmp_path_factory.mktemp("ref"), "qwen", seed=3)
@@ -93,6 +93,11 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
 def teacher_group(local_ray, models):
     """A real TeacherGroup: one Ray actor running HFTeacher on CPU."""
     plan = _plan(models, alpha=0.5, extra="--gold.signal both")
@@ -106,6 +111,7 @@ def _plan(models, alpha: float, extra: str = "", estimator: str = "group_norm"):
         f"--actor.model_name_or_path {models.student_dir} --gold.teacher.model_name_or_path {models.teacher_dir} "
         f"--gold.teacher.num_gpus_per_replica 0 --gold.teacher.topk {TOPK} --gold.teacher.micro_batch_size 4 "
         f"--data.prompt_dataset unused.jsonl --data.apply_chat_template --data.label_key label "
+        f"--data.output_key label "
         f"--algo.advantage.estimator {estimator} --rollout.n_samples_per_prompt 2 --rollout.batch_size 3 "
         f"--rollout.micro_batch_size 2 --actor.num_nodes 1 --actor.num_gpus_per_node 2 --vllm.num_engines 1 "
         f"--algo.kl.init_coef 0.05 --algo.kl.use_loss --gold.alpha {alpha} --gold.kl_coef 2.0 "
@@ -162,8 +168,12 @@ def _critic_group():
     return LocalModelGroup(forward)
 
 
-def _rollouts(strategy, student_tok, rewards=REWARDS) -> list:
-    """Experiences built by OpenRLHF's own samples generator from vLLM-shaped responses."""
+def _rollouts(strategy, student_tok, rewards=REWARDS, unknown_prompt: bool = True) -> list:
+    """Experiences built by OpenRLHF's own samples generator from vLLM-shaped responses.
+
+    ``unknown_prompt``: sample 4's prompt is one the prompt lookup does not know (the teacher then falls back to
+    the student's prompt text).
+    """
     generator = SamplesGenerator(strategy, None, None, student_tok, vllm_engines=[])
     samples = []
     for index, ((text, ends), reward) in enumerate(zip(RESPONSES, rewards)):
@@ -171,9 +181,7 @@ def _rollouts(strategy, student_tok, rewards=REWARDS) -> list:
         prompt = student_tok.apply_chat_template(
             [{"role": "user", "content": row["input"]}], tokenize=False, add_generation_prompt=True
         )
-        if (
-            index == 4
-        ):  # a prompt the lookup does not know: the teacher falls back to the student's prompt text
+        if index == 4 and unknown_prompt:
             prompt = prompt.replace("Spell", "Please spell")
         prompt_ids = student_tok(prompt, add_special_tokens=False)["input_ids"]
         response_ids = student_tok(text, add_special_tokens=False)["input_ids"]
@@ -193,7 +201,7 @@ def _rollouts(strategy, student_tok, rewards=REWARDS) -> list:
     return samples
 
 
-def _makers(models, teacher, plan, critic=False):
+def _makers(models, teacher, plan, critic=False, rows=ROWS):
     student_tok = load_test_tokenizer("qwen")
     strategy = SimpleNamespace(args=plan.args)
     groups = dict(
@@ -205,13 +213,15 @@ def _makers(models, teacher, plan, critic=False):
         strategy=strategy,
         tokenizer=student_tok,
     )
-    lookup = build_prompt_lookup(ROWS, student_tok, plan.args.data)
+    lookup = build_prompt_lookup(rows, student_tok, plan.args.data)
+    references = build_reference_lookup(rows, student_tok, plan.args.data, plan.args.data.output_key)
     gold = GoldExperienceMaker(
         **groups,
         teacher=teacher,
         gold_config=plan.gold,
         teacher_tokenizer=load_test_tokenizer("mistral"),
         prompt_lookup=lookup,
+        reference_lookup=references,
     )
     base = RemoteExperienceMaker(**groups)
     return gold, base, strategy, student_tok
@@ -254,37 +264,49 @@ def _independent_distill_advantages(models, plan, key, exp, b):
         logprobs = models.student(seq[None]).logits[0].float().log_softmax(-1)
     start = seq.shape[0] - response_ids.size
     student_lp = logprobs[start - 1 : -1].gather(-1, seq[start:, None]).squeeze(-1)
-    return group_advantages_reference(
+    advantages = group_advantages_reference(
         alignment, student_lp, torch.from_numpy(result.logprobs), plan.gold.kl_discount
-    ), raw
+    )
+    return advantages, raw, torch.from_numpy(alignment.student_group >= 0)
 
 
-def test_advantages_are_the_signal_functions_mixed_with_openrlhf_advantages(models, teacher_group):
-    plan = _plan(models, alpha=0.5)
+@pytest.mark.parametrize("norm", ["none", "whiten"])
+def test_advantages_are_the_signal_functions_mixed_with_openrlhf_advantages(models, teacher_group, norm):
+    plan = _plan(models, alpha=0.5, extra=f"--gold.advantage_norm {norm}")
     gold_maker, base_maker, strategy, student_tok = _makers(models, teacher_group, plan)
     rollouts = _rollouts(strategy, student_tok)
     gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
     base_exps = base_maker.make_experience_batch(copy.deepcopy(rollouts))
     gold_rows, base_rows = _by_row(gold_exps), _by_row(base_exps)
     assert len(gold_rows) == len(RESPONSES) == len(base_rows)
+    independent = {
+        key: _independent_distill_advantages(models, plan, key, *row) for key, row in gold_rows.items()
+    }
+    if norm == "whiten":  # over the signal tokens of the whole rollout (all micro-batches), by hand
+        values = torch.cat([d[s].double() for d, _, s in independent.values()])
+        mean, std = values.mean(), values.std(unbiased=False)
+        independent = {
+            k: (torch.where(s, (d - mean) / std, 0.0).float(), r, s) for k, (d, r, s) in independent.items()
+        }
     checked_fallback = False
     for key, (exp, b) in gold_rows.items():
         base_exp, base_b = base_rows[key]
-        distill, raw = _independent_distill_advantages(models, plan, key, exp, b)
+        distill, raw, _ = independent[key]
         mask = exp.action_mask[b].bool()
         expected = 0.5 * base_exp.advantages[base_b][mask] + 0.5 * 2.0 * distill
         torch.testing.assert_close(exp.advantages[b][mask], expected, atol=2e-5, rtol=1e-4)
         assert distill.abs().sum() > 0
-        assert float(exp.info["gold_teacher_prompt_fallback"][b]) == float(raw is None)
+        assert float(exp.info["gold/teacher_prompt_fallback"][b]) == float(raw is None)
         checked_fallback |= raw is None
-        assert float(exp.info["gold_unaligned"][b]) == 0.0
-        assert 0.5 < float(exp.info["gold_aligned_token_share"][b]) <= 1.0
-        assert float(exp.info["gold_teacher_seconds"][b]) > 0
+        assert float(exp.info["gold/unaligned"][b]) == 0.0
+        assert float(exp.info["gold/off_policy"][b]) == 0.0
+        assert 0.5 < float(exp.info["gold/aligned_token_share"][b]) <= 1.0
+        assert float(exp.info["gold/teacher_seconds"][b]) > 0
     assert checked_fallback
 
 
 def test_reward_free_run_never_reads_rewards(models, teacher_group):
-    plan = _plan(models, alpha=1.0, extra="--algo.advantage.estimator reinforce")
+    plan = _plan(models, alpha=1.0, extra="--algo.advantage.estimator reinforce --gold.advantage_norm none")
     assert plan.args.reward.remote_url is None
     gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
     nan_rewards = [float("nan")] * len(RESPONSES)
@@ -298,7 +320,7 @@ def test_reward_free_run_never_reads_rewards(models, teacher_group):
         assert torch.equal(exp.info["reward"], torch.zeros(exp.sequences.shape[0]))
         for b in range(exp.sequences.shape[0]):
             key = (exp.prompts[b], tuple(exp.sequences[b, 1:][exp.action_mask[b].bool()].tolist()))
-            distill, _ = _independent_distill_advantages(models, plan, key, exp, b)
+            distill, _, _ = _independent_distill_advantages(models, plan, key, exp, b)
             torch.testing.assert_close(
                 exp.advantages[b][exp.action_mask[b].bool()], 2.0 * distill, atol=2e-5, rtol=1e-4
             )
@@ -323,24 +345,32 @@ def test_alpha_zero_reproduces_openrlhf_advantages_exactly(models, teacher_group
     assert any(exp.advantages.abs().sum() > 0 for exp in gold_exps)
 
 
-def test_teacher_topk_survives_openrlhf_batching_and_replay_buffer(models, teacher_group, monkeypatch):
+def _logit_inputs_by_sample(experiences) -> dict:
+    """{(prompt, response ids): (action columns, teacher top-k ids, log-probs)} of the packed logit inputs."""
+    out = {}
+    for exp in experiences:
+        packed = {k: v for k, v in exp.info.items() if k.startswith(LOGIT_INPUTS_PREFIX)}
+        inputs = unpack_logit_inputs(packed, LogitLossInputs)
+        for key, (_, b) in _by_row([exp]).items():
+            mine = inputs.sample_index == b
+            out[key] = (
+                inputs.positions[mine, 1],
+                inputs.teacher_topk_ids[mine],
+                inputs.teacher_topk_logprobs[mine],
+            )
+    return out
+
+
+def test_logit_inputs_survive_openrlhf_batching_and_replay_buffer(models, teacher_group, monkeypatch):
     plan = _plan(models, alpha=0.5, extra="--gold.signal both")
     gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
     experiences = gold_maker.make_experience_batch(_rollouts(strategy, student_tok))
-    per_sample = {}
-    for exp in experiences:
-        for b, (key, _) in enumerate(sorted(_by_row([exp]).items(), key=lambda kv: kv[1][1])):
-            width = int(exp.attention_mask[b].sum()) - 1  # the sample's own action-axis length
-            per_sample[key] = {
-                k: exp.info[k][b][..., :width].clone()
-                for k in (TOPK_IDS_KEY, TOPK_LOGPROBS_KEY, LOGIT_MASK_KEY)
-            }
-            logit_mask = exp.info[LOGIT_MASK_KEY][b]
-            assert logit_mask.sum() > 0
-            assert (
-                logit_mask[~exp.action_mask[b].bool()] == 0
-            ).all()  # never a position outside the response
-            assert (exp.info[TOPK_IDS_KEY][b][:, logit_mask > 0] >= 0).any(dim=0).all()
+    before = _logit_inputs_by_sample(experiences)
+    for key, (exp, b) in _by_row(experiences).items():
+        columns, ids, _ = before[key]
+        assert columns.numel() > 0
+        assert exp.action_mask[b][columns].all()  # never a position outside the response
+        assert (ids >= 0).any(dim=1).all()  # every position has a teacher candidate
 
     balanced = balance_experiences(experiences, plan.args)  # the dynamic-batch path of OpenRLHF's trainer
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # NaiveReplayBuffer only names a device
@@ -349,20 +379,51 @@ def test_teacher_topk_survives_openrlhf_batching_and_replay_buffer(models, teach
         buffer.append(exp)
     assert len(buffer) == len(RESPONSES)
     batch = buffer.collate_fn([buffer[i] for i in range(len(buffer))])
-    extras = pop_gold_extras(batch)
-    assert not any(k in batch.info for k in (TOPK_IDS_KEY, TOPK_LOGPROBS_KEY, LOGIT_MASK_KEY))
-    num_actions = batch.action_mask.shape[1]
-    assert extras[TOPK_IDS_KEY].shape == (len(RESPONSES), TOPK, num_actions)
-    for (key, _), b in zip(sorted(_by_row([batch]).items(), key=lambda kv: kv[1][1]), range(len(RESPONSES))):
-        width = int(batch.attention_mask[b].sum()) - 1
-        original = per_sample[key]
-        assert torch.equal(extras[TOPK_IDS_KEY][b][:, :width], original[TOPK_IDS_KEY])
-        assert torch.equal(extras[TOPK_LOGPROBS_KEY][b][:, :width], original[TOPK_LOGPROBS_KEY])
-        assert torch.equal(extras[LOGIT_MASK_KEY][b][:width], original[LOGIT_MASK_KEY])
-        assert (extras[LOGIT_MASK_KEY][b][width:] == 0).all()
+    after = _logit_inputs_by_sample([batch])
+    assert set(after) == set(before)
+    for key, (columns, ids, logprobs) in after.items():
+        torch.testing.assert_close(columns, before[key][0], rtol=0, atol=0)
+        assert torch.equal(ids, before[key][1]) and torch.equal(logprobs, before[key][2])
+    assert pop_logit_inputs(batch) is not None
+    assert not any(k.startswith(LOGIT_INPUTS_PREFIX) for k in batch.info)
     # What remains in info is what OpenRLHF's training step turns into logged metrics.
     for key, value in batch.info.items():
         assert torch.tensor(value, dtype=torch.float).shape == (len(RESPONSES),), key
+
+
+def test_lmbda_replaces_a_share_of_the_prompts_by_their_reference_completion(models, teacher_group):
+    plan = _plan(
+        models, alpha=1.0, extra="--algo.advantage.estimator reinforce --gold.signal both --gold.lmbda 0.5"
+    )
+    gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
+    gold_maker.reference_lookup.pop(next(iter(gold_maker.reference_lookup)))  # the first prompt has none
+    experiences = gold_maker.make_experience_batch(_rollouts(strategy, student_tok))
+    rows = _by_row(experiences)
+    eos = student_tok.eos_token_id
+    off_keys = [k for k, (exp, b) in rows.items() if float(exp.info["gold/off_policy"][b]) == 1.0]
+    inputs = _logit_inputs_by_sample(experiences)
+    for exp in experiences:
+        assert torch.equal(
+            exp.info["gold/on_policy"] + exp.info["gold/off_policy"], torch.ones(len(exp.prompts))
+        )
+        assert (exp.info["gold/off_policy"][exp.info["gold/missing_reference"] > 0] == 0).all()
+    # 4 distinct prompts (sample 4's prompt was changed), round(0.5 * 4) = 2 drawn: with seed 42 at step 0 the
+    # first (whose reference was removed: trained on-policy, counted) and the last (one sample, off-policy).
+    off = sum(float(e.info["gold/off_policy"].sum()) for e in experiences)
+    missing = sum(float(e.info["gold/missing_reference"].sum()) for e in experiences)
+    assert (off, missing) == (1.0, 2.0)
+    assert off_keys
+    for key in off_keys:
+        exp, b = rows[key]
+        prompt, response = key
+        label = next(r["label"] for r in ROWS if r["input"] in prompt)
+        assert list(response) == student_tok(label, add_special_tokens=False)["input_ids"] + [eos]
+        mask = exp.action_mask[b].bool()
+        assert torch.equal(exp.advantages[b][mask], torch.zeros(int(mask.sum())))  # no policy gradient
+        assert inputs[key][0].numel() > 0  # the logit loss trains on it
+        assert float(exp.info["gold/unaligned"][b]) == 0.0
+    on_advantages = [rows[k][0].advantages[rows[k][1]] for k in rows if k not in off_keys]
+    assert any(a.abs().sum() > 0 for a in on_advantages)
 
 
 def test_teacher_scoring_is_in_flight_while_the_model_forwards_run(models, teacher_group):
@@ -389,4 +450,4 @@ def test_teacher_scoring_is_in_flight_while_the_model_forwards_run(models, teach
     gold_maker.actor_model_group.forward = forward_after_teacher_started
     experiences = gold_maker.make_experience_batch(_rollouts(strategy, student_tok))
     assert overlapped and all(overlapped)
-    assert all(exp.info["gold_unaligned"].sum() == 0 for exp in experiences)
+    assert all(exp.info["gold/unaligned"].sum() == 0 for exp in experiences)

@@ -304,6 +304,13 @@ def _add_data_and_logging_options(parser: argparse.ArgumentParser) -> None:
         "--data.label_key", type=str, default=None, help="Label column (passed to reward functions)."
     )
     g.add_argument("--data.input_template", type=str, default=None)
+    g.add_argument(
+        "--data.output_key",
+        type=str,
+        default=None,
+        help="GOLD (not an OpenRLHF PPO option): reference-completion column, used for the off-policy share of "
+        "the prompts when --gold.lmbda < 1 (as GKD/TRL; OpenRLHF's SFT uses the same name).",
+    )
     _flag(g, "--data.apply_chat_template", "Render prompts with the student tokenizer's chat template.")
     g.add_argument("--logger.wandb.key", type=str, default=None)
     g.add_argument("--logger.wandb.org", type=str, default=None)

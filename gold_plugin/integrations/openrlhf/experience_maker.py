@@ -1,21 +1,27 @@
 """``GoldExperienceMaker``: OpenRLHF's experience maker plus the teacher's aligned signal.
 
-For every rollout micro-batch it
+An adapter around :mod:`gold_plugin.step` (the GOLD step both backends share). For every rollout batch it
 
-1. rebuilds each response's text from the student's token ids (canonical bytes, not ``decode``) and the teacher
-   prompt (raw chat messages from the prompt lookup, rendered with the teacher's template; else the student's
-   prompt text, counted in ``gold_teacher_prompt_fallback``);
-2. sends the teacher requests on a background thread, so that teacher scoring overlaps the actor / reference /
-   critic forwards that OpenRLHF dispatches in ``make_experience``;
-3. aligns student and teacher tokens (docs/design.md, "Alignment"), turns the aligned log-probs into per-token distillation
-   advantages (docs/design.md, "Distillation advantages") and, for the logit loss, collects the teacher's top-k at the first token of each group;
-4. in ``compute_advantages_and_returns`` lets OpenRLHF compute its own advantages for the chosen estimator and
-   mixes them: ``A = (1 - alpha) A_reward + alpha kl_coef A_distill``.
+1. with ``--gold.lmbda < 1``, replaces the sampled responses of a drawn ``1 - lmbda`` share of the prompts by
+   the tokenised reference completion of the dataset (``--data.output_key``) before any model forward, and marks
+   those samples ``gold/off_policy`` (their advantages are set to 0: no policy gradient on text the student did
+   not sample; the logit loss trains on them);
+2. builds the teacher requests (response text from the student's canonical token bytes; the teacher prompt from
+   the raw chat messages of the prompt lookup, rendered with the teacher's template, else the student's prompt
+   text, counted in ``gold/teacher_prompt_fallback``) and sends them on a background thread, so that teacher
+   scoring overlaps the actor / reference / critic forwards that OpenRLHF dispatches in ``make_experience``;
+3. aligns, computes the raw distillation advantages and the logit-loss inputs (:func:`gold_plugin.step.
+   build_logit_inputs`) of every rollout micro-batch, and the per-sample ``gold/*`` metrics;
+4. in ``compute_advantages_and_returns`` lets OpenRLHF compute its own advantages for the chosen estimator, then
+   :func:`gold_plugin.step.gold_advantages` normalises the distillation advantages over the whole rollout
+   (``--gold.advantage_norm``) and mixes: ``A = (1 - alpha) A_reward + alpha kl_coef norm(A_distill)``.
 
 With ``alpha == 1`` the rollouts' rewards are replaced by zeros before OpenRLHF sees them: no reward model is
-called and no reward is read. Per-token extras for the actor travel in ``info`` with the time axis last (so that
-OpenRLHF's right-padding of info tensors pads time) under the keys in :data:`PER_TOKEN_INFO_KEYS`; the policy
-actor pops them before OpenRLHF turns ``info`` into logged metrics.
+called and no reward is read. The logit-loss inputs travel to the policy actor in ``Experience.info``, one entry
+per field, per sample, with the **position axis last** (so OpenRLHF's right-padding of info tensors in
+``concat_experiences``, the replay buffer and ``balance_experiences`` pads positions); the policy actor pops them
+(:func:`pop_logit_inputs`) before OpenRLHF turns ``info`` into logged metrics. Everything else left in ``info`` is
+a per-sample metric.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,32 +36,30 @@ import torch
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
-from gold_plugin.alignment import Alignment, align, group_starts, text_for_teacher, token_byte_lengths
 from gold_plugin.config import GoldConfig
-from gold_plugin.signals.advantages import batch_distill_advantages, mix_advantages
-from gold_plugin.teacher.types import TeacherRequest, TeacherResult
+from gold_plugin.step import (
+    LogitVocab,
+    align_results,
+    build_logit_inputs,
+    choose_off_policy,
+    distill_advantages,
+    gold_advantages,
+    reference_response_ids,
+    response_ends_with_eos,
+    sample_metrics,
+    teacher_requests,
+)
+from gold_plugin.teacher.types import TeacherResult
 
 DISTILL_ADVANTAGES_KEY = "gold_distill_advantages"
-"""(batch, num_actions) distillation advantages, from make_experience to compute_advantages_and_returns."""
-TOPK_IDS_KEY = "gold_topk_ids"
-"""(batch, k, num_actions) int64 teacher top-k ids at the first student token of each group (teacher vocabulary)."""
-TOPK_LOGPROBS_KEY = "gold_topk_logprobs"
-"""(batch, k, num_actions) float32 teacher top-k log-probs (-inf for empty slots)."""
-LOGIT_MASK_KEY = "gold_logit_mask"
-"""(batch, num_actions) float32: 1 at the action positions where the logit loss compares distributions."""
-PER_TOKEN_INFO_KEYS = (DISTILL_ADVANTAGES_KEY, TOPK_IDS_KEY, TOPK_LOGPROBS_KEY, LOGIT_MASK_KEY)
-
-
-@dataclass
-class _Row:
-    """One rollout sample on its way to the teacher."""
-
-    action_index: np.ndarray
-    """Positions of the sample's action tokens in its row of ``action_mask`` (contiguous)."""
-    response_ids: np.ndarray
-    request: TeacherRequest | None
-    problem: str | None = None
-    prompt_fallback: bool = False
+"""(batch, num_actions) raw distillation advantages, from make_experience to compute_advantages_and_returns."""
+SIGNAL_MASK_KEY = "gold_signal_mask"
+"""(batch, num_actions) bool: tokens of scored groups (the normalisation's statistics), popped with the above."""
+LOGIT_INPUTS_PREFIX = "gold_logit_inputs."
+"""Prefix of the info keys carrying the logit-loss inputs (``<prefix><field>``, ``<prefix>columns``, ``valid``)."""
+OFF_POLICY_KEY = "gold/off_policy"
+"""Per-sample 1.0 for a reference completion (off-policy), 0.0 for a student sample; also a logged metric."""
+MISSING_REFERENCE_KEY = "gold/missing_reference"
 
 
 def _response_positions(action_mask_row: torch.Tensor) -> tuple[np.ndarray, bool]:
@@ -65,27 +68,68 @@ def _response_positions(action_mask_row: torch.Tensor) -> tuple[np.ndarray, bool
     return index, contiguous
 
 
-def _mask_unscored_groups(alignment: Alignment, teacher_logprobs: np.ndarray) -> Alignment:
-    """Drop the groups that contain a teacher token without a log-prob (NaN: it did not fit the teacher's
-    context) and renumber the rest ``0..n-1``, so the alignment contract (every group on both sides) holds."""
-    unscored = np.isnan(teacher_logprobs)
-    if not unscored.any() or not alignment.aligned:
-        return alignment
-    t_group = np.asarray(alignment.teacher_group)
-    bad = np.unique(t_group[unscored & (t_group >= 0)])
-    keep = np.setdiff1d(np.arange(alignment.num_groups), bad)
-    renumber = np.full(alignment.num_groups + 1, -1, dtype=np.int64)  # last slot maps -1 to -1
-    renumber[keep] = np.arange(keep.size)
-    s_group = renumber[np.asarray(alignment.student_group)]
-    t_group = renumber[t_group]
-    t_group[unscored] = -1
-    return dataclasses.replace(
-        alignment, student_group=s_group, teacher_group=t_group, num_groups=int(keep.size)
-    )
+def pack_logit_inputs(inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    """The logit-loss inputs of a micro-batch as info tensors: row b holds sample b's positions, position axis last.
+
+    Every per-position field ``[N, *rest]`` (all fields but ``positions`` and ``sample_index``) becomes
+    ``[B, *rest, P]`` (P = the most positions of one sample, zero-padded), plus ``columns`` ``[B, P]`` (action
+    columns) and ``valid`` ``[B, P]`` (1.0 = a real position). :func:`unpack_logit_inputs` inverts it.
+    """
+    rows = inputs.sample_index.to(torch.int64).cpu()
+    order = torch.argsort(rows, stable=True)
+    rows = rows[order]
+    counts = torch.bincount(rows, minlength=batch_size)
+    width = int(counts.max()) if rows.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel()) - starts[rows]
+    packed: dict[str, torch.Tensor] = {}
+    columns = torch.zeros(batch_size, width, dtype=torch.int64)
+    columns[rows, slot] = inputs.positions[:, 1].cpu()[order]
+    valid = torch.zeros(batch_size, width)
+    valid[rows, slot] = 1.0
+    packed[LOGIT_INPUTS_PREFIX + "columns"] = columns
+    packed[LOGIT_INPUTS_PREFIX + "valid"] = valid
+    for f in dataclasses.fields(inputs):
+        if f.name in ("positions", "sample_index"):
+            continue
+        values = getattr(inputs, f.name).cpu()[order]
+        out = torch.zeros((batch_size, width, *values.shape[1:]), dtype=values.dtype)
+        out[rows, slot] = values
+        packed[LOGIT_INPUTS_PREFIX + f.name] = out.movedim(1, -1).contiguous()
+    return packed
+
+
+def unpack_logit_inputs(packed: dict[str, Any], cls: type, device: Any = None) -> Any:
+    """The inputs of :func:`pack_logit_inputs` back, for a batch whose rows are the packed samples (after
+    OpenRLHF's batching: a list of per-sample tensors or a batched tensor per key, widths may differ)."""
+
+    def batched(key: str) -> torch.Tensor:
+        value = packed[LOGIT_INPUTS_PREFIX + key]
+        items = list(value) if isinstance(value, (list, tuple)) else list(value.unbind(0))
+        width = max((int(t.shape[-1]) for t in items), default=0)
+        padded = [torch.nn.functional.pad(torch.as_tensor(t), (0, width - int(t.shape[-1]))) for t in items]
+        return torch.stack(padded).movedim(-1, 1)  # [B, P, *rest]
+
+    valid = batched("valid") > 0
+    rows, slots = valid.nonzero(as_tuple=True)
+    columns = batched("columns")[rows, slots]
+    values = {
+        f.name: batched(f.name)[rows, slots].to(device)
+        for f in dataclasses.fields(cls)
+        if f.name not in ("positions", "sample_index")
+    }
+    rows = rows.to(device)
+    return cls(positions=torch.stack([rows, columns.to(device)], dim=1), sample_index=rows, **values)
+
+
+def pop_logit_inputs(experience: Any) -> dict[str, Any] | None:
+    """Remove the logit-loss inputs from ``experience.info`` (None when there are none)."""
+    keys = [k for k in experience.info if k.startswith(LOGIT_INPUTS_PREFIX)]
+    return {k: experience.info.pop(k) for k in keys} or None
 
 
 class GoldExperienceMaker(RemoteExperienceMaker):
-    """OpenRLHF's ``RemoteExperienceMaker`` with GOLD distillation advantages and teacher top-k (docs/design.md, "OpenRLHF integration").
+    """OpenRLHF's ``RemoteExperienceMaker`` with GOLD distillation advantages and logit-loss inputs.
 
     Args (beyond the base class's):
         teacher: anything with ``score(list[TeacherRequest]) -> list[TeacherResult]`` (a ``TeacherGroup`` of Ray
@@ -93,6 +137,8 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         gold_config: the run's :class:`GoldConfig`.
         teacher_tokenizer: the tokenizer the teacher's token ids refer to (default: ``teacher.tokenizer``).
         prompt_lookup: ``{student prompt string: raw chat messages}`` for the teacher's own chat template.
+        reference_lookup: ``{student prompt string: reference completion}`` (``--data.output_key``), for
+            ``--gold.lmbda < 1``.
     """
 
     def __init__(
@@ -102,6 +148,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         gold_config: GoldConfig,
         teacher_tokenizer: Any = None,
         prompt_lookup: dict[str, list[dict[str, Any]]] | None = None,
+        reference_lookup: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -109,9 +156,71 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         self.gold = gold_config
         self.teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else teacher.tokenizer
         self.prompt_lookup = prompt_lookup or {}
-        self._student_byte_lengths = np.asarray(token_byte_lengths(self.tokenizer))
-        self._student_special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        self.reference_lookup = reference_lookup or {}
+        self.logit_vocab = (
+            LogitVocab.build(self.tokenizer, self.teacher_tokenizer, gold_config)
+            if gold_config.logit_projection == "bytes"
+            else None
+        )
+        """The byte projection's inputs need the byte-sorted student vocabulary (built once, here)."""
+        self.batches_made = 0
+        """Rollout batches seen: the ``step`` of the seeded off-policy draw."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-teacher")
+
+    # ── off-policy samples (lmbda) ──
+
+    def split_rollout_samples(self, rollout_samples: list[Experience]) -> list[Experience]:
+        """Mark every sample on/off-policy (replacing the drawn prompts' responses) before OpenRLHF batches them."""
+        self._use_reference_completions(rollout_samples)
+        return super().split_rollout_samples(rollout_samples)
+
+    def _use_reference_completions(self, samples: list[Experience]) -> None:
+        step, self.batches_made = self.batches_made, self.batches_made + 1
+        prompts = [s.prompts[0] if s.prompts else "" for s in samples]
+        distinct = list(dict.fromkeys(prompts))
+        off = missing = np.zeros(len(distinct), dtype=bool)
+        if self.gold.uses_off_policy:
+            references = [self.reference_lookup.get(p) for p in distinct]
+            off, missing = choose_off_policy(references, self.gold.lmbda, self.args.train.seed, step)
+        chosen = {p: i for i, p in enumerate(distinct) if off[i]}
+        ids = reference_response_ids(
+            self.tokenizer, [self.reference_lookup[p] for p in chosen], self.args.rollout.max_new_tokens
+        )
+        response_of = dict(zip(chosen, ids))
+        index_of = {p: i for i, p in enumerate(distinct)}
+        for sample, prompt in zip(samples, prompts):
+            if prompt in response_of:
+                self._replace_response(sample, response_of[prompt])
+            sample.info[OFF_POLICY_KEY] = torch.tensor([float(prompt in response_of)])
+            sample.info[MISSING_REFERENCE_KEY] = torch.tensor([float(missing[index_of[prompt]])])
+
+    def _replace_response(self, sample: Experience, response_ids: list[int]) -> None:
+        """Make the single-sample ``sample`` hold ``prompt + response_ids`` (cut at ``--data.max_len``)."""
+        if sample.sequences.shape[0] != 1:
+            raise ValueError("Reference completions replace single rollout samples (before batching).")
+        actions = torch.nonzero(sample.action_mask[0].to(torch.bool)).flatten()
+        prompt_len = int(actions[0]) + 1 if actions.numel() else int(sample.sequences.shape[1])
+        prompt = sample.sequences[0, :prompt_len]
+        response = torch.tensor(response_ids, dtype=prompt.dtype)
+        max_len = int(getattr(self.args.data, "max_len", 0) or 0) or None
+        sequence = torch.cat([prompt, response])[:max_len]
+        length = int(sequence.shape[0])
+        action_mask = torch.zeros(length - 1, dtype=sample.action_mask.dtype)
+        action_mask[prompt_len - 1 :] = 1
+        sample.sequences = sequence[None]
+        sample.attention_mask = torch.ones(1, length, dtype=sample.attention_mask.dtype)
+        sample.action_mask = action_mask[None]
+        if sample.rollout_log_probs is not None:  # set to the actor's own log-probs after the forwards
+            sample.rollout_log_probs = torch.zeros(1, length - 1, dtype=sample.rollout_log_probs.dtype)
+        sample.response_length = torch.tensor([max(length - prompt_len, 0)])
+        sample.total_length = torch.tensor([float(length)])
+        clipped = max_len is not None and length >= max_len
+        if sample.truncated is not None:  # as vLLM's finish_reason == "length": the response has no end token
+            sample.truncated = torch.tensor(
+                [not response_ends_with_eos(self.tokenizer, sequence[prompt_len:])]
+            )
+        if "response_clip_ratio" in sample.info:
+            sample.info["response_clip_ratio"] = torch.tensor([clipped])
 
     # ── teacher requests ──
 
@@ -122,50 +231,46 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         messages = self.prompt_lookup.get(prompt)
         return (messages, False) if messages is not None else (prompt, True)
 
-    def _build_rows(self, samples_list: list[Experience]) -> list[list[_Row]]:
-        rows_per_experience = []
-        for samples in samples_list:
-            rows = []
-            for b in range(samples.sequences.shape[0]):
-                index, contiguous = _response_positions(samples.action_mask[b])
-                response_ids = samples.sequences[b, 1:][torch.as_tensor(index, dtype=torch.long)].numpy()
-                if not contiguous:
-                    rows.append(
-                        _Row(index, response_ids, None, problem="response is not one contiguous span")
-                    )
-                    continue
-                prompt, fallback = self._teacher_prompt(
-                    samples.prompts[b] if b < len(samples.prompts) else ""
-                )
-                ends_with_eos = bool(
-                    response_ids.size
-                    and int(response_ids[-1]) in self._student_special
-                    and self._student_byte_lengths[int(response_ids[-1])] == 0
-                )
-                text_ids = response_ids[:-1] if ends_with_eos else response_ids
-                request = TeacherRequest(
-                    prompt=prompt,
-                    response=text_for_teacher(self.tokenizer, text_ids),
-                    ends_with_eos=ends_with_eos,
-                )
-                rows.append(_Row(index, response_ids, request, prompt_fallback=fallback))
-            rows_per_experience.append(rows)
-        return rows_per_experience
-
-    def _score(self, requests: list[TeacherRequest]) -> tuple[list[TeacherResult], float]:
+    def _score(self, requests: list) -> tuple[list[TeacherResult], float]:
         start = time.perf_counter()
         results = list(self.teacher.score(requests)) if requests else []
         if len(results) != len(requests):
             raise RuntimeError(f"The teacher returned {len(results)} results for {len(requests)} requests.")
         return results, time.perf_counter() - start
 
+    def _samples_for_teacher(self, samples_list: list[Experience]) -> list[dict[str, Any]]:
+        """Per micro-batch: response ids, teacher requests (None where a response cannot be sent) and reasons."""
+        out = []
+        for samples in samples_list:
+            responses, problems, prompts, fallback, sendable = [], [], [], [], []
+            for b in range(samples.sequences.shape[0]):
+                index, contiguous = _response_positions(samples.action_mask[b])
+                responses.append(samples.sequences[b, 1:][torch.as_tensor(index, dtype=torch.long)].numpy())
+                problems.append(None if contiguous else "response is not one contiguous span")
+                prompt, fell_back = self._teacher_prompt(
+                    samples.prompts[b] if b < len(samples.prompts) else ""
+                )
+                prompts.append(prompt)
+                fallback.append(fell_back)
+                sendable.append(contiguous)
+            requests = teacher_requests(self.tokenizer, responses, prompts)
+            out.append(
+                {
+                    "responses": responses,
+                    "problems": problems,
+                    "requests": [r if ok else None for r, ok in zip(requests, sendable)],
+                    "fallback": torch.tensor(fallback, dtype=torch.float32),
+                }
+            )
+        return out
+
     # ── OpenRLHF hooks ──
 
     @torch.no_grad()
     def make_experience(self, samples_list: list[Experience]) -> list[Experience]:
         """OpenRLHF's forwards, overlapped with teacher scoring, then the GOLD signal attached to every sample."""
-        rows = self._build_rows(samples_list)
-        requests = [row.request for exp_rows in rows for row in exp_rows if row.request is not None]
+        batches = self._samples_for_teacher(samples_list)
+        requests = [r for batch in batches for r in batch["requests"] if r is not None]
         future: Future = self._executor.submit(self._score, requests)
 
         if not self.gold.needs_reward:
@@ -182,111 +287,74 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         wait_seconds = time.perf_counter() - forwards_done
 
         result_iter = iter(results)
-        for experience, exp_rows in zip(experiences, rows):
-            row_results = [next(result_iter) if row.request is not None else None for row in exp_rows]
-            self._attach_signal(experience, exp_rows, row_results, teacher_seconds, wait_seconds)
+        for experience, batch in zip(experiences, batches):
+            batch_results = [next(result_iter) if r is not None else None for r in batch["requests"]]
+            self._attach_signal(experience, batch, batch_results, teacher_seconds, wait_seconds)
         return experiences
 
     def _attach_signal(
         self,
         experience: Experience,
-        rows: list[_Row],
+        batch: dict[str, Any],
         results: list[TeacherResult | None],
         teacher_seconds: float,
         wait_seconds: float,
     ) -> None:
         gold = self.gold
-        batch, num_actions = experience.action_mask.shape
-        alignments: list[Alignment] = []
-        teacher_logprobs: list[torch.Tensor] = []
-        masked_tokens = torch.zeros(batch)
-        for row, result in zip(rows, results):
-            num_student = row.response_ids.size
-            if result is None or result.error is not None:
-                reason = row.problem if result is None else f"teacher: {result.error}"
-                alignments.append(Alignment.unalignable(num_student, 0, reason))
-                teacher_logprobs.append(torch.zeros(0))
-                continue
-            alignment = align(
-                self.tokenizer,
-                row.response_ids,
-                self.teacher_tokenizer,
-                result.token_ids,
-                pair_eos=gold.pair_eos,
-                mode=gold.alignment,
+        size = experience.action_mask.shape[0]
+        off = experience.info[OFF_POLICY_KEY] > 0
+        if experience.rollout_log_probs is not None and bool(off.any()):
+            # The reference completion was not sampled by vLLM: its rollout log-probs are the actor's own.
+            experience.rollout_log_probs[off] = experience.action_log_probs[off].to(
+                experience.rollout_log_probs.dtype
             )
-            logprobs = np.asarray(result.logprobs, dtype=np.float32)
-            alignment = _mask_unscored_groups(alignment, logprobs)
-            alignments.append(alignment)
-            teacher_logprobs.append(torch.from_numpy(np.nan_to_num(logprobs, nan=0.0)))
-            masked_tokens[len(alignments) - 1] = float(result.num_masked)
-
-        distill = batch_distill_advantages(
-            alignments,
-            teacher_logprobs,
-            experience.action_log_probs.float(),
-            experience.action_mask,
-            kl_discount=gold.kl_discount,
+        aligned = align_results(
+            self.tokenizer,
+            self.teacher_tokenizer,
+            batch["responses"],
+            results,
+            gold,
+            problems=batch["problems"],
         )
-        if gold.uses_advantages:
-            experience.info[DISTILL_ADVANTAGES_KEY] = distill.advantages
+        distill, signal = distill_advantages(
+            aligned, experience.action_log_probs, experience.action_mask, gold
+        )
+        experience.info[DISTILL_ADVANTAGES_KEY] = distill.advantages
+        experience.info[SIGNAL_MASK_KEY] = signal
         if gold.uses_logit_loss:
-            self._attach_topk(experience, rows, results, alignments, distill.aligned)
-
-        info = experience.info
-        info["gold_distill_kl"] = distill.kl_sum
-        info["gold_distill_kl_per_group"] = distill.kl_mean
-        info["gold_aligned_token_share"] = distill.aligned_token_fraction
-        info["gold_one_to_one_group_share"] = distill.one_to_one_fraction
-        info["gold_unaligned"] = (~distill.aligned).float()
-        info["gold_teacher_prompt_fallback"] = torch.tensor([float(r.prompt_fallback) for r in rows])
-        info["gold_teacher_masked_tokens"] = masked_tokens
-        info["gold_teacher_seconds"] = torch.full((batch,), teacher_seconds)
-        info["gold_teacher_wait_seconds"] = torch.full((batch,), wait_seconds)
-        assert distill.advantages.shape == (batch, num_actions)
-
-    def _attach_topk(
-        self,
-        experience: Experience,
-        rows: list[_Row],
-        results: list[TeacherResult | None],
-        alignments: list[Alignment],
-        aligned: torch.Tensor,
-    ) -> None:
-        batch, num_actions = experience.action_mask.shape
-        k = self.gold.teacher.topk
-        ids = torch.full((batch, k, num_actions), -1, dtype=torch.int64)
-        logprobs = torch.full((batch, k, num_actions), float("-inf"), dtype=torch.float32)
-        mask = torch.zeros(batch, num_actions, dtype=torch.float32)
-        for b, (row, result, alignment) in enumerate(zip(rows, results, alignments)):
-            if not bool(aligned[b]) or result is None or result.topk_ids is None or alignment.num_groups == 0:
-                continue
-            student_first, teacher_first = group_starts(alignment)
-            positions = torch.as_tensor(row.action_index[student_first], dtype=torch.long)
-            topk_ids = torch.as_tensor(np.asarray(result.topk_ids)[teacher_first, :k], dtype=torch.int64)
-            topk_lp = torch.as_tensor(
-                np.asarray(result.topk_logprobs)[teacher_first, :k], dtype=torch.float32
+            inputs = build_logit_inputs(
+                aligned.alignments,
+                aligned.results,
+                batch["responses"],
+                experience.action_mask,
+                gold,
+                self.logit_vocab,
             )
-            ids[b][: topk_ids.shape[1], positions] = topk_ids.T
-            logprobs[b][: topk_lp.shape[1], positions] = topk_lp.T
-            mask[b, positions] = 1.0
-        experience.info[TOPK_IDS_KEY] = ids
-        experience.info[TOPK_LOGPROBS_KEY] = logprobs
-        experience.info[LOGIT_MASK_KEY] = mask
+            experience.info.update(pack_logit_inputs(inputs, size))
+        metrics = sample_metrics(
+            aligned,
+            distill,
+            off,
+            experience.info[MISSING_REFERENCE_KEY] > 0,
+            prompt_fallback=batch["fallback"],
+        )
+        metrics["gold/teacher_seconds"] = torch.full((size,), teacher_seconds)
+        metrics["gold/teacher_wait_seconds"] = torch.full((size,), wait_seconds)
+        experience.info.update(metrics)
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences: list[Experience]) -> list[Experience]:
-        """OpenRLHF's advantages for its estimator, mixed with the distillation advantages by ``alpha``."""
-        distill = [exp.info.pop(DISTILL_ADVANTAGES_KEY, None) for exp in experiences]
+        """OpenRLHF's advantages for its estimator, mixed with the normalised distillation advantages."""
+        distill = [exp.info.pop(DISTILL_ADVANTAGES_KEY) for exp in experiences]
+        signal = [exp.info.pop(SIGNAL_MASK_KEY) for exp in experiences]
         experiences = super().compute_advantages_and_returns(experiences)
-        alpha = self.gold.alpha
-        for experience, distill_advantages in zip(experiences, distill):
-            if distill_advantages is None:  # logit-only signal: the policy gradient sees the task reward only
-                distill_advantages = torch.zeros_like(experience.advantages, dtype=torch.float32)
-            experience.advantages = mix_advantages(
-                experience.advantages if alpha < 1.0 else None,
-                distill_advantages,
-                alpha,
-                self.gold.kl_coef,
-            )
+        mixed = gold_advantages(
+            [exp.advantages for exp in experiences],
+            distill,
+            signal,
+            [exp.info[OFF_POLICY_KEY] > 0 for exp in experiences],
+            self.gold,
+        )
+        for experience, advantages in zip(experiences, mixed):
+            experience.advantages = advantages
         return experiences

@@ -69,10 +69,10 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
         raise GoldConfigError("Set --gold.teacher.model_name_or_path (the teacher model).")
     if not args.data.prompt_dataset:
         raise GoldConfigError("Set --data.prompt_dataset (the prompts the student answers).")
-    if gold.lmbda < 1.0:
+    if gold.uses_off_policy and not args.data.output_key:
         raise GoldConfigError(
-            f"--gold.lmbda={gold.lmbda}: the openrlhf backend trains on-policy only (OpenRLHF's rollouts are vLLM "
-            "samples); use --gold.lmbda 1, or --backend local for mixed on/off-policy distillation."
+            f"--gold.lmbda={gold.lmbda} < 1 trains a share of the prompts on the dataset's reference completions: "
+            "set --data.output_key (the completion column), or --gold.lmbda 1."
         )
     if args.data.max_images_per_prompt > 0:
         raise GoldConfigError(

@@ -1,7 +1,8 @@
-"""Raw chat prompts for the teacher's own template.
+"""Raw chat prompts for the teacher's own template, and reference completions for ``--gold.lmbda < 1``.
 
 OpenRLHF's rollouts carry only the student-templated prompt string. To render the teacher's chat template we keep
-a lookup ``templated prompt -> raw messages``, built from the same dataset rows with OpenRLHF's own
+a lookup ``templated prompt -> raw messages``, and for off-policy samples a lookup ``templated prompt -> reference
+completion`` (``--data.output_key``), both built from the same dataset rows with OpenRLHF's own
 ``preprocess_data`` (so the keys are exactly the strings the rollouts carry).
 """
 
@@ -50,8 +51,32 @@ def build_prompt_lookup(
     return lookup
 
 
-def load_prompt_lookup(strategy: Any, tokenizer: Any) -> dict[str, ChatMessages]:
-    """Load the training prompts as OpenRLHF's ``prepare_datasets`` does and build the lookup."""
+def build_reference_lookup(
+    rows: Iterable[Mapping[str, Any]], tokenizer: Any, data_args: Any, output_key: str
+) -> dict[str, str]:
+    """``{student prompt string: reference completion}`` for the rows that have one under ``output_key`` (a string,
+    or chat messages whose last content is taken); rows without one are left out (trained on-policy)."""
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+
+    from gold_plugin.step import reference_text
+
+    apply_chat_template = (
+        tokenizer.apply_chat_template if getattr(data_args, "apply_chat_template", False) else None
+    )
+    input_key = getattr(data_args, "input_key", "input")
+    template = getattr(data_args, "input_template", None)
+    lookup: dict[str, str] = {}
+    for row in rows:
+        reference = reference_text(row.get(output_key))
+        if reference is None or input_key not in row:
+            continue
+        prompt, _ = preprocess_data(row, template, input_key, None, apply_chat_template)
+        lookup[prompt] = reference
+    return lookup
+
+
+def load_prompt_rows(strategy: Any) -> Any:
+    """The training prompt rows, loaded as OpenRLHF's ``prepare_datasets`` loads them."""
     from openrlhf.datasets.utils import blending_datasets
 
     args = strategy.args
@@ -63,5 +88,15 @@ def load_prompt_lookup(strategy: Any, tokenizer: Any) -> dict[str, ChatMessages]
         max_count=args.data.max_samples,
         dataset_split=args.data.prompt_split,
     )
-    data = data.select(range(min(args.data.max_samples, len(data))))
-    return build_prompt_lookup(data, tokenizer, args.data)
+    return data.select(range(min(args.data.max_samples, len(data))))
+
+
+def load_prompt_lookup(strategy: Any, tokenizer: Any) -> dict[str, ChatMessages]:
+    """Load the training prompts as OpenRLHF does and build the raw-messages lookup."""
+    return build_prompt_lookup(load_prompt_rows(strategy), tokenizer, strategy.args.data)
+
+
+def load_reference_lookup(strategy: Any, tokenizer: Any) -> dict[str, str]:
+    """Load the training prompts as OpenRLHF does and build the reference-completion lookup."""
+    args = strategy.args
+    return build_reference_lookup(load_prompt_rows(strategy), tokenizer, args.data, args.data.output_key)

@@ -20,7 +20,7 @@ from gold_plugin.config import gold_config_from_args
 from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
 
 from .experience_maker import GoldExperienceMaker
-from .prompts import load_prompt_lookup
+from .prompts import load_prompt_lookup, load_reference_lookup
 
 logger = init_logger(__name__)
 
@@ -33,6 +33,10 @@ def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceM
     if gold.teacher.chat_template == "teacher":
         prompt_lookup = load_prompt_lookup(strategy, trainer.tokenizer)
         logger.info(f"GOLD: raw chat prompts for the teacher's template: {len(prompt_lookup)} prompts")
+    reference_lookup = None
+    if gold.uses_off_policy:
+        reference_lookup = load_reference_lookup(strategy, trainer.tokenizer)
+        logger.info(f"GOLD: reference completions for lmbda={gold.lmbda}: {len(reference_lookup)} prompts")
     base = trainer.experience_maker
     trainer.experience_maker = GoldExperienceMaker(
         base.actor_model_group,
@@ -46,6 +50,7 @@ def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceM
         gold_config=gold,
         teacher_tokenizer=load_teacher_tokenizer(gold.teacher),
         prompt_lookup=prompt_lookup,
+        reference_lookup=reference_lookup,
     )
     return trainer.experience_maker
 
