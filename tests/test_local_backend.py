@@ -73,7 +73,7 @@ def test_gold_lifts_a_weak_student_through_a_ray_teacher(models, tmp_path):
     assert evals[0] == pytest.approx(models.student_init_accuracy)
     assert evals[-1] >= evals[0] + 0.15, evals
     trained = [h for h in history if "gold/logit_loss" in h]
-    assert len(trained) == 120 and all(h["gold/unaligned_samples"] <= 4 for h in trained)
+    assert len(trained) == 120 and all(h["gold/unaligned"] <= 4 / 128 for h in trained)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     final = ckpt / "global_step120"  # a Hugging Face folder: model + the student's own tokenizer
     assert AutoModelForCausalLM.from_pretrained(final).config.eos_token_id == AutoTokenizer.from_pretrained(
@@ -112,3 +112,47 @@ def test_clear_errors(models, tmp_path):
     assert err.value.code == 2
     with pytest.raises(SystemExit):
         main(["--actor.model_name_or_path", str(models.student_init)])
+
+
+def test_lmbda_trains_a_share_of_the_prompts_on_their_reference_completions(models, tmp_path):
+    """``--gold.lmbda 0.25``: 24 of 32 prompts use the dataset's answer (logit loss only, no policy gradient)."""
+    import dataclasses
+
+    from gold_plugin.local.cli import build_parser
+    from gold_plugin.local.config import configs_from_args
+    from gold_plugin.local.trainer import LocalTrainer
+    from gold_plugin.teacher import build_teacher
+    from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+
+    options = [*FAST, "--gold.lmbda", "0.25", "--data.output_key", "output", "--local.teacher_in_process"]
+    ckpt = tmp_path / "ckpt"
+    steps = ["--local.max_steps", "2", "--eval.steps", "0", "--ckpt.path", str(ckpt)]
+    assert main(demo_argv(models, [*options, *steps])) == 0
+    history = [h for h in _metrics(ckpt / "metrics.jsonl") if "gold/off_policy" in h]
+    assert [h["gold/off_policy"] for h in history] == [0.75, 0.75]
+    assert all(h["gold/missing_reference"] == 0 and h["gold/logit_loss"] > 0 for h in history)
+
+    # One step by hand, with the advantage signal on and a prompt without reference completion.
+    config, gold = configs_from_args(build_parser().parse_args(demo_argv(models, options)))
+    gold = dataclasses.replace(gold, signal="both")
+    trainer = LocalTrainer(
+        config, gold, build_teacher(gold.teacher, device="cpu"), load_teacher_tokenizer(gold.teacher)
+    )
+    rows = trainer.batch_rows(0)
+    rows[0] = {k: v for k, v in rows[0].items() if k != "output"}
+    rollout, off, missing = trainer.make_rollout(rows, step=0)
+    assert int(off.sum()) + int(missing.sum()) == 24 * 4 and len(rollout.response_ids) == 128
+    tok = trainer.tokenizer
+    for i in off.nonzero().flatten().tolist():
+        answer = rows[rollout.prompt_index[i]]["output"]
+        assert rollout.response_ids[i] == tok(answer, add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id
+        ]
+    experience = trainer.make_experience(rows, rollout, off, missing)
+    assert experience.advantages[off].abs().sum() == 0  # no policy gradient on off-policy text
+    assert experience.advantages[~off].abs().sum() > 0
+    assert experience.metrics["gold/off_policy"] == pytest.approx(float(off.float().mean()))
+    loss, metrics = trainer.micro_batch_loss(experience, off.nonzero().flatten().tolist(), 128.0)
+    assert metrics["gold/logit_positions"] > 0 and metrics["train/policy_loss"] == 0.0
+    loss.backward()  # the logit loss trains on the reference completions
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())

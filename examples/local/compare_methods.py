@@ -1,12 +1,15 @@
-"""GOLD vs ULD vs GRPO vs GOLD+GRPO vs same-tokenizer distillation on the demo task, equal step budgets, seeds.
+"""GOLD vs ULD vs GRPO vs GOLD+GRPO vs same-tokenizer distillation (and GKD's lmbda) on the demo task, seeds.
 
     python examples/local/compare_methods.py --run_dir runs/compare --seeds 0 1 2 --steps 200
+    python examples/local/compare_methods.py --run_dir runs/compare --study normalisation   # --gold.advantage_norm
 
 Every method starts from the same briefly fine-tuned student and the same teacher (both from
 :func:`gold_plugin.local.demo.prepare_models`) and trains for the same number of steps with the same optimiser
 and rollout settings; only the learning signal differs. Writes ``results.md`` (held-out accuracy, mean ± std over
 seeds, and the share of the teacher's accuracy gap recovered) and ``accuracy.png`` (accuracy vs step) into
-``--run_dir``. Runs go two at a time as subprocesses of ``launchers/train_gold.py --backend local``.
+``--run_dir`` (``results_normalisation.md`` / ``accuracy_normalisation.png`` for ``--study normalisation``: the
+distillation-advantage signal under each ``--gold.advantage_norm``, in the settings of the OpenRLHF examples).
+Runs go two at a time as subprocesses of ``launchers/train_gold.py --backend local``.
 """
 
 from __future__ import annotations
@@ -26,12 +29,38 @@ sys.path.insert(0, str(REPO))
 from gold_plugin.local.demo import demo_argv, prepare_models, with_teacher_tokenizer  # noqa: E402
 
 LOGIT = ["--gold.signal", "logit", "--gold.teacher.topk", "8"]
-METHODS: dict[str, list[str]] = {
-    "GOLD (spans + byte vocabulary map)": [*LOGIT, "--gold.alignment", "spans"],
-    "ULD (positional + sorted)": [*LOGIT, "--gold.alignment", "positional"],
-    "GRPO (task reward only)": ["--gold.alpha", "0"],
-    "GOLD + GRPO (alpha 0.5)": [*LOGIT, "--gold.alpha", "0.5"],
-    "same-tokenizer distillation": LOGIT,
+OFF_POLICY = ["--data.output_key", "output"]  # the demo data's reference completions (the answers)
+# name -> (run folder prefix, options)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "GOLD (spans + byte vocabulary map)": ("gold", [*LOGIT, "--gold.alignment", "spans"]),
+    "ULD (positional + sorted)": ("uld", [*LOGIT, "--gold.alignment", "positional"]),
+    "GRPO (task reward only)": ("grpo", ["--gold.alpha", "0"]),
+    "GOLD + GRPO (alpha 0.5)": ("gold_grpo", [*LOGIT, "--gold.alpha", "0.5"]),
+    "same-tokenizer distillation": ("same_tokenizer", LOGIT),
+    "GOLD, lmbda 0.5 (half the prompts off-policy)": (
+        "gold_lmbda0.5",
+        [*LOGIT, "--gold.lmbda", "0.5", *OFF_POLICY],
+    ),
+    "GOLD, lmbda 0.25 (TRL's GOLD recipe)": ("gold_lmbda0.25", [*LOGIT, "--gold.lmbda", "0.25", *OFF_POLICY]),
+}
+# The distillation advantages under each --gold.advantage_norm, in the OpenRLHF examples' settings: advantages
+# alone (reward-free, examples/gold_countdown_*.sh), with the logit loss (examples/gold_same_tokenizer_*.sh), mixed
+# with GRPO at alpha 0.5 (examples/gold_grpo_countdown_mix.sh).
+NORMALISATION: dict[str, tuple[str, list[str]]] = {}
+for _norm in ("none", "mean", "whiten"):
+    _option = ["--gold.advantage_norm", _norm]
+    NORMALISATION[f"advantages, norm {_norm}"] = (f"adv_{_norm}", ["--gold.signal", "advantage", *_option])
+    NORMALISATION[f"advantages + logit loss, norm {_norm}"] = (
+        f"both_{_norm}",
+        ["--gold.signal", "both", "--gold.teacher.topk", "8", *_option],
+    )
+    NORMALISATION[f"advantages + GRPO (alpha 0.5), norm {_norm}"] = (
+        f"adv_grpo_{_norm}",
+        ["--gold.signal", "advantage", "--gold.alpha", "0.5", *_option],
+    )
+STUDIES = {
+    "methods": (METHODS, "results.md", "accuracy.png"),
+    "normalisation": (NORMALISATION, "results_normalisation.md", "accuracy_normalisation.png"),
 }
 SHARED = [
     "--actor.adam.lr", "2e-4", "--actor.lr_warmup_ratio", "0", "--actor.min_lr_ratio", "1",
@@ -57,6 +86,15 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def _check_reference_completions(train_data: Path) -> None:
+    first = json.loads(train_data.read_text().splitlines()[0])
+    if "output" not in first:
+        raise SystemExit(
+            f"{train_data} was written before the task had reference completions (no 'output' field): delete "
+            f"{train_data.parent} and run again (the models are kept; the data is rewritten identically)."
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run_dir", default="runs/compare")
@@ -64,25 +102,38 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval_steps", type=int, default=25)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--study", choices=sorted(STUDIES), default="methods")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="Run only these methods (run-folder prefixes, e.g. gold uld).",
+    )
     p.add_argument(
         "--report_only", action="store_true", help="Rebuild the table and plot from finished runs."
     )
     args = p.parse_args()
+    methods, results_name, plot_name = STUDIES[args.study]
+    if args.methods:
+        unknown = sorted(set(args.methods) - {slug for slug, _ in methods.values()})
+        if unknown:
+            raise SystemExit(f"Unknown methods {unknown}; choose from {[s for s, _ in methods.values()]}.")
+        methods = {name: m for name, m in methods.items() if m[0] in args.methods}
     run_dir = Path(args.run_dir).resolve()
     start = time.perf_counter()
     models = prepare_models(run_dir)
+    _check_reference_completions(models.train_data)
     same_tok = with_teacher_tokenizer(
         models.student_init, models.teacher, run_dir / "student_teacher_tokenizer"
     )
 
     jobs = []
-    for name, extra in METHODS.items():
+    for name, (slug, extra) in methods.items():
         for seed in args.seeds:
-            slug = name.split(" (")[0].lower().replace(" + ", "_").replace(" ", "_").replace("-", "_")
             out = run_dir / "runs" / f"{slug}_seed{seed}"
             out.mkdir(parents=True, exist_ok=True)
             argv = demo_argv(models, [*SHARED, *extra])
-            if name.startswith("same-tokenizer"):
+            if slug == "same_tokenizer":
                 argv[argv.index("--actor.model_name_or_path") + 1] = str(same_tok)
             argv += [
                 "--train.seed", str(seed), "--local.max_steps", str(args.steps),
@@ -117,12 +168,17 @@ def main() -> None:
         )
     if not args.report_only:
         lines += ["", f"Total time {time.perf_counter() - start:.0f} s."]
-    (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+    (run_dir / results_name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(curves, teacher, run_dir / "accuracy.png")
+    plot(curves, teacher, run_dir / plot_name)
 
 
-def plot(curves: dict[str, list[dict[int, float]]], teacher: float, path: Path) -> None:
+def plot(
+    curves: dict[str, list[dict[int, float]]],
+    teacher: float,
+    path: Path,
+    title: str = "student and teacher tokenizers differ",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,10 +196,8 @@ def plot(curves: dict[str, list[dict[int, float]]], teacher: float, path: Path) 
     ax.axhline(teacher, color="black", linestyle="--", label="teacher")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_title(
-        "2-digit addition; student and teacher tokenizers differ (mean ± std over seeds)", fontsize=10
-    )
-    ax.legend(fontsize=8)
+    ax.set_title(f"2-digit addition; {title} (mean ± std over seeds)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -60,8 +60,13 @@ class AdditionTask:
         return f"{a + b:0{self.num_digits + 1}d}"[::-1]
 
     def records(self, pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
-        """Dataset rows in OpenRLHF's prompt-dataset shape: ``input`` (prompt text) and ``label`` (answer)."""
-        return [{"input": self.prompt(a, b), "label": self.answer(a, b)} for a, b in pairs]
+        """Dataset rows in OpenRLHF's prompt-dataset shape: ``input`` (prompt text), ``label`` (the answer the
+        reward checks) and ``output`` (the reference completion, ``--data.output_key output``: the same answer,
+        which ``--gold.lmbda < 1`` trains on off-policy)."""
+        return [
+            {"input": self.prompt(a, b), "label": self.answer(a, b), "output": self.answer(a, b)}
+            for a, b in pairs
+        ]
 
 
 _ANSWER = re.compile(r"^\s*(-?\d+)")

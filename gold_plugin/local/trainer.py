@@ -1,9 +1,11 @@
 """The single-machine GOLD trainer: HF ``generate`` rollouts, teacher scoring, aligned signals, PPO-clip, AdamW.
 
-One step = ``rollout_batch_size`` prompts x ``n_samples_per_prompt`` sampled responses -> teacher scores
-(Ray :class:`~gold_plugin.teacher.TeacherGroup`, or an in-process scorer) -> alignment -> advantages
-(distillation, task reward, or both, mixed by ``alpha``) and optionally the aligned logit loss -> clipped
-policy-gradient update. Checkpoints are Hugging Face model folders plus ``trainer_state.pt`` (optimizer,
+One step = ``rollout_batch_size`` prompts x ``n_samples_per_prompt`` responses (student samples; with
+``--gold.lmbda < 1`` a drawn share of the prompts uses the dataset's reference completion instead) -> teacher
+scores (Ray :class:`~gold_plugin.teacher.TeacherGroup`, or an in-process scorer) -> the GOLD step of
+:mod:`gold_plugin.step` (alignment, advantages mixed by ``alpha``, logit-loss inputs, metrics: the same functions
+the OpenRLHF backend calls) -> clipped policy-gradient update (:func:`~gold_plugin.signals.clipped_policy_loss`)
+plus the logit-loss term. Checkpoints are Hugging Face model folders plus ``trainer_state.pt`` (optimizer,
 scheduler, step, RNG states), so a resumed run continues the same run.
 """
 
@@ -17,6 +19,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +29,53 @@ import torch
 from gold_plugin.config import GoldConfig
 from gold_plugin.local.config import LocalTrainConfig
 from gold_plugin.local.modeling import (
+    Rollout,
     accuracy,
     encode_prompt,
     resolve_device,
     response_logits_and_logprobs,
     sample,
 )
+from gold_plugin.signals.estimators import reward_advantages
+from gold_plugin.signals.policy_loss import clipped_policy_loss
+from gold_plugin.step import (
+    AlignedBatch,
+    LogitVocab,
+    align_results,
+    build_logit_inputs,
+    choose_off_policy,
+    compute_logit_loss,
+    distill_advantages,
+    gold_advantages,
+    logit_loss_term,
+    logit_metrics,
+    mean_metrics,
+    reference_response_ids,
+    reference_text,
+    response_ends_with_eos,
+    sample_metrics,
+    teacher_requests,
+)
 
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
+
+
+@dataclass
+class LocalExperience:
+    """One step's rollout with what the update needs (the local counterpart of OpenRLHF's experiences)."""
+
+    rollout: Rollout
+    off_policy: torch.Tensor
+    """[N] bool: the sample is the dataset's reference completion (no policy gradient; logit loss only)."""
+    aligned: AlignedBatch | None
+    """Teacher results aligned to the responses (None when ``alpha == 0``: no teacher)."""
+    old_logprobs: torch.Tensor
+    """[N, A] log-probs of the responses under the sampling policy."""
+    mask: torch.Tensor
+    """[N, A] bool action mask."""
+    advantages: torch.Tensor
+    """[N, A] the advantages of :func:`gold_plugin.step.gold_advantages`."""
+    metrics: dict[str, float]
 
 
 def _rewards_tensor(output: Any, count: int) -> torch.Tensor:
@@ -42,32 +84,6 @@ def _rewards_tensor(output: Any, count: int) -> torch.Tensor:
     if rewards.shape[0] != count:
         raise ValueError(f"reward_func returned {rewards.shape[0]} rewards for {count} samples.")
     return rewards
-
-
-def reward_advantages(rewards: torch.Tensor, n: int, estimator: str) -> torch.Tensor:
-    """Per-sample advantages from scalar rewards laid out prompt-major (``n`` samples per prompt).
-
-    ``group_norm`` (GRPO): (r - group mean) / (group std + 1e-9); ``dr_grpo`` / ``reinforce_baseline``:
-    r - group mean; ``rloo``: r - mean of the other samples; ``reinforce``: r.
-    """
-    grouped = rewards.reshape(-1, n)
-    if estimator == "reinforce":
-        out = grouped
-    elif estimator in ("reinforce_baseline", "dr_grpo"):
-        out = grouped - grouped.mean(dim=1, keepdim=True)
-    elif estimator == "group_norm":
-        std = grouped.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(grouped)
-        out = (grouped - grouped.mean(dim=1, keepdim=True)) / (std + 1e-9)
-    elif estimator == "rloo":
-        if n < 2:
-            raise ValueError("rloo needs --rollout.n_samples_per_prompt >= 2.")
-        out = grouped - (grouped.sum(dim=1, keepdim=True) - grouped) / (n - 1)
-    else:
-        raise ValueError(
-            f"--algo.advantage.estimator {estimator!r} is not supported by the local backend: use group_norm, "
-            "dr_grpo, reinforce_baseline, rloo or reinforce."
-        )
-    return out.reshape(-1)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -113,8 +129,6 @@ class LocalTrainer:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from gold_plugin.alignment import VocabMap
-
         self.config, self.gold, self.teacher = config, gold, teacher
         self.teacher_tokenizer = teacher_tokenizer
         self.device = resolve_device(config.device)
@@ -127,7 +141,7 @@ class LocalTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(self.device)
-        self.vocab_map = VocabMap(self.tokenizer, teacher_tokenizer) if gold.uses_logit_loss else None
+        self.vocab = LogitVocab.build(self.tokenizer, teacher_tokenizer, gold)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.learning_rate,
@@ -188,96 +202,161 @@ class LocalTrainer:
         return [c.prompts[i] for i in picked]
 
     # -- one step -----------------------------------------------------------------------------------
-    def _score_teacher(self, rows: list[dict], responses: list[str], ends: list[bool]) -> list[Any]:
-        from gold_plugin.teacher import TeacherRequest
+    def _teacher_prompt(self, row: dict) -> str | list[dict]:
+        """The raw chat messages for the teacher's own template, or the student's prompt text."""
+        if self.gold.teacher.chat_template == "teacher" and self.config.apply_chat_template:
+            return self._prompt_text(row)
+        return self._student_prompt(row)
 
-        use_raw = self.gold.teacher.chat_template == "teacher" and self.config.apply_chat_template
-        requests = [
-            TeacherRequest(
-                self._prompt_text(row) if use_raw else self._student_prompt(row), response, ends_with_eos=end
-            )
-            for row, response, end in zip(rows, responses, ends)
-        ]
-        return self.teacher.score(requests)
+    def _reference(self, row: dict) -> str | None:
+        key = self.config.output_key
+        return reference_text(row.get(key)) if key else None
 
-    def train_step(self) -> dict[str, float]:
-        """Sample, score, update once; returns the step's metrics."""
-        from gold_plugin.alignment import align_batch, text_for_teacher
+    def make_rollout(self, rows: list[dict], step: int) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """The step's responses, prompt-major: student samples, except for the prompts drawn off-policy
+        (``1 - lmbda`` of them), whose ``n`` samples are the dataset's reference completion.
 
+        Returns the rollout and, per sample, ``off_policy`` and ``missing_reference`` (drawn but without a
+        reference completion: trained on-policy).
+        """
         c, gold = self.config, self.gold
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        rows = self.batch_rows(self.step)
+        n = c.n_samples_per_prompt
         prompt_ids = [encode_prompt(self.tokenizer, self._student_prompt(r)) for r in rows]
-        rollout = sample(
+        off = missing = np.zeros(len(rows), dtype=bool)
+        if gold.uses_off_policy:
+            off, missing = choose_off_policy([self._reference(r) for r in rows], gold.lmbda, c.seed, step)
+        on_index = [i for i in range(len(rows)) if not off[i]]
+        sampled = sample(
             self.model,
             self.tokenizer,
-            prompt_ids,
-            n_samples_per_prompt=c.n_samples_per_prompt,
+            [prompt_ids[i] for i in on_index],
+            n_samples_per_prompt=n,
             max_new_tokens=c.max_new_tokens,
             temperature=c.temperature,
             top_p=c.top_p,
         )
-        sample_rows = [rows[i] for i in rollout.prompt_index]
-        text_ids = [r[:-1] if end else r for r, end in zip(rollout.response_ids, rollout.ends_with_eos)]
-        responses = [text_for_teacher(self.tokenizer, ids) for ids in text_ids]
-        timings["time/generate"] = time.perf_counter() - t0
+        off_index = [i for i in range(len(rows)) if off[i]]
+        references = reference_response_ids(
+            self.tokenizer, [self._reference(rows[i]) for i in off_index], c.max_new_tokens
+        )
+        per_prompt: dict[int, list[list[int]]] = {i: [] for i in range(len(rows))}
+        for j, response in enumerate(sampled.response_ids):
+            per_prompt[on_index[sampled.prompt_index[j]]].append(response)
+        for i, response in zip(off_index, references):
+            per_prompt[i] = [list(response) for _ in range(n)]
+        rollout = Rollout([], [], [], [])
+        for i in range(len(rows)):
+            for response in per_prompt[i]:
+                rollout.prompt_index.append(i)
+                rollout.prompt_ids.append(prompt_ids[i])
+                rollout.response_ids.append(response)
+                rollout.ends_with_eos.append(response_ends_with_eos(self.tokenizer, response))
+        index = np.asarray(rollout.prompt_index, dtype=np.int64)
+        return rollout, torch.from_numpy(off[index]), torch.from_numpy(missing[index])
 
+    def make_experience(
+        self,
+        rows: list[dict],
+        rollout: Rollout,
+        off_policy: torch.Tensor | None = None,
+        missing_reference: torch.Tensor | None = None,
+    ) -> LocalExperience:
+        """Teacher scores, alignments, rewards, old log-probs and advantages of a rollout (no update).
+
+        Every GOLD computation is :mod:`gold_plugin.step`'s, as in the OpenRLHF backend.
+        """
+        c, gold = self.config, self.gold
+        num_samples = len(rollout.response_ids)
+        off = torch.zeros(num_samples, dtype=torch.bool) if off_policy is None else off_policy.to(torch.bool)
+        missing = (
+            torch.zeros(num_samples, dtype=torch.bool) if missing_reference is None else missing_reference
+        )
+        sample_rows = [rows[i] for i in rollout.prompt_index]
+        requests = teacher_requests(
+            self.tokenizer, rollout.response_ids, [self._teacher_prompt(r) for r in sample_rows]
+        )
         metrics: dict[str, float] = {}
-        needs_teacher = gold.alpha > 0
-        alignments, results = None, None
-        if needs_teacher:
+        aligned = None
+        if gold.alpha > 0:
             t1 = time.perf_counter()
-            results = self._score_teacher(sample_rows, responses, rollout.ends_with_eos)
-            timings["time/teacher"] = time.perf_counter() - t1
-            failed = [r.error is not None for r in results]
-            alignments = align_batch(
-                self.tokenizer,
-                rollout.response_ids,
-                self.teacher_tokenizer,
-                [r.token_ids for r in results],
-                pair_eos=gold.pair_eos,
-                mode=gold.alignment,
+            results = list(self.teacher.score(requests))
+            metrics["gold/teacher_seconds"] = time.perf_counter() - t1
+            if len(results) != len(requests):
+                raise RuntimeError(
+                    f"The teacher returned {len(results)} results for {len(requests)} requests."
+                )
+            aligned = align_results(
+                self.tokenizer, self.teacher_tokenizer, rollout.response_ids, results, gold
             )
-            metrics["gold/teacher_failed"] = float(sum(failed))
-            metrics["gold/teacher_masked_tokens"] = float(sum(r.num_masked for r in results))
 
         rewards = None
         if c.reward_func is not None:
-            queries = [self._student_prompt(r) + resp for r, resp in zip(sample_rows, responses)]
             prompts = [self._student_prompt(r) for r in sample_rows]
+            queries = [p + req.response for p, req in zip(prompts, requests)]
             labels = [str(r.get(c.label_key, "")) if c.label_key else "" for r in sample_rows]
             rewards = _rewards_tensor(c.reward_func(queries, prompts, labels), len(queries))
             metrics["reward/mean"] = float(rewards.mean())
 
-        # Old log-probs (the sampling policy), then the advantages of the whole rollout.
-        num_samples = len(rollout.response_ids)
         with torch.no_grad():
             old, mask = self._logprobs_in_chunks(rollout)
-        advantages, adv_metrics = self._advantages(rollout, alignments, results, rewards, old, mask)
-        metrics.update(adv_metrics)
+        if aligned is not None:
+            distill, signal = distill_advantages(aligned, old, mask, gold)
+            metrics.update(mean_metrics(sample_metrics(aligned, distill, off, missing)))
+            distill_adv = distill.advantages
+        else:
+            distill_adv, signal = torch.zeros_like(old), torch.zeros_like(mask)
+            metrics.update(
+                {
+                    "gold/on_policy": float((~off).float().mean()),
+                    "gold/off_policy": float(off.float().mean()),
+                    "gold/missing_reference": float(missing.float().mean()),
+                }
+            )
+        reward_adv = None
+        if gold.needs_reward and rewards is not None:
+            per_sample = reward_advantages(rewards, c.n_samples_per_prompt, c.advantage_estimator)
+            reward_adv = per_sample[:, None].to(old.device) * mask
+        [advantages] = gold_advantages([reward_adv], [distill_adv], [signal], [off], gold)
+        return LocalExperience(
+            rollout=rollout,
+            off_policy=off,
+            aligned=aligned,
+            old_logprobs=old,
+            mask=mask,
+            advantages=advantages.detach(),
+            metrics=metrics,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """Sample, score, update once; returns the step's metrics."""
+        c = self.config
+        t0 = time.perf_counter()
+        rows = self.batch_rows(self.step)
+        rollout, off, missing = self.make_rollout(rows, self.step)
+        generate_seconds = time.perf_counter() - t0
+        experience = self.make_experience(rows, rollout, off, missing)
+        metrics = dict(experience.metrics)
 
         t2 = time.perf_counter()
+        num_samples = len(rollout.response_ids)
         train_batch = min(c.train_batch_size or num_samples, num_samples)
         self.model.train()
         stats: dict[str, list[float]] = {}
         for _epoch in range(c.max_epochs):
             for start in range(0, num_samples, train_batch):
                 batch = list(range(start, min(start + train_batch, num_samples)))
-                batch_tokens = max(float(mask[batch].sum()), 1.0)
+                batch_tokens = max(float(experience.mask[batch].sum()), 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(batch), c.micro_batch_size):
                     micro = batch[micro_start : micro_start + c.micro_batch_size]
-                    part = self._micro_step(
-                        micro, batch_tokens, rollout, alignments, results, old, advantages
-                    )
+                    loss, part = self.micro_batch_loss(experience, micro, batch_tokens)
+                    loss.backward()
                     for key, value in part.items():
                         stats.setdefault(key, []).append(value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_norm)
                 stats.setdefault("train/grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
         self.scheduler.step()
-        timings["time/train"] = time.perf_counter() - t2
         self.step += 1
         metrics.update(
             {k: float(np.sum(v)) if k == "train/policy_loss" else float(np.mean(v)) for k, v in stats.items()}
@@ -285,7 +364,8 @@ class LocalTrainer:
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         metrics["rollout/response_length"] = float(np.mean([len(r) for r in rollout.response_ids]))
         metrics["rollout/ends_with_eos"] = float(np.mean(rollout.ends_with_eos))
-        metrics.update(timings)
+        metrics["time/generate"] = generate_seconds
+        metrics["time/train"] = time.perf_counter() - t2
         return metrics
 
     def _logprobs_in_chunks(self, rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,60 +387,13 @@ class LocalTrainer:
             mask[sl, : m.shape[1]] = m
         return logprobs, mask
 
-    def _advantages(
-        self,
-        rollout,
-        alignments,
-        results,
-        rewards: torch.Tensor | None,
-        old: torch.Tensor,
-        mask: torch.Tensor,
+    def micro_batch_loss(
+        self, experience: LocalExperience, micro: list[int], batch_tokens: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``A = (1-alpha) A_reward + alpha kl_coef norm(A_distill)`` for the rollout, ``[N, A]``.
-
-        The distillation advantages are normalised over the rollout's action tokens as OpenRLHF normalises
-        reinforce-type advantages (mean removed, divided by the std unless ``no_std_norm``; ``advantage_norm``
-        ``none`` keeps the raw ``-d_g``): without a baseline every sampled token is pushed down, and a small model
-        drifts to tokens the teacher cannot score.
-        """
-        from gold_plugin.signals import batch_distill_advantages, mix_advantages
-
+        """Forward of samples ``micro``; the clipped policy loss plus the logit-loss term, both token means over
+        the optimiser batch's ``batch_tokens`` action tokens (micro-batches add up to one batch's loss)."""
         c, gold = self.config, self.gold
-        metrics: dict[str, float] = {}
-        distill = None
-        if alignments is not None:
-            teacher_lp = [torch.tensor(r.logprobs) for r in results]  # copies: results are read-only arrays
-            adv = batch_distill_advantages(alignments, teacher_lp, old, mask, gold.kl_discount)
-            metrics.update(adv.metrics())
-            distill = adv.advantages if gold.uses_advantages else torch.zeros_like(old)
-            if gold.uses_advantages and c.advantage_norm != "none":
-                signal = mask & (distill != 0)
-                count = max(int(signal.sum()), 1)
-                mean = distill[signal].sum() / count
-                distill = torch.where(signal, distill - mean, torch.zeros_like(distill))
-                if c.advantage_norm == "whiten" and count > 1:
-                    distill = distill * (distill[signal].pow(2).mean().clamp(min=1e-8).rsqrt())
-        reward_adv = None
-        if gold.needs_reward and rewards is not None:
-            per_sample = reward_advantages(rewards, c.n_samples_per_prompt, c.advantage_estimator)
-            reward_adv = per_sample[:, None].to(old.device) * mask
-        mixed = mix_advantages(reward_adv, distill, gold.alpha, gold.kl_coef, mask)
-        return mixed.detach(), metrics
-
-    def _micro_step(
-        self,
-        micro: list[int],
-        batch_tokens: float,
-        rollout,
-        alignments,
-        results,
-        old_all: torch.Tensor,
-        advantages_all: torch.Tensor,
-    ) -> dict[str, float]:
-        """Forward, clipped policy loss (+ aligned logit loss), backward; gradients accumulate."""
-        from gold_plugin.signals import aligned_logit_loss, logit_loss_inputs, per_sample_mean
-
-        c, gold = self.config, self.gold
+        rollout = experience.rollout
         logits, logprobs, mask = response_logits_and_logprobs(
             self.model,
             [rollout.prompt_ids[i] for i in micro],
@@ -369,37 +402,30 @@ class LocalTrainer:
             temperature=c.temperature,
         )
         width = logprobs.shape[1]
-        old = old_all[micro, :width]
-        advantages = advantages_all[micro, :width]
-        ratio = torch.exp(logprobs - old)
-        clipped = torch.clamp(ratio, 1.0 - c.eps_clip, 1.0 + c.eps_clip)
-        token_loss = -torch.minimum(ratio * advantages, clipped * advantages)
-        # Token-mean over the optimizer batch: micro-batches add up to the loss of one big batch.
-        policy_loss = (token_loss * mask).sum() / batch_tokens
+        policy_loss = clipped_policy_loss(
+            logprobs,
+            experience.old_logprobs[micro, :width],
+            experience.advantages[micro, :width],
+            mask,
+            c.eps_clip,
+            batch_tokens,
+        )
         loss = policy_loss
         metrics = {"train/policy_loss": float(policy_loss.detach())}
-        if gold.uses_logit_loss and alignments is not None and gold.alpha > 0:
-            inputs = logit_loss_inputs(
-                [alignments[i] for i in micro],
-                [results[i].topk_ids for i in micro],
-                [results[i].topk_logprobs for i in micro],
+        aligned = experience.aligned
+        if gold.uses_logit_loss and gold.alpha > 0 and aligned is not None:
+            inputs = build_logit_inputs(
+                [aligned.alignments[i] for i in micro],
+                [aligned.results[i] for i in micro],
+                [rollout.response_ids[i] for i in micro],
                 mask,
+                gold,
+                self.vocab,
             )
-            if inputs.positions.shape[0]:
-                out = aligned_logit_loss(
-                    logits,
-                    inputs.teacher_topk_ids,
-                    inputs.teacher_topk_logprobs,
-                    self.vocab_map.teacher_to_student if gold.alignment == "spans" else None,
-                    config=gold,
-                    positions=inputs.positions,
-                )
-                logit_loss = per_sample_mean(out.loss, inputs.sample_index, len(micro)).mean()
-                share = float(mask.sum()) / batch_tokens
-                loss = loss + gold.alpha * gold.logit_coef * logit_loss * share
-                metrics["gold/logit_loss"] = float(logit_loss.detach())
-        loss.backward()
-        return metrics
+            out = compute_logit_loss(logits, inputs, gold, self.vocab)  # action logits: offset 0
+            loss = loss + logit_loss_term(out.loss, batch_tokens, gold)
+            metrics.update({k: float(v) for k, v in logit_metrics(out, len(micro)).items()})
+        return loss, metrics
 
     # -- evaluation, checkpoints, logging --------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -1,0 +1,187 @@
+"""One batch through both backends' code paths: identical advantages, logit loss and metrics.
+
+The OpenRLHF path is the real OpenRLHF 0.11.2 experience pipeline (``GoldExperienceMaker`` inside OpenRLHF's
+``make_experience_batch``, then OpenRLHF's replay-buffer collate and ``GoldActorPPOTrainer.training_step``), with
+the CPU scaffolding of ``test_openrlhf_experience.py`` / ``test_openrlhf_actor.py``. The local path is
+``LocalTrainer.make_rollout`` / ``make_experience`` / ``micro_batch_loss`` on the same student weights, the same
+teacher and the same responses (its sampler is replaced by one that returns them). The configuration exercises
+every part of the GOLD step: alpha 0.5 with group_norm rewards, ``--gold.signal both``, ``kl_discount`` 0.5,
+whitened distillation advantages, and ``lmbda`` 0.5 with one drawn prompt that has no reference completion.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_openrlhf_actor import _trainer, init_gloo
+from test_openrlhf_experience import REWARDS, ROWS, TOPK, _makers, _plan, _rollouts, build_models
+
+from gold_plugin.local.config import LocalTrainConfig
+from gold_plugin.local.modeling import Rollout
+from gold_plugin.local.trainer import LocalTrainer
+from gold_plugin.step import teacher_requests
+from gold_plugin.teacher import HFTeacher
+from gold_plugin.testing.tokenizers import load_test_tokenizer
+
+pytestmark = pytest.mark.slow
+
+# Seed 42 at step 0 draws prompts 0 and 2 of 3 (round(0.5 * 3) = 2): prompt 0 has no reference completion
+# (trained on-policy, counted), prompt 2 is trained off-policy on its reference.
+PARITY_ROWS = [dict(row, output=row["label"]) for row in ROWS]
+del PARITY_ROWS[0]["output"]
+OPTIONS = (
+    "--gold.signal both --gold.advantage_norm whiten --gold.lmbda 0.5 --data.output_key output "
+    "--rollout.max_new_tokens 32"
+)
+TIMING = ("gold/teacher_seconds", "gold/teacher_wait_seconds")
+
+
+def _split(sequence: torch.Tensor, action_mask: torch.Tensor) -> tuple[tuple, tuple]:
+    """(prompt ids, response ids) of one OpenRLHF row."""
+    mask = action_mask.bool()
+    start = int(torch.nonzero(mask)[0]) + 1
+    return tuple(sequence[:start].tolist()), tuple(sequence[1:][mask].tolist())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    init_gloo(tmp_path_factory)
+    return build_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def teacher(models):
+    """The teacher both backends call: in-process, with the top-k the logit loss needs."""
+    return HFTeacher(
+        str(models.teacher_dir), device="cpu", tokenizer=load_test_tokenizer("mistral"), topk=TOPK
+    )
+
+
+@pytest.fixture(scope="module")
+def openrlhf_side(models, teacher):
+    plan = _plan(models, alpha=0.5, extra=OPTIONS)
+    maker, _, strategy, tok = _makers(models, teacher, plan, rows=PARITY_ROWS)
+    experiences = maker.make_experience_batch(_rollouts(strategy, tok, unknown_prompt=False))
+    return plan, experiences
+
+
+class _FixedSampler:
+    """Stands in for the local backend's ``sample``: returns the test's responses for the prompts asked."""
+
+    def __init__(self, responses: dict[tuple, list[list[int]]]):
+        self.responses = responses
+
+    def __call__(self, model, tokenizer, prompt_ids, *, n_samples_per_prompt, **_):
+        rollout = Rollout([], [], [], [])
+        for index, prompt in enumerate(prompt_ids):
+            for response in self.responses[tuple(prompt)][:n_samples_per_prompt]:
+                rollout.prompt_index.append(index)
+                rollout.prompt_ids.append(list(prompt))
+                rollout.response_ids.append(response)
+                rollout.ends_with_eos.append(False)
+        return rollout
+
+
+def _local_side(models, teacher, plan, monkeypatch):
+    tok = load_test_tokenizer("qwen")
+    sampled: dict[tuple, list[list[int]]] = {}
+    rewards: dict[tuple, float] = {}
+    for sample, reward in zip(_rollouts(SimpleNamespace(args=plan.args), tok, unknown_prompt=False), REWARDS):
+        prompt_ids, response = _split(sample.sequences[0], sample.action_mask[0])
+        sampled.setdefault(prompt_ids, []).append(list(response))
+        [request] = teacher_requests(tok, [list(response)], [None])
+        rewards[(sample.prompts[0], request.response)] = reward
+
+    def reward_func(queries, prompts, labels):
+        return torch.tensor(
+            [rewards.get((p, q[len(p) :]), 0.0) for q, p in zip(queries, prompts)]
+        )  # 0: references
+
+    monkeypatch.setattr("gold_plugin.local.trainer.sample", _FixedSampler(sampled))
+    config = LocalTrainConfig(
+        student=str(models.student_dir),
+        prompts=PARITY_ROWS,
+        input_key="input",
+        label_key="label",
+        output_key="output",
+        apply_chat_template=True,
+        rollout_batch_size=len(PARITY_ROWS),
+        n_samples_per_prompt=2,
+        max_new_tokens=plan.args.rollout.max_new_tokens,
+        seed=plan.args.train.seed,
+        advantage_estimator="group_norm",
+        reward_func=reward_func,
+        device="cpu",
+        no_progress=True,
+    )
+    trainer = LocalTrainer(config, plan.gold, teacher, load_test_tokenizer("mistral"))
+    rollout, off, missing = trainer.make_rollout(PARITY_ROWS, step=0)
+    experience = trainer.make_experience(PARITY_ROWS, rollout, off, missing)
+    return trainer, experience
+
+
+def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
+    models, teacher, openrlhf_side, monkeypatch
+):
+    plan, experiences = openrlhf_side
+    trainer, local = _local_side(models, teacher, plan, monkeypatch)
+    tok = trainer.tokenizer
+
+    # Advantages, sample by sample (keyed by prompt and response ids: the backends order samples differently).
+    ours = {}
+    for exp in experiences:
+        for b in range(exp.sequences.shape[0]):
+            ours[_split(exp.sequences[b], exp.action_mask[b])] = exp.advantages[b][exp.action_mask[b].bool()]
+    theirs = {}
+    for i, (prompt_ids, response) in enumerate(zip(local.rollout.prompt_ids, local.rollout.response_ids)):
+        theirs[(tuple(prompt_ids), tuple(response))] = local.advantages[i][local.mask[i]]
+    assert set(ours) == set(theirs) and len(ours) == 5  # prompt 2's two samples are one reference completion
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], atol=2e-5, rtol=1e-4)
+    off_policy = [k for k in ours if ours[k].abs().sum() == 0]
+    assert len(off_policy) == 1 and "naïve" in tok.decode(list(off_policy[0][1]))
+
+    # Step metrics: the same names, and the same values (OpenRLHF logs each per-sample info entry's mean).
+    logged = {
+        key: float(torch.cat([exp.info[key] for exp in experiences]).double().mean())
+        for key in experiences[0].info
+        if key.startswith("gold/") and key not in TIMING
+    }
+    local_logged = {k: v for k, v in local.metrics.items() if k.startswith("gold/") and k not in TIMING}
+    assert set(logged) == set(local_logged) and "gold/missing_reference" in logged
+    for key, value in logged.items():
+        assert local_logged[key] == pytest.approx(value, abs=1e-5), key
+    assert logged["gold/off_policy"] == pytest.approx(2 / 6) and logged[
+        "gold/missing_reference"
+    ] == pytest.approx(2 / 6)
+
+    # The logit loss of one optimiser step holding the whole batch: the term added to the loss, and its metrics.
+    setup = SimpleNamespace(
+        plan=plan, student_dir=models.student_dir, tok=tok, mapping=trainer.vocab.teacher_to_student
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
+
+    buffer = NaiveReplayBuffer(sample_batch_size=6, cpu_offload=False)
+    for exp in copy.deepcopy(experiences):
+        buffer.append(exp)
+    batch = buffer.collate_fn([buffer[i] for i in range(len(buffer))])
+    plain_batch = copy.deepcopy(batch)
+    for key in [k for k in plain_batch.info if k.startswith("gold_logit_inputs.")]:
+        plain_batch.info.pop(key)
+    plain, plain_strategy, _ = _trainer(setup, monkeypatch, gold=False)
+    plain.training_step(plain_batch, 0.0, 0)
+    gold, gold_strategy, _ = _trainer(setup, monkeypatch, gold=True)
+    status = gold.training_step(batch, 0.0, 0)
+    openrlhf_term = float(gold_strategy.losses[0] - plain_strategy.losses[0])
+
+    everything = list(range(len(local.rollout.response_ids)))
+    loss, local_metrics = trainer.micro_batch_loss(local, everything, float(local.mask.sum()))
+    local_term = float(loss.detach()) - local_metrics["train/policy_loss"]
+    assert openrlhf_term > 0
+    assert local_term == pytest.approx(openrlhf_term, rel=1e-4, abs=1e-6)
+    for key in ("gold/logit_loss", "gold/logit_positions"):
+        assert local_metrics[key] == pytest.approx(float(status["metrics"][key]), rel=1e-4), key
