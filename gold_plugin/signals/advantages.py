@@ -134,26 +134,6 @@ class DistillAdvantages:
     aligned: torch.Tensor
     """(batch,) bool: False where the alignment failed (the sample gets no signal)."""
 
-    def metrics(self, prefix: str = "gold/") -> dict[str, float]:
-        """Batch means for logging; KL statistics over the samples that have at least one scored group."""
-        has_signal = self.num_groups > 0
-        count = int(has_signal.sum())
-
-        def mean_over_signal(values: torch.Tensor) -> float:
-            return float(values[has_signal].double().mean()) if count else 0.0
-
-        total = self.aligned.numel()
-        return {
-            f"{prefix}sampled_kl": mean_over_signal(self.kl_sum),
-            f"{prefix}sampled_kl_per_group": mean_over_signal(self.kl_mean),
-            f"{prefix}one_to_one_fraction": mean_over_signal(self.one_to_one_fraction),
-            f"{prefix}aligned_token_fraction": float(self.aligned_token_fraction.double().mean())
-            if total
-            else 0.0,
-            f"{prefix}unaligned_samples": float(total - int(self.aligned.sum())),
-            f"{prefix}samples_without_signal": float(total - count),
-        }
-
 
 def batch_distill_advantages(
     alignments: Sequence[Alignment],
