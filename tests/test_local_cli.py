@@ -118,12 +118,12 @@ def test_option_types_and_switches_parse():
     a = vars(
         parse_args(
             ["--actor.adam.betas", "0.8", "0.9", "--train.batch_size", "16", "--ckpt.load_enable"]
-            + ["--local.no_progress", "--algo.advantage.estimator", "rloo", "--algo.advantage.no_std_norm"]
+            + ["--local.no_progress", "--algo.advantage.estimator", "rloo", "--gold.advantage_norm", "mean"]
         )
     )
     assert a["actor.adam.betas"] == [0.8, 0.9] and a["train.batch_size"] == 16
     assert a["ckpt.load_enable"] and a["local.no_progress"]
-    assert a["algo.advantage.estimator"] == "rloo" and a["local.advantage_norm"] == "mean"
+    assert a["algo.advantage.estimator"] == "rloo" and a["gold.advantage_norm"] == "mean"
     with pytest.raises(SystemExit):
         parse_args(["--algo.advantage.estimator", "ppo"])
 

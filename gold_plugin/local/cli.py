@@ -4,8 +4,8 @@ Options keep OpenRLHF 0.11.2's dotted names where OpenRLHF has them (``--actor.m
 ``--data.prompt_dataset``, ``--rollout.n_samples_per_prompt``, ``--actor.adam.lr``, ``--ckpt.path`` ...), the
 same ``--gold.*`` options as the OpenRLHF backend, and a few ``--local.*`` options of this backend. The config
 classes declare them (:class:`~gold_plugin.local.config.LocalTrainConfig`, :class:`~gold_plugin.config.GoldConfig`);
-only ``--demo``, ``--local.run_dir``, ``--local.num_threads`` and the alias ``--algo.advantage.no_std_norm`` are
-declared here. ``--demo`` runs the self-contained demo (nothing from a hub, :mod:`gold_plugin.local.demo`): its
+only ``--demo``, ``--local.run_dir`` and ``--local.num_threads`` are declared here (the distillation advantages'
+normalisation is ``--gold.advantage_norm``, shared with the OpenRLHF backend). ``--demo`` runs the self-contained demo (nothing from a hub, :mod:`gold_plugin.local.demo`): its
 values become the parser's defaults, so every option given on the command line is kept.
 """
 
@@ -32,13 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--local.run_dir", default="./runs/gold_demo", help="Demo: where models and results go."
     )
     local.add_argument("--local.num_threads", type=int, default=None, help="torch CPU threads.")
-    local.add_argument(
-        "--algo.advantage.no_std_norm",
-        dest="local.advantage_norm",
-        action="store_const",
-        const="mean",
-        help="OpenRLHF's name for --local.advantage_norm mean (mean removed, not divided by the std).",
-    )
     add_gold_arguments(p)
     return p
 

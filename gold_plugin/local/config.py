@@ -132,13 +132,6 @@ class LocalTrainConfig:
         "local.max_steps", None, "Steps to run (default: from episodes).", group=LOCAL
     )
     device: str = option("local.device", "auto", "auto | cpu | cuda | cuda:N.", group=LOCAL)
-    advantage_norm: Literal["whiten", "mean", "none"] = option(
-        "local.advantage_norm",
-        "whiten",
-        "Normalisation of the distillation advantages over the rollout's tokens, as OpenRLHF normalises "
-        "reinforce-type advantages (whiten: minus mean, over std; none: raw -d_g).",
-        group=LOCAL,
-    )
     teacher_in_process: bool = option(
         "local.teacher_in_process",
         False,
