@@ -29,7 +29,7 @@ VLLM_CPU_SHAPE: dict[str, Any] = {
     "num_key_value_heads": 2,
     "head_dim": 64,
 }
-"""Shape overrides for a tiny teacher that vLLM's CPU attention accepts (it refuses head_dim 16)."""
+"""Shape overrides for a tiny teacher that vLLM's CPU attention accepts (head sizes 32, 64, 80, ...; not 16)."""
 
 
 def vllm_cpu_engine_kwargs(kv_cache_mib: int = 64) -> dict[str, Any]:
