@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from gold_plugin.alignment.sorted_vocab import SortedVocab
@@ -40,7 +41,7 @@ class ProjectionVocab:
     @classmethod
     def from_sorted(cls, vocab: SortedVocab, device: Any = None) -> ProjectionVocab:
         return cls(
-            order=torch.as_tensor(vocab.order, device=device),
+            order=torch.as_tensor(np.array(vocab.order), device=device),
             untied_sorted=torch.as_tensor(
                 ~vocab.teacher_token[vocab.order], dtype=torch.float32, device=device
             ),
