@@ -228,7 +228,7 @@ def projection_inputs_for(positions: int, samples: int, per_sample: int, topk: i
     inputs = projection_inputs(vocab, alignments, ids, top_ids, top_lp, mask.to(device))
     print(
         f"[projected] {inputs.num_positions} teacher positions ({int((inputs.consumed > 0).sum())} inside a student "
-        f"token), {inputs.query_lo.shape[0]} range queries; inputs built on the CPU in "
+        f"token), {int((inputs.range_lo < inputs.range_hi).sum())} candidate ranges; inputs built on the CPU in "
         f"{(time.perf_counter() - start) * 1e3:.0f} ms"
     )
     return inputs, ProjectionVocab.from_sorted(vocab, device)

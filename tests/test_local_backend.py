@@ -45,17 +45,24 @@ def test_demo_models_use_different_tokenizers(models):
 
 
 def test_same_tokenizer_copy_is_the_same_function(models, tmp_path):
-    copy = with_teacher_tokenizer(models.student_init, models.teacher, tmp_path / "copy")
-    student = AutoModelForCausalLM.from_pretrained(models.student_init)
+    """The teacher re-indexed to another single-digit tokenizer (the experiment's same-tokenizer reference for a
+    single-digit student) computes the same function under the other ids."""
+    from gold_plugin.local.task import build_tokenizer
+
+    other = tmp_path / "student_digits"
+    build_tokenizer("student_digits", other)
+    copy = with_teacher_tokenizer(models.teacher, other, tmp_path / "copy")
+    teacher = AutoModelForCausalLM.from_pretrained(models.teacher)
     twin = AutoModelForCausalLM.from_pretrained(copy)
-    s_tok, t_tok = AutoTokenizer.from_pretrained(models.student_init), AutoTokenizer.from_pretrained(copy)
-    s_ids, t_ids = s_tok("12+34=081")["input_ids"], t_tok("12+34=081")["input_ids"]
+    t_tok, c_tok = AutoTokenizer.from_pretrained(models.teacher), AutoTokenizer.from_pretrained(copy)
+    t_ids, c_ids = t_tok("12+34=081")["input_ids"], c_tok("12+34=081")["input_ids"]
+    assert t_ids != c_ids and len(t_ids) == len(c_ids)
     with torch.no_grad():
-        s_logits = student(torch.tensor([s_ids])).logits[0]
-        t_logits = twin(torch.tensor([t_ids])).logits[0]
+        t_logits = teacher(torch.tensor([t_ids])).logits[0]
+        c_logits = twin(torch.tensor([c_ids])).logits[0]
     digits = [str(d) for d in range(10)]
     torch.testing.assert_close(
-        s_logits[:, s_tok.convert_tokens_to_ids(digits)], t_logits[:, t_tok.convert_tokens_to_ids(digits)]
+        t_logits[:, t_tok.convert_tokens_to_ids(digits)], c_logits[:, c_tok.convert_tokens_to_ids(digits)]
     )
 
 
@@ -64,18 +71,20 @@ def test_gold_lifts_a_weak_student_through_a_ray_teacher(models, tmp_path):
     ckpt = tmp_path / "ckpt"
     argv = demo_argv(
         models,
-        [*FAST, "--actor.adam.lr", "2e-4", "--local.max_steps", "120", "--eval.steps", "60",
+        [*FAST, "--gold.logit_projection", "bytes", "--actor.adam.lr", "1e-3", "--local.max_steps", "160",
+         "--eval.steps", "80",
          "--train.seed", "0", "--ckpt.path", str(ckpt), "--logger.tensorboard_dir", str(tmp_path / "tb")],
     )  # fmt: skip
     assert main(argv) == 0
     history = _metrics(ckpt / "metrics.jsonl")
     evals = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
     assert evals[0] == pytest.approx(models.student_init_accuracy)
-    assert evals[-1] >= evals[0] + 0.15, evals
+    # The demo's hard pair: a merged-digit student distilled from a single-digit teacher by the byte projection.
+    assert evals[-1] >= evals[0] + 0.1, evals
     trained = [h for h in history if "gold/logit_loss" in h]
-    assert len(trained) == 120 and all(h["gold/unaligned"] <= 4 / 128 for h in trained)
+    assert len(trained) == 160 and all(h["gold/unaligned"] <= 4 / 128 for h in trained)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    final = ckpt / "global_step120"  # a Hugging Face folder: model + the student's own tokenizer
+    final = ckpt / "global_step160"  # a Hugging Face folder: model + the student's own tokenizer
     assert AutoModelForCausalLM.from_pretrained(final).config.eos_token_id == AutoTokenizer.from_pretrained(
         final
     ).convert_tokens_to_ids("</s>")

@@ -66,7 +66,7 @@ def test_demo_keeps_options_given_at_the_parser_default(tmp_path, captured_train
     assert gold.signal == "advantage" and gold.teacher.topk == 0
     assert config.rollout_batch_size == 8  # the parser's default, given: kept
     # Not given: the demo's values, models and data.
-    assert config.max_steps == 200 and config.learning_rate == 2e-4 and config.n_samples_per_prompt == 4
+    assert config.max_steps == 200 and config.learning_rate == 1e-3 and config.n_samples_per_prompt == 4
     teacher, student, train_data, _ = demo.model_paths(tmp_path)
     assert config.student == str(student) and gold.teacher.model_name_or_path == str(teacher)
     assert config.prompt_dataset == str(train_data) and config.prompts == ROWS

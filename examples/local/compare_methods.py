@@ -121,7 +121,7 @@ def main() -> None:
         methods = {name: m for name, m in methods.items() if m[0] in args.methods}
     run_dir = Path(args.run_dir).resolve()
     start = time.perf_counter()
-    models = prepare_models(run_dir)
+    models = prepare_models(run_dir, pair="digits")
     _check_reference_completions(models.train_data)
     same_tok = with_teacher_tokenizer(
         models.student_init, models.teacher, run_dir / "student_teacher_tokenizer"

@@ -1,0 +1,101 @@
+"""The byte projection through the GOLD step's two logit-loss hooks and OpenRLHF's per-sample transport."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gold_plugin.alignment import align, encode_continuation, text_for_teacher
+from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
+from gold_plugin.local.task import build_tokenizer
+from gold_plugin.signals.byte_projection import projected_logit_loss
+from gold_plugin.signals.byte_projection_inputs import ProjectionInputs
+from gold_plugin.step import LogitVocab, build_logit_inputs, compute_logit_loss, logit_inputs_class
+from gold_plugin.teacher.types import TeacherResult
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """Three responses of a merged-digit student scored by a single-digit teacher (random top-k)."""
+    root = tmp_path_factory.mktemp("tok")
+    teacher, student = build_tokenizer("digits", root / "d"), build_tokenizer("merged", root / "m")
+    rng = np.random.default_rng(0)
+    texts = ["241", "17", "9990"]
+    responses, alignments, results = [], [], []
+    for text in texts:
+        s_ids = list(student.encode(text, add_special_tokens=False)) + [student.eos_token_id]
+        t_ids = encode_continuation(teacher, text_for_teacher(student, s_ids)) + [teacher.eos_token_id]
+        top = rng.integers(0, len(teacher), size=(len(t_ids), 6))
+        top[:, 0] = t_ids
+        lp = np.log(rng.dirichlet(np.ones(6), size=len(t_ids)) * 0.9).astype(np.float32)
+        responses.append(s_ids)
+        alignments.append(align(student, s_ids, teacher, t_ids))
+        results.append(
+            TeacherResult(
+                token_ids=np.asarray(t_ids),
+                token_bytes=np.zeros(len(t_ids), dtype=np.int64),
+                logprobs=lp[:, 0],
+                topk_ids=top,
+                topk_logprobs=lp,
+            )
+        )
+    width = max(len(r) for r in responses)
+    mask = torch.zeros(len(texts), width, dtype=torch.bool)
+    for b, r in enumerate(responses):
+        mask[b, : len(r)] = True
+    gold = GoldConfig(signal="logit", logit_projection="bytes", teacher=TeacherConfig(topk=6))
+    return student, teacher, responses, alignments, results, mask, gold
+
+
+def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
+    student, teacher, responses, alignments, results, mask, gold = batch
+    vocab = LogitVocab.build(student, teacher, gold)
+    vocab.check(gold)
+    assert logit_inputs_class(gold) is ProjectionInputs
+    assert vocab.student_end_ids == (student.eos_token_id,) and teacher.eos_token_id in vocab.teacher_end_ids
+    inputs = build_logit_inputs(alignments, results, responses, mask, gold, vocab)
+    assert isinstance(inputs, ProjectionInputs) and inputs.num_positions > 0
+    assert int((inputs.consumed > 0).sum()) > 0  # teacher digits inside the student's merged tokens
+    torch.manual_seed(0)
+    logits = torch.randn(mask.shape[0], mask.shape[1], len(student), dtype=torch.float64)
+    direct = projected_logit_loss(logits, inputs, vocab.projection, config=gold).loss
+    # OpenRLHF's layout: logits[:, offset + j] predicts action j; the path columns move with the positions.
+    offset = 3
+    padded = torch.cat([torch.randn(mask.shape[0], offset, len(student), dtype=torch.float64), logits], dim=1)
+    shifted = compute_logit_loss(padded, inputs, gold, vocab, action_offset=offset).loss
+    torch.testing.assert_close(shifted, direct, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="LogitVocab"):
+        build_logit_inputs(alignments, results, responses, mask, gold)
+
+
+def test_projection_inputs_survive_openrlhfs_per_sample_transport(batch):
+    sys.path.append(
+        str(Path(__file__).parent / "stubs")
+    )  # vllm / flash_attn import stand-ins when not installed
+    from gold_plugin.integrations.openrlhf.experience_maker import pack_logit_inputs, unpack_logit_inputs
+
+    student, teacher, responses, alignments, results, mask, gold = batch
+    vocab = LogitVocab.build(student, teacher, gold)
+    inputs = build_logit_inputs(alignments, results, responses, mask, gold, vocab)
+    packed = pack_logit_inputs(inputs, mask.shape[0])
+    # OpenRLHF splits a batch into samples and batches them again (here: reversed order, as a list per key).
+    order = [2, 1, 0]
+    per_sample = {key: [value[b] for b in order] for key, value in packed.items()}
+    back = unpack_logit_inputs(per_sample, logit_inputs_class(gold))
+    torch.manual_seed(1)
+    logits = torch.randn(mask.shape[0], mask.shape[1], len(student), dtype=torch.float64)
+    before = projected_logit_loss(logits, inputs, vocab.projection, config=gold).loss
+    after = projected_logit_loss(logits[order], back, vocab.projection, config=gold).loss
+    for new_row, old_row in enumerate(order):
+        torch.testing.assert_close(
+            after[back.sample_index == new_row], before[inputs.sample_index == old_row], rtol=0, atol=1e-12
+        )
+
+
+def test_unknown_projection_is_refused():
+    with pytest.raises(GoldConfigError, match="logit_projection"):
+        GoldConfig(logit_projection="tokens")
