@@ -72,7 +72,8 @@ class GoldConfig:
     """gamma in [0, 1]: distillation advantage of a group sums discounted d of later groups (0 = own group only)."""
     advantage_norm: AdvantageNorm = "whiten"
     """Normalisation of the distillation advantages over the rollout's on-policy signal tokens before mixing:
-    ``none`` (raw -d_g), ``mean`` (centred) or ``whiten`` (centred, divided by the std)."""
+    ``none`` (raw -d_g), ``mean`` (centred) or ``whiten`` (centred, divided by the std; best reward-free in
+    docs/local.md's measurements)."""
     signal: Signal = "advantage"
     """``advantage`` (sampled aligned KL), ``logit`` (aligned GKD/ULD loss) or ``both``."""
     logit_coef: float = 1.0

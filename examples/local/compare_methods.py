@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from gold_plugin.local.demo import demo_argv, prepare_models, with_teacher_tokenizer  # noqa: E402
 
-LOGIT = ["--gold.signal", "logit", "--gold.teacher.topk", "8"]
+# GOLD's hybrid logit loss at group starts (same-bytes tokens: JSD, the rest: ULD), whatever the default projection.
+LOGIT = ["--gold.signal", "logit", "--gold.teacher.topk", "8", "--gold.logit_projection", "vocab"]
 OFF_POLICY = ["--data.output_key", "output"]  # the demo data's reference completions (the answers)
 # name -> (run folder prefix, options)
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -52,7 +53,7 @@ for _norm in ("none", "mean", "whiten"):
     NORMALISATION[f"advantages, norm {_norm}"] = (f"adv_{_norm}", ["--gold.signal", "advantage", *_option])
     NORMALISATION[f"advantages + logit loss, norm {_norm}"] = (
         f"both_{_norm}",
-        ["--gold.signal", "both", "--gold.teacher.topk", "8", *_option],
+        ["--gold.signal", "both", "--gold.teacher.topk", "8", "--gold.logit_projection", "vocab", *_option],
     )
     NORMALISATION[f"advantages + GRPO (alpha 0.5), norm {_norm}"] = (
         f"adv_grpo_{_norm}",
