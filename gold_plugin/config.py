@@ -80,7 +80,7 @@ class GoldConfig:
     """Weight of the logit loss: loss = policy_loss + alpha*logit_coef*L."""
     alignment: AlignmentMode = "spans"
     """``spans`` (byte-span groups, GOLD) or ``positional`` (ULD's truncate-and-pair-by-index baseline)."""
-    logit_projection: LogitProjection = "vocab"
+    logit_projection: LogitProjection = "bytes"
     """How the logit loss meets the teacher's top-k (``spans`` only): ``bytes`` projects the student onto each
     candidate's bytes at every teacher position (right where the tokenizers cut text into pieces of different
     lengths); ``vocab`` is GOLD's hybrid as in TRL (same-bytes tokens at group starts, JSD + ULD for the rest)."""

@@ -160,7 +160,11 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
 
     # The logit loss of one optimiser step holding the whole batch: the term added to the loss, and its metrics.
     setup = SimpleNamespace(
-        plan=plan, student_dir=models.student_dir, tok=tok, mapping=trainer.vocab.teacher_to_student
+        plan=plan,
+        student_dir=models.student_dir,
+        tok=tok,
+        mapping=trainer.vocab.teacher_to_student,
+        vocab=trainer.vocab,
     )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer

@@ -96,6 +96,7 @@ def setup(tmp_path_factory, process_group):
         f"--actor.model_name_or_path {student_dir} --gold.teacher.model_name_or_path /nonexistent/teacher "
         f"--data.prompt_dataset unused.jsonl --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt 2 "
         f"--algo.kl.init_coef 0 --vllm.num_engines 1 --gold.signal both --gold.teacher.topk {TOPK} "
+        "--gold.logit_projection vocab "
         f"--gold.alpha {ALPHA} --gold.logit_coef {LOGIT_COEF} --gold.uld_student_temperature 1.5 "
         "--actor.num_gpus_per_node 1 --reward.remote_url /unused/reward_func.py"
     ).split()
@@ -119,7 +120,7 @@ def _trainer(setup, monkeypatch, gold: bool):
     trainer = ActorPPOTrainer(strategy, actor, None, optimizer, scheduler, tokenizer=setup.tok)
     if gold:
         trainer.__class__ = GoldActorPPOTrainer
-        trainer.setup_gold(setup.plan.gold, LogitVocab(setup.mapping))
+        trainer.setup_gold(setup.plan.gold, getattr(setup, "vocab", None) or LogitVocab(setup.mapping))
     return trainer, strategy, actor
 
 

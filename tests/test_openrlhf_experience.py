@@ -100,7 +100,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_group(local_ray, models):
     """A real TeacherGroup: one Ray actor running HFTeacher on CPU."""
-    plan = _plan(models, alpha=0.5, extra="--gold.signal both")
+    plan = _plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
     group = TeacherGroup(plan.gold, scorer_overrides={"device": "cpu"})
     yield group
     group.shutdown()
@@ -362,7 +362,7 @@ def _logit_inputs_by_sample(experiences) -> dict:
 
 
 def test_logit_inputs_survive_openrlhf_batching_and_replay_buffer(models, teacher_group, monkeypatch):
-    plan = _plan(models, alpha=0.5, extra="--gold.signal both")
+    plan = _plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
     gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
     experiences = gold_maker.make_experience_batch(_rollouts(strategy, student_tok))
     before = _logit_inputs_by_sample(experiences)
@@ -393,7 +393,9 @@ def test_logit_inputs_survive_openrlhf_batching_and_replay_buffer(models, teache
 
 def test_lmbda_replaces_a_share_of_the_prompts_by_their_reference_completion(models, teacher_group):
     plan = _plan(
-        models, alpha=1.0, extra="--algo.advantage.estimator reinforce --gold.signal both --gold.lmbda 0.5"
+        models,
+        alpha=1.0,
+        extra="--algo.advantage.estimator reinforce --gold.signal both --gold.logit_projection vocab --gold.lmbda 0.5",
     )
     gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
     gold_maker.reference_lookup.pop(next(iter(gold_maker.reference_lookup)))  # the first prompt has none

@@ -106,7 +106,7 @@ def batch():
         _result(ids[1], [-1.0, np.nan]),
         TeacherResult.failed("prompt rejected by the chat template", topk=2),
     ]
-    gold = GoldConfig(signal="both", teacher=TeacherConfig(topk=2), kl_discount=0.0)
+    gold = GoldConfig(signal="both", logit_projection="vocab", teacher=TeacherConfig(topk=2), kl_discount=0.0)
     aligned = align_results(tok, tok, ids, results, gold)
     width = max(len(x) for x in ids)
     mask = torch.zeros(3, width + 1, dtype=torch.bool)

@@ -4,7 +4,7 @@
    numbers digit by digit (like Qwen), the student's tokenizer merges digit runs into multi-digit tokens (like
    Llama-3); no token has the same id in both and their EOS tokens differ, so the teacher reaches the student
    only through the byte alignment, and the logit loss must project the student onto the teacher's digits by
-   bytes (``--gold.logit_projection bytes``, docs/signals.md).
+   bytes (``--gold.logit_projection bytes``, the default; docs/signals.md).
 2. A tiny Llama teacher is fine-tuned on the training sums to high held-out accuracy (cached in the run dir).
 3. A tiny Llama student is fine-tuned briefly (stopped at 25% accuracy), then trained on-policy with GOLD,
    reward-free.
@@ -28,7 +28,6 @@ from gold_plugin.local.task import AdditionTask, build_tokenizer, is_correct, wr
 # (:func:`demo_defaults`), so an option given on the command line always wins.
 DEMO_DEFAULTS = {
     "gold.signal": "logit",
-    "gold.logit_projection": "bytes",
     "gold.teacher.topk": 8,
     "actor.adam.lr": 1e-3,
     "actor.lr_warmup_ratio": 0.0,
