@@ -61,6 +61,12 @@ def main() -> None:
         "--report_only", action="store_true", help="Rebuild the tables and plots from finished runs."
     )
     p.add_argument("--rerun", action="store_true", help="Run again the runs that already finished.")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="Run only these methods (folder prefixes, e.g. bytes vocab).",
+    )
     args = p.parse_args()
     run_dir = Path(args.run_dir).resolve()
     start = time.perf_counter()
@@ -86,6 +92,8 @@ def main() -> None:
                 jobs.append((pair, name, out, argv))
     if not args.report_only:
         todo = [job for job in jobs if args.rerun or not _finished(job[2] / "metrics.jsonl", args.steps)]
+        if args.methods:
+            todo = [job for job in todo if METHODS[job[1]][0] in args.methods]
         for *_, out, _argv in todo:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         with ThreadPoolExecutor(args.workers) as pool:
