@@ -130,7 +130,9 @@ def main() -> None:
             lines.append(
                 f"| {name} | {mean_std(before)} | {mean_std(after)} | {mean_std(closed)} | {mean_std(lowest)} |"
             )
-        plot(curves, models.teacher_accuracy, run_dir / f"accuracy_{pair}.png", title=PAIRS[pair].description)
+        plot(
+            curves, models.teacher_accuracy, run_dir / f"accuracy_{pair}.png", title=f"tokenizer pair {pair}"
+        )
     if not args.report_only:
         lines += ["", f"Total time {time.perf_counter() - start:.0f} s."]
     (run_dir / "results_pairs.md").write_text("\n".join(lines) + "\n")
