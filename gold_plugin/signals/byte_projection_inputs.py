@@ -39,6 +39,7 @@ import torch
 
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.alignment.sorted_vocab import SortedVocab, truncate_hex
+from gold_plugin.signals.logit_inputs import checked_topk
 
 DEFAULT_MAX_CHAIN = 4
 
@@ -211,17 +212,7 @@ def projection_inputs(
             continue
         if alignment.student_ends is None or alignment.teacher_ends is None:
             raise ValueError(f"Sample {b}: the byte projection needs a spans alignment (byte ends).")
-        top_ids = np.asarray(top_ids, dtype=np.int64)
-        top_lp = np.asarray(top_lp, dtype=np.float32)
-        if (
-            top_ids.ndim != 2
-            or top_ids.shape != top_lp.shape
-            or top_ids.shape[0] != len(alignment.teacher_group)
-        ):
-            raise ValueError(
-                f"Sample {b}: teacher top-k of shape {top_ids.shape} / {top_lp.shape} for "
-                f"{len(alignment.teacher_group)} teacher tokens; expected [n_teacher_tokens, k]."
-            )
+        top_ids, top_lp = checked_topk(b, alignment, top_ids, top_lp)
         if (ids >= vocab.size).any():
             continue  # ids beyond the tokenizer (padded embedding rows): the text is unknown
         part = _sample_positions(b, alignment, ids, columns, top_ids, top_lp, max_chain)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,19 @@ class LogitLossInputs:
     """[N, k] float32, -inf at padded slots."""
     sample_index: torch.Tensor
     """[N] int64: the row of each position, for per-sample reductions."""
+
+
+def checked_topk(b: int, alignment: Alignment, top_ids: Any, top_lp: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``b``'s teacher top-k as ``(int64, float32)`` arrays ``[n_teacher_tokens, k]``; ``ValueError`` naming
+    the sample if the shapes do not fit its alignment."""
+    top_ids = np.asarray(top_ids, dtype=np.int64)
+    top_lp = np.asarray(top_lp, dtype=np.float32)
+    if top_ids.ndim != 2 or top_ids.shape != top_lp.shape or top_ids.shape[0] != len(alignment.teacher_group):
+        raise ValueError(
+            f"Sample {b}: teacher top-k of shape {top_ids.shape} / {top_lp.shape} for "
+            f"{len(alignment.teacher_group)} teacher tokens; expected [n_teacher_tokens, k]."
+        )
+    return top_ids, top_lp
 
 
 def logit_loss_inputs(
@@ -64,17 +78,7 @@ def logit_loss_inputs(
             )
         if not alignment.aligned or alignment.num_groups == 0 or top_ids is None or top_lp is None:
             continue
-        top_ids = np.asarray(top_ids, dtype=np.int64)
-        top_lp = np.asarray(top_lp, dtype=np.float32)
-        if (
-            top_ids.ndim != 2
-            or top_ids.shape != top_lp.shape
-            or top_ids.shape[0] != len(alignment.teacher_group)
-        ):
-            raise ValueError(
-                f"Sample {b}: teacher top-k of shape {top_ids.shape} / {top_lp.shape} for "
-                f"{len(alignment.teacher_group)} teacher tokens; expected [n_teacher_tokens, k]."
-            )
+        top_ids, top_lp = checked_topk(b, alignment, top_ids, top_lp)
         student_first, teacher_first = group_starts(alignment)
         # A teacher row without any candidate (a token it could not score) has no signal: no position.
         has_candidate = (top_ids[teacher_first] >= 0).any(axis=1)
