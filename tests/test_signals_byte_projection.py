@@ -10,6 +10,7 @@ from gold_plugin.alignment import align, encode_continuation, text_for_teacher, 
 from gold_plugin.alignment.sorted_vocab import sorted_vocab
 from gold_plugin.local.task import build_tokenizer
 from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
+from gold_plugin.signals import range_mass as range_mass_module
 from gold_plugin.signals.byte_projection import (
     ProjectionVocab,
     projected_logit_loss,
@@ -60,8 +61,14 @@ def _starting_with(tokenizer, prefix: bytes) -> list[int]:
 
 # --- range masses -------------------------------------------------------------------------------------------
 
+# Rows whose ranges hold more than this share of the vocabulary are summed cumulatively, the others gathered:
+# 0 = every row with a multi-token range cumulative, 1e9 = every row gathered, 1.0 = a mix in the range test.
+_DENSE_SHARES = [0.0, 1.0, 1e9]
 
-def test_range_mass_equals_a_direct_sum_and_passes_gradcheck():
+
+@pytest.mark.parametrize("dense_share", _DENSE_SHARES)
+def test_range_mass_equals_a_direct_sum_and_passes_gradcheck(dense_share, monkeypatch):
+    monkeypatch.setattr(range_mass_module, "_DENSE_SHARE", dense_share)
     torch.manual_seed(0)
     n, vocab = 5, 23
     logits = torch.randn(n, vocab + 2, dtype=torch.float64, requires_grad=True)  # 2 padded columns
@@ -194,7 +201,9 @@ def test_same_tokenizer_equals_todays_matched_loss(name, digit_tokenizers):
         torch.testing.assert_close(g_new, g_old, rtol=0, atol=1e-6)
 
 
-def test_loss_gradcheck_and_chunking(digit_tokenizers):
+@pytest.mark.parametrize("dense_share", _DENSE_SHARES)
+def test_loss_gradcheck_and_chunking(digit_tokenizers, dense_share, monkeypatch):
+    monkeypatch.setattr(range_mass_module, "_DENSE_SHARE", dense_share)
     student, teacher = digit_tokenizers[0], digit_tokenizers[1]  # digits student, merged teacher: chains
     s_ids, t_ids = _pair(student, teacher, "47+95=241")
     torch.manual_seed(2)

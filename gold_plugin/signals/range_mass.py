@@ -7,13 +7,20 @@
 with ``w_q = 1`` or, for ``untied`` queries, ``w_q(r) = untied_sorted[r]`` (a 0/1 weight per sorted position).
 A point mass (one token's probability) is the range ``[rank, rank + 1)``.
 
-Forward: per block of distinct rows, the probabilities are permuted into sorted order and cumulatively summed
-(in float64, so that the difference of two entries keeps small masses accurate). Backward: for a row z with
-probabilities p, ``dM_q/dz_x = p_x * (1[x in q] - M_q) / T``; the indicator sums of all queries of a row are one
-difference array in sorted order, cumulatively summed and permuted back. No ``[rows, V]`` activation is kept
-between the passes; at most a few ``[block, V]`` buffers exist at once, with ``block = min(chunk_size // 8, 32)``
-rows,
-so the extra memory stays within ``[chunk_size, V]`` fp32 values (plus the gradient itself).
+Most ranges are short (a point, the few tokens that start with a long key), so the work follows what the
+queries read: the softmax of a row stays in vocabulary order (one log-normaliser per row, kept for the
+backward pass), and every sorted position of a query's range is gathered directly (``order[r]``) and summed in
+float64. Only a *dense* row, whose multi-token ranges hold more positions in all than ``_DENSE_SHARE`` of the
+sorted vocabulary, is permuted into sorted order and cumulatively summed (float64, so that the difference of two
+entries keeps small masses accurate); its points are still gathered. Whether a row is dense depends on its own
+queries only, never on the chunking.
+
+Backward: for a row z with probabilities p, ``dM_q/dz_x = p_x * (1[x in q] w_q(x) - M_q) / T``. The indicator
+sums of a row's queries are scattered into vocabulary order (sparse rows, points) or, for a dense row's ranges,
+one difference array in sorted order, cumulatively summed and scattered back. No ``[rows, V]`` activation is
+kept between the passes; at most a few ``[block, V]`` buffers exist at once, with
+``block = min(chunk_size // 8, 32)`` rows, and a sparse block gathers fewer than ``_DENSE_SHARE * V`` positions
+per row, so the extra memory stays within ``[chunk_size, V]`` fp32 values (plus the gradient itself).
 """
 
 from __future__ import annotations
@@ -23,57 +30,82 @@ from typing import Any
 import torch
 
 _MAX_BLOCK_ROWS = 32  # measured: larger blocks are slower on CPU (the [block, V] buffers leave the caches)
+_DENSE_SHARE = 0.25
+"""A row whose multi-token ranges (lengths summed) exceed this share of the sorted vocabulary is summed
+cumulatively rather than gathered (measured on CPU: a gathered position costs several times a position of a
+full-row permutation and cumulative sum)."""
 
 
-def _blocks(num_rows: int, chunk_size: int) -> list[slice]:
+def _blocks(start: int, stop: int, chunk_size: int) -> list[slice]:
     block = max(1, min(chunk_size // 8, _MAX_BLOCK_ROWS))
-    return [slice(start, start + block) for start in range(0, num_rows, block)]
+    return [slice(first, min(first + block, stop)) for first in range(start, stop, block)]
 
 
-class _SortedRows:
-    """Softmax rows read straight into byte-sorted order (the softmax does not care about the order), with their
-    log-normaliser over *all* columns, the padded ones beyond the sorted vocabulary included. One reusable
-    ``[block, V]`` buffer: one allocation per call instead of fresh pages for every block."""
+class _Layout:
+    """The distinct rows of the queries (sparse rows first, then dense ones), each query's row among them, the
+    queries grouped by row, and the blocks of rows (each all sparse or all dense)."""
 
-    def __init__(self, logits_2d: torch.Tensor, order: torch.Tensor, rows: int, dtype: torch.dtype) -> None:
+    def __init__(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, vocab_sorted: int, chunk: int):
+        unique_rows, local = torch.unique(rows, return_inverse=True)
+        num = unique_rows.shape[0]
+        length = hi - lo
+        spread = torch.zeros(num, dtype=length.dtype, device=rows.device)
+        spread.index_add_(0, local, torch.where(length > 1, length, 0))
+        dense = spread > _DENSE_SHARE * vocab_sorted
+        rank = torch.argsort(dense.to(torch.int8), stable=True)
+        position = torch.empty_like(rank)
+        position[rank] = torch.arange(num, device=rows.device)
+        self.unique_rows = unique_rows[rank]
+        self.local = position[local]
+        self.by_row = torch.argsort(self.local, stable=True)
+        counts = torch.bincount(self.local, minlength=num)
+        self.offsets = [0, *counts.cumsum(0).tolist()]
+        num_sparse = num - int(dense.sum())
+        self.blocks = [(block, False) for block in _blocks(0, num_sparse, chunk)] + [
+            (block, True) for block in _blocks(num_sparse, num, chunk)
+        ]
+        self.size = max(block.stop - block.start for block, _ in self.blocks)
+
+    def queries(self, block: slice) -> torch.Tensor:
+        return self.by_row[self.offsets[block.start] : self.offsets[block.stop]]
+
+
+class _Rows:
+    """Logits rows divided by the temperature, in the compute dtype, in one reusable ``[block, V]`` buffer (one
+    allocation per call instead of fresh pages for every block)."""
+
+    def __init__(self, logits_2d: torch.Tensor, rows: int, dtype: torch.dtype) -> None:
         self.logits_2d = logits_2d
-        self.order = order
-        self.padded = torch.arange(order.shape[0], logits_2d.shape[1], device=order.device)
-        self.rows = torch.empty(rows, logits_2d.shape[1], dtype=logits_2d.dtype, device=logits_2d.device)
-        self.buffer = torch.empty(rows, order.shape[0], dtype=dtype, device=logits_2d.device)
+        self.buffer = torch.empty(rows, logits_2d.shape[1], dtype=dtype, device=logits_2d.device)
 
-    def load(self, rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(probabilities [n, V_sorted] in sorted order, probabilities of the padded columns [n, V - V_sorted])``."""
-        n = rows.shape[0]
-        raw = self.rows[:n]
-        torch.index_select(self.logits_2d, 0, rows, out=raw)
-        probs = self.buffer[:n]
-        if probs.dtype == raw.dtype:
-            torch.index_select(raw, 1, self.order, out=probs)
+    def load(self, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        scaled = self.buffer[: rows.shape[0]]
+        if scaled.dtype == self.logits_2d.dtype:
+            torch.index_select(self.logits_2d, 0, rows, out=scaled)
         else:
-            probs.copy_(raw.index_select(1, self.order))
-        extra = raw[:, self.order.shape[0] :].to(probs.dtype)
+            scaled.copy_(self.logits_2d.index_select(0, rows))
         if temperature != 1.0:
-            probs.div_(temperature)
-            extra = extra / temperature
-        lse = torch.logaddexp(torch.logsumexp(probs, dim=1), torch.logsumexp(extra, dim=1))
-        probs.sub_(lse[:, None]).exp_()
-        return probs, (extra - lse[:, None]).exp()
+            scaled.div_(temperature)
+        return scaled
 
 
-def _split_queries(by_row: torch.Tensor, offsets: torch.Tensor, block: slice, num_rows: int) -> torch.Tensor:
-    return by_row[offsets[block.start] : offsets[min(block.stop, num_rows)]]
-
-
-def _query_layout(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    unique_rows, local = torch.unique(rows, return_inverse=True)
-    by_row = torch.argsort(local)
-    offsets = torch.cat([local.new_zeros(1), torch.bincount(local, minlength=unique_rows.shape[0]).cumsum(0)])
-    return unique_rows, local, by_row, offsets
-
-
-def _point_weights(untied: torch.Tensor, lo: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return torch.where(untied, weights[lo], torch.ones_like(weights[lo]))
+def _elements(
+    q_row: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    untied: torch.Tensor,
+    order: torch.Tensor,
+    weights: torch.Tensor,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sorted position of every query's range: ``(query, flat index into the [n, width] block, weight)``."""
+    length = (hi - lo).clamp(min=0)
+    query = torch.repeat_interleave(torch.arange(length.shape[0], device=lo.device), length)
+    first = lo - (torch.cumsum(length, 0) - length)
+    ranks = torch.arange(query.shape[0], device=lo.device).add_(first[query])
+    flat = order[ranks].add_(q_row[query] * width)
+    weight = torch.where(untied[query], weights[ranks], torch.ones((), dtype=weights.dtype, device=lo.device))
+    return query, flat, weight
 
 
 class _RangeMass(torch.autograd.Function):
@@ -91,101 +123,113 @@ class _RangeMass(torch.autograd.Function):
         chunk_size: int,
     ) -> torch.Tensor:
         dtype = torch.float64 if logits_2d.dtype == torch.float64 else torch.float32
-        unique_rows, local, by_row, offsets = _query_layout(rows)
-        point = (hi - lo) == 1
-        masses = torch.zeros(rows.shape[0], dtype=torch.float64, device=logits_2d.device)
-        blocks = _blocks(unique_rows.shape[0], chunk_size)
-        size = blocks[0].stop - blocks[0].start
-        reader = _SortedRows(logits_2d, order, size, dtype)
-        cumulative = torch.zeros(size, order.shape[0] + 1, dtype=torch.float64, device=logits_2d.device)
+        device = logits_2d.device
+        vocab_sorted, width = order.shape[0], logits_2d.shape[1]
+        layout = _Layout(rows, lo, hi, vocab_sorted, chunk_size)
+        masses = torch.zeros(rows.shape[0], dtype=torch.float64, device=device)
+        lse = torch.empty(layout.unique_rows.shape[0], dtype=dtype, device=device)
+        reader = _Rows(logits_2d, layout.size, dtype)
+        sorted_probs = cumulative = None
         weights = untied_sorted.to(dtype)
-        for block in blocks:
-            queries = _split_queries(by_row, offsets, block, unique_rows.shape[0])
-            if queries.numel() == 0:
+        for block, dense in layout.blocks:
+            queries = layout.queries(block)
+            scaled = reader.load(layout.unique_rows[block], temperature)
+            n = scaled.shape[0]
+            block_lse = torch.logsumexp(scaled, dim=1)
+            lse[block] = block_lse
+            q_row = layout.local[queries] - block.start
+            # Points and (in sparse rows) ranges: every position gathered, the sums in float64.
+            direct = (hi[queries] - lo[queries] <= 1) if dense else torch.ones_like(queries, dtype=torch.bool)
+            d_queries, d_row = queries[direct], q_row[direct]
+            query, flat, weight = _elements(
+                d_row, lo[d_queries], hi[d_queries], untied[d_queries], order, weights, width
+            )
+            probs = scaled.reshape(-1)[flat].sub_(block_lse[d_row][query]).exp_().mul_(weight)
+            sums = torch.zeros(d_queries.shape[0], dtype=torch.float64, device=device)
+            masses[d_queries] = sums.index_add_(0, query, probs.to(torch.float64))
+            if not dense:
                 continue
-            probs, _ = reader.load(unique_rows[block], temperature)
-            q_row = local[queries] - block.start
-            # Points (one token's probability) are read directly; ranges from cumulative sums (float64, so that
-            # the difference of two entries keeps small masses accurate).
-            points = point[queries]
-            p_queries = queries[points]
-            p_weight = _point_weights(untied[p_queries], lo[p_queries], weights)
-            masses[p_queries] = (probs[q_row[points], lo[p_queries]] * p_weight).to(torch.float64)
+            # A dense row's ranges: differences of cumulative sums in sorted order (float64).
+            if sorted_probs is None:
+                sorted_probs = torch.empty(layout.size, vocab_sorted, dtype=dtype, device=device)
+                cumulative = torch.zeros(layout.size, vocab_sorted + 1, dtype=torch.float64, device=device)
+            probs = sorted_probs[:n]
+            torch.index_select(scaled, 1, order, out=probs)
+            probs.sub_(block_lse[:, None]).exp_()
             for kind in (False, True):
-                chosen = ~points & (untied[queries] == kind)
+                chosen = ~direct & (untied[queries] == kind)
                 if not bool(chosen.any()):
                     continue
                 if kind:
                     probs.mul_(weights)  # the last use of this block's probabilities
-                part = cumulative[: probs.shape[0]]
+                part = cumulative[:n]
                 torch.cumsum(probs, dim=1, dtype=torch.float64, out=part[:, 1:])
                 selected, r = queries[chosen], q_row[chosen]
                 masses[selected] = part[r, hi[selected]] - part[r, lo[selected]]
         masses = masses.clamp(min=0.0).to(dtype)
-        ctx.save_for_backward(logits_2d, rows, lo, hi, untied, order, untied_sorted, masses)
+        ctx.save_for_backward(logits_2d, lo, hi, untied, order, untied_sorted, masses, lse)
+        ctx.layout = layout
         ctx.temperature = temperature
-        ctx.chunk_size = chunk_size
         return masses
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_masses: torch.Tensor) -> tuple[Any, ...]:
-        logits_2d, rows, lo, hi, untied, order, untied_sorted, masses = ctx.saved_tensors
+        logits_2d, lo, hi, untied, order, untied_sorted, masses, lse = ctx.saved_tensors
+        layout, temperature = ctx.layout, ctx.temperature
         dtype = masses.dtype
-        vocab_sorted = order.shape[0]
+        vocab_sorted, width = order.shape[0], logits_2d.shape[1]
         device = logits_2d.device
         grad_logits = torch.zeros_like(logits_2d)
-        unique_rows, local, by_row, offsets = _query_layout(rows)
-        point = (hi - lo) == 1
         grad_masses = grad_masses.to(dtype)
-        blocks = _blocks(unique_rows.shape[0], ctx.chunk_size)
-        size = blocks[0].stop - blocks[0].start
-        reader = _SortedRows(logits_2d, order, size, dtype)
-        # Sorted-order coefficients with one extra column that the difference arrays' -g at hi = V lands in.
-        coefficient = torch.empty(size, vocab_sorted + 1, dtype=dtype, device=device)
-        untied_part = torch.empty(size, vocab_sorted + 1, dtype=dtype, device=device)
+        reader = _Rows(logits_2d, layout.size, dtype)
+        # d M_q / d p_x = w_q(x) for x in q, in vocabulary order.
+        coefficient = torch.empty(layout.size, width, dtype=dtype, device=device)
+        sorted_part = untied_part = None
         weights = untied_sorted.to(dtype)
-        for block in blocks:
-            queries = _split_queries(by_row, offsets, block, unique_rows.shape[0])
+        for block, dense in layout.blocks:
+            queries = layout.queries(block)
             g = grad_masses[queries]
-            if queries.numel() == 0 or not bool(g.any()):
+            if not bool(g.any()):
                 continue
-            block_rows = unique_rows[block]
+            block_rows = layout.unique_rows[block]
             n = block_rows.shape[0]
-            q_row = local[queries] - block.start
-            # d M_q / d p_x = 1 for x in q (times the weight): ranges by difference arrays and a cumulative sum,
-            # points added directly.
-            points = point[queries]
+            q_row = layout.local[queries] - block.start
             coef = coefficient[:n].zero_()
-            for kind, buffer in ((False, coef), (True, untied_part[:n])):
-                chosen = ~points & (untied[queries] == kind)
-                if not bool(chosen.any()):
-                    continue
-                if kind:
-                    buffer.zero_()
-                buffer.index_put_((q_row[chosen], lo[queries[chosen]]), g[chosen], accumulate=True)
-                buffer.index_put_((q_row[chosen], hi[queries[chosen]]), -g[chosen], accumulate=True)
-                buffer.cumsum_(dim=1)
-                if kind:
-                    buffer[:, :vocab_sorted].mul_(weights)
-                    coef.add_(buffer)
-            p_queries = queries[points]
-            p_weight = _point_weights(untied[p_queries], lo[p_queries], weights)
-            coef.index_put_((q_row[points], lo[p_queries]), g[points] * p_weight, accumulate=True)
+            direct = (hi[queries] - lo[queries] <= 1) if dense else torch.ones_like(queries, dtype=torch.bool)
+            d_queries = queries[direct]
+            query, flat, weight = _elements(
+                q_row[direct], lo[d_queries], hi[d_queries], untied[d_queries], order, weights, width
+            )
+            coef.reshape(-1).index_add_(0, flat, g[direct][query].mul_(weight))
+            if dense:
+                # A dense row's ranges: difference arrays and a cumulative sum in sorted order (with one extra
+                # column that the -g at hi = V lands in), added back in vocabulary order.
+                if sorted_part is None:
+                    sorted_part = torch.empty(layout.size, vocab_sorted + 1, dtype=dtype, device=device)
+                    untied_part = torch.empty_like(sorted_part)
+                part = sorted_part[:n].zero_()
+                for kind, buffer in ((False, part), (True, untied_part[:n])):
+                    chosen = ~direct & (untied[queries] == kind)
+                    if not bool(chosen.any()):
+                        continue
+                    if kind:
+                        buffer.zero_()
+                    buffer.index_put_((q_row[chosen], lo[queries[chosen]]), g[chosen], accumulate=True)
+                    buffer.index_put_((q_row[chosen], hi[queries[chosen]]), -g[chosen], accumulate=True)
+                    buffer.cumsum_(dim=1)
+                    if kind:
+                        buffer[:, :vocab_sorted].mul_(weights)
+                        part.add_(buffer)
+                coef.index_add_(1, order, part[:, :vocab_sorted])
             row_dot = torch.zeros(n, dtype=dtype, device=device)
             row_dot.index_add_(0, q_row, g * masses[queries])
-            # dM/dz_x = p_x (coefficient_x - sum_q g_q M_q) / T, computed in sorted order and written back.
-            probs, extra = reader.load(block_rows, ctx.temperature)
-            grad = probs.mul_(coef[:, :vocab_sorted].sub_(row_dot[:, None]))
-            if ctx.temperature != 1.0:
-                grad.div_(ctx.temperature)
-            unsorted = reader.rows[:n]  # reused: the raw logits of this block are no longer needed
-            unsorted.index_copy_(1, order, grad.to(unsorted.dtype))
-            if extra.shape[1]:
-                unsorted[:, vocab_sorted:] = (extra * (-row_dot[:, None]) / ctx.temperature).to(
-                    unsorted.dtype
-                )
-            grad_logits.index_copy_(0, block_rows, unsorted)
+            # dM/dz_x = p_x (coefficient_x - sum_q g_q M_q) / T.
+            probs = reader.load(block_rows, temperature).sub_(lse[block][:, None]).exp_()
+            grad = probs.mul_(coef.sub_(row_dot[:, None]))
+            if temperature != 1.0:
+                grad.div_(temperature)
+            grad_logits.index_copy_(0, block_rows, grad.to(grad_logits.dtype))
         return grad_logits, None, None, None, None, None, None, None, None
 
 
