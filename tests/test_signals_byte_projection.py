@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
-from gold_plugin.alignment.sorted_vocab import sorted_vocab
+from gold_plugin.alignment.sorted_vocab import PrefixHashes, sorted_vocab, truncate_hex
 from gold_plugin.local.task import build_tokenizer
 from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
 from gold_plugin.signals import range_mass as range_mass_module
@@ -277,12 +279,44 @@ def test_real_tokenizers_ranges_equal_a_vocabulary_scan_and_probabilities_sum_to
     for key, a, z in zip(keys, lo, hi):
         scan = {i for i, b in enumerate(s_bytes) if b.startswith(key)}
         assert set(vocab.order[a:z].tolist()) == scan, key
+    # The hash lookups of prefixes give the same inputs as searchsorted on the keys (the fallback).
+    plain = dataclasses.replace(vocab, student_hash_table=None, teacher_hash_table=None)
+    again = projection_inputs(plain, alignments, ids, top_ids, top_lp, mask)
+    for name, value in vars(inputs).items():
+        assert torch.equal(value, getattr(again, name)), name
     logits = torch.randn(len(ids), width, len(student)) * 3
     probs, rest = student_event_probs(logits, inputs, LogitLossOptions(chunk_size=64), pv)
     assert float(probs.min()) >= 0 and float(rest.min()) >= 0
     assert float((probs.sum(dim=1) + rest).max()) <= 1 + 1e-5
     loss = projected_logit_loss(logits, inputs, pv, chunk_size=64).loss
     assert torch.isfinite(loss).all() and float(loss.min()) >= -1e-6
+
+
+def test_prefix_lookups_by_hash_equal_searchsorted_and_check_every_hit():
+    vocab = sorted_vocab(load_test_tokenizer("qwen"), load_test_tokenizer("gpt2"))
+    rng = np.random.default_rng(0)
+    # Student keys followed by teacher keys: many prefixes are tokens on one side or both.
+    keys = np.strings.add(
+        vocab.student_keys[rng.integers(0, vocab.size, (60, 5))],
+        vocab.teacher_keys[rng.integers(0, vocab.teacher_keys.shape[0], (60, 5))],
+    )
+    num_bytes = np.strings.str_len(keys) // 2
+    prefixes = PrefixHashes(keys)
+    wrong_ids = dataclasses.replace(
+        vocab,
+        student_hash_table=(vocab.student_hash_table[0], np.roll(vocab.student_hash_table[1], 1)),
+    )
+    hits = 0
+    for length in range(1, int(num_bytes.max()) + 1):
+        where = num_bytes >= length
+        prefix = truncate_hex(keys[where], length)
+        expected = vocab.exact_ids(prefix)
+        assert np.array_equal(vocab.prefix_exact_ids(prefixes, length, where), expected)
+        assert np.array_equal(vocab.prefix_teacher_ids(prefixes, length, where), vocab.teacher_ids(prefix))
+        # A hash found with other bytes is no hit (every hit is checked against the token's bytes).
+        assert (wrong_ids.prefix_exact_ids(prefixes, length, where) == -1).all()
+        hits += int((expected >= 0).sum())
+    assert hits > 100
 
 
 def test_mismatched_inputs_are_refused(digit_tokenizers):

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.alignment.sorted_vocab import SortedVocab, truncate_hex
+from gold_plugin.alignment.sorted_vocab import PrefixHashes, SortedVocab, truncate_hex
 from gold_plugin.signals.logit_inputs import checked_topk
 
 DEFAULT_MAX_CHAIN = 4
@@ -299,16 +299,19 @@ def _assemble(
 
     unresolved = chain & (pos.chain_ids[:, :1] < 0)  # the path ends before the candidate does
     open_ = text & (exact < 0)
+    key_prefixes = PrefixHashes(key)
     for length in range(1, int(key_len[open_].max(initial=0))):
         active = open_ & (length > ell[:, None]) & (length < key_len)
         if not active.any():
             continue
-        prefix = truncate_hex(key[active], length)
-        spelled = vocab.exact_ids(prefix) >= 0
-        sampled = (length == np.broadcast_to(s_len, key.shape)[active]) & (
-            prefix == np.broadcast_to(s_key[:, None], key.shape)[active]
-        )
-        unresolved[active] |= spelled & ~sampled
+        spelled = vocab.prefix_exact_ids(key_prefixes, length, active) >= 0
+        # The sampled token itself does not count: a spelled prefix as long as s_i with s_i's bytes.
+        check = spelled & (np.broadcast_to(s_len, key.shape)[active] == length)
+        if check.any():
+            at = np.flatnonzero(active)[check]
+            sampled = truncate_hex(key.reshape(-1)[at], length) == s_key[at // k]
+            spelled[np.flatnonzero(check)[sampled]] = False
+        unresolved[active] |= spelled
 
     # Equal bytes (several teacher ids for one string) merge into the first slot; a candidate's parent is the
     # longest resolved candidate whose bytes are a proper prefix of its own (the keys share u).
@@ -319,14 +322,23 @@ def _assemble(
     resolved_rep = text & ~unresolved & (first == slot[None, :])
     rep_canonical = np.where(resolved_rep, canonical, -2)
     parent = np.full((num, k), -1, dtype=np.int64)
+    # (row, canonical id) of every resolved representative, sorted, for the slot of a row's ancestor.
+    width = int(canonical.max(initial=0)) + 1
+    rep_rows, rep_slots = np.nonzero(resolved_rep)
+    rep_index = rep_rows * width + rep_canonical[rep_rows, rep_slots]
+    by_index = np.argsort(rep_index, kind="stable")
+    rep_index, rep_slots = rep_index[by_index], rep_slots[by_index]
+    cand_prefixes = PrefixHashes(cand_key)
     for length in range(1, int(cand_len.max(initial=0))):
         shorter = text & (cand_len > length)
-        if not shorter.any():
+        if not shorter.any() or rep_index.shape[0] == 0:
             continue
-        ancestor = np.full((num, k), -1, dtype=np.int64)
-        ancestor[shorter] = vocab.teacher_ids(truncate_hex(cand_key[shorter], length))
-        match = (ancestor[:, :, None] == rep_canonical[:, None, :]) & (ancestor[:, :, None] >= 0)
-        parent = np.where(match.any(axis=2), np.argmax(match, axis=2), parent)
+        ancestor = vocab.prefix_teacher_ids(cand_prefixes, length, shorter)
+        where = np.flatnonzero(shorter)[ancestor >= 0]
+        wanted = (where // k) * width + ancestor[ancestor >= 0]
+        at = np.minimum(np.searchsorted(rep_index, wanted), rep_index.shape[0] - 1)
+        found = rep_index[at] == wanted
+        parent.reshape(-1)[where[found]] = rep_slots[at[found]]
 
     event = np.full((num, k), -1, dtype=np.int64)
     event = np.where(text & ~unresolved, first, event)
