@@ -17,25 +17,38 @@ STUDENT=${STUDENT:-meta-llama/Llama-3.2-1B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen3-4B-Instruct-2507}
 DATA=${DATA:-/shared/data/countdown_train.jsonl}
 SAVE=${SAVE:-/shared/ckpt/gold-grpo-countdown-llama1b}
-SUBMIT=(ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-json='{"working_dir": "."}' --)
+ACTOR_GPUS=${ACTOR_GPUS:-2}
+VLLM_ENGINES=${VLLM_ENGINES:-4}
+TEACHER_REPLICAS=${TEACHER_REPLICAS:-2}
+MAX_LEN=${MAX_LEN:-1536}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-1024}
+ROLLOUT_BATCH=${ROLLOUT_BATCH:-32}
+N_SAMPLES=${N_SAMPLES:-8}
+ROLLOUT_MICRO=${ROLLOUT_MICRO:-8}
+TRAIN_BATCH=${TRAIN_BATCH:-256}
+TRAIN_MICRO=${TRAIN_MICRO:-4}
+SAVE_STEPS=${SAVE_STEPS:-50}
+DEFAULT_RUNTIME_ENV='{"working_dir": "."}'
+RUNTIME_ENV=${RUNTIME_ENV:-$DEFAULT_RUNTIME_ENV}
+SUBMIT=(ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-json="$RUNTIME_ENV" --)
 if [[ " $* " == *" --dry_run "* ]]; then SUBMIT=(); fi
 
 "${SUBMIT[@]}" python3 launchers/train_gold.py \
    --actor.model_name_or_path "$STUDENT" \
-   --actor.num_nodes 1 --actor.num_gpus_per_node 2 --ref.num_nodes 1 --ref.num_gpus_per_node 2 \
+   --actor.num_nodes 1 --actor.num_gpus_per_node "$ACTOR_GPUS" --ref.num_nodes 1 --ref.num_gpus_per_node "$ACTOR_GPUS" \
    --train.colocate_actor_ref \
-   --vllm.num_engines 4 --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
+   --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
    --gold.teacher.model_name_or_path "$TEACHER" \
-   --gold.teacher.backend hf --gold.teacher.num_replicas 2 --gold.teacher.micro_batch_size 8 \
+   --gold.teacher.backend hf --gold.teacher.num_replicas "$TEACHER_REPLICAS" --gold.teacher.micro_batch_size 8 \
    --gold.alpha 0.5 --gold.kl_coef 1.0 --gold.signal advantage \
    --reward.remote_url examples/countdown_reward.py \
-   --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt 8 \
+   --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt "$N_SAMPLES" \
    --algo.kl.init_coef 1e-3 --algo.kl.use_loss --algo.kl.estimator k3 \
    --data.prompt_dataset "$DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template \
-   --data.max_len 1536 --rollout.max_new_tokens 1024 --rollout.temperature 1.0 \
-   --rollout.batch_size 32 --rollout.micro_batch_size 8 \
-   --train.batch_size 256 --train.micro_batch_size 4 --train.max_epochs 1 --train.num_episodes 1 \
+   --data.max_len "$MAX_LEN" --rollout.max_new_tokens "$MAX_NEW_TOKENS" --rollout.temperature 1.0 \
+   --rollout.batch_size "$ROLLOUT_BATCH" --rollout.micro_batch_size "$ROLLOUT_MICRO" \
+   --train.batch_size "$TRAIN_BATCH" --train.micro_batch_size "$TRAIN_MICRO" --train.max_epochs 1 --train.num_episodes 1 \
    --actor.adam.lr 1e-6 --ds.zero_stage 2 --ds.param_dtype bf16 --actor.gradient_checkpointing_enable \
-   --ckpt.output_dir "$SAVE" --ckpt.path "$SAVE/ckpt" --ckpt.save_steps 50 --ckpt.save_hf \
+   --ckpt.output_dir "$SAVE" --ckpt.path "$SAVE/ckpt" --ckpt.save_steps "$SAVE_STEPS" --ckpt.save_hf \
    --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE/runs" \
    "$@"

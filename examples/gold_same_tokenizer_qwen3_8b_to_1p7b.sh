@@ -15,23 +15,36 @@ STUDENT=${STUDENT:-Qwen/Qwen3-1.7B}
 TEACHER=${TEACHER:-Qwen/Qwen3-8B}
 DATA=${DATA:-/shared/data/countdown_train.jsonl}
 SAVE=${SAVE:-/shared/ckpt/gold-qwen3-1p7b}
-SUBMIT=(ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-json='{"working_dir": "."}' --)
+ACTOR_GPUS=${ACTOR_GPUS:-4}
+VLLM_ENGINES=${VLLM_ENGINES:-2}
+TEACHER_REPLICAS=${TEACHER_REPLICAS:-2}
+MAX_LEN=${MAX_LEN:-2048}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-1536}
+ROLLOUT_BATCH=${ROLLOUT_BATCH:-64}
+N_SAMPLES=${N_SAMPLES:-4}
+ROLLOUT_MICRO=${ROLLOUT_MICRO:-8}
+TRAIN_BATCH=${TRAIN_BATCH:-256}
+TRAIN_MICRO=${TRAIN_MICRO:-2}
+SAVE_STEPS=${SAVE_STEPS:-50}
+DEFAULT_RUNTIME_ENV='{"working_dir": "."}'
+RUNTIME_ENV=${RUNTIME_ENV:-$DEFAULT_RUNTIME_ENV}
+SUBMIT=(ray job submit --address="${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env-json="$RUNTIME_ENV" --)
 if [[ " $* " == *" --dry_run "* ]]; then SUBMIT=(); fi
 
 "${SUBMIT[@]}" python3 launchers/train_gold.py \
    --actor.model_name_or_path "$STUDENT" \
-   --actor.num_nodes 1 --actor.num_gpus_per_node 4 \
-   --vllm.num_engines 2 --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
+   --actor.num_nodes 1 --actor.num_gpus_per_node "$ACTOR_GPUS" \
+   --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
    --gold.teacher.model_name_or_path "$TEACHER" \
-   --gold.teacher.backend vllm --gold.teacher.num_replicas 2 --gold.teacher.num_gpus_per_replica 1 \
+   --gold.teacher.backend vllm --gold.teacher.num_replicas "$TEACHER_REPLICAS" --gold.teacher.num_gpus_per_replica 1 \
    --gold.teacher.topk 64 \
    --gold.alpha 1.0 --gold.signal both --gold.logit_coef 1.0 --gold.beta 0.5 \
    --algo.advantage.estimator reinforce --algo.kl.init_coef 0 \
    --data.prompt_dataset "$DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template \
-   --data.max_len 2048 --rollout.max_new_tokens 1536 --rollout.temperature 1.0 \
-   --rollout.batch_size 64 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8 \
-   --train.batch_size 256 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 1 \
+   --data.max_len "$MAX_LEN" --rollout.max_new_tokens "$MAX_NEW_TOKENS" --rollout.temperature 1.0 \
+   --rollout.batch_size "$ROLLOUT_BATCH" --rollout.n_samples_per_prompt "$N_SAMPLES" --rollout.micro_batch_size "$ROLLOUT_MICRO" \
+   --train.batch_size "$TRAIN_BATCH" --train.micro_batch_size "$TRAIN_MICRO" --train.max_epochs 1 --train.num_episodes 1 \
    --actor.adam.lr 1e-6 --ds.zero_stage 2 --ds.param_dtype bf16 --actor.gradient_checkpointing_enable \
-   --ckpt.output_dir "$SAVE" --ckpt.path "$SAVE/ckpt" --ckpt.save_steps 50 --ckpt.save_hf \
+   --ckpt.output_dir "$SAVE" --ckpt.path "$SAVE/ckpt" --ckpt.save_steps "$SAVE_STEPS" --ckpt.save_hf \
    --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE/runs" \
    "$@"

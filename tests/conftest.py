@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# Import-only flash_attn stand-in (OpenRLHF imports it at module level); at the end, so a real one wins.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "gold_plugin" / "testing" / "stubs"))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ Follows OpenRLHF 0.11.2's ``train_ppo_ray.train`` with these differences (decide
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -22,21 +23,35 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .launch_plan import COLOCATED_GPU_SHARE, LaunchPlan
 
+JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Where ``ray job submit`` hands the job's runtime env to the driver (Ray refuses a ``ray.init`` runtime env that
+sets a field or env var the job's already sets)."""
 
-def plugin_runtime_env() -> dict[str, Any]:
+
+def job_runtime_env() -> dict[str, Any]:
+    """The runtime env of the ``ray job submit`` that started this driver (empty outside a job)."""
+    raw = os.environ.get(JOB_CONFIG_ENV_VAR)
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
+def plugin_runtime_env(job_env: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ray runtime env for the driver: OpenRLHF's env vars, plus ``gold_plugin`` shipped to the workers as a
-    ``py_module`` when it is not installed in site-packages (a checkout, e.g. ``ray job submit --working-dir .``)."""
+    ``py_module`` when it is not installed in site-packages (a checkout). Only what the job's own runtime env
+    (``job_env``, default :func:`job_runtime_env`) leaves unset: its values win, and a job submitted with a
+    ``working_dir`` or ``py_modules`` already ships the package."""
     import gold_plugin
 
-    env: dict[str, Any] = {
-        "env_vars": {
-            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
-            "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
-            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
-        }
+    job_env = job_runtime_env() if job_env is None else job_env
+    job_vars = job_env.get("env_vars") or {}
+    defaults = {
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+        "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
     }
+    env: dict[str, Any] = {"env_vars": {k: v for k, v in defaults.items() if k not in job_vars}}
     package_dir = os.path.dirname(os.path.abspath(gold_plugin.__file__))
-    if "site-packages" not in package_dir and "dist-packages" not in package_dir:
+    installed = "site-packages" in package_dir or "dist-packages" in package_dir
+    if not installed and not job_env.get("working_dir") and not job_env.get("py_modules"):
         env["py_modules"] = [package_dir]
     return env
 

@@ -1,4 +1,4 @@
-"""Import-only stand-in (see tests/stubs/README.md)."""
+"""Import-only stand-in (see gold_plugin/testing/stubs/README.md)."""
 
 
 def all_gather(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""Import-only stand-in (see tests/stubs/README.md): packing needs the real flash-attn."""
+"""Import-only stand-in (see gold_plugin/testing/stubs/README.md): packing needs the real flash-attn."""
 
 
 def _unavailable(*args, **kwargs):
