@@ -32,8 +32,8 @@ import torch
 _MAX_BLOCK_ROWS = 32  # measured: larger blocks are slower on CPU (the [block, V] buffers leave the caches)
 _DENSE_SHARE = 0.25
 """A row whose multi-token ranges (lengths summed) exceed this share of the sorted vocabulary is summed
-cumulatively rather than gathered (measured on CPU: a gathered position costs several times a position of a
-full-row permutation and cumulative sum)."""
+cumulatively rather than gathered. Measured on CPU (64 rows, V = 151,936, forward + backward): gathering ranges that
+hold 0.1 / 0.25 / 0.5 / 1 V per row takes 0.6x / 0.95x / 2.5x / 4.7x the time of the cumulative sums."""
 
 
 def _blocks(start: int, stop: int, chunk_size: int) -> list[slice]:
