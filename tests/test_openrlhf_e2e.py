@@ -71,6 +71,20 @@ def _countdown_prompts(path: Path, count: int) -> Path:
     return path
 
 
+def _wait_for_job_agent(address: str, env: dict, bin_dir: str, timeout_s: float = 180) -> None:
+    """`ray start` returns before the head's job agent accepts submissions ("No available agent to submit job")."""
+    deadline = time.time() + timeout_s
+    while True:
+        probe = subprocess.run(
+            [f"{bin_dir}/ray", "job", "submit", f"--address={address}", "--", "python3", "-c", "pass"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return
+        assert time.time() < deadline, f"the Ray head's job agent never came up:\n{probe.stdout[-3000:]}"
+        time.sleep(3)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local Ray head with fake GPUs, tiny models, Countdown prompts, and the environment the examples read."""
@@ -81,6 +95,10 @@ def cluster(tmp_path_factory):
     data = _countdown_prompts(root / "countdown.jsonl", 16)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    import ray
+
+    # A Ray this process is connected to would die with `ray stop` at the end (and take pytest with it).
+    ray.shutdown()
     dashboard = _free_port()
     subprocess.run(
         [f"{bin_dir}/ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
@@ -89,6 +107,7 @@ def cluster(tmp_path_factory):
         check=True, env=env, capture_output=True, timeout=300,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
+    _wait_for_job_agent(address, env, bin_dir)
     env.update(SIZES, RAY_ADDRESS=address, RUNTIME_ENV=json.dumps(runtime_env(str(REPO))))
     env.update(STUDENT=str(student), TEACHER=str(teacher), DATA=str(data))
     try:
