@@ -120,7 +120,7 @@ def _cpu_worker_wrap() -> type:
             group_name,
             backend="nccl",
             use_ray=False,
-        ):  # noqa: E501
+        ):
             if use_ray:
                 raise RuntimeError(
                     "--vllm.sync_with_ray is not supported on CPU: drop it (weights go over gloo)."
@@ -297,8 +297,8 @@ def check() -> list[str]:
 
 def apply() -> None:
     """Apply every patch (idempotent): the ``worker_process_setup_hook`` of the CPU runtime env."""
-    for patch in PATCHES:
-        patch.apply()
+    for apply_patch in dict.fromkeys(patch.apply for patch in PATCHES):  # torch.cuda's serves several modules
+        apply_patch()
 
 
 def runtime_env(working_dir: str = ".", kv_cache_gib: int = 1) -> dict[str, Any]:
