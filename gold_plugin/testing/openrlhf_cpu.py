@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -105,6 +106,22 @@ def gloo_weight_group(
     return GlooWeightGroup(host, port, rank, world_size)
 
 
+WEIGHT_SYNC_LOG = "GOLD_CPU_WEIGHT_SYNC_LOG"
+"""Environment variable: a file to which every vLLM worker appends one JSON line per completed weight sync."""
+
+
+def record_weight_sync(weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Append ``{"pid", "weights": {name: sum |w|}}`` to the file named by ``$GOLD_CPU_WEIGHT_SYNC_LOG`` (if set):
+    what a test compares with the trained model, instead of the engines' log lines (which Ray forwards only
+    when the worker's stdout buffer happens to be flushed before the job ends)."""
+    path = os.environ.get(WEIGHT_SYNC_LOG)
+    if not path:
+        return
+    sums = {name: weight.double().abs().sum().item() for name, weight in weights}
+    with open(path, "a") as log:
+        log.write(json.dumps({"pid": os.getpid(), "weights": sums}) + "\n")
+
+
 def _cpu_worker_wrap() -> type:
     from openrlhf.trainer.ray.vllm_worker_wrap import WorkerWrap
 
@@ -142,6 +159,7 @@ def _cpu_worker_wrap() -> type:
             pending = self.__dict__.setdefault("_gold_pending_weights", [])
             pending.append((name, weight))
             if empty_cache:
+                record_weight_sync(pending)
                 self.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
                 pending.clear()
 
@@ -301,22 +319,25 @@ def apply() -> None:
         apply_patch()
 
 
-def runtime_env(working_dir: str = ".", kv_cache_gib: int = 1) -> dict[str, Any]:
-    """The ``ray job submit --runtime-env-json`` for a CPU run."""
+def runtime_env(
+    working_dir: str = ".", kv_cache_gib: int = 1, weight_sync_log: str | None = None
+) -> dict[str, Any]:
+    """The ``ray job submit --runtime-env-json`` for a CPU run (``weight_sync_log``: see :func:`record_weight_sync`)."""
     from pathlib import Path
 
     flash_attn_stub = (
         Path(__file__).resolve().parent / "stubs" / "flash_attn"
     )  # OpenRLHF imports it at module level
+    # No TOKENIZERS_PARALLELISM: OpenRLHF's own driver sets it in ray.init, and Ray refuses a job whose runtime
+    # env sets a variable the driver sets too.
+    env_vars = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+    if weight_sync_log:
+        env_vars[WEIGHT_SYNC_LOG] = weight_sync_log
     return {
         "working_dir": working_dir,
         "py_modules": [str(flash_attn_stub)],
         "worker_process_setup_hook": "gold_plugin.testing.openrlhf_cpu.apply",
-        "env_vars": {
-            "DS_ACCELERATOR": "cpu",
-            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-            "TOKENIZERS_PARALLELISM": "false",
-        },
+        "env_vars": env_vars,
     }
 
 
