@@ -36,7 +36,7 @@ OPTIONS = (
     "--gold.signal both --gold.advantage_norm whiten --gold.lmbda 0.5 --data.output_key output "
     "--rollout.max_new_tokens 32"
 )
-TIMING = ("gold/teacher_seconds", "gold/teacher_wait_seconds")
+TIMING = ("gold/teacher_seconds", "gold/teacher_wait_seconds", "gold/plugin_seconds")
 
 
 def _split(sequence: torch.Tensor, action_mask: torch.Tensor) -> tuple[tuple, tuple]:

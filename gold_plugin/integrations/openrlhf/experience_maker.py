@@ -269,9 +269,11 @@ class GoldExperienceMaker(RemoteExperienceMaker):
     @torch.no_grad()
     def make_experience(self, samples_list: list[Experience]) -> list[Experience]:
         """OpenRLHF's forwards, overlapped with teacher scoring, then the GOLD signal attached to every sample."""
+        start = time.perf_counter()
         batches = self._samples_for_teacher(samples_list)
         requests = [r for batch in batches for r in batch["requests"] if r is not None]
         future: Future = self._executor.submit(self._score, requests)
+        plugin_seconds = time.perf_counter() - start
 
         if not self.gold.needs_reward:
             # Reward-free: OpenRLHF must neither call a reward model nor read a reward.
@@ -286,10 +288,16 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         results, teacher_seconds = future.result()
         wait_seconds = time.perf_counter() - forwards_done
 
+        start = time.perf_counter()
         result_iter = iter(results)
         for experience, batch in zip(experiences, batches):
             batch_results = [next(result_iter) if r is not None else None for r in batch["requests"]]
             self._attach_signal(experience, batch, batch_results, teacher_seconds, wait_seconds)
+        plugin_seconds += time.perf_counter() - start
+        for experience in experiences:  # the plugin's own work: requests, alignment, signal (not the teacher)
+            experience.info["gold/plugin_seconds"] = torch.full(
+                (experience.action_mask.shape[0],), plugin_seconds
+            )
         return experiences
 
     def _attach_signal(
