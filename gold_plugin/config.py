@@ -27,6 +27,11 @@ class GoldConfigError(ValueError):
     """A GOLD option, or a combination of options, that cannot work; the message says what to change."""
 
 
+DEFAULT_LOGIT_TOPK = 64
+"""The teacher's top-k when the logit loss is on and ``--gold.teacher.topk`` is unset (the k that
+benchmarks/bench_logit_loss.py measures; vLLM teachers raise their engine's ``max_logprobs`` to it)."""
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     """Where the teacher runs and what it returns (immutable: ``dataclasses.replace`` builds a changed copy)."""
@@ -47,8 +52,10 @@ class TeacherConfig:
     """vLLM tensor parallel size inside one replica (vllm backend only)."""
     chat_template: ChatTemplateSource = "teacher"
     """Render the prompt with the ``teacher``'s own chat template, or send the ``student``'s prompt text."""
-    topk: int = 0
-    """Top-k teacher log-probs per response position (needed by the logit loss); 0 = sampled tokens only."""
+    topk: int | None = None
+    """Top-k teacher log-probs per response position (the logit loss needs them); 0 = sampled tokens only. Unset:
+    chosen by the signal in GoldConfig (``DEFAULT_LOGIT_TOPK`` with the logit loss, else 0); 0 for a TeacherConfig
+    used on its own."""
     max_len: int | None = None
     """Teacher context length; default: the model's ``max_position_embeddings``."""
     micro_batch_size: int = 8
@@ -74,8 +81,10 @@ class GoldConfig:
     """Normalisation of the distillation advantages over the rollout's on-policy signal tokens before mixing:
     ``none`` (raw -d_g), ``mean`` (centred) or ``whiten`` (centred, divided by the std; best reward-free in
     docs/local.md's measurements)."""
-    signal: Signal = "advantage"
-    """``advantage`` (sampled aligned KL), ``logit`` (aligned GKD/ULD loss) or ``both``."""
+    signal: Signal = "logit"
+    """``logit`` (the aligned logit loss: with ``logit_projection=bytes`` the best signal on every tokenizer pair
+    measured in docs/local.md), ``advantage`` (sampled aligned KL as advantages; no teacher top-k needed) or
+    ``both``."""
     logit_coef: float = 1.0
     """Weight of the logit loss: loss = policy_loss + alpha*logit_coef*L."""
     alignment: AlignmentMode = "spans"
@@ -106,6 +115,9 @@ class GoldConfig:
     def __post_init__(self) -> None:
         if isinstance(self.teacher, dict):
             object.__setattr__(self, "teacher", TeacherConfig(**self.teacher))
+        if self.teacher.topk is None:
+            topk = DEFAULT_LOGIT_TOPK if self.uses_logit_loss else 0
+            object.__setattr__(self, "teacher", dataclasses.replace(self.teacher, topk=topk))
         self.validate()
         if self.lmbda < 1.0 and not self.uses_logit_loss:
             warnings.warn(

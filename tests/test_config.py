@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from gold_plugin.config import (
+    DEFAULT_LOGIT_TOPK,
     GoldConfig,
     GoldConfigError,
     TeacherConfig,
@@ -21,6 +22,19 @@ def _parse(argv: list[str]) -> GoldConfig:
 
 def test_defaults_match_the_dataclass():
     assert _parse([]) == GoldConfig()
+
+
+def test_the_default_signal_is_the_logit_loss_and_the_top_k_follows_the_signal():
+    default = _parse([])
+    assert default.signal == "logit" and default.logit_projection == "bytes"
+    assert default.teacher.topk == DEFAULT_LOGIT_TOPK  # unset: what the logit loss needs
+    assert _parse(["--gold.signal", "advantage"]).teacher.topk == 0  # sampled tokens only
+    assert _parse(["--gold.signal", "both"]).teacher.topk == DEFAULT_LOGIT_TOPK
+    assert _parse(["--gold.teacher.topk", "8"]).teacher.topk == 8  # given: kept, whatever the signal
+    assert _parse(["--gold.signal", "advantage", "--gold.teacher.topk", "8"]).teacher.topk == 8
+    with pytest.raises(GoldConfigError, match="--gold.teacher.topk"):
+        _parse(["--gold.teacher.topk", "0"])  # the logit loss without a top-k: says what to set
+    assert TeacherConfig().topk is None  # on its own: decided by the GoldConfig that holds it
 
 
 def test_dotted_options_reach_nested_fields():
@@ -67,7 +81,7 @@ def test_help_groups_gold_options():
         ({"kl_discount": 2.0}, "--gold.kl_discount"),
         ({"signal": "logits"}, "--gold.signal"),
         ({"alignment": "bytes"}, "--gold.alignment"),
-        ({"signal": "logit"}, "--gold.teacher.topk"),
+        ({"signal": "logit", "teacher": TeacherConfig(topk=0)}, "--gold.teacher.topk"),
         ({"uld_hybrid_matched_weight": 0.5}, "uld_hybrid_unmatched_weight"),
         ({"uld_teacher_temperature": 0.0}, "--gold.uld_teacher_temperature"),
         ({"logit_chunk_size": 0}, "--gold.logit_chunk_size"),

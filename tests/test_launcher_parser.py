@@ -207,7 +207,10 @@ def test_prorl_script_as_a_gold_mix_resolves_to_the_expected_layout():
         "--gold.alpha",
         "0.5",
     ]
-    plan = _plan(argv)
+    # The script packs samples: the default signal (the logit loss) refuses, naming what to change.
+    with pytest.raises(GoldConfigError, match="--ds.packing_samples.*--gold.signal advantage"):
+        _plan(argv)
+    plan = _plan(argv + ["--gold.signal", "advantage"])
     assert plan.reward_source == "reward function file /work/math_reward_func.py"
     assert not plan.create_reward_model_group  # the reward comes from the function, not a model
     assert plan.create_reference_group  # --algo.kl.init_coef 1e-4
@@ -243,7 +246,8 @@ def test_reference_model_only_when_kl_to_reference_is_asked_for():
             "dynamic_batch_enable",
         ),
         ("--gold.signal logit --gold.teacher.topk 8 --ds.ring_attn_size 2", "1.0", "ring_attn_size"),
-        ("--gold.signal logit", "1.0", "--gold.teacher.topk"),
+        ("--gold.signal logit --gold.teacher.topk 0", "1.0", "--gold.teacher.topk"),
+        ("--ds.packing_samples", "1.0", "--ds.packing_samples"),  # the default signal is the logit loss
         ("--algo.advantage.estimator gae", "1.0", "critic-free estimator"),
         ("--algo.kl.init_coef 0.01", "1.0", "--algo.kl.use_loss"),
         ("--gold.lmbda 0.5", "1.0", "--data.output_key"),

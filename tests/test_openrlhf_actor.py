@@ -244,7 +244,7 @@ def test_advantage_only_signal_leaves_openrlhf_training_step_unchanged(setup, mo
         build_parser().parse_args(
             f"--actor.model_name_or_path {setup.student_dir} --gold.teacher.model_name_or_path /x "
             "--data.prompt_dataset d --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt 2 "
-            "--algo.kl.init_coef 0 --vllm.num_engines 1 --actor.num_gpus_per_node 1".split()
+            "--algo.kl.init_coef 0 --vllm.num_engines 1 --actor.num_gpus_per_node 1 --gold.signal advantage".split()
         )
     ).gold
     experience, _ = _experience(setup, actor)

@@ -272,7 +272,7 @@ def _independent_distill_advantages(models, plan, key, exp, b):
 
 @pytest.mark.parametrize("norm", ["none", "whiten"])
 def test_advantages_are_the_signal_functions_mixed_with_openrlhf_advantages(models, teacher_group, norm):
-    plan = _plan(models, alpha=0.5, extra=f"--gold.advantage_norm {norm}")
+    plan = _plan(models, alpha=0.5, extra=f"--gold.advantage_norm {norm} --gold.signal advantage")
     gold_maker, base_maker, strategy, student_tok = _makers(models, teacher_group, plan)
     rollouts = _rollouts(strategy, student_tok)
     gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
@@ -306,7 +306,11 @@ def test_advantages_are_the_signal_functions_mixed_with_openrlhf_advantages(mode
 
 
 def test_reward_free_run_never_reads_rewards(models, teacher_group):
-    plan = _plan(models, alpha=1.0, extra="--algo.advantage.estimator reinforce --gold.advantage_norm none")
+    plan = _plan(
+        models,
+        alpha=1.0,
+        extra="--algo.advantage.estimator reinforce --gold.advantage_norm none --gold.signal advantage",
+    )
     assert plan.args.reward.remote_url is None
     gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
     nan_rewards = [float("nan")] * len(RESPONSES)

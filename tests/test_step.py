@@ -154,7 +154,7 @@ def test_gold_advantages_normalise_on_policy_tokens_mix_and_zero_off_policy():
     signal = [torch.tensor([[True, True, False], [True, True, False]]), torch.tensor([[True, False, False]])]
     off = [torch.tensor([False, True]), torch.tensor([False])]
     reward = [torch.full((2, 3), 2.0), torch.full((1, 3), -2.0)]
-    gold = GoldConfig(alpha=0.5, kl_coef=2.0, advantage_norm="mean")
+    gold = GoldConfig(alpha=0.5, kl_coef=2.0, advantage_norm="mean", signal="advantage")
     out = gold_advantages(reward, distill, signal, off, gold)
     # mean over on-policy signal tokens {1, 3, 5} = 3; the off-policy row (10, 20) does not count
     torch.testing.assert_close(out[0][0], torch.tensor([0.5 * 2 + 0.5 * 2 * -2.0, 0.5 * 2 + 0.0, 1.0]))

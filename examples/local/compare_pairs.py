@@ -89,15 +89,15 @@ def main() -> None:
                     "--eval.steps", str(args.eval_steps), "--ckpt.path", str(out / "ckpt"),
                     "--local.metrics_path", str(out / "metrics.jsonl"),
                 ]  # fmt: skip
-                jobs.append((pair, name, out, argv))
+                jobs.append((pair, name, seed, out, argv))
     if not args.report_only:
-        todo = [job for job in jobs if args.rerun or not _finished(job[2] / "metrics.jsonl", args.steps)]
+        todo = [job for job in jobs if args.rerun or not _finished(job[3] / "metrics.jsonl", args.steps)]
         if args.methods:
             todo = [job for job in todo if METHODS[job[1]][0] in args.methods]
         for *_, out, _argv in todo:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         with ThreadPoolExecutor(args.workers) as pool:
-            list(pool.map(lambda job: run_one(job[3], job[2] / "train.log"), todo))
+            list(pool.map(lambda job: run_one(job[4], job[3] / "train.log"), todo))
 
     lines = [
         f"Held-out greedy accuracy after {args.steps} steps (32 prompts x 4 samples per step), seeds {args.seeds}.",
@@ -106,11 +106,12 @@ def main() -> None:
     ]
     for pair in args.pairs:
         models, reference_accuracy = setups[pair]
-        curves: dict[str, list[dict[int, float]]] = {}
-        for job_pair, name, out, _argv in jobs:
-            if job_pair == pair:
-                curves.setdefault(name, []).append(accuracy_curve(out / "metrics.jsonl"))
-        reference_gain = [c[max(c)] - c[0] for c in curves[REFERENCE]]
+        by_seed: dict[str, dict[int, dict[int, float]]] = {}  # method -> seed -> curve; finished runs only
+        for job_pair, name, seed, out, _argv in jobs:
+            if job_pair == pair and _finished(out / "metrics.jsonl", args.steps):
+                by_seed.setdefault(name, {})[seed] = accuracy_curve(out / "metrics.jsonl")
+        curves = {name: list(runs.values()) for name, runs in by_seed.items()}
+        reference_gain = {seed: c[max(c)] - c[0] for seed, c in by_seed.get(REFERENCE, {}).items()}
         lines += [
             "",
             f"**{pair}**: {PAIRS[pair].description}; teacher {models.teacher_accuracy:.3f}, same-tokenizer "
@@ -120,12 +121,15 @@ def main() -> None:
             "| method | start | after | gain closed | lowest - start |",
             "|---|---|---|---|---|",
         ]
-        for name, runs in curves.items():
+        for name, seeded in by_seed.items():
+            runs = list(seeded.values())
             before = [c[0] for c in runs]
             after = [c[max(c)] for c in runs]
-            closed = [
-                (a - b) / g if g > 0 else float("nan") for a, b, g in zip(after, before, reference_gain)
-            ]
+            closed = [  # per seed, against the reference run of the same seed (where it finished)
+                (c[max(c)] - c[0]) / reference_gain[seed] if reference_gain.get(seed, 0) > 0 else float("nan")
+                for seed, c in seeded.items()
+                if seed in reference_gain
+            ] or [float("nan")]
             lowest = [min(c.values()) - c[0] for c in runs]
             lines.append(
                 f"| {name} | {mean_std(before)} | {mean_std(after)} | {mean_std(closed)} | {mean_std(lowest)} |"

@@ -26,8 +26,7 @@ from gold_plugin.local.task import AdditionTask, build_tokenizer, is_correct, wr
 
 # Demo values for options whose general defaults suit large models: the parser's defaults under --demo
 # (:func:`demo_defaults`), so an option given on the command line always wins.
-DEMO_DEFAULTS = {
-    "gold.signal": "logit",
+DEMO_DEFAULTS = {  # the signal is the general default's: the byte-projected logit loss
     "gold.teacher.topk": 8,
     "actor.adam.lr": 1e-3,
     "actor.lr_warmup_ratio": 0.0,

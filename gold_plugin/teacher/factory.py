@@ -20,7 +20,7 @@ def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherSco
         raise GoldConfigError("Set --gold.teacher.model_name_or_path (the teacher model folder or hub name).")
     common: dict[str, Any] = {
         "tokenizer_name_or_path": teacher_config.tokenizer_name_or_path,
-        "topk": teacher_config.topk,
+        "topk": teacher_config.topk or 0,  # unset outside a GoldConfig: sampled tokens only
         "max_len": teacher_config.max_len,
     }
     if teacher_config.backend == "hf":
