@@ -235,14 +235,15 @@ def test_checkpoint_stop_and_resume(cluster):
     checkpoint_weights = _weight_syncs(save)[stopped_at - 1]  # synced after that step, before its checkpoint
     shutil.rmtree(save / "runs")  # the resumed job's own logs only
 
-    save, text = _submit(
+    save, _ = _submit(
         cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "resume", *options, "--ckpt.load_enable",
         env={"SAVE_STEPS": "1"},
     )  # fmt: skip
     resumed = tensorboard_scalars(save / "runs")["train/gold/aligned_token_share"]
+    # Steps stopped_at + 1 .. 3 and no more: the step counter came back from the checkpoint, and so did the data
+    # loader's position (had it restarted, 12 prompts would have given three more steps). Read from tensorboard,
+    # not from the trainer actor's log lines, which Ray forwards to the job log only when it gets to them.
     assert sorted(resumed) == list(range(stopped_at + 1, 4)), (stopped_at, sorted(resumed))
-    assert re.search(rf"'global_step': {stopped_at}\b", text), "resumed from another checkpoint"
-    assert re.search(rf"'total_consumed_prompts': {4 * stopped_at}\b", text), "the data loader did not resume"
     assert _weights_changed(cluster["student"], save) > 1e-3
     received = _engines_hold_the_trained_weights(save, syncs=1 + 3 - stopped_at)  # + the checkpoint's weights
     assert all(math.isclose(received[0][k], v, rel_tol=1e-6) for k, v in checkpoint_weights.items())

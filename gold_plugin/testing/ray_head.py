@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = str(Path(sys.executable).parent)
@@ -86,13 +87,18 @@ def local_ray_head(num_cpus: int = 16, num_gpus: int = 4, agent_timeout_s: float
         subprocess.run([f"{BIN_DIR}/ray", "stop", "--force"], env=env, capture_output=True, timeout=300)
 
 
-def tensorboard_scalars(run_root: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of the newest tensorboard run under ``run_root``: ``{tag: {step: value}}``."""
+def _newest_run(run_root: Path) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = sorted(run_root.iterdir()) if run_root.exists() else []
     if not runs:
         raise FileNotFoundError(f"no tensorboard run under {run_root}")
-    events = EventAccumulator(str(runs[-1]))
+    events = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})  # 0: keep every step
     events.Reload()
+    return events
+
+
+def tensorboard_scalars(run_root: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the newest tensorboard run under ``run_root``: ``{tag: {step: value}}``."""
+    events = _newest_run(run_root)
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
