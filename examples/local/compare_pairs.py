@@ -126,7 +126,7 @@ def main() -> None:
             before = [c[0] for c in runs]
             after = [c[max(c)] for c in runs]
             closed = [  # per seed, against the reference run of the same seed (where it finished)
-                (c[max(c)] - c[0]) / reference_gain[seed] if reference_gain.get(seed, 0) > 0 else float("nan")
+                (c[max(c)] - c[0]) / reference_gain[seed] if reference_gain[seed] > 0 else float("nan")
                 for seed, c in seeded.items()
                 if seed in reference_gain
             ] or [float("nan")]

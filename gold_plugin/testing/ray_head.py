@@ -17,13 +17,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = str(Path(sys.executable).parent)
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -72,10 +71,10 @@ def local_ray_head(num_cpus: int = 16, num_gpus: int = 4, agent_timeout_s: float
 
     ray.shutdown()
     env = job_env()
-    dashboard = free_port()
+    dashboard = _free_port()
     subprocess.run(
-        [f"{BIN_DIR}/ray", "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}",
+        [f"{BIN_DIR}/ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}", f"--num-cpus={num_cpus}",
          f"--num-gpus={num_gpus}", "--disable-usage-stats"],
         check=True, env=env, capture_output=True, timeout=300,
     )  # fmt: skip
@@ -87,7 +86,8 @@ def local_ray_head(num_cpus: int = 16, num_gpus: int = 4, agent_timeout_s: float
         subprocess.run([f"{BIN_DIR}/ray", "stop", "--force"], env=env, capture_output=True, timeout=300)
 
 
-def _newest_run(run_root: Path) -> Any:
+def tensorboard_scalars(run_root: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the newest tensorboard run under ``run_root``: ``{tag: {step: value}}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = sorted(run_root.iterdir()) if run_root.exists() else []
@@ -95,10 +95,4 @@ def _newest_run(run_root: Path) -> Any:
         raise FileNotFoundError(f"no tensorboard run under {run_root}")
     events = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})  # 0: keep every step
     events.Reload()
-    return events
-
-
-def tensorboard_scalars(run_root: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of the newest tensorboard run under ``run_root``: ``{tag: {step: value}}``."""
-    events = _newest_run(run_root)
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
