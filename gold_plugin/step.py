@@ -35,7 +35,11 @@ from gold_plugin.alignment.sorted_vocab import SortedVocab, sorted_vocab
 from gold_plugin.config import GoldConfig
 from gold_plugin.signals.advantages import DistillAdvantages, batch_distill_advantages, mix_advantages
 from gold_plugin.signals.byte_projection import ProjectionVocab, projected_logit_loss
-from gold_plugin.signals.byte_projection_inputs import ProjectionInputs, projection_inputs
+from gold_plugin.signals.byte_projection_inputs import (
+    ProjectionInputs,
+    ProjectionPositions,
+    projection_positions,
+)
 from gold_plugin.signals.estimators import normalise_advantages
 from gold_plugin.signals.logit_inputs import LogitLossInputs, logit_loss_inputs
 from gold_plugin.signals.logit_loss import LogitLoss, aligned_logit_loss
@@ -309,9 +313,9 @@ class LogitVocab:
     teacher_to_student: torch.Tensor | None = None
     """int64 ``[teacher vocabulary]``, -1 = unmatched (``--gold.logit_projection vocab``)."""
     sorted: SortedVocab | None = None
-    """The byte-sorted student vocabulary (``--gold.logit_projection bytes``): builds the inputs."""
+    """The byte-sorted student vocabulary (``--gold.logit_projection bytes``): builds the compact inputs."""
     projection: ProjectionVocab | None = None
-    """Its tensors, for the loss."""
+    """Its tensors and the pair's tables, for the loss (which expands the compact inputs on its device)."""
     student_end_ids: tuple[int, ...] = ()
     """The student's EOS: its probability is the end event of the byte projection."""
     teacher_end_ids: tuple[int, ...] = ()
@@ -324,13 +328,15 @@ class LogitVocab:
         if gold.logit_projection == "bytes":
             vocab = sorted_vocab(student_tokenizer, teacher_tokenizer)
             eos = getattr(student_tokenizer, "eos_token_id", None)
+            student_end_ids = (int(eos),) if isinstance(eos, int) else ()
+            teacher_end_ids = tuple(int(i) for i in getattr(teacher_tokenizer, "all_special_ids", []) or [])
             return cls(
                 sorted=vocab,
-                projection=ProjectionVocab.from_sorted(vocab),
-                student_end_ids=(int(eos),) if isinstance(eos, int) else (),
-                teacher_end_ids=tuple(
-                    int(i) for i in getattr(teacher_tokenizer, "all_special_ids", []) or []
+                projection=ProjectionVocab.from_sorted(
+                    vocab, student_end_ids=student_end_ids, teacher_end_ids=teacher_end_ids
                 ),
+                student_end_ids=student_end_ids,
+                teacher_end_ids=teacher_end_ids,
             )
         from gold_plugin.alignment import VocabMap
 
@@ -353,7 +359,7 @@ def _projects_bytes(gold: GoldConfig) -> bool:
 
 def logit_inputs_class(gold: GoldConfig) -> type:
     """The inputs dataclass :func:`build_logit_inputs` returns for this configuration (for transport)."""
-    return ProjectionInputs if _projects_bytes(gold) else LogitLossInputs
+    return ProjectionPositions if _projects_bytes(gold) else LogitLossInputs
 
 
 def build_logit_inputs(
@@ -363,9 +369,11 @@ def build_logit_inputs(
     action_mask: torch.Tensor,
     gold: GoldConfig,
     vocab: LogitVocab | None = None,
-) -> LogitLossInputs | ProjectionInputs:
-    """The logit-loss inputs of a batch (hook 1 of 2); the byte projection needs ``vocab`` (:meth:`LogitVocab.build`). Row b of ``action_mask`` holds sample b, whose action
-    tokens in order are ``response_ids[b]``.
+) -> LogitLossInputs | ProjectionPositions:
+    """The logit-loss inputs of a batch (hook 1 of 2), on the CPU, as they travel to the loss; the byte projection
+    needs ``vocab`` (:meth:`LogitVocab.build`) and gives its compact per-position form (the loss expands it on its
+    own device, docs/signals.md). Row b of ``action_mask`` holds sample b, whose action tokens in order are
+    ``response_ids[b]``.
 
     ``positions`` are ``(row, action column)`` pairs (column j = the action token that the logits at action
     column j predict), ``sample_index`` the row of each position; every other field is per position
@@ -381,15 +389,13 @@ def build_logit_inputs(
     if _projects_bytes(gold):
         if vocab is None or vocab.sorted is None:
             raise ValueError("--gold.logit_projection bytes: pass the LogitVocab built for it.")
-        return projection_inputs(
+        return projection_positions(
             vocab.sorted,
             alignments,
             response_ids,
             [r.topk_ids if ok else None for r, ok in zip(results, usable)],
             [r.topk_logprobs if ok else None for r, ok in zip(results, usable)],
             action_mask,
-            student_end_ids=vocab.student_end_ids,
-            teacher_end_ids=vocab.teacher_end_ids,
         )
     return logit_loss_inputs(
         alignments,
@@ -401,7 +407,7 @@ def build_logit_inputs(
 
 def compute_logit_loss(
     student_logits: torch.Tensor,
-    inputs: LogitLossInputs | ProjectionInputs,
+    inputs: LogitLossInputs | ProjectionPositions | ProjectionInputs,
     gold: GoldConfig,
     vocab: LogitVocab,
     *,
@@ -412,18 +418,15 @@ def compute_logit_loss(
     ``student_logits`` is ``[B, T, V]`` where ``student_logits[b, action_offset + j]`` predicts action token j of
     row b (OpenRLHF's actor logits: offset ``T - 1 - num_actions``; the local backend's action logits: 0).
     """
-    if isinstance(inputs, ProjectionInputs):
+    if isinstance(inputs, (ProjectionPositions, ProjectionInputs)):
         if action_offset:
             inputs = dataclasses.replace(
                 inputs,
                 positions=inputs.positions
-                + torch.tensor([0, int(action_offset)], device=inputs.positions.device),
+                + torch.tensor([0, int(action_offset)], dtype=inputs.positions.dtype),
                 path_columns=inputs.path_columns + int(action_offset),
             )
-        moved = ProjectionInputs(
-            **{f.name: getattr(inputs, f.name).to(student_logits.device) for f in dataclasses.fields(inputs)}
-        )
-        return projected_logit_loss(student_logits, moved, vocab.projection, config=gold)
+        return projected_logit_loss(student_logits, inputs, vocab.projection, config=gold)
     positions = inputs.positions
     if action_offset:
         positions = positions + torch.tensor([0, int(action_offset)], device=positions.device)
@@ -491,12 +494,18 @@ def sample_metrics(
 
 
 def logit_metrics(loss: LogitLoss, batch_size: int) -> dict[str, torch.Tensor]:
-    """``gold/logit_loss`` (mean over the computed positions) and ``gold/logit_positions`` (per sample)."""
+    """``gold/logit_loss`` (mean over the computed positions), ``gold/logit_positions`` (per sample) and, for the
+    byte projection, ``gold/projection_remainder`` (the teacher's remainder-bucket probability, mean over the
+    computed positions; 0 without positions)."""
     count = loss.valid.sum()
-    return {
+    metrics = {
         "gold/logit_loss": loss.loss.detach().sum() / count.clamp(min=1),
         "gold/logit_positions": count.to(torch.float32) / max(int(batch_size), 1),
     }
+    if loss.teacher_remainder is not None:
+        remainder = torch.where(loss.valid, loss.teacher_remainder.detach(), 0.0)
+        metrics["gold/projection_remainder"] = remainder.sum() / count.clamp(min=1)
+    return metrics
 
 
 def mean_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -187,5 +187,6 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     local_term = float(loss.detach()) - local_metrics["train/policy_loss"]
     assert openrlhf_term > 0
     assert local_term == pytest.approx(openrlhf_term, rel=1e-4, abs=1e-6)
-    for key in ("gold/logit_loss", "gold/logit_positions"):
+    for key in ("gold/logit_loss", "gold/logit_positions", "gold/projection_remainder"):
         assert local_metrics[key] == pytest.approx(float(status["metrics"][key]), rel=1e-4), key
+    assert 0.0 < local_metrics["gold/projection_remainder"] < 1.0  # the byte projection (the default)

@@ -163,5 +163,6 @@ def test_lmbda_trains_a_share_of_the_prompts_on_their_reference_completions(mode
     assert experience.metrics["gold/off_policy"] == pytest.approx(float(off.float().mean()))
     loss, metrics = trainer.micro_batch_loss(experience, off.nonzero().flatten().tolist(), 128.0)
     assert metrics["gold/logit_positions"] > 0 and metrics["train/policy_loss"] == 0.0
+    assert 0.0 <= metrics["gold/projection_remainder"] <= 1.0  # the byte projection (the default)
     loss.backward()  # the logit loss trains on the reference completions
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())

@@ -235,6 +235,7 @@ def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monk
         metrics["gold/logit_loss"], expected_per_position.detach().mean(), atol=1e-5, rtol=1e-4
     )
     assert float(metrics["gold/logit_positions"]) == 2.0  # 4 positions in 2 samples
+    assert "gold/projection_remainder" not in metrics  # the vocabulary-map loss has no remainder bucket
     assert "gold/sampled_kl" in metrics and "gold/logit_loss" not in plain_status["metrics"]
 
 

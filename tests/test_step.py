@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,10 @@ def test_logit_loss_reduction_is_a_token_mean_over_the_step():
         float(logged["gold/logit_loss"]) == pytest.approx(3.0)
         and float(logged["gold/logit_positions"]) == 0.5
     )
+    assert "gold/projection_remainder" not in logged  # the vocabulary-map loss has no remainder bucket
+    # The byte projection's teacher remainder: mean over the computed positions, 0 without positions.
+    remainder = torch.tensor([0.25, 0.75, 0.9])
+    projected = dataclasses.replace(loss, teacher_remainder=remainder)
+    assert float(logit_metrics(projected, 4)["gold/projection_remainder"]) == pytest.approx(0.5)
+    none = LogitLoss(*(torch.zeros(0),) * 3, torch.zeros(0, dtype=torch.bool), 1.0, 0.0, torch.zeros(0))
+    assert float(logit_metrics(none, 4)["gold/projection_remainder"]) == 0.0

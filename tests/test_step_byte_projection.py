@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from gold_plugin.alignment import align, encode_continuation, text_for_teacher
+from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 from gold_plugin.local.task import build_tokenizer
 from gold_plugin.signals.byte_projection import projected_logit_loss
-from gold_plugin.signals.byte_projection_inputs import ProjectionInputs
-from gold_plugin.step import LogitVocab, build_logit_inputs, compute_logit_loss, logit_inputs_class
+from gold_plugin.signals.byte_projection_inputs import ProjectionPositions
+from gold_plugin.step import (
+    LogitVocab,
+    build_logit_inputs,
+    compute_logit_loss,
+    logit_inputs_class,
+    logit_metrics,
+)
 from gold_plugin.teacher.types import TeacherResult
+from gold_plugin.testing.byte_marginal import projected_positions
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +62,10 @@ def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
     student, teacher, responses, alignments, results, mask, gold = batch
     vocab = LogitVocab.build(student, teacher, gold)
     vocab.check(gold)
-    assert logit_inputs_class(gold) is ProjectionInputs
+    assert logit_inputs_class(gold) is ProjectionPositions  # compact: expanded where the loss runs
     assert vocab.student_end_ids == (student.eos_token_id,) and teacher.eos_token_id in vocab.teacher_end_ids
     inputs = build_logit_inputs(alignments, results, responses, mask, gold, vocab)
-    assert isinstance(inputs, ProjectionInputs) and inputs.num_positions > 0
+    assert isinstance(inputs, ProjectionPositions) and inputs.num_positions > 0
     assert int((inputs.consumed > 0).sum()) > 0  # teacher digits inside the student's merged tokens
     torch.manual_seed(0)
     logits = torch.randn(mask.shape[0], mask.shape[1], len(student), dtype=torch.float64)
@@ -70,6 +77,31 @@ def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
     torch.testing.assert_close(shifted, direct, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="LogitVocab"):
         build_logit_inputs(alignments, results, responses, mask, gold)
+
+
+def test_projection_remainder_metric_is_the_teachers_top_k_mass_outside_the_events(batch):
+    """``gold/projection_remainder``, recomputed from the teacher's top-k rows: every single-digit teacher candidate
+    with text is an event for a merged-digit student, an end id at a shared boundary is the end event, and
+    everything else (an end id inside a student token, the mass beyond the top-k) is remainder. The teacher's end
+    ids are its special ids (EOS and pad)."""
+    student, teacher, responses, alignments, results, mask, gold = batch
+    vocab = LogitVocab.build(student, teacher, gold)
+    inputs = build_logit_inputs(alignments, results, responses, mask, gold, vocab)
+    torch.manual_seed(2)
+    logits = torch.randn(mask.shape[0], mask.shape[1], len(student))
+    metrics = logit_metrics(compute_logit_loss(logits, inputs, gold, vocab), mask.shape[0])
+    t_bytes = token_bytes(teacher)
+    positions = projected_positions(inputs, alignments, responses, token_bytes(student), mask)
+    expected = []
+    for pos in positions:
+        ids = results[pos.sample].topk_ids[pos.teacher_index]
+        probs = np.exp(results[pos.sample].topk_logprobs[pos.teacher_index].astype(np.float64))
+        ends = np.isin(ids, vocab.teacher_end_ids) & (not pos.consumed)
+        events = np.array([bool(t_bytes[i]) for i in ids]) | ends
+        expected.append(1.0 - probs[events].sum())
+    assert any(pos.consumed for pos in positions) and min(expected) < max(expected)
+    value = float(metrics["gold/projection_remainder"])
+    assert 0.0 <= value <= 1.0 and value == pytest.approx(np.mean(expected), abs=1e-6)
 
 
 def test_projection_inputs_survive_openrlhfs_per_sample_transport(batch):

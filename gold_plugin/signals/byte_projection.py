@@ -13,17 +13,20 @@ generalised JSD(beta) (exact endpoints). Differentiable through the student's lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from gold_plugin.alignment.sorted_vocab import SortedVocab
-from gold_plugin.signals.byte_projection_inputs import ProjectionInputs
+from gold_plugin.signals.byte_projection_inputs import ProjectionInputs, ProjectionPositions, expand_positions
 from gold_plugin.signals.divergences import generalized_jsd
 from gold_plugin.signals.logit_loss import LogitLoss, LogitLossOptions, _resolve_options, _tempered_teacher
+from gold_plugin.signals.projection_tables import ProjectionTables, projection_tables
 from gold_plugin.signals.range_mass import range_mass
 
 _TINY = 1e-30
@@ -31,24 +34,69 @@ _TINY = 1e-30
 
 @dataclass(frozen=True)
 class ProjectionVocab:
-    """The byte-sorted student vocabulary as tensors, for the training side (built once per run)."""
+    """The byte-sorted student vocabulary as tensors, for the training side (built once per run): what the loss
+    reads, and the pair's tables from which compact :class:`ProjectionPositions` are expanded."""
 
     order: torch.Tensor
     """int64 ``[V]``: sorted position -> student id."""
     untied_sorted: torch.Tensor
     """float32 ``[V]`` in sorted order: 1 where the student token is not also a teacher token."""
+    tables: ProjectionTables | None = None
+    """The pair's tables (:mod:`gold_plugin.signals.projection_tables`), for :func:`expand_positions`."""
+    student_end_ids: tuple[int, ...] = ()
+    """The student's EOS: its probability is the end event."""
+    teacher_end_ids: tuple[int, ...] = ()
+    """The teacher's special ids (EOS, end-of-turn, ...): one end event."""
+    _on_device: dict[str, ProjectionVocab] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_sorted(cls, vocab: SortedVocab, device: Any = None) -> ProjectionVocab:
-        return cls(
-            order=torch.as_tensor(np.array(vocab.order), device=device),
-            untied_sorted=torch.as_tensor(
-                ~vocab.teacher_token[vocab.order], dtype=torch.float32, device=device
-            ),
+    def from_sorted(
+        cls,
+        vocab: SortedVocab,
+        device: Any = None,
+        *,
+        student_end_ids: Sequence[int] = (),
+        teacher_end_ids: Sequence[int] = (),
+    ) -> ProjectionVocab:
+        out = cls(
+            order=torch.as_tensor(np.array(vocab.order)),
+            untied_sorted=torch.as_tensor(~vocab.teacher_token[vocab.order], dtype=torch.float32),
+            tables=projection_tables(vocab),
+            student_end_ids=tuple(int(i) for i in student_end_ids),
+            teacher_end_ids=tuple(int(i) for i in teacher_end_ids),
         )
+        return out if device is None else out.to(device)
 
     def to(self, device: Any) -> ProjectionVocab:
-        return ProjectionVocab(self.order.to(device), self.untied_sorted.to(device))
+        """This vocabulary on ``device`` (copied there once, then cached)."""
+        device = torch.device(device)
+        if self.order.device == device:
+            return self
+        moved = self._on_device.get(str(device))
+        if moved is None:
+            moved = dataclasses.replace(
+                self,
+                order=self.order.to(device),
+                untied_sorted=self.untied_sorted.to(device),
+                tables=None if self.tables is None else self.tables.to(device),
+                _on_device={},
+            )
+            self._on_device[str(device)] = moved
+        return moved
+
+    def expand(self, positions: ProjectionPositions) -> ProjectionInputs:
+        """The full inputs of compact positions, on this vocabulary's device."""
+        if self.tables is None:
+            raise ValueError(
+                "This ProjectionVocab has no pair tables; build it with ProjectionVocab.from_sorted."
+            )
+        device = self.order.device
+        moved = ProjectionPositions(
+            **{f.name: getattr(positions, f.name).to(device) for f in dataclasses.fields(positions)}
+        )
+        return expand_positions(
+            self.tables, moved, student_end_ids=self.student_end_ids, teacher_end_ids=self.teacher_end_ids
+        )
 
 
 def _flat_rows(
@@ -172,15 +220,17 @@ def teacher_event_probs(
 
 def projected_logit_loss(
     student_logits: torch.Tensor,
-    inputs: ProjectionInputs,
+    inputs: ProjectionInputs | ProjectionPositions,
     vocab: ProjectionVocab,
     *,
     config: Any | None = None,
     **options: Any,
 ) -> LogitLoss:
-    """Per-teacher-position loss ``[P]`` of the byte projection (``LogitLoss.matched``; ``unmatched`` is 0).
+    """Per-teacher-position loss ``[P]`` of the byte projection (``LogitLoss.matched``; ``unmatched`` is 0), and the
+    teacher's remainder-bucket probability of every position (``LogitLoss.teacher_remainder``).
 
     ``student_logits``: ``[B, T, V]`` (``inputs.positions`` are (row, column) pairs into it) or ``[T, V]`` (row 0).
+    ``inputs``: full inputs, or compact positions, expanded here on the logits' device with ``vocab``'s tables.
     ``config``: a ``GoldConfig`` or :class:`~gold_plugin.signals.LogitLossOptions` (beta, temperatures and chunk
     size are read); keyword ``options`` override it.
     """
@@ -188,12 +238,19 @@ def projected_logit_loss(
     if not torch.is_floating_point(student_logits):
         raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}.")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    num = inputs.num_positions
     device = student_logits.device
+    vocab = vocab.to(device)
+    if isinstance(inputs, ProjectionPositions):
+        inputs = vocab.expand(inputs)
+    elif inputs.positions.device != device:
+        inputs = ProjectionInputs(
+            **{f.name: getattr(inputs, f.name).to(device) for f in dataclasses.fields(inputs)}
+        )
+    num = inputs.num_positions
     if num == 0:
         zero = student_logits.new_zeros(0, dtype=dtype)
-        return LogitLoss(zero, zero, zero, torch.zeros(0, dtype=torch.bool, device=device), 1.0, 0.0)
-    probs, rest = student_event_probs(student_logits, inputs, resolved, vocab.to(device))
+        return LogitLoss(zero, zero, zero, torch.zeros(0, dtype=torch.bool, device=device), 1.0, 0.0, zero)
+    probs, rest = student_event_probs(student_logits, inputs, resolved, vocab)
     teacher = teacher_event_probs(inputs, resolved, dtype)
     student = torch.cat([probs, rest[:, None]], dim=1)
     support = teacher > 0
@@ -208,4 +265,5 @@ def projected_logit_loss(
         valid=torch.ones(num, dtype=torch.bool, device=device),
         matched_weight=1.0,
         unmatched_weight=0.0,
+        teacher_remainder=teacher[:, -1].detach(),
     )

@@ -25,12 +25,25 @@ byte-sorted student vocabulary (:mod:`gold_plugin.alignment.sorted_vocab`), as s
 
 With the same tokenizer on both sides every boundary is shared, every candidate is a student token and owns
 exactly that token's probability: the loss is today's per-position matched loss (docs/signals.md).
-Built on the CPU with numpy, vectorised over all positions and candidates of a batch; Python loops run only
-over samples, candidate byte lengths and chain depth.
+Two steps, split where OpenRLHF's process boundary is (docs/signals.md, "Byte projection: where the work runs"):
+
+1. :func:`projection_positions` (the experience maker, numpy, a few vectorised passes per sample): where each
+   aligned teacher position sits on the student side, with the teacher's top-k: :class:`ProjectionPositions`,
+   about ``8k + 50`` bytes per position;
+2. :func:`expand_positions` (where the loss runs: the actor, on its device, torch): the per-candidate fields of
+   :class:`ProjectionInputs`, gathered from the pair's tables
+   (:func:`~gold_plugin.signals.projection_tables.projection_tables`), with hash probes only inside student
+   tokens and along the chain rule. Python loops run over the steps of a binary search (candidate byte length),
+   hash-probe rounds, parent-token depth and chain depth, never over positions or candidates.
+
+:func:`projection_inputs` runs both. :mod:`gold_plugin.testing.reference_projection` builds the same inputs
+straight from byte strings (the tests' reference).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,8 +51,9 @@ import numpy as np
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.alignment.sorted_vocab import PrefixHashes, SortedVocab, truncate_hex
+from gold_plugin.alignment.sorted_vocab import SortedVocab
 from gold_plugin.signals.logit_inputs import checked_topk
+from gold_plugin.signals.projection_tables import ProjectionTables, projection_tables
 
 DEFAULT_MAX_CHAIN = 4
 
@@ -92,19 +106,36 @@ class ProjectionInputs:
 
 
 @dataclass
-class _Positions:
-    """Per teacher position: where it sits on the student side (numpy, P entries)."""
+class ProjectionPositions:
+    """The compact per-position data the experience maker ships; :func:`expand_positions` builds the rest.
 
-    row: np.ndarray
-    col: np.ndarray
-    student_id: np.ndarray
-    student_len: np.ndarray
-    consumed: np.ndarray
-    chain_ids: np.ndarray  # [P, D] student ids along the sampled path after i (-1 = none)
-    chain_cols: np.ndarray  # [P, D]
-    chain_lens: np.ndarray  # [P, D]
-    top_ids: np.ndarray  # [P, k]
-    top_logprobs: np.ndarray  # [P, k]
+    Every field is per position (first dimension P), like :class:`ProjectionInputs`.
+    """
+
+    positions: torch.Tensor
+    """[P, 2] int64 (row, action column) of the student position i covering the teacher position."""
+    sample_index: torch.Tensor
+    """[P] int64: the row of each position."""
+    consumed: torch.Tensor
+    """[P] int32: bytes of the student's token at i before the teacher position (0 = shared boundary)."""
+    student_length: torch.Tensor
+    """[P] int32: bytes of the student's token at i in the alignment (its table length, less a dummy-prefix
+    space the alignment dropped)."""
+    path_ids: torch.Tensor
+    """[P, D + 1] int32: student ids at i, i + 1, ..., i + D (-1 = past the response or outside every group)."""
+    path_columns: torch.Tensor
+    """[P, D] int32: action columns of i + 1, ..., i + D."""
+    teacher_topk_ids: torch.Tensor
+    """[P, k] int32 (-1 = padding)."""
+    teacher_topk_logprobs: torch.Tensor
+    """[P, k] float32 (-inf = padding)."""
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.positions.shape[0])
+
+
+# ── step 1: where each teacher position sits on the student side (experience maker) ──
 
 
 def _sample_positions(
@@ -115,7 +146,7 @@ def _sample_positions(
     top_ids: np.ndarray,
     top_lp: np.ndarray,
     max_chain: int,
-) -> _Positions | None:
+) -> dict[str, np.ndarray] | None:
     s_ends, t_ends = alignment.student_ends, alignment.teacher_ends
     n, m = ids.shape[0], t_ends.shape[0]
     if n == 0 or m == 0:
@@ -137,43 +168,22 @@ def _sample_positions(
     if j.shape[0] == 0:
         return None
     consumed = np.where(zero_width, 0, start - (s_ends[i] - s_len[i]))
-    depth = np.arange(1, max_chain + 1)
-    follow = i[:, None] + depth[None, :]
-    inside = follow < n
+    follow = i[:, None] + np.arange(1, max_chain + 1)[None, :]
     follow_c = np.minimum(follow, n - 1)
-    inside &= alignment.student_group[follow_c] >= 0
-    return _Positions(
+    inside = (follow < n) & (alignment.student_group[follow_c] >= 0)
+    return dict(
         row=np.full(j.shape[0], b, dtype=np.int64),
-        col=columns[i],
-        student_id=ids[i],
-        student_len=s_len[i],
-        consumed=consumed.astype(np.int64),
-        chain_ids=np.where(inside, ids[follow_c], -1),
-        chain_cols=columns[follow_c],
-        chain_lens=np.where(inside, s_len[follow_c], 0),
+        column=columns[i],
+        consumed=consumed,
+        student_length=s_len[i],
+        path_ids=np.concatenate([ids[i][:, None], np.where(inside, ids[follow_c], -1)], axis=1),
+        path_columns=columns[follow_c],
         top_ids=top_ids[j],
-        top_logprobs=top_lp[j],
+        top_logprobs=top_lp[j].astype(np.float32),
     )
 
 
-def _concat_positions(parts: list[_Positions]) -> _Positions:
-    k = max(p.top_ids.shape[1] for p in parts)
-
-    def pad(x: np.ndarray, value: float) -> np.ndarray:
-        return np.pad(x, ((0, 0), (0, k - x.shape[1])), constant_values=value)
-
-    fields = {}
-    for name in _Positions.__dataclass_fields__:
-        values = [getattr(p, name) for p in parts]
-        if name == "top_ids":
-            values = [pad(v, -1) for v in values]
-        elif name == "top_logprobs":
-            values = [pad(v.astype(np.float32), -np.inf) for v in values]
-        fields[name] = np.concatenate(values)
-    return _Positions(**fields)
-
-
-def projection_inputs(
+def projection_positions(
     vocab: SortedVocab,
     alignments: Sequence[Alignment],
     student_ids: Sequence[np.ndarray | torch.Tensor | Sequence[int]],
@@ -181,15 +191,14 @@ def projection_inputs(
     teacher_topk_logprobs: Sequence[np.ndarray | torch.Tensor | None],
     action_mask: torch.Tensor,
     *,
-    student_end_ids: Sequence[int] = (),
-    teacher_end_ids: Sequence[int] = (),
     max_chain: int = DEFAULT_MAX_CHAIN,
-) -> ProjectionInputs:
-    """Projection inputs of a batch in OpenRLHF's layout (``action_mask[b, j]``: logits column j predicts action j).
+) -> ProjectionPositions:
+    """Step 1 for a batch in OpenRLHF's layout (``action_mask[b, j]``: logits column j predicts action j).
 
     ``student_ids[b]`` are the response (action) ids of row b; ``alignments[b]`` must be a spans alignment of
-    them with byte ends. Samples that are not aligned or have no teacher top-k contribute nothing.
-    Raises ``ValueError`` naming the sample where an alignment does not match its ids, actions or teacher rows.
+    them with byte ends. Samples that are not aligned, have no teacher top-k or hold ids beyond the student's
+    tokenizer (padded embedding rows: their text is unknown) contribute nothing. Raises ``ValueError`` naming
+    the sample where an alignment does not match its ids, actions or teacher rows. Tensors on the CPU.
     """
     mask = action_mask.to(torch.bool).cpu().numpy()
     if not (len(alignments) == len(student_ids) == len(teacher_topk_ids) == mask.shape[0]):
@@ -214,191 +223,303 @@ def projection_inputs(
             raise ValueError(f"Sample {b}: the byte projection needs a spans alignment (byte ends).")
         top_ids, top_lp = checked_topk(b, alignment, top_ids, top_lp)
         if (ids >= vocab.size).any():
-            continue  # ids beyond the tokenizer (padded embedding rows): the text is unknown
+            continue
         part = _sample_positions(b, alignment, ids, columns, top_ids, top_lp, max_chain)
         if part is not None:
             parts.append(part)
-    return _build(vocab, parts, action_mask.device, student_end_ids, teacher_end_ids, max_chain)
+    k = max((p["top_ids"].shape[1] for p in parts), default=0)
+
+    def cat(name: str, fill: float = 0, dtype: type = np.int32) -> torch.Tensor:
+        values = [p[name] for p in parts]
+        if name.startswith("top_"):
+            values = [np.pad(v, ((0, 0), (0, k - v.shape[1])), constant_values=fill) for v in values]
+        if not values:
+            width = {"path_ids": max_chain + 1, "path_columns": max_chain, "top_ids": 0, "top_logprobs": 0}
+            return torch.zeros(
+                (0, *([width[name]] if name in width else [])),
+                dtype=torch.from_numpy(np.zeros(0, dtype)).dtype,
+            )
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(values), dtype=dtype))
+
+    rows = cat("row", dtype=np.int64)
+    return ProjectionPositions(
+        positions=torch.stack([rows, cat("column", dtype=np.int64)], dim=1),
+        sample_index=rows,
+        consumed=cat("consumed"),
+        student_length=cat("student_length"),
+        path_ids=cat("path_ids"),
+        path_columns=cat("path_columns"),
+        teacher_topk_ids=cat("top_ids", -1),
+        teacher_topk_logprobs=cat("top_logprobs", -np.inf, np.float32),
+    )
 
 
-def _build(
-    vocab: SortedVocab,
-    parts: list[_Positions],
-    device: torch.device,
-    student_end_ids: Sequence[int],
-    teacher_end_ids: Sequence[int],
-    max_chain: int,
-) -> ProjectionInputs:
-    end_ranks = vocab.rank[np.asarray([e for e in student_end_ids if 0 <= e < vocab.size], dtype=np.int64)]
-    if parts:
-        pos = _concat_positions(parts)
-        fields = _assemble(vocab, pos, end_ranks, teacher_end_ids, max_chain)
-        fields.update(
-            positions=np.stack([pos.row, pos.col], axis=1),
-            sample_index=pos.row,
-            consumed=pos.consumed,
-            teacher_topk_logprobs=pos.top_logprobs,
+# ── step 2: the per-candidate fields, gathered from the pair's tables (where the loss runs) ──
+
+
+def _deepest_nodes_inside(
+    tables: ProjectionTables,
+    teacher: torch.Tensor,
+    length: torch.Tensor,
+    consumed: torch.Tensor,
+    u_node: torch.Tensor,
+) -> torch.Tensor:
+    """The deepest student node on ``u + b(c)`` for 1-D entries (``u`` = node ``u_node`` at depth ``consumed``):
+    a search over how many bytes of ``b(c)`` still lead to a node (prefixes of nodes are nodes): one byte first
+    (most candidates leave the trie there), then the whole key, then a binary search between."""
+    lo_len = torch.zeros_like(length)
+    hi_len = length.clone()
+    node = u_node.clone()
+    u_hash = (tables.node_h1[u_node], tables.node_h2[u_node])
+    u_lo, u_hi = tables.node_lo[u_node], tables.node_hi[u_node]
+    for probe in itertools.count():
+        todo = (lo_len < hi_len).nonzero().reshape(-1)
+        if todo.numel() == 0:
+            return node
+        if probe == 0:
+            mid = torch.ones_like(todo)
+        elif probe == 1:
+            mid = hi_len[todo]
+        else:
+            mid = (lo_len[todo] + hi_len[todo] + 1) // 2
+        key = tables.concat(
+            (u_hash[0][todo], u_hash[1][todo]), tables.teacher_prefix_hash(teacher[todo], mid), mid
         )
-    else:
-        empty, empty_k = np.zeros(0, np.int64), np.zeros((0, 0), np.int64)
-        fields = dict(
-            positions=np.zeros((0, 2), np.int64),
-            sample_index=empty,
+        found = tables.find_nodes(key[0], key[1], consumed[todo] + mid)
+        safe = found.clamp(min=0)
+        ok = (found >= 0) & (tables.node_lo[safe] >= u_lo[todo]) & (tables.node_hi[safe] <= u_hi[todo])
+        lo_len[todo] = torch.where(ok, mid, lo_len[todo])
+        hi_len[todo] = torch.where(ok, hi_len[todo], mid - 1)
+        node[todo] = torch.where(ok, found, node[todo])
+
+
+def _byte_order(
+    tables: ProjectionTables, teacher: torch.Tensor, text: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Every row's candidates sorted by bytes (one sort): ``(byte position [P, k], sorted slots [P, k], the sorted
+    index where each sorted entry's run of equal bytes starts [P, k])``; non-text slots sort last."""
+    num, k = teacher.shape
+    position = torch.where(text, tables.teacher_order[teacher], tables.teacher_size)
+    slots = torch.arange(k, device=teacher.device)
+    sorted_key, order = torch.sort(position * k + slots, dim=1)
+    sorted_position = sorted_key // k
+    new_run = torch.ones_like(sorted_position, dtype=torch.bool)
+    new_run[:, 1:] = sorted_position[:, 1:] != sorted_position[:, :-1]
+    run_start = torch.cummax(torch.where(new_run, slots, 0), dim=1).values
+    return position, order, run_start
+
+
+def _parent_slots(
+    tables: ProjectionTables,
+    teacher: torch.Tensor,
+    text: torch.Tensor,
+    representative: torch.Tensor,
+    byte_order: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """``[P, k]``: the slot of the longest representative of the same row whose bytes are a proper prefix of the
+    candidate's (-1 = none).
+
+    In byte order a prefix comes before its extensions, and the representatives before candidate c that are not
+    its prefixes end before c: so the answer is the last representative before c's run whose prefix run reaches
+    past c, found by binary lifting over running maxima of the run ends (``log2 k`` gathers per row).
+    """
+    position, order, run_start = byte_order
+    num, k = teacher.shape
+    ends = torch.where(representative, tables.teacher_order_end[teacher], -1).gather(1, order)
+    # before[c]: the last sorted index before c's run of equal bytes.
+    before = torch.empty_like(order).scatter_(1, order, run_start - 1)
+    index = torch.arange(k, device=teacher.device)
+    maxima = [ends]  # maxima[t][j] = max(ends[max(0, j - 2^t + 1) .. j])
+    while (1 << len(maxima)) <= k:
+        step, previous = 1 << (len(maxima) - 1), maxima[-1]
+        shifted = torch.cat([previous[:, :step], previous[:, :-step]], dim=1)
+        maxima.append(torch.maximum(previous, torch.where(index >= step, shifted, previous)))
+    current = before
+    for level in range(len(maxima) - 1, -1, -1):
+        skip = (current >= 0) & (maxima[level].gather(1, current.clamp(min=0)) <= position)
+        current = torch.where(skip, current - (1 << level), current)
+    found = text & (current >= 0)
+    return torch.where(found, order.gather(1, current.clamp(min=0)), -1)
+
+
+def _chain_ranges(
+    tables: ProjectionTables,
+    teacher: torch.Tensor,
+    length: torch.Tensor,
+    offset: torch.Tensor,
+    next_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[C, D]`` ranges of the chain-rule terms of C candidates: at depth d, the student tokens at i + 1 + d
+    that start with what is left of ``b(c)`` after ``offset`` bytes and the sampled tokens i + 1 .. i + d; the
+    path goes on while the sampled token ends inside what is left."""
+    count, depth = next_ids.shape
+    chain_lo = torch.zeros((count, depth), dtype=torch.int64, device=teacher.device)
+    chain_hi = torch.zeros_like(chain_lo)
+    whole = (tables.teacher_h1[teacher], tables.teacher_h2[teacher])
+    live = torch.arange(count, device=teacher.device)
+    offset = offset.clone()
+    for d in range(depth):
+        live = live[next_ids[live, d] >= 0]
+        if live.numel() == 0:
+            break
+        c, o = teacher[live], offset[live]
+        rest_length = length[live] - o
+        head = tables.teacher_prefix_hash(c, o)
+        rest = tables.strip((whole[0][live], whole[1][live]), head, rest_length)
+        node = tables.find_nodes(rest[0], rest[1], rest_length)
+        safe = node.clamp(min=0)
+        chain_lo[live, d] = torch.where(node >= 0, tables.node_lo[safe], 0)
+        chain_hi[live, d] = torch.where(node >= 0, tables.node_hi[safe], 0)
+        nxt = next_ids[live, d]
+        nxt_length = tables.student_length[nxt]
+        inside = (nxt_length > 0) & (nxt_length < rest_length)
+        piece = tables.strip(
+            tables.teacher_prefix_hash(c, torch.minimum(o + nxt_length, length[live])), head, nxt_length
+        )
+        spelled = (piece[0] == tables.student_h1[nxt]) & (piece[1] == tables.student_h2[nxt])
+        keep = inside & spelled
+        offset[live] = o + nxt_length
+        live = live[keep]
+    return chain_lo, chain_hi
+
+
+def expand_positions(
+    tables: ProjectionTables,
+    positions: ProjectionPositions,
+    *,
+    student_end_ids: Sequence[int] = (),
+    teacher_end_ids: Sequence[int] = (),
+) -> ProjectionInputs:
+    """Step 2: the :class:`ProjectionInputs` of ``positions``, on their device (``tables`` on the same device).
+
+    Equal, field by field, to the reference built from byte strings
+    (:func:`gold_plugin.testing.reference_projection.reference_projection_inputs`), except that an empty range
+    is written ``(0, 0)`` wherever the reference writes its insertion point (both mean no term).
+    """
+    device = positions.teacher_topk_ids.device
+    num, k = positions.teacher_topk_ids.shape
+    depth = positions.path_columns.shape[1]
+    long = {"dtype": torch.int64, "device": device}
+    rank = tables.student_rank
+    end_ranks = rank[torch.as_tensor([e for e in student_end_ids if 0 <= e < tables.student_size], **long)]
+    if num == 0:
+        empty, empty_k = torch.zeros(0, **long), torch.zeros((0, k), **long)
+        return ProjectionInputs(
+            positions=positions.positions.to(torch.int64),
+            sample_index=positions.sample_index.to(torch.int64),
             consumed=empty,
             teacher_event=empty_k,
-            teacher_topk_logprobs=np.zeros((0, 0), np.float32),
+            teacher_topk_logprobs=positions.teacher_topk_logprobs.to(torch.float32),
             range_lo=empty_k,
             range_hi=empty_k,
             exact_rank=empty_k,
             parent=empty_k,
-            chain_lo=np.zeros((0, 0, max_chain), np.int64),
-            chain_hi=np.zeros((0, 0, max_chain), np.int64),
-            chain_subtract=np.zeros((0, 0), bool),
-            path_columns=np.zeros((0, max_chain), np.int64),
-            path_ranks=np.zeros((0, max_chain + 1), np.int64),
-            end_ranks=np.zeros((0, max(1, end_ranks.shape[0])), np.int64),
+            chain_lo=torch.zeros((0, k, depth), **long),
+            chain_hi=torch.zeros((0, k, depth), **long),
+            chain_subtract=torch.zeros((0, k), dtype=torch.bool, device=device),
+            path_columns=positions.path_columns.to(torch.int64),
+            path_ranks=torch.zeros((0, depth + 1), **long),
+            end_ranks=torch.zeros((0, max(1, end_ranks.shape[0])), **long),
             condition_lo=empty,
             condition_hi=empty,
             condition_exact_rank=empty,
         )
-    dtypes = {"teacher_topk_logprobs": torch.float32, "chain_subtract": torch.bool}
-    return ProjectionInputs(
-        **{
-            name: torch.as_tensor(np.array(value), dtype=dtypes.get(name, torch.int64), device=device)
-            for name, value in fields.items()
-        }
-    )
+    ids = positions.teacher_topk_ids.to(torch.int64)
+    path = positions.path_ids.to(torch.int64)
+    ell = positions.consumed.to(torch.int64)
+    s_len = positions.student_length.to(torch.int64)[:, None]
+    sampled = path[:, 0]
+    inside = ell > 0
 
-
-def _assemble(
-    vocab: SortedVocab,
-    pos: _Positions,
-    end_ranks: np.ndarray,
-    teacher_end_ids: Sequence[int],
-    max_chain: int,
-) -> dict[str, np.ndarray]:
-    """The per-position fields of :class:`ProjectionInputs` (numpy), vectorised over positions and slots."""
-    num, k = pos.top_ids.shape
-    ids = pos.top_ids
-    in_table = (ids >= 0) & (ids < vocab.teacher_keys.shape[0])
-    safe = np.where(in_table, ids, 0)
-    cand_len = np.where(in_table, vocab.teacher_byte_lengths[safe], 0)
-    text = in_table & (cand_len > 0) & ~vocab.teacher_special[safe]
-    cand_key = np.where(text, vocab.teacher_keys[safe], b"")
-    is_end = (ids >= 0) & np.isin(ids, np.asarray(list(teacher_end_ids), dtype=np.int64))
-    ell = pos.consumed
-    s_key = vocab.student_keys[pos.student_id]
-    u_key = truncate_hex(s_key, ell)
-    key = np.strings.add(u_key[:, None], cand_key)
+    in_table = (ids >= 0) & (ids < tables.teacher_size)
+    teacher = torch.where(in_table, ids, 0)
+    text = in_table & tables.teacher_text[teacher]
+    cand_len = torch.where(text, tables.teacher_length[teacher], 0)
     key_len = ell[:, None] + cand_len
-    lo, hi = vocab.prefix_ranges(key)
-    exact = np.where(text, vocab.exact_ids(key, lo), -1)
-    s_len = pos.student_len[:, None]
-    extends_sample = text & (s_len > 0) & (key_len > s_len) & np.strings.startswith(key, s_key[:, None])
+    is_end = (ids >= 0) & torch.isin(ids, torch.as_tensor(list(teacher_end_ids), **long))
+
+    # The deepest student node on key = u + b(c): from the table at shared boundaries, by binary search inside.
+    u_node = torch.where(
+        inside, tables.student_prefix_node[(tables.student_offset[sampled] + ell - 1).clamp(min=0)], 0
+    )
+    deep = tables.teacher_node[teacher]
+    rows_in, cols_in = (text & inside[:, None]).nonzero(as_tuple=True)
+    if rows_in.numel():
+        deep[rows_in, cols_in] = _deepest_nodes_inside(
+            tables, teacher[rows_in, cols_in], cand_len[rows_in, cols_in], ell[rows_in], u_node[rows_in]
+        )
+    deep_depth = tables.node_depth[deep]
+    is_node = text & (deep_depth == key_len)
+    lo = torch.where(is_node, tables.node_lo[deep], 0)
+    hi = torch.where(is_node, tables.node_hi[deep], 0)
+    exact = torch.where(is_node, tables.node_exact[deep], -1)
+
+    # The key extends the sampled token s_i (s_i's node is an ancestor of the key's deepest node).
+    s_table_len = tables.student_length[sampled][:, None]
+    s_node = tables.student_prefix_node[(tables.student_offset[sampled] + s_table_len[:, 0] - 1).clamp(min=0)]
+    extends_sample = (
+        text
+        & (s_len > 0)
+        & (s_table_len > 0)
+        & (key_len > s_len)
+        & (deep_depth >= s_table_len)
+        & (tables.node_lo[s_node][:, None] <= tables.node_lo[deep])
+        & (tables.node_hi[deep] <= tables.node_hi[s_node][:, None])
+    )
     chain = extends_sample & (exact < 0)
-
-    unresolved = chain & (pos.chain_ids[:, :1] < 0)  # the path ends before the candidate does
+    # A key that is no student token but has a proper prefix beyond u that is one (other than s_i) cannot be
+    # computed: counted by the trie's running count of student tokens among a node's prefixes.
     open_ = text & (exact < 0)
-    key_prefixes = PrefixHashes(key)
-    for length in range(1, int(key_len[open_].max(initial=0))):
-        active = open_ & (length > ell[:, None]) & (length < key_len)
-        if not active.any():
-            continue
-        spelled = vocab.prefix_exact_ids(key_prefixes, length, active) >= 0
-        # The sampled token itself does not count: a spelled prefix as long as s_i with s_i's bytes.
-        check = spelled & (np.broadcast_to(s_len, key.shape)[active] == length)
-        if check.any():
-            at = np.flatnonzero(active)[check]
-            sampled = truncate_hex(key.reshape(-1)[at], length) == s_key[at // k]
-            spelled[np.flatnonzero(check)[sampled]] = False
-        unresolved[active] |= spelled
+    spelled = tables.node_count[deep] - tables.node_count[u_node][:, None]
+    spelled = spelled - (extends_sample & (s_len == s_table_len)).to(torch.int64)
+    unresolved = (chain & (path[:, 1:2] < 0)) | (open_ & (spelled > 0))
 
-    # Equal bytes (several teacher ids for one string) merge into the first slot; a candidate's parent is the
-    # longest resolved candidate whose bytes are a proper prefix of its own (the keys share u).
-    slot = np.arange(k)
-    canonical = np.where(text, vocab.teacher_canonical[safe], -1)
-    same = (canonical[:, :, None] == canonical[:, None, :]) & text[:, :, None] & text[:, None, :]
-    first = np.argmax(same, axis=2)
-    resolved_rep = text & ~unresolved & (first == slot[None, :])
-    rep_canonical = np.where(resolved_rep, canonical, -2)
-    parent = np.full((num, k), -1, dtype=np.int64)
-    # (row, canonical id) of every resolved representative, sorted, for the slot of a row's ancestor.
-    width = int(canonical.max(initial=0)) + 1
-    rep_rows, rep_slots = np.nonzero(resolved_rep)
-    rep_index = rep_rows * width + rep_canonical[rep_rows, rep_slots]
-    by_index = np.argsort(rep_index, kind="stable")
-    rep_index, rep_slots = rep_index[by_index], rep_slots[by_index]
-    cand_prefixes = PrefixHashes(cand_key)
-    for length in range(1, int(cand_len.max(initial=0))):
-        shorter = text & (cand_len > length)
-        if not shorter.any() or rep_index.shape[0] == 0:
-            continue
-        ancestor = vocab.prefix_teacher_ids(cand_prefixes, length, shorter)
-        where = np.flatnonzero(shorter)[ancestor >= 0]
-        wanted = (where // k) * width + ancestor[ancestor >= 0]
-        at = np.minimum(np.searchsorted(rep_index, wanted), rep_index.shape[0] - 1)
-        found = rep_index[at] == wanted
-        parent.reshape(-1)[where[found]] = rep_slots[at[found]]
+    # Equal bytes merge into the first slot; a candidate's parent is the longest resolved representative of
+    # its row whose bytes are a proper prefix of its own.
+    byte_order = _byte_order(tables, teacher, text)
+    position, order, run_start = byte_order
+    first = torch.empty_like(order).scatter_(1, order, order.gather(1, run_start))
+    resolved_rep = text & ~unresolved & (first == torch.arange(k, device=device)[None, :])
+    parent = _parent_slots(tables, teacher, text, resolved_rep, byte_order)
 
-    event = np.full((num, k), -1, dtype=np.int64)
-    event = np.where(text & ~unresolved, first, event)
-    event = np.where(text & unresolved, parent, event)
-    event = np.where(is_end, k, event)
+    event = torch.full((num, k), -1, **long)
+    event = torch.where(text & ~unresolved, first, event)
+    event = torch.where(text & unresolved, parent, event)
+    event = torch.where(is_end, k, event)
 
-    rank = vocab.rank
-    range_lo = np.where(resolved_rep, lo, 0)
-    range_hi = np.where(resolved_rep, hi, 0)
-    exact_rank = np.where(resolved_rep & (ell[:, None] == 0) & (exact >= 0), rank[np.maximum(exact, 0)], -1)
-    parent = np.where(resolved_rep, parent, -1)
+    range_lo = torch.where(resolved_rep, lo, 0)
+    range_hi = torch.where(resolved_rep, hi, 0)
+    exact_rank = torch.where(resolved_rep & ~inside[:, None] & (exact >= 0), rank[exact.clamp(min=0)], -1)
+    parent = torch.where(resolved_rep, parent, -1)
 
-    # Chain rule along the sampled path: the range at depth d is what is left of the key after the sampled
-    # tokens i .. i + d; the path goes on while the sampled token ends inside what is left.
     chain &= resolved_rep
-    chain_lo = np.zeros((num, k, max_chain), np.int64)
-    chain_hi = np.zeros((num, k, max_chain), np.int64)
-    cp, cc = np.nonzero(chain)
-    if cp.shape[0]:
-        consumed = pos.student_len[cp].copy()
-        alive = np.ones(cp.shape[0], dtype=bool)
-        for d in range(max_chain):
-            next_id = pos.chain_ids[cp, d]
-            alive &= next_id >= 0
-            if not alive.any():
-                break
-            rest = _drop_hex(key[cp, cc], consumed)
-            r_lo, r_hi = vocab.prefix_ranges(rest)
-            chain_lo[cp, cc, d] = np.where(alive, r_lo, 0)
-            chain_hi[cp, cc, d] = np.where(alive, r_hi, 0)
-            next_len = pos.chain_lens[cp, d]
-            alive &= (next_len > 0) & (next_len < key_len[cp, cc] - consumed)
-            alive &= np.strings.startswith(rest, vocab.student_keys[np.maximum(next_id, 0)])
-            consumed = consumed + next_len
+    chain_lo = torch.zeros((num, k, depth), **long)
+    chain_hi = torch.zeros_like(chain_lo)
+    cp, cc = chain.nonzero(as_tuple=True)
+    if cp.numel():
+        chain_lo[cp, cc], chain_hi[cp, cc] = _chain_ranges(
+            tables, teacher[cp, cc], cand_len[cp, cc], s_len[cp, 0] - ell[cp], path[cp, 1:]
+        )
     # The chain's mass is taken from the parent only where the parent owns the sampled token.
-    safe_parent = np.maximum(parent, 0)
-    rows = np.arange(num)[:, None]
+    safe_parent = parent.clamp(min=0)
+    sampled_teacher = tables.student_teacher[sampled][:, None]
     owns_sample = (
-        (ell[:, None] > 0)
-        | ~vocab.teacher_token[pos.student_id][:, None]
-        | extends_sample[rows, safe_parent]
-        | (key[rows, safe_parent] == s_key[:, None])
+        inside[:, None]
+        | (sampled_teacher < 0)
+        | extends_sample.gather(1, safe_parent)
+        | (torch.where(text, tables.teacher_canonical[teacher], -2).gather(1, safe_parent) == sampled_teacher)
     )
     chain_subtract = chain & (parent >= 0) & owns_sample
 
-    path_ids = np.concatenate([pos.student_id[:, None], pos.chain_ids], axis=1)
-    path_ranks = np.where(path_ids >= 0, rank[np.maximum(path_ids, 0)], -1)
-
-    # The end event, at shared boundaries where the teacher has an end id among its candidates.
-    at_end = (ell == 0) & is_end.any(axis=1) & (end_ranks.shape[0] > 0)
+    at_end = ~inside & is_end.any(dim=1) & (end_ranks.shape[0] > 0)
     if end_ranks.shape[0] == 0:
-        end_ranks = np.full(1, -1, dtype=np.int64)
-    end = np.where(at_end[:, None], end_ranks[None, :], -1)
-
-    # Conditioning on the consumed bytes u: tokens at i that start with u and go beyond it.
-    inside = ell > 0
-    c_lo, c_hi = vocab.prefix_ranges(u_key)
-    c_exact = vocab.exact_ids(u_key, c_lo)
-    return dict(
-        teacher_event=np.where((event == k) & ~at_end[:, None], -1, event),
+        end_ranks = torch.full((1,), -1, **long)
+    return ProjectionInputs(
+        positions=positions.positions.to(torch.int64),
+        sample_index=positions.sample_index.to(torch.int64),
+        consumed=ell,
+        teacher_event=torch.where((event == k) & ~at_end[:, None], -1, event),
+        teacher_topk_logprobs=positions.teacher_topk_logprobs.to(torch.float32),
         range_lo=range_lo,
         range_hi=range_hi,
         exact_rank=exact_rank,
@@ -406,23 +527,47 @@ def _assemble(
         chain_lo=chain_lo,
         chain_hi=chain_hi,
         chain_subtract=chain_subtract,
-        path_columns=pos.chain_cols,
-        path_ranks=path_ranks,
-        end_ranks=end,
-        condition_lo=np.where(inside, c_lo, 0),
-        condition_hi=np.where(inside, c_hi, 0),
-        condition_exact_rank=np.where(inside & (c_exact >= 0), rank[np.maximum(c_exact, 0)], -1),
+        path_columns=positions.path_columns.to(torch.int64),
+        path_ranks=torch.where(path >= 0, rank[path.clamp(min=0)], -1),
+        end_ranks=torch.where(at_end[:, None], end_ranks[None, :], -1),
+        condition_lo=torch.where(inside, tables.node_lo[u_node], 0),
+        condition_hi=torch.where(inside, tables.node_hi[u_node], 0),
+        condition_exact_rank=torch.where(
+            inside & (tables.node_exact[u_node] >= 0), rank[tables.node_exact[u_node].clamp(min=0)], -1
+        ),
     )
 
 
-def _drop_hex(keys: np.ndarray, num_bytes: np.ndarray) -> np.ndarray:
-    """Each hex key without its first ``num_bytes`` bytes."""
-    keys = np.ascontiguousarray(keys)
-    width = keys.dtype.itemsize
-    if keys.size == 0:
-        return keys.copy()
-    chars = keys.view(np.uint8).reshape(keys.shape[0], width)
-    shift = 2 * num_bytes
-    gather = np.arange(width)[None, :] + shift[:, None]
-    out = np.where(gather < width, chars[np.arange(keys.shape[0])[:, None], np.minimum(gather, width - 1)], 0)
-    return np.ascontiguousarray(out.astype(np.uint8)).reshape(-1).view(keys.dtype)
+def projection_inputs(
+    vocab: SortedVocab,
+    alignments: Sequence[Alignment],
+    student_ids: Sequence[np.ndarray | torch.Tensor | Sequence[int]],
+    teacher_topk_ids: Sequence[np.ndarray | torch.Tensor | None],
+    teacher_topk_logprobs: Sequence[np.ndarray | torch.Tensor | None],
+    action_mask: torch.Tensor,
+    *,
+    student_end_ids: Sequence[int] = (),
+    teacher_end_ids: Sequence[int] = (),
+    max_chain: int = DEFAULT_MAX_CHAIN,
+) -> ProjectionInputs:
+    """Both steps in one call (:func:`projection_positions`, then :func:`expand_positions`), on
+    ``action_mask``'s device."""
+    compact = projection_positions(
+        vocab,
+        alignments,
+        student_ids,
+        teacher_topk_ids,
+        teacher_topk_logprobs,
+        action_mask,
+        max_chain=max_chain,
+    )
+    device = action_mask.device
+    compact = ProjectionPositions(
+        **{f.name: getattr(compact, f.name).to(device) for f in dataclasses.fields(compact)}
+    )
+    return expand_positions(
+        projection_tables(vocab, device),
+        compact,
+        student_end_ids=student_end_ids,
+        teacher_end_ids=teacher_end_ids,
+    )

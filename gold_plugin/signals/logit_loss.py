@@ -109,6 +109,8 @@ class LogitLoss:
     """[N] bool: positions that were computed."""
     matched_weight: float
     unmatched_weight: float
+    teacher_remainder: torch.Tensor | None = None
+    """[N] the teacher's probability of the remainder bucket (byte projection only), no gradient; else ``None``."""
 
 
 def _resolve_options(config: Any | None, options: dict[str, Any]) -> LogitLossOptions:

@@ -6,7 +6,8 @@ otherwise try to log them), runs OpenRLHF's own ``training_step`` and, at its si
 the reduction of OpenRLHF's token-mean policy loss, with ``L`` the per-position loss of
 :func:`gold_plugin.step.compute_logit_loss` (docs/signals.md). The student's logits are read from the actor
 forward that OpenRLHF's step already runs (a forward hook), so no second forward is made. Logged as
-``gold/logit_loss`` (mean per position) and ``gold/logit_positions`` (positions per sample).
+every key of :func:`gold_plugin.step.logit_metrics`: ``gold/logit_loss`` (mean per position),
+``gold/logit_positions`` (positions per sample) and, with the byte projection, ``gold/projection_remainder``.
 """
 
 from __future__ import annotations

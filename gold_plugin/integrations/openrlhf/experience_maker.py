@@ -72,8 +72,8 @@ def pack_logit_inputs(inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
     """The logit-loss inputs of a micro-batch as info tensors: row b holds sample b's positions, position axis last.
 
     Every per-position field ``[N, *rest]`` (all fields but ``positions`` and ``sample_index``) becomes
-    ``[B, *rest, P]`` (P = the most positions of one sample, zero-padded), plus ``columns`` ``[B, P]`` (action
-    columns) and ``valid`` ``[B, P]`` (1.0 = a real position). :func:`unpack_logit_inputs` inverts it.
+    ``[B, *rest, P]`` (P = the most positions of one sample, zero-padded, dtypes kept), plus ``columns``
+    ``[B, P]`` (int32 action columns) and ``valid`` ``[B, P]`` (1.0 = a real position). :func:`unpack_logit_inputs` inverts it.
     """
     rows = inputs.sample_index.to(torch.int64).cpu()
     order = torch.argsort(rows, stable=True)
@@ -83,8 +83,8 @@ def pack_logit_inputs(inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(rows.numel()) - starts[rows]
     packed: dict[str, torch.Tensor] = {}
-    columns = torch.zeros(batch_size, width, dtype=torch.int64)
-    columns[rows, slot] = inputs.positions[:, 1].cpu()[order]
+    columns = torch.zeros(batch_size, width, dtype=torch.int32)
+    columns[rows, slot] = inputs.positions[:, 1].cpu()[order].to(torch.int32)
     valid = torch.zeros(batch_size, width)
     valid[rows, slot] = 1.0
     packed[LOGIT_INPUTS_PREFIX + "columns"] = columns
@@ -112,7 +112,7 @@ def unpack_logit_inputs(packed: dict[str, Any], cls: type, device: Any = None) -
 
     valid = batched("valid") > 0
     rows, slots = valid.nonzero(as_tuple=True)
-    columns = batched("columns")[rows, slots]
+    columns = batched("columns")[rows, slots].to(torch.int64)
     values = {
         f.name: batched(f.name)[rows, slots].to(device)
         for f in dataclasses.fields(cls)
