@@ -6,7 +6,10 @@ function, vLLM rollout engines, DeepSpeed ZeRO-2) on the same tiny student and p
 
 1. ``grpo``: ``python -m openrlhf.cli.train_ppo_ray <options>``, OpenRLHF unchanged;
 2. ``gold``: ``python launchers/train_gold.py <options> --gold.alpha 0.5 ...`` (hf teacher, sampled-KL
-   advantages mixed with the task's).
+   advantages mixed with the task's);
+3. ``gold_logit``: the same with the default signal, the byte-projected logit loss (``--gold.signal logit``,
+   teacher top-k 64): its compact inputs are built in the experience maker (in ``gold/plugin_seconds``) and
+   expanded by the actor in its training step (in ``ppo_train``).
 
 Per step it reads OpenRLHF's own timing (``timing/step_total`` = generation + make_experience + ppo_train +
 broadcast) and the plugin's ``gold/teacher_seconds`` (the teacher's scoring, which runs beside OpenRLHF's
@@ -45,13 +48,21 @@ from gold_plugin.testing.ray_head import (  # noqa: E402
 )
 
 PHASES = ("generation", "make_experience", "ppo_train", "broadcast", "step_total")
+KINDS = ("grpo", "gold", "gold_logit")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="measured steps per job")
     parser.add_argument("--warmup", type=int, default=1, help="first steps of every job left out")
-    parser.add_argument("--rounds", type=int, default=2, help="grpo/gold job pairs, alternating their order")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of one job per kind, in rotating order")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="the jobs of a round (grpo is the baseline)",
+    )
     parser.add_argument("--rollout-batch", type=int, default=8, help="prompts per step")
     parser.add_argument("--n-samples", type=int, default=4, help="samples per prompt (the GRPO group)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -96,11 +107,16 @@ def openrlhf_options(args: argparse.Namespace, student: Path, data: Path, save: 
     return options
 
 
-def gold_options(teacher: Path) -> list[str]:
+def gold_options(kind: str, teacher: Path) -> list[str]:
+    signal = (
+        ["--gold.signal", "logit", "--gold.teacher.topk", "64"]
+        if kind == "gold_logit"
+        else ["--gold.signal", "advantage"]
+    )
     return [
         "--gold.teacher.model_name_or_path", str(teacher), "--gold.teacher.backend", "hf",
         "--gold.teacher.num_replicas", "1", "--gold.teacher.micro_batch_size", "8",
-        "--gold.alpha", "0.5", "--gold.kl_coef", "1.0", "--gold.signal", "advantage",
+        "--gold.alpha", "0.5", "--gold.kl_coef", "1.0", *signal,
     ]  # fmt: skip
 
 
@@ -109,7 +125,7 @@ def run_job(
 ) -> None:
     entry = (
         ["python3", "launchers/train_gold.py"]
-        if kind == "gold"
+        if kind.startswith("gold")
         else ["python3", "-m", "openrlhf.cli.train_ppo_ray"]
     )
     command = [
@@ -161,15 +177,16 @@ def main() -> None:
     data = countdown_prompts(work / "countdown.jsonl", args.rollout_batch * (args.warmup + args.steps))
     runtime_env = cpu_runtime_env(str(REPO)) if args.cpu else {"working_dir": str(REPO)}
 
-    figures: dict[str, list[dict[str, float]]] = {"grpo": [], "gold": []}
+    kinds = ["grpo", *(k for k in args.kinds if k != "grpo")]
+    figures: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
 
     def rounds(address: str) -> None:
         for r in range(args.rounds):
-            for kind in ("grpo", "gold") if r % 2 == 0 else ("gold", "grpo"):
+            for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                 save = work / f"{kind}{r}"
                 options = openrlhf_options(args, student, data, save)
-                if kind == "gold":
-                    options += gold_options(teacher)
+                if kind != "grpo":
+                    options += gold_options(kind, teacher)
                 if not args.report_only:
                     print(f"round {r + 1}/{args.rounds}: {kind} job ...", flush=True)
                     run_job(kind, address, runtime_env, options, work / f"{kind}{r}.log")
@@ -186,26 +203,34 @@ def main() -> None:
 
     # OpenRLHF's own experience making, without a teacher beside it:
     grpo_forwards = median("grpo", "make_experience")
-    for step in figures["gold"]:
-        step["step_total - teacher_wait"] = step["step_total"] - step["teacher_wait"]
-        step["step_total - teacher"] = step["step_total"] - step["teacher"]
-        # The GOLD step with OpenRLHF's experience making as it is without a teacher running beside it, plus the
-        # plugin's own measured work there: what remains when the teacher's scoring (and its CPU use) is removed.
-        step["without teacher"] = (
-            step["step_total"] - step["make_experience"] + grpo_forwards + step["plugin"]
-        )
-    for step in figures["grpo"]:
-        for key in ("step_total - teacher_wait", "step_total - teacher", "without teacher"):
-            step[key] = step["step_total"]
-    print(f"\n{len(figures['grpo'])} + {len(figures['gold'])} measured steps, medians in seconds")
-    print(f"{'phase':<28}{'grpo':>10}{'gold':>10}{'gold/grpo':>11}")
+    for kind in kinds:
+        for step in figures[kind]:
+            if kind == "grpo":
+                for key in ("step_total - teacher_wait", "step_total - teacher", "without teacher"):
+                    step[key] = step["step_total"]
+                continue
+            step["step_total - teacher_wait"] = step["step_total"] - step["teacher_wait"]
+            step["step_total - teacher"] = step["step_total"] - step["teacher"]
+            # The GOLD step with OpenRLHF's experience making as it is without a teacher running beside it, plus
+            # the plugin's own measured work there: what remains when the teacher's scoring (and its CPU use) is
+            # removed. The logit loss's work in the actor's training step stays in (ppo_train).
+            step["without teacher"] = (
+                step["step_total"] - step["make_experience"] + grpo_forwards + step["plugin"]
+            )
+    counts = " + ".join(f"{len(figures[kind])} {kind}" for kind in kinds)
+    print(f"\n{counts} measured steps, medians in seconds; ratios to grpo")
+    print(f"{'phase':<28}" + "".join(f"{kind:>12}{'/grpo':>8}" for kind in kinds))
     keys = (*PHASES, "teacher", "teacher_wait", "plugin", "step_total - teacher_wait", "step_total - teacher")
     for key in (*keys, "without teacher"):
-        grpo, gold = median("grpo", key), median("gold", key)
-        ratio = f"{gold / grpo:.3f}x" if grpo > 0 else "-"
-        print(f"{key:<28}{grpo:>10.3f}{gold:>10.3f}{ratio:>11}")
-    ratio = median("gold", "without teacher") / median("grpo", "step_total")
-    print(f"\nGOLD step without the teacher's scoring / GRPO step: {ratio:.3f}x (target <= 1.05x)")
+        grpo = median("grpo", key)
+        cells = []
+        for kind in kinds:
+            value = median(kind, key)
+            cells.append(f"{value:>12.3f}{(f'{value / grpo:.3f}x' if grpo > 0 else '-'):>8}")
+        print(f"{key:<28}" + "".join(cells))
+    for kind in kinds[1:]:
+        ratio = median(kind, "without teacher") / median("grpo", "step_total")
+        print(f"{kind}: step without the teacher's scoring / GRPO step: {ratio:.3f}x (target <= 1.05x)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
 

@@ -412,12 +412,21 @@ def compute_logit_loss(
     vocab: LogitVocab,
     *,
     action_offset: int = 0,
+    logits_temperature: float = 1.0,
 ) -> LogitLoss:
     """Per-position logit loss (hook 2 of 2): ``loss [N]`` (differentiable) and ``valid [N]``.
 
     ``student_logits`` is ``[B, T, V]`` where ``student_logits[b, action_offset + j]`` predicts action token j of
     row b (OpenRLHF's actor logits: offset ``T - 1 - num_actions``; the local backend's action logits: 0).
+
+    The student distribution of the loss is the model's own, divided by ``--gold.uld_student_temperature`` only
+    (TRL's GOLD): the rollout temperature is a sampling choice. ``logits_temperature`` is the temperature the given
+    logits were already divided by (both backends divide by ``--rollout.temperature`` before the policy loss);
+    it is undone inside the loss's own scaling, without a copy of the logits.
     """
+    if logits_temperature <= 0:
+        raise ValueError(f"logits_temperature must be > 0, got {logits_temperature}.")
+    student_temperature = gold.uld_student_temperature / float(logits_temperature)
     if isinstance(inputs, (ProjectionPositions, ProjectionInputs)):
         if action_offset:
             inputs = dataclasses.replace(
@@ -426,7 +435,9 @@ def compute_logit_loss(
                 + torch.tensor([0, int(action_offset)], dtype=inputs.positions.dtype),
                 path_columns=inputs.path_columns + int(action_offset),
             )
-        return projected_logit_loss(student_logits, inputs, vocab.projection, config=gold)
+        return projected_logit_loss(
+            student_logits, inputs, vocab.projection, config=gold, student_temperature=student_temperature
+        )
     positions = inputs.positions
     if action_offset:
         positions = positions + torch.tensor([0, int(action_offset)], device=positions.device)
@@ -440,6 +451,7 @@ def compute_logit_loss(
         mapping,
         config=gold,
         positions=positions.to(student_logits.device),
+        student_temperature=student_temperature,
     )
 
 

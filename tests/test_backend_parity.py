@@ -60,9 +60,11 @@ def teacher(models):
     )
 
 
-@pytest.fixture(scope="module")
-def openrlhf_side(models, teacher):
-    plan = _plan(models, alpha=0.5, extra=OPTIONS)
+@pytest.fixture(scope="module", params=[1.0, 0.7], ids=["temperature_1", "temperature_0.7"])
+def openrlhf_side(models, teacher, request):
+    """At a rollout temperature other than 1 both backends divide the logits by it for the policy; the logit loss
+    sees the model's own distribution in both (docs/signals.md)."""
+    plan = _plan(models, alpha=0.5, extra=f"{OPTIONS} --rollout.temperature {request.param}")
     maker, _, strategy, tok = _makers(models, teacher, plan, rows=PARITY_ROWS)
     experiences = maker.make_experience_batch(_rollouts(strategy, tok, unknown_prompt=False))
     return plan, experiences
@@ -111,6 +113,7 @@ def _local_side(models, teacher, plan, monkeypatch):
         rollout_batch_size=len(PARITY_ROWS),
         n_samples_per_prompt=2,
         max_new_tokens=plan.args.rollout.max_new_tokens,
+        temperature=plan.args.rollout.temperature,
         seed=plan.args.train.seed,
         advantage_estimator="group_norm",
         reward_func=reward_func,

@@ -112,7 +112,7 @@ def _trainer(setup, monkeypatch, gold: bool):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the replay buffer only names a device
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     model = LlamaForCausalLM.from_pretrained(setup.student_dir)
-    actor = Actor(model)
+    actor = Actor(model, temperature=setup.plan.args.rollout.temperature)  # as OpenRLHF's actor worker
     actor.packing_samples = False
     optimizer = torch.optim.SGD(actor.parameters(), lr=0.0)  # lr 0: both runs see the same weights
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

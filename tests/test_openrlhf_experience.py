@@ -142,8 +142,8 @@ class LocalModelGroup:
         return []
 
 
-def _log_prob_group(model):
-    actor = Actor(model)
+def _log_prob_group(model, temperature: float = 1.0):
+    actor = Actor(model, temperature=temperature)  # OpenRLHF's actor workers use --rollout.temperature
     actor.packing_samples = False  # set by Actor.__init__ only when it loads the model itself
 
     def forward(sequences, action_mask, attention_mask, mm_train_inputs_list=None):
@@ -205,10 +205,10 @@ def _makers(models, teacher, plan, critic=False, rows=ROWS):
     student_tok = load_test_tokenizer("qwen")
     strategy = SimpleNamespace(args=plan.args)
     groups = dict(
-        actor_model_group=_log_prob_group(models.student),
+        actor_model_group=_log_prob_group(models.student, plan.args.rollout.temperature),
         critic_model_group=_critic_group() if critic else None,
         reward_model_group=RefusingRewardGroup(),
-        initial_model_group=_log_prob_group(models.reference),
+        initial_model_group=_log_prob_group(models.reference, plan.args.rollout.temperature),
         kl_controller=FixedKLController(plan.args.algo.kl.init_coef),
         strategy=strategy,
         tokenizer=student_tok,

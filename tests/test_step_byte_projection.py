@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
     padded = torch.cat([torch.randn(mask.shape[0], offset, len(student), dtype=torch.float64), logits], dim=1)
     shifted = compute_logit_loss(padded, inputs, gold, vocab, action_offset=offset).loss
     torch.testing.assert_close(shifted, direct, rtol=0, atol=1e-12)
+    # Logits divided by the rollout temperature (both backends' policy logits): the loss undoes it and sees the
+    # model's own distribution, scaled by --gold.uld_student_temperature only.
+    tempered = compute_logit_loss(logits / 0.7, inputs, gold, vocab, logits_temperature=0.7).loss
+    torch.testing.assert_close(tempered, direct, rtol=0, atol=1e-10)
+    hot = dataclasses.replace(gold, uld_student_temperature=2.0)
+    halved = projected_logit_loss(logits / 2.0, inputs, vocab.projection, config=gold).loss
+    torch.testing.assert_close(
+        compute_logit_loss(logits, inputs, hot, vocab).loss, halved, rtol=0, atol=1e-10
+    )
     with pytest.raises(ValueError, match="LogitVocab"):
         build_logit_inputs(alignments, results, responses, mask, gold)
 

@@ -422,7 +422,8 @@ class LocalTrainer:
                 gold,
                 self.vocab,
             )
-            out = compute_logit_loss(logits, inputs, gold, self.vocab)  # action logits: offset 0
+            # Action logits (offset 0), divided by the rollout temperature like the policy's log-probs.
+            out = compute_logit_loss(logits, inputs, gold, self.vocab, logits_temperature=c.temperature)
             loss = loss + logit_loss_term(out.loss, batch_tokens, gold)
             metrics.update({k: float(v) for k, v in logit_metrics(out, len(micro)).items()})
         return loss, metrics

@@ -4,7 +4,7 @@ Built once per pair from a :class:`~gold_plugin.alignment.sorted_vocab.SortedVoc
 150k vocabulary), then held as torch tensors on the device where the inputs are built (the actor's). With them,
 everything :func:`~gold_plugin.signals.byte_projection_inputs.expand_positions` needs per teacher position and
 candidate is a gather, a comparison or a hash probe; no byte string is touched after the build
-(docs/signals.md, "Byte projection: the tables").
+(docs/signals.md, "Byte projection: where the work runs").
 
 - **The student trie.** Every distinct non-empty prefix of a student token is a node (node 0 is the root, the
   empty prefix). A node has a byte depth, its sorted-vocabulary range ``[lo, hi)`` (the student tokens that start

@@ -70,7 +70,11 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         offset = (
             logits.shape[1] - 1 - num_actions
         )  # logits[:, t] predicts token t + 1; action j is token offset+j+1
-        result = compute_logit_loss(logits, inputs, self.gold, self.vocab, action_offset=offset)
+        # OpenRLHF's actor forward has divided the logits by --rollout.temperature (in place).
+        temperature = float(getattr(self.actor, "temperature", 1.0))
+        result = compute_logit_loss(
+            logits, inputs, self.gold, self.vocab, action_offset=offset, logits_temperature=temperature
+        )
         normaliser = loss_batch_info.get("batch_num_tokens")
         if normaliser is None:
             normaliser = experience.action_mask.sum()
