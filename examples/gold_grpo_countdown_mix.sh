@@ -8,6 +8,12 @@
 # OpenRLHF's reference), vLLM rollout 4 x 1; or drop --train.colocate_actor_ref to give the reference and the
 # teacher their own GPUs (then actor 2 + reference 2 + teacher 2 + vLLM 2).
 #
+# Signal: --gold.signal logit (the default), the byte-projected logit loss on the teacher's top-64 at every teacher
+# position. Measured (README, "Figures"): on tokenizer pairs that cut numbers differently it closed 1.34x and 1.04x
+# of same-tokenizer distillation's gain where sampled-KL advantages (--gold.signal advantage) closed -0.02x and
+# 0.81x (examples/local/compare_pairs.py, 5 seeds); its inputs cost OpenRLHF's experience maker 1-3 us per teacher
+# position and ship about 600 bytes per position to the actors (benchmarks/bench_gold_step.py).
+#
 # Before: ray start --head --num-gpus 8 ; python examples/prepare_countdown.py --out "$DATA"
 # Check the options without a cluster: bash examples/gold_grpo_countdown_mix.sh --dry_run
 set -euo pipefail
@@ -40,7 +46,7 @@ if [[ " $* " == *" --dry_run "* ]]; then SUBMIT=(); fi
    --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
    --gold.teacher.model_name_or_path "$TEACHER" \
    --gold.teacher.backend hf --gold.teacher.num_replicas "$TEACHER_REPLICAS" --gold.teacher.micro_batch_size 8 \
-   --gold.alpha 0.5 --gold.kl_coef 1.0 --gold.signal advantage \
+   --gold.alpha 0.5 --gold.kl_coef 1.0 --gold.signal logit \
    --reward.remote_url examples/countdown_reward.py \
    --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt "$N_SAMPLES" \
    --algo.kl.init_coef 1e-3 --algo.kl.use_loss --algo.kl.estimator k3 \

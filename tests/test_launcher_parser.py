@@ -21,7 +21,12 @@ import pytest
 
 from gold_plugin.config import GoldConfigError
 from gold_plugin.integrations.openrlhf import cli
-from gold_plugin.integrations.openrlhf.args import build_parser, nest_namespace
+from gold_plugin.integrations.openrlhf.args import (
+    OPENRLHF_DEFAULTS,
+    build_parser,
+    fill_gold_defaults,
+    nest_namespace,
+)
 from gold_plugin.integrations.openrlhf.dry_run import run_dry_run
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch
 
@@ -158,6 +163,13 @@ def test_every_openrlhf_option_has_the_same_name_type_and_default():
     assert len(theirs) > 150
     missing = sorted(set(theirs) - set(ours))
     assert not missing, f"launcher lacks OpenRLHF options: {missing}"
+    # Two options are left unset by the launcher and filled at resolution: GOLD's reward-free defaults with
+    # --gold.alpha 1, OpenRLHF's own (checked here against its parser) otherwise.
+    for name in theirs:
+        dest = theirs[name][1]
+        if dest in OPENRLHF_DEFAULTS:
+            assert theirs[name][3] == OPENRLHF_DEFAULTS[dest] and ours[name][3] is None, name
+            ours[name] = ours[name][:3] + (theirs[name][3],) + ours[name][4:]
     different = {name: (ours[name], theirs[name]) for name in theirs if ours[name] != theirs[name]}
     assert not different, f"options that differ from OpenRLHF's: {different}"
     extra = sorted(name for name in set(ours) - set(theirs) if not name.startswith(OURS_ONLY_PREFIXES))
@@ -165,7 +177,9 @@ def test_every_openrlhf_option_has_the_same_name_type_and_default():
 
 
 def _parse_ours(argv: list[str]) -> dict:
-    parsed = vars(build_parser().parse_args(argv))
+    namespace = build_parser().parse_args(argv)
+    fill_gold_defaults(namespace, getattr(namespace, "gold.alpha"))
+    parsed = vars(namespace)
     return {
         k: v
         for k, v in parsed.items()
@@ -264,6 +278,35 @@ def test_impossible_combinations_fail_with_what_to_change(extra, alpha, message)
     with pytest.raises(GoldConfigError) as err:
         _plan(_argv(extra, alpha))
     assert message in str(err.value)
+
+
+def test_the_shortest_command_runs_with_golds_reward_free_defaults_and_given_options_win():
+    shortest = [
+        "--actor.model_name_or_path",
+        "/nonexistent/student",
+        "--gold.teacher.model_name_or_path",
+        "/nonexistent/teacher",
+        "--data.prompt_dataset",
+        "/nonexistent/prompts.jsonl",
+    ]
+    plan = _plan(shortest)
+    assert plan.args.algo.advantage.estimator == "reinforce" and plan.args.algo.kl.init_coef == 0.0
+    assert not plan.create_reference_group and not plan.create_critic_group
+    assert plan.filled_defaults == {"algo.advantage.estimator": "reinforce", "algo.kl.init_coef": 0.0}
+    out = io.StringIO()
+    run_dry_run(plan, out)
+    assert "Defaults (GOLD's reward-free, not given on the command line)" in out.getvalue()
+    given = _plan(shortest + ["--algo.advantage.estimator", "rloo", "--rollout.n_samples_per_prompt", "2"])
+    assert (
+        given.args.algo.advantage.estimator == "rloo"
+        and "algo.advantage.estimator" not in given.filled_defaults
+    )
+    mixed = _plan(shortest + ["--gold.alpha", "0.5", "--reward.remote_url", "http://rm:5000/get_reward"])
+    assert mixed.args.algo.kl.init_coef == 0.01 and mixed.args.algo.advantage.estimator == "gae"
+    help_text = build_parser().format_help()
+    assert "GOLD's default: reinforce for a reward-" in " ".join(
+        help_text.split()
+    )  # argparse wraps at the hyphen
 
 
 def test_alpha_below_one_accepts_each_reward_source():

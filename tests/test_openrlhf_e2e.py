@@ -169,8 +169,9 @@ def test_every_cpu_patch_still_applies_to_the_installed_openrlhf():
 
 def test_reward_free_advantages_with_the_vllm_teacher(cluster):
     save, text = _submit(
-        cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "advantage", "--data.max_samples", "8"
-    )
+        cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "advantage", "--data.max_samples", "8",
+        "--gold.signal", "advantage",
+    )  # fmt: skip
     scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="vllm")
     assert any(v != 0 for v in scalars["train/gold/sampled_kl"].values())
 
@@ -191,6 +192,9 @@ def test_gold_mixed_with_grpo_and_the_hf_teacher(cluster):
     classes = _actor_classes(cluster, text)
     assert "ReferenceModelActor" in classes and "RewardModelActor" not in classes  # reward: a .py function
     assert all(math.isfinite(v) for v in scalars["train/reward"].values())
+    # The example's signal: the byte-projected logit loss, with the task reward's advantages at alpha 0.5.
+    assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
+    assert all(0.0 <= v <= 1.0 for v in scalars["train/gold/projection_remainder"].values())
 
 
 def test_same_tokenizer_example(cluster):

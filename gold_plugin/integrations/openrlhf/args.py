@@ -20,6 +20,24 @@ OPENRLHF_VERSION = "0.11.2"
 
 _BACKENDS = ("openrlhf", "local")
 
+OPENRLHF_DEFAULTS = {"algo.advantage.estimator": "gae", "algo.kl.init_coef": 0.01}
+"""OpenRLHF's defaults of the options whose launcher default is left unset (None) and filled by
+:func:`fill_gold_defaults`."""
+REWARD_FREE_DEFAULTS = {"algo.advantage.estimator": "reinforce", "algo.kl.init_coef": 0.0}
+"""GOLD's defaults of those options for a reward-free run (``--gold.alpha 1``, GOLD's default)."""
+
+
+def fill_gold_defaults(args: argparse.Namespace, alpha: float) -> dict[str, Any]:
+    """Fill the options the user left unset: GOLD's reward-free defaults when ``alpha == 1``, OpenRLHF's otherwise
+    (an option given on the command line always wins). Returns what was filled."""
+    chosen = REWARD_FREE_DEFAULTS if alpha == 1.0 else OPENRLHF_DEFAULTS
+    filled = {}
+    for dest, value in chosen.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, value)
+            filled[dest] = value
+    return filled
+
 
 def _flag(group: argparse._ArgumentGroup, name: str, help_text: str = "") -> None:
     group.add_argument(name, action="store_true", default=False, help=help_text or None)
@@ -200,7 +218,13 @@ def _add_ppo_options(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--critic.save_value_network")
     g.add_argument("--algo.kl.target", type=float, default=None)
     g.add_argument("--algo.kl.horizon", type=int, default=10000)
-    g.add_argument("--algo.kl.init_coef", type=float, default=0.01, help="KL-to-reference coefficient.")
+    g.add_argument(
+        "--algo.kl.init_coef",
+        type=float,
+        default=None,
+        help="KL-to-reference coefficient. GOLD's default: 0 for a reward-free run (--gold.alpha 1: a KL in the "
+        "unused reward would do nothing, and no reference model is started), OpenRLHF's 0.01 otherwise.",
+    )
     g.add_argument("--actor.policy_loss_type", type=str, default="ppo", choices=["ppo", "gspo"])
     g.add_argument(
         "--actor.loss_agg_mode",
@@ -255,9 +279,10 @@ def _add_estimator_and_model_options(parser: argparse.ArgumentParser) -> None:
             "dr_grpo",
             "flash_reinforce",
         ],
-        default="gae",
+        default=None,
         help="Task-reward advantage estimator (group_norm = GRPO); GOLD mixes its output with the distillation "
-        "advantages.",
+        "advantages. GOLD's default: reinforce for a reward-free run (--gold.alpha 1: no critic to train), "
+        "OpenRLHF's gae otherwise.",
     )
     _flag(g, "--algo.kl.use_loss", "KL to the reference as a loss term (GRPO) instead of a reward penalty.")
     _flag(g, "--algo.advantage.no_std_norm", "Centre advantages without dividing by their std.")

@@ -99,6 +99,10 @@ def run_dry_run(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
     print("GOLD dry run: options are valid (no Ray started, no weights loaded).", file=out)
     for warning in plan.warnings:
         print(f"WARNING: {warning}", file=out)
+    if plan.filled_defaults:
+        which = "GOLD's reward-free" if not plan.gold.needs_reward else "OpenRLHF's"
+        given = ", ".join(f"--{dest} {value}" for dest, value in plan.filled_defaults.items())
+        print(f"Defaults ({which}, not given on the command line): {given}", file=out)
     print("Cluster layout:", file=out)
     for group in plan.groups:
         print(f"  {group.describe()}", file=out)

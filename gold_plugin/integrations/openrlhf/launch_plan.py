@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 from gold_plugin.config import GoldConfig, GoldConfigError, gold_config_from_args
 
-from .args import nest_namespace
+from .args import fill_gold_defaults, nest_namespace
 
 GROUP_ESTIMATORS = ("rloo", "reinforce_baseline", "group_norm", "dr_grpo")
 COLOCATED_GPU_SHARE = 0.2
@@ -48,6 +48,8 @@ class LaunchPlan:
     teacher_colocated: bool
     groups: list[GroupPlan] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    filled_defaults: dict[str, object] = field(default_factory=dict)
+    """Options left unset that got GOLD's or OpenRLHF's default (:func:`~.args.fill_gold_defaults`)."""
 
 
 def _reward_source(args: SimpleNamespace) -> str | None:
@@ -290,6 +292,7 @@ def _plan_groups(args: SimpleNamespace, gold: GoldConfig, plan: LaunchPlan) -> N
 def resolve_launch(args: argparse.Namespace) -> LaunchPlan:
     """Validate a parsed command line and decide the cluster layout; raise GoldConfigError naming what to change."""
     gold = gold_config_from_args(args)
+    filled = fill_gold_defaults(args, gold.alpha)
     nested = nest_namespace(args)
     warnings: list[str] = []
     source = _reward_source(nested) if gold.needs_reward else None
@@ -326,6 +329,7 @@ def resolve_launch(args: argparse.Namespace) -> LaunchPlan:
         create_critic_group=bool(nested.critic.model_name_or_path),
         teacher_colocated=teacher_colocated,
         warnings=warnings,
+        filled_defaults=filled,
     )
     _plan_groups(nested, gold, plan)
     return plan
