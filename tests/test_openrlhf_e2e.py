@@ -34,7 +34,8 @@ from gold_plugin.testing.ray_head import (  # noqa: E402
 )
 from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher  # noqa: E402
 
-pytestmark = pytest.mark.timeout(1800)  # a job starts Ray actors, vLLM engines and DeepSpeed on 2 cores
+# A job starts Ray actors, vLLM engines and DeepSpeed on 2 cores. `pytest -m "not e2e"` runs the rest.
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
 JOB_TIMEOUT_S = 900
 SIZES = {  # what the examples read from the environment
     "ACTOR_GPUS": "1",

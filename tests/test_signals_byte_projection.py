@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
-from gold_plugin.alignment.sorted_vocab import PrefixHashes, sorted_vocab, truncate_hex
+from gold_plugin.alignment.sorted_vocab import sorted_vocab, truncate_hex
 from gold_plugin.local.task import build_tokenizer
 from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
 from gold_plugin.signals import range_mass as range_mass_module
@@ -21,6 +21,8 @@ from gold_plugin.signals.byte_projection import (
 )
 from gold_plugin.signals.byte_projection_inputs import projection_inputs
 from gold_plugin.signals.range_mass import range_mass
+from gold_plugin.testing.prefix_hashes import PrefixHashes, PrefixLookups
+from gold_plugin.testing.reference_projection import reference_projection_inputs
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 
@@ -279,10 +281,11 @@ def test_real_tokenizers_ranges_equal_a_vocabulary_scan_and_probabilities_sum_to
     for key, a, z in zip(keys, lo, hi):
         scan = {i for i, b in enumerate(s_bytes) if b.startswith(key)}
         assert set(vocab.order[a:z].tolist()) == scan, key
-    # The hash lookups of prefixes give the same inputs as searchsorted on the keys (the fallback).
-    plain = dataclasses.replace(vocab, student_hash_table=None, teacher_hash_table=None)
-    again = projection_inputs(plain, alignments, ids, top_ids, top_lp, mask)
-    for name, value in vars(inputs).items():
+    # The reference's hash lookups of prefixes give the same inputs as searchsorted on the keys (its fallback).
+    hashed = reference_projection_inputs(vocab, alignments, ids, top_ids, top_lp, mask)
+    plain = PrefixLookups(vocab, None, None)
+    again = reference_projection_inputs(vocab, alignments, ids, top_ids, top_lp, mask, lookups=plain)
+    for name, value in vars(hashed).items():
         assert torch.equal(value, getattr(again, name)), name
     logits = torch.randn(len(ids), width, len(student)) * 3
     probs, rest = student_event_probs(logits, inputs, LogitLossOptions(chunk_size=64), pv)
@@ -302,19 +305,19 @@ def test_prefix_lookups_by_hash_equal_searchsorted_and_check_every_hit():
     )
     num_bytes = np.strings.str_len(keys) // 2
     prefixes = PrefixHashes(keys)
+    lookups = PrefixLookups.build(vocab)
     wrong_ids = dataclasses.replace(
-        vocab,
-        student_hash_table=(vocab.student_hash_table[0], np.roll(vocab.student_hash_table[1], 1)),
+        lookups, student_table=(lookups.student_table[0], np.roll(lookups.student_table[1], 1))
     )
     hits = 0
     for length in range(1, int(num_bytes.max()) + 1):
         where = num_bytes >= length
         prefix = truncate_hex(keys[where], length)
         expected = vocab.exact_ids(prefix)
-        assert np.array_equal(vocab.prefix_exact_ids(prefixes, length, where), expected)
-        assert np.array_equal(vocab.prefix_teacher_ids(prefixes, length, where), vocab.teacher_ids(prefix))
+        assert np.array_equal(lookups.exact_ids(prefixes, length, where), expected)
+        assert np.array_equal(lookups.teacher_ids(prefixes, length, where), vocab.teacher_ids(prefix))
         # A hash found with other bytes is no hit (every hit is checked against the token's bytes).
-        assert (wrong_ids.prefix_exact_ids(prefixes, length, where) == -1).all()
+        assert (wrong_ids.exact_ids(prefixes, length, where) == -1).all()
         hits += int((expected >= 0).sum())
     assert hits > 100
 

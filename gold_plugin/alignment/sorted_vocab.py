@@ -6,10 +6,9 @@ two entries of a cumulative sum over the byte-sorted distribution, and a whole b
 ``searchsorted`` calls. Byte strings are handled as hexadecimal ``S`` arrays: hex digits sort like the bytes
 they encode, a prefix stays a prefix, and the strings contain no NUL byte (numpy pads ``S`` values with NULs).
 
-Exact lookups of the prefixes of a batch of keys, one prefix length at a time (is there a token spelled by the
-first l bytes of this key?), go through 64-bit polynomial hashes advanced one byte per length
-(:class:`PrefixHashes`) and a sorted hash table of the vocabulary; every hit is checked against the token's bytes,
-and a vocabulary whose distinct keys collide falls back to ``searchsorted`` on the keys, so the answers are exact.
+The byte projection gathers its inputs from tables built from this one
+(:mod:`gold_plugin.signals.projection_tables`); these string-keyed queries serve that build and the tests'
+reference (:mod:`gold_plugin.testing.reference_projection`).
 
 Built once per (student, teacher) tokenizer pair and cached; pure numpy.
 """
@@ -27,9 +26,6 @@ _BEYOND_HEX = b"g"  # sorts after every hex digit: key + "g" bounds all extensio
 _CACHE: dict[tuple[int, int], SortedVocab] = {}
 _HEX_CACHE: dict[int, np.ndarray] = {}
 _MAX_CACHED = 16
-_HASH_MULTIPLIER = np.uint64(
-    1099511628211
-)  # the 64-bit FNV prime: odd, so every step is a bijection mod 2^64
 
 
 def hex_keys(table: TokenTable) -> np.ndarray:
@@ -55,70 +51,6 @@ def truncate_hex(keys: np.ndarray, num_bytes: np.ndarray) -> np.ndarray:
     chars = keys.view(np.uint8).reshape(*keys.shape, width).copy()
     chars[np.arange(width) >= 2 * num_bytes[..., None]] = 0
     return chars.reshape(-1).view(keys.dtype).reshape(keys.shape)
-
-
-class PrefixHashes:
-    """Hashes of the first ``length`` bytes of every key of an ``S`` hex array (any shape), advanced one length at
-    a time (``at`` takes non-decreasing lengths). Valid for the keys that have at least ``length`` bytes."""
-
-    def __init__(self, keys: np.ndarray) -> None:
-        self.keys = np.ascontiguousarray(keys)
-        self.width = self.keys.dtype.itemsize
-        self.chars = self.keys.view(np.uint8).reshape(*self.keys.shape, self.width) if self.width else None
-        self.hashes = np.zeros(self.keys.shape, dtype=np.uint64)
-        self.length = 0
-
-    def at(self, length: int) -> np.ndarray:
-        if length < self.length:
-            raise ValueError(f"prefix lengths must not decrease ({length} after {self.length}).")
-        for char in range(2 * self.length, min(2 * length, self.width)):
-            self.hashes = self.hashes * _HASH_MULTIPLIER + self.chars[..., char]
-        self.length = length
-        return self.hashes
-
-
-def _full_hashes(keys: np.ndarray) -> np.ndarray:
-    """The hash of every (whole) key, as :class:`PrefixHashes` gives it at the key's own length."""
-    keys = np.ascontiguousarray(keys)
-    hashes = np.zeros(keys.shape[0], dtype=np.uint64)
-    if keys.dtype.itemsize == 0 or keys.shape[0] == 0:
-        return hashes
-    # Longest keys first: the keys that still have a character at column c are the first ``count[c]``.
-    by_length = np.argsort(-np.strings.str_len(keys), kind="stable")
-    chars = keys[by_length].view(np.uint8).reshape(keys.shape[0], keys.dtype.itemsize)
-    count = (chars != 0).sum(axis=0)
-    sorted_hashes = np.zeros(keys.shape[0], dtype=np.uint64)
-    for char in range(chars.shape[1]):
-        n = int(count[char])
-        sorted_hashes[:n] = sorted_hashes[:n] * _HASH_MULTIPLIER + chars[:n, char]
-    hashes[by_length] = sorted_hashes
-    return hashes
-
-
-def _hash_table(sorted_keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(sorted hashes, value of each)`` of the distinct non-empty keys of a sorted ``S`` array (the value of a
-    key's first occurrence); ``None`` if two distinct keys share a hash."""
-    first = np.ones(sorted_keys.shape[0], dtype=bool)
-    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    first &= np.strings.str_len(sorted_keys) > 0
-    distinct, values = sorted_keys[first], np.asarray(values)[first]
-    hashes = _full_hashes(distinct)
-    by_hash = np.argsort(hashes, kind="stable")
-    hashes, values = hashes[by_hash], values[by_hash]
-    if (hashes[1:] == hashes[:-1]).any():
-        return None
-    for array in (hashes, values):
-        array.setflags(write=False)
-    return hashes, values
-
-
-def _hash_lookup(table: tuple[np.ndarray, np.ndarray], hashes: np.ndarray) -> np.ndarray:
-    """The value of each hash in the table, -1 where absent."""
-    table_hashes, values = table
-    if table_hashes.shape[0] == 0:
-        return np.full(hashes.shape, -1, dtype=np.int64)
-    at = np.minimum(np.searchsorted(table_hashes, hashes), table_hashes.shape[0] - 1)
-    return np.where(table_hashes[at] == hashes, values[at], -1)
 
 
 @dataclass(eq=False)
@@ -151,10 +83,6 @@ class SortedVocab:
     """``S``: the distinct regular teacher keys, sorted."""
     teacher_sorted_canonical: np.ndarray
     """``int64``: the canonical teacher id of each of ``teacher_sorted_keys``."""
-    student_hash_table: tuple[np.ndarray, np.ndarray] | None = None
-    """Hashes of the distinct student keys and the lowest student id of each (``None``: use ``searchsorted``)."""
-    teacher_hash_table: tuple[np.ndarray, np.ndarray] | None = None
-    """Hashes of ``teacher_sorted_keys`` and their canonical teacher ids (``None``: use ``searchsorted``)."""
 
     @property
     def size(self) -> int:
@@ -189,39 +117,6 @@ class SortedVocab:
         at = np.minimum(lo, self.size - 1)
         found = (lo < self.size) & (self.sorted_keys[at] == keys) & (np.strings.str_len(keys) > 0)
         return np.where(found, self.order[at], -1)
-
-    def prefix_exact_ids(self, prefixes: PrefixHashes, length: int, where: np.ndarray) -> np.ndarray:
-        """``exact_ids`` of the first ``length`` bytes of ``prefixes.keys[where]`` (a boolean mask; those keys have
-        at least ``length >= 1`` bytes), by hash, every hit checked against the token's bytes."""
-        return _prefix_lookup(
-            self.student_hash_table, self.student_keys, self.exact_ids, prefixes, length, where
-        )
-
-    def prefix_teacher_ids(self, prefixes: PrefixHashes, length: int, where: np.ndarray) -> np.ndarray:
-        """``teacher_ids`` of the first ``length`` bytes of ``prefixes.keys[where]``, like :meth:`prefix_exact_ids`."""
-        return _prefix_lookup(
-            self.teacher_hash_table, self.teacher_keys, self.teacher_ids, prefixes, length, where
-        )
-
-
-def _prefix_lookup(
-    table: tuple[np.ndarray, np.ndarray] | None,
-    keys_by_id: np.ndarray,
-    exact: Any,
-    prefixes: PrefixHashes,
-    length: int,
-    where: np.ndarray,
-) -> np.ndarray:
-    flat = np.flatnonzero(where)
-    keys = prefixes.keys.reshape(-1)
-    if table is None:
-        return exact(truncate_hex(keys[flat], length))
-    ids = _hash_lookup(table, prefixes.at(length).reshape(-1)[flat])
-    hit = np.flatnonzero(ids >= 0)
-    if hit.shape[0]:
-        same = keys_by_id[ids[hit]] == truncate_hex(keys[flat[hit]], length)
-        ids[hit[~same]] = -1
-    return ids
 
 
 def sorted_vocab(student_tokenizer: Any, teacher_tokenizer: Any) -> SortedVocab:
@@ -283,6 +178,4 @@ def _build(student: TokenTable, teacher: TokenTable) -> SortedVocab:
         teacher_canonical=teacher_canonical,
         teacher_sorted_keys=regular_teacher,
         teacher_sorted_canonical=teacher_sorted_canonical,
-        student_hash_table=_hash_table(sorted_keys, order),
-        teacher_hash_table=_hash_table(regular_teacher, teacher_sorted_canonical),
     )

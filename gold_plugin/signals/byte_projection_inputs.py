@@ -229,16 +229,18 @@ def projection_positions(
             parts.append(part)
     k = max((p["top_ids"].shape[1] for p in parts), default=0)
 
+    widths = {
+        "path_ids": (max_chain + 1,),
+        "path_columns": (max_chain,),
+        "top_ids": (k,),
+        "top_logprobs": (k,),
+    }
+
     def cat(name: str, fill: float = 0, dtype: type = np.int32) -> torch.Tensor:
-        values = [p[name] for p in parts]
+        """One field of every part, concatenated (top-k rows padded to the widest ``k``)."""
+        values = [p[name] for p in parts] or [np.zeros((0, *widths.get(name, ())), dtype)]
         if name.startswith("top_"):
             values = [np.pad(v, ((0, 0), (0, k - v.shape[1])), constant_values=fill) for v in values]
-        if not values:
-            width = {"path_ids": max_chain + 1, "path_columns": max_chain, "top_ids": 0, "top_logprobs": 0}
-            return torch.zeros(
-                (0, *([width[name]] if name in width else [])),
-                dtype=torch.from_numpy(np.zeros(0, dtype)).dtype,
-            )
         return torch.from_numpy(np.ascontiguousarray(np.concatenate(values), dtype=dtype))
 
     rows = cat("row", dtype=np.int64)

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.alignment.sorted_vocab import PrefixHashes, SortedVocab, truncate_hex
+from gold_plugin.alignment.sorted_vocab import SortedVocab, truncate_hex
 from gold_plugin.signals.byte_projection_inputs import DEFAULT_MAX_CHAIN, ProjectionInputs
 from gold_plugin.signals.logit_inputs import checked_topk
+from gold_plugin.testing.prefix_hashes import PrefixHashes, PrefixLookups
 
 
 @dataclass
@@ -141,6 +142,7 @@ def reference_projection_inputs(
     student_end_ids: Sequence[int] = (),
     teacher_end_ids: Sequence[int] = (),
     max_chain: int = DEFAULT_MAX_CHAIN,
+    lookups: PrefixLookups | None = None,
 ) -> ProjectionInputs:
     """Projection inputs of a batch in OpenRLHF's layout (``action_mask[b, j]``: logits column j predicts action j).
 
@@ -175,11 +177,13 @@ def reference_projection_inputs(
         part = _sample_positions(b, alignment, ids, columns, top_ids, top_lp, max_chain)
         if part is not None:
             parts.append(part)
-    return _build(vocab, parts, action_mask.device, student_end_ids, teacher_end_ids, max_chain)
+    lookups = lookups if lookups is not None else PrefixLookups.build(vocab)
+    return _build(vocab, lookups, parts, action_mask.device, student_end_ids, teacher_end_ids, max_chain)
 
 
 def _build(
     vocab: SortedVocab,
+    lookups: PrefixLookups,
     parts: list[_Positions],
     device: torch.device,
     student_end_ids: Sequence[int],
@@ -189,7 +193,7 @@ def _build(
     end_ranks = vocab.rank[np.asarray([e for e in student_end_ids if 0 <= e < vocab.size], dtype=np.int64)]
     if parts:
         pos = _concat_positions(parts)
-        fields = _assemble(vocab, pos, end_ranks, teacher_end_ids, max_chain)
+        fields = _assemble(vocab, lookups, pos, end_ranks, teacher_end_ids, max_chain)
         fields.update(
             positions=np.stack([pos.row, pos.col], axis=1),
             sample_index=pos.row,
@@ -229,6 +233,7 @@ def _build(
 
 def _assemble(
     vocab: SortedVocab,
+    lookups: PrefixLookups,
     pos: _Positions,
     end_ranks: np.ndarray,
     teacher_end_ids: Sequence[int],
@@ -261,7 +266,7 @@ def _assemble(
         active = open_ & (length > ell[:, None]) & (length < key_len)
         if not active.any():
             continue
-        spelled = vocab.prefix_exact_ids(key_prefixes, length, active) >= 0
+        spelled = lookups.exact_ids(key_prefixes, length, active) >= 0
         # The sampled token itself does not count: a spelled prefix as long as s_i with s_i's bytes.
         check = spelled & (np.broadcast_to(s_len, key.shape)[active] == length)
         if check.any():
@@ -290,7 +295,7 @@ def _assemble(
         shorter = text & (cand_len > length)
         if not shorter.any() or rep_index.shape[0] == 0:
             continue
-        ancestor = vocab.prefix_teacher_ids(cand_prefixes, length, shorter)
+        ancestor = lookups.teacher_ids(cand_prefixes, length, shorter)
         where = np.flatnonzero(shorter)[ancestor >= 0]
         wanted = (where // k) * width + ancestor[ancestor >= 0]
         at = np.minimum(np.searchsorted(rep_index, wanted), rep_index.shape[0] - 1)
