@@ -98,12 +98,11 @@ def test_every_local_option_is_declared_once_by_the_config():
 
 
 def test_a_parsed_command_line_gives_the_configs_defaults(tmp_path):
-    data = _jsonl(tmp_path / "train.jsonl", [*ROWS, {"other": 1}])
+    data = _jsonl(tmp_path / "train.jsonl", ROWS)
     args = build_parser().parse_args(
         ["--actor.model_name_or_path", "student", "--data.prompt_dataset", str(data)]
     )
-    with pytest.warns(UserWarning, match="1 of 3 dataset rows have no 'input' key"):
-        config = local_config_from_args(args)
+    config = local_config_from_args(args)
     expected = LocalTrainConfig(
         student="student",
         prompt_dataset=str(data),
@@ -159,7 +158,7 @@ def test_configuration_errors_exit_2_with_the_message(tmp_path, capsys):
     cases = {
         "no such file": ["--data.prompt_dataset", str(tmp_path / "missing.jsonl")],
         "takes a Python file": ["--data.prompt_dataset", str(data), "--reward.remote_url", "http://rm:5000"],
-        "--data.input_key 'question'": ["--data.prompt_dataset", str(data), "--data.input_key", "question"],
+        "line 1: no 'question' key": ["--data.prompt_dataset", str(data), "--data.input_key", "question"],
         "--gold.alpha 0.5 < 1 mixes in a task reward": [
             "--data.prompt_dataset",
             str(data),

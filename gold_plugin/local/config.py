@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from gold_plugin.config import GoldConfig, GoldConfigError, gold_config_from_args
+from gold_plugin.prompt_dataset import LOCAL_SUFFIXES, check_prompts, read_rows
 
 RewardFunc = Callable[[list[str], list[str], list[str]], Any]
 AdvantageEstimator = Literal["group_norm", "dr_grpo", "reinforce_baseline", "rloo", "reinforce"]
@@ -297,54 +296,35 @@ def local_config_from_args(args: argparse.Namespace) -> LocalTrainConfig:
         values["metrics_path"] = os.path.join(values["ckpt_path"], "metrics.jsonl")
     key = values["input_key"]
     if values["prompt_dataset"]:
-        rows = load_rows(
-            values["prompt_dataset"], values["prompt_split"], values["max_samples"], "data.prompt_dataset"
+        values["prompts"] = load_prompt_rows(
+            values["prompt_dataset"],
+            values["prompt_split"],
+            values["max_samples"],
+            key,
+            "data.prompt_dataset",
         )
-        values["prompts"] = prompt_rows(rows, key)
     if values["eval_dataset"]:
-        rows = load_rows(values["eval_dataset"], values["eval_split"], None, "eval.dataset")
-        values["eval_prompts"] = prompt_rows(rows, key)
+        values["eval_prompts"] = load_prompt_rows(
+            values["eval_dataset"], values["eval_split"], None, key, "eval.dataset"
+        )
     if values["reward_remote_url"]:
         values["reward_func"] = load_reward_func(values["reward_remote_url"])
     return LocalTrainConfig(**values)
 
 
-def load_rows(
-    source: str,
-    split: str = "train",
-    max_samples: int | None = None,
-    option_name: str = "data.prompt_dataset",
+def load_prompt_rows(
+    source: str, split: str, max_samples: int | None, input_key: str, option: str
 ) -> list[dict]:
-    """Rows of a .jsonl / .json file, or of an HF dataset (``datasets.load_dataset``)."""
-    if source.endswith((".jsonl", ".json")):
-        if not os.path.isfile(source):
-            raise GoldConfigError(f"--{option_name} {source!r}: no such file.")
-        with open(source) as f:
-            rows = (
-                [json.loads(line) for line in f if line.strip()]
-                if source.endswith(".jsonl")
-                else json.load(f)
-            )
+    """Rows of a .jsonl / .json file, or of an HF dataset (``datasets.load_dataset``), each checked to hold a prompt
+    under ``input_key``: a bad row stops the run at start, naming its line (:mod:`gold_plugin.prompt_dataset`)."""
+    if source.endswith(LOCAL_SUFFIXES):
+        rows, lines = read_rows(source, option)
     else:
         import datasets
 
-        rows = list(datasets.load_dataset(source, split=split))
+        rows, lines = list(datasets.load_dataset(source, split=split)), None
+    check_prompts(rows, source, input_key, option, lines)
     return rows[:max_samples] if max_samples else rows
-
-
-def prompt_rows(rows: Sequence[dict], input_key: str) -> list[dict]:
-    """Rows that have the input key; raises naming the key if none does, warns with the count if some do not."""
-    kept = [r for r in rows if input_key in r]
-    if rows and not kept:
-        raise GoldConfigError(
-            f"No row of the dataset has --data.input_key {input_key!r} (keys: {sorted(rows[0])})."
-        )
-    if len(kept) < len(rows):
-        warnings.warn(
-            f"{len(rows) - len(kept)} of {len(rows)} dataset rows have no {input_key!r} key and are skipped.",
-            stacklevel=2,
-        )
-    return kept
 
 
 def load_reward_func(path: str) -> RewardFunc:

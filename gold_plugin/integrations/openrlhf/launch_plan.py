@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from gold_plugin.config import GoldConfig, GoldConfigError, gold_config_from_args
+from gold_plugin.prompt_dataset import check_local_datasets
 
 from .args import fill_gold_defaults, nest_namespace
 
@@ -71,6 +72,8 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
         raise GoldConfigError("Set --gold.teacher.model_name_or_path (the teacher model).")
     if not args.data.prompt_dataset:
         raise GoldConfigError("Set --data.prompt_dataset (the prompts the student answers).")
+    # A local prompt file is read here, before Ray starts: a bad line stops the job at start, naming it.
+    check_local_datasets(args.data.prompt_dataset, args.data.input_key)
     if gold.uses_off_policy and not args.data.output_key:
         raise GoldConfigError(
             f"--gold.lmbda={gold.lmbda} < 1 trains a share of the prompts on the dataset's reference completions: "
