@@ -77,6 +77,10 @@ class GoldConfig:
     """Scale of the distillation advantages."""
     kl_discount: float = 0.0
     """gamma in [0, 1]: distillation advantage of a group sums discounted d of later groups (0 = own group only)."""
+    kl_length_normalised: bool = False
+    """MiniLLM's length-normalised long-term reward: a group's distillation reward is the (gamma-weighted) mean of d
+    over it and the later groups of the response instead of their sum (with kl_discount 1: MiniLLM's mean of the
+    remaining per-step rewards, against its drift towards short responses). Needs kl_discount > 0."""
     advantage_norm: AdvantageNorm = "whiten"
     """Normalisation of the distillation advantages over the rollout's on-policy signal tokens before mixing:
     ``none`` (raw -d_g), ``mean`` (centred) or ``whiten`` (centred, divided by the std; best reward-free in
@@ -171,6 +175,11 @@ class GoldConfig:
             )
         if weights[0] is not None and (weights[0] < 0 or weights[1] < 0):
             raise GoldConfigError(f"Hybrid weights must be >= 0, got {weights}.")
+        if self.kl_length_normalised and self.kl_discount == 0.0:
+            raise GoldConfigError(
+                "--gold.kl_length_normalised averages the distillation rewards of the remaining groups, which "
+                "--gold.kl_discount 0 leaves at one group (no effect): set --gold.kl_discount 1 (MiniLLM) or > 0."
+            )
         if self.logit_chunk_size < 1:
             raise GoldConfigError(f"--gold.logit_chunk_size must be >= 1, got {self.logit_chunk_size}.")
         if self.uses_logit_loss and self.teacher.topk < 1:

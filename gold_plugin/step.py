@@ -258,6 +258,7 @@ def distill_advantages(
         action_log_probs.float(),
         mask,
         kl_discount=gold.kl_discount,
+        length_normalised=gold.kl_length_normalised,
     )
     groups = [np.asarray(a.student_group) for a in aligned.alignments]
     signal = torch.zeros_like(mask)

@@ -72,6 +72,36 @@ def test_advantages_with_discount(per_sample) -> None:
     assert adv_b.tolist() == pytest.approx([0.5, 0.5, 0.4, 0.0, 0.0], abs=1e-6)
 
 
+def test_length_normalised_returns_are_minillms_mean_of_the_remaining_rewards() -> None:
+    # gamma = 1 (MiniLLM): R_g = mean of d over groups g.. end. d_A = [0.2, 0.25, -0.5, 0.2].
+    r = [0.15 / 4, -0.05 / 3, -0.3 / 2, 0.2]
+    adv = group_advantages(ALIGN_A, STUDENT_A, TEACHER_A, kl_discount=1.0, length_normalised=True)
+    assert adv.tolist() == pytest.approx([-r[0], -r[1], -r[1], -r[2], -r[3]], abs=1e-6)
+    # gamma = 0.5: the gamma-weighted mean, R_g = sum gamma^k d_{g+k} / sum gamma^k.
+    r = [0.225 / 1.875, 0.05 / 1.75, -0.4 / 1.5, 0.2]
+    adv = group_advantages(ALIGN_A, STUDENT_A, TEACHER_A, kl_discount=0.5, length_normalised=True)
+    assert adv.tolist() == pytest.approx([-r[0], -r[1], -r[1], -r[2], -r[3]], abs=1e-6)
+    # An unscored group (NaN teacher log-prob in group 2) is out of both the sum and the count.
+    teacher = TEACHER_A.clone()
+    teacher[3] = float("nan")
+    adv = group_advantages(ALIGN_A, STUDENT_A, teacher, kl_discount=1.0, length_normalised=True)
+    r = [(0.2 + 0.25 + 0.2) / 3, (0.25 + 0.2) / 2, 0.2]
+    assert adv.tolist() == pytest.approx([-r[0], -r[1], -r[1], 0.0, -r[2]], abs=1e-6)
+    # The batched form gives the same per sample, and the sum form differs from it.
+    summed = group_advantages(ALIGN_B, STUDENT_B, TEACHER_B, kl_discount=1.0)
+    mean = group_advantages(ALIGN_B, STUDENT_B, TEACHER_B, kl_discount=1.0, length_normalised=True)
+    assert mean.tolist() == pytest.approx([0.25, 0.25, 0.4, 0.0, 0.0], abs=1e-6)
+    assert not torch.allclose(mean, summed)
+
+
+def test_length_normalised_without_a_discount_is_refused() -> None:
+    from gold_plugin.config import GoldConfig, GoldConfigError
+
+    with pytest.raises(GoldConfigError, match="--gold.kl_discount 1"):
+        GoldConfig(kl_length_normalised=True)
+    assert GoldConfig(kl_length_normalised=True, kl_discount=1.0).kl_length_normalised
+
+
 @PER_SAMPLE
 def test_minus_inf_teacher_logprob_is_clamped_not_inf(per_sample) -> None:
     teacher = TEACHER_A.clone()

@@ -138,6 +138,10 @@ def test_advantages_metrics_and_logit_inputs(batch):
     assert signal.sum() == 3 + 1 and signal[2].sum() == 0
     # d_g = -1.5 - lT: advantages -d = lT + 1.5
     torch.testing.assert_close(distill.advantages[0, 1:4], torch.tensor([0.5, -0.5, 1.0]))
+    # --gold.kl_length_normalised with kl_discount 1 (MiniLLM): the mean of the remaining groups' -d.
+    minillm = dataclasses.replace(gold, kl_discount=1.0, kl_length_normalised=True)
+    mean_returns, _ = distill_advantages(aligned, logprobs, mask, minillm)
+    torch.testing.assert_close(mean_returns.advantages[0, 1:4], torch.tensor([1.0 / 3, 0.25, 1.0]))
     metrics = sample_metrics(
         aligned, distill, torch.tensor([False, True, False]), torch.zeros(3, dtype=torch.bool)
     )

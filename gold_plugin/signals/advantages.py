@@ -91,6 +91,7 @@ def group_advantages(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     kl_discount: float = 0.0,
+    length_normalised: bool = False,
 ) -> torch.Tensor:
     """Per-student-token distillation advantages of one sample (float32, 0 where masked).
 
@@ -111,7 +112,9 @@ def group_advantages(
             )
     num_tokens = len(alignment.student_group)
     mask = torch.ones(1, num_tokens, dtype=torch.bool, device=student_logprobs.device)
-    out = batch_distill_advantages([alignment], [teacher_logprobs], student_logprobs[None], mask, kl_discount)
+    out = batch_distill_advantages(
+        [alignment], [teacher_logprobs], student_logprobs[None], mask, kl_discount, length_normalised
+    )
     return out.advantages[0]
 
 
@@ -141,8 +144,14 @@ def batch_distill_advantages(
     action_log_probs: torch.Tensor,
     action_mask: torch.Tensor,
     kl_discount: float = 0.0,
+    length_normalised: bool = False,
 ) -> DistillAdvantages:
     """Distillation advantages for a batch in OpenRLHF's layout.
+
+    A group's return is ``sum_{g' >= g} gamma^(g'-g) d_g'`` over the sample's scored groups; with
+    ``length_normalised`` (MiniLLM's long-term reward) it is divided by ``sum_{g' >= g} gamma^(g'-g)`` over the
+    same groups: the (gamma-weighted) mean of the remaining per-group rewards, exactly MiniLLM's mean at
+    ``gamma = 1`` (the group's own ``d`` at ``gamma = 0``).
 
     Row b of ``action_log_probs`` / ``action_mask`` (batch, num_actions) holds sample b; its action tokens, in
     order, are the student response tokens of ``alignments[b]`` (so ``action_mask[b].sum()`` must equal
@@ -211,6 +220,11 @@ def batch_distill_advantages(
         padded = torch.zeros(batch, int(num_groups_t.max()), dtype=torch.float64, device=device)
         padded[group_sample, group_local] = d
         returns = discounted_reverse_cumsum(padded, kl_discount).to(torch.float64)[group_sample, group_local]
+        if length_normalised:
+            padded.zero_()
+            padded[group_sample, group_local] = scored.to(torch.float64)
+            weights = discounted_reverse_cumsum(padded, kl_discount).to(torch.float64)
+            returns = returns / weights[group_sample, group_local].clamp(min=1e-300)
     else:
         returns = d
     s_valid = s_group_flat >= 0
