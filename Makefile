@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv test lint format demo bench clean-venv
+.PHONY: venv test test-fast lint format demo bench clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ test: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	GOLD_REQUIRE_VLLM=1 $(PY) -m pytest -q  # the real-vLLM tests fail instead of skipping
+
+test-fast: venv  # everything but the `ray job submit` runs of the examples (tests marked e2e)
+	GOLD_REQUIRE_VLLM=1 $(PY) -m pytest -q -m "not e2e"
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
