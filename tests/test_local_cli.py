@@ -28,7 +28,7 @@ def captured_train(monkeypatch):
     """Replace the training run by a recorder of the configs it was given (and a two-evaluation history)."""
     calls: list[tuple[LocalTrainConfig, GoldConfig]] = []
 
-    def fake_train(config, gold):
+    def fake_train(config, gold, *, quiet=False):
         calls.append((config, gold))
         return [{"step": 0, "eval/accuracy": 0.25}, {"step": 200, "eval/accuracy": 0.75}]
 
@@ -40,7 +40,7 @@ def captured_train(monkeypatch):
 def fake_demo_models(monkeypatch):
     """``prepare_models`` without training: the demo's data files at the demo's paths, no models."""
 
-    def prepare(run_dir):
+    def prepare(run_dir, **_options):
         teacher, student, train_data, eval_data = demo.model_paths(run_dir)
         _jsonl(train_data), _jsonl(eval_data)
         return demo.DemoModels(Path(run_dir), teacher, student, train_data, eval_data, 0.99, 0.25)
@@ -70,7 +70,7 @@ def test_demo_keeps_options_given_at_the_parser_default(tmp_path, captured_train
     teacher, student, train_data, _ = demo.model_paths(tmp_path)
     assert config.student == str(student) and gold.teacher.model_name_or_path == str(teacher)
     assert config.prompt_dataset == str(train_data) and config.prompts == ROWS
-    assert config.ckpt_path == str(tmp_path / "gold_run") and not config.progress
+    assert config.ckpt_path == str(tmp_path / "gold_run") and config.progress  # the demo's one progress bar
     assert config.reward_func is not None and config.label_key == "label"
     out = " ".join(capsys.readouterr().out.split())
     assert "| student after GOLD (200 steps) | 0.750 |" in out
@@ -189,7 +189,9 @@ def test_errors_while_training_keep_their_traceback(tmp_path, monkeypatch):
 
 def test_cpu_teacher_group_asks_for_no_gpu_without_changing_the_config(monkeypatch):
     started = []
-    monkeypatch.setattr(launch, "RayTeacher", lambda teacher, device: started.append((teacher, device)))
+    monkeypatch.setattr(
+        launch, "RayTeacher", lambda teacher, device, quiet: started.append((teacher, device))
+    )
     gold = GoldConfig(teacher=TeacherConfig(model_name_or_path="t", num_gpus_per_replica=1.0))
     launch.make_teacher(gold.teacher, in_process=False, device="cpu")
     [(teacher, device)] = started

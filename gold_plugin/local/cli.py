@@ -56,18 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parse_args(sys.argv[1:] if argv is None else argv, parser)
-    if vars(args)["local.num_threads"]:
-        import torch
-
-        torch.set_num_threads(vars(args)["local.num_threads"])
     try:
-        if args.demo:
+        if args.demo:  # sets its threads (1 unless --local.num_threads) for its own run only
             from gold_plugin.local.demo import run_demo
 
             run_demo(args)
         else:
             from gold_plugin.local.launch import train
 
+            if vars(args)["local.num_threads"]:
+                import torch
+
+                torch.set_num_threads(vars(args)["local.num_threads"])
             train(*configs_from_args(args))
     except GoldConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

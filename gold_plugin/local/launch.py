@@ -13,16 +13,20 @@ from gold_plugin.local.config import LocalTrainConfig
 
 
 class RayTeacher:
-    """A Ray :class:`~gold_plugin.teacher.TeacherGroup` started on a local Ray instance."""
+    """A Ray :class:`~gold_plugin.teacher.TeacherGroup` started on a local Ray instance.
 
-    def __init__(self, teacher: TeacherConfig, device: str) -> None:
+    ``quiet`` (the demo): the replicas' output stays in Ray's log files instead of being copied to this terminal
+    (errors still reach the caller with their traceback, through ``ray.get``).
+    """
+
+    def __init__(self, teacher: TeacherConfig, device: str, *, quiet: bool = False) -> None:
         import ray
 
         from gold_plugin.teacher import TeacherGroup
 
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
-            ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+            ray.init(include_dashboard=False, log_to_driver=not quiet, configure_logging=False)
         self.group = TeacherGroup(teacher, scorer_overrides={"device": device})
 
     def score(self, requests):
@@ -36,8 +40,9 @@ class RayTeacher:
             ray.shutdown()
 
 
-def make_teacher(teacher: TeacherConfig, in_process: bool, device: str) -> Any:
-    """An in-process :class:`~gold_plugin.teacher.HFTeacher`, or a Ray ``TeacherGroup`` on a local Ray.
+def make_teacher(teacher: TeacherConfig, in_process: bool, device: str, *, quiet: bool = False) -> Any:
+    """An in-process :class:`~gold_plugin.teacher.HFTeacher`, or a Ray ``TeacherGroup`` on a local Ray
+    (``quiet``: see :class:`RayTeacher`).
 
     On the CPU the Ray replicas ask for no GPU (a copy of ``teacher`` with ``num_gpus_per_replica=0``; the
     validated config itself is left as it is).
@@ -48,11 +53,14 @@ def make_teacher(teacher: TeacherConfig, in_process: bool, device: str) -> Any:
         return build_teacher(teacher, device=device)
     if device == "cpu" and teacher.num_gpus_per_replica:
         teacher = dataclasses.replace(teacher, num_gpus_per_replica=0.0)
-    return RayTeacher(teacher, device)
+    return RayTeacher(teacher, device, quiet=quiet)
 
 
-def train(config: LocalTrainConfig, gold: GoldConfig) -> list[dict]:
-    """Train as ``config`` and ``gold`` say (a checkpoint at the end when ``ckpt_path`` is set); the history."""
+def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) -> list[dict]:
+    """Train as ``config`` and ``gold`` say (a checkpoint at the end when ``ckpt_path`` is set); the history.
+
+    ``quiet`` (the demo) keeps a Ray teacher's output out of the terminal (:class:`RayTeacher`).
+    """
     from gold_plugin.local.modeling import resolve_device
     from gold_plugin.local.trainer import LocalTrainer
     from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
@@ -60,7 +68,9 @@ def train(config: LocalTrainConfig, gold: GoldConfig) -> list[dict]:
     config.check_gold(gold)
     device = str(resolve_device(config.device))
     teacher_tokenizer = load_teacher_tokenizer(gold.teacher)
-    teacher = make_teacher(gold.teacher, config.teacher_in_process, device) if gold.alpha > 0 else None
+    teacher = (
+        make_teacher(gold.teacher, config.teacher_in_process, device, quiet=quiet) if gold.alpha > 0 else None
+    )
     try:
         trainer = LocalTrainer(config, gold, teacher, teacher_tokenizer)
         history = trainer.fit()
