@@ -9,7 +9,7 @@ it times, as medians of ``--repeats`` runs on one core, in microseconds per teac
 
 1. the teacher's re-tokenisation of the response texts (baseline A: every cross-tokenizer method pays it);
 2. the alignment (``gold_plugin.alignment.align_batch``);
-3. the vocabulary-map inputs (``gold_plugin.signals.logit_inputs.logit_loss_inputs``; baseline B);
+3. the vocabulary-map inputs (``gold_plugin.signals.logit.vocab_hybrid_inputs.logit_loss_inputs``; baseline B);
 4. the byte-projection inputs: ``reference_projection_inputs`` (before: today's ``projection_inputs``), and,
    when they exist, ``projection_positions`` (experience maker) and ``expand_positions`` (actor), with the
    projection tables' build time once per pair;
@@ -62,7 +62,7 @@ sys.path.insert(1, str(ROOT / "benchmarks"))
 
 from bench_logit_loss import Memory  # noqa: E402
 
-import gold_plugin.signals.byte_projection_inputs as bpi  # noqa: E402
+import gold_plugin.signals.logit.byte_projection_inputs as bpi  # noqa: E402
 from gold_plugin.alignment import (  # noqa: E402
     VocabMap,
     align_batch,
@@ -73,15 +73,14 @@ from gold_plugin.alignment import (  # noqa: E402
 )
 from gold_plugin.alignment.sorted_vocab import hex_keys, sorted_vocab, truncate_hex  # noqa: E402
 from gold_plugin.signals import aligned_logit_loss  # noqa: E402
-from gold_plugin.signals.byte_projection import ProjectionVocab, projected_logit_loss  # noqa: E402
-from gold_plugin.signals.logit_inputs import logit_loss_inputs  # noqa: E402
+from gold_plugin.signals.logit import ProjectionVocab, logit_loss_inputs, projected_logit_loss  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 # The new API (guarded: absent until the rewrite of byte_projection_inputs lands).
 projection_positions_fn: Callable[..., Any] | None = getattr(bpi, "projection_positions", None)
 expand_positions_fn: Callable[..., Any] | None = getattr(bpi, "expand_positions", None)
 try:
-    from gold_plugin.signals.projection_tables import projection_tables as projection_tables_fn
+    from gold_plugin.signals.logit.byte_projection_tables import projection_tables as projection_tables_fn
 except ImportError:
     projection_tables_fn = None
 try:

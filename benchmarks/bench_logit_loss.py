@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gold_plugin.signals import aligned_logit_loss  # noqa: E402
-from gold_plugin.signals.byte_projection import ProjectionVocab, projected_logit_loss  # noqa: E402
+from gold_plugin.signals.logit import ProjectionVocab, projected_logit_loss  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.trl_reference import trl_uld_config  # noqa: E402
 
@@ -199,7 +199,7 @@ def projection_inputs_for(positions: int, samples: int, per_sample: int, topk: i
 
     from gold_plugin.alignment import align, encode_continuation, text_for_teacher
     from gold_plugin.alignment.sorted_vocab import sorted_vocab
-    from gold_plugin.signals.byte_projection_inputs import projection_inputs
+    from gold_plugin.signals.logit import projection_inputs
     from gold_plugin.testing.tokenizers import load_test_tokenizer
 
     student, teacher = load_test_tokenizer("qwen"), load_test_tokenizer("gpt2")

@@ -34,15 +34,18 @@ from gold_plugin.alignment import (
 from gold_plugin.alignment.sorted_vocab import SortedVocab, sorted_vocab
 from gold_plugin.config import GoldConfig
 from gold_plugin.signals.advantages import DistillAdvantages, batch_distill_advantages, mix_advantages
-from gold_plugin.signals.byte_projection import ProjectionVocab, projected_logit_loss
-from gold_plugin.signals.byte_projection_inputs import (
+from gold_plugin.signals.estimators import normalise_advantages
+from gold_plugin.signals.logit import (
+    LogitLoss,
+    LogitLossInputs,
     ProjectionInputs,
     ProjectionPositions,
+    ProjectionVocab,
+    aligned_logit_loss,
+    logit_loss_inputs,
+    projected_logit_loss,
     projection_positions,
 )
-from gold_plugin.signals.estimators import normalise_advantages
-from gold_plugin.signals.logit_inputs import LogitLossInputs, logit_loss_inputs
-from gold_plugin.signals.logit_loss import LogitLoss, aligned_logit_loss
 from gold_plugin.teacher.types import TeacherRequest, TeacherResult
 
 __all__ = [

@@ -34,7 +34,7 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     pack_logit_inputs,
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
-from gold_plugin.signals.logit_inputs import LogitLossInputs  # noqa: E402
+from gold_plugin.signals.logit import LogitLossInputs  # noqa: E402
 from gold_plugin.step import LogitVocab  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402

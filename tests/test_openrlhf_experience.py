@@ -40,7 +40,7 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
 from gold_plugin.integrations.openrlhf.prompts import build_prompt_lookup, build_reference_lookup  # noqa: E402
-from gold_plugin.signals.logit_inputs import LogitLossInputs  # noqa: E402
+from gold_plugin.signals.logit import LogitLossInputs  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherRequest  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402

@@ -23,9 +23,12 @@ from gold_plugin.alignment import align, encode_continuation, text_for_teacher, 
 from gold_plugin.alignment.sorted_vocab import sorted_vocab
 from gold_plugin.alignment.token_bytes import TokenTable
 from gold_plugin.local.task import build_tokenizer
-from gold_plugin.signals import LogitLossOptions
-from gold_plugin.signals.byte_projection import ProjectionVocab, student_event_probs
-from gold_plugin.signals.byte_projection_inputs import projection_inputs
+from gold_plugin.signals.logit import (
+    LogitLossOptions,
+    ProjectionVocab,
+    projection_inputs,
+    student_event_probs,
+)
 from gold_plugin.testing.byte_marginal import (
     CandidateMasses,
     ProjectedPosition,

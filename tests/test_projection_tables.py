@@ -10,9 +10,13 @@ import torch
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.alignment.sorted_vocab import sorted_vocab
 from gold_plugin.local.task import build_tokenizer
-from gold_plugin.signals import projection_tables as tables_module
-from gold_plugin.signals.byte_projection_inputs import expand_positions, projection_positions
-from gold_plugin.signals.projection_tables import build_projection_tables, projection_tables
+from gold_plugin.signals.logit import (
+    build_projection_tables,
+    expand_positions,
+    projection_positions,
+    projection_tables,
+)
+from gold_plugin.signals.logit import byte_projection_tables as tables_module
 from gold_plugin.testing.reference_projection import reference_projection_inputs
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 

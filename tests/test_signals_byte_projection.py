@@ -11,16 +11,17 @@ import torch
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.alignment.sorted_vocab import sorted_vocab, truncate_hex
 from gold_plugin.local.task import build_tokenizer
-from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
-from gold_plugin.signals import range_mass as range_mass_module
-from gold_plugin.signals.byte_projection import (
+from gold_plugin.signals.logit import (
+    LogitLossOptions,
     ProjectionVocab,
+    aligned_logit_loss,
     projected_logit_loss,
+    projection_inputs,
+    range_mass,
     student_event_probs,
     teacher_event_probs,
 )
-from gold_plugin.signals.byte_projection_inputs import projection_inputs
-from gold_plugin.signals.range_mass import range_mass
+from gold_plugin.signals.logit import byte_projection_range_mass as range_mass_module
 from gold_plugin.testing.prefix_hashes import PrefixHashes, PrefixLookups
 from gold_plugin.testing.reference_projection import reference_projection_inputs
 from gold_plugin.testing.tokenizers import load_test_tokenizer

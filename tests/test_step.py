@@ -11,7 +11,7 @@ import torch
 from gold_plugin.alignment import align
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.config import GoldConfig, TeacherConfig
-from gold_plugin.signals.logit_loss import LogitLoss
+from gold_plugin.signals.logit import LogitLoss
 from gold_plugin.step import (
     align_results,
     build_logit_inputs,

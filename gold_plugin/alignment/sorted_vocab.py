@@ -7,8 +7,8 @@ two entries of a cumulative sum over the byte-sorted distribution, and a whole b
 they encode, a prefix stays a prefix, and the strings contain no NUL byte (numpy pads ``S`` values with NULs).
 
 The byte projection gathers its inputs from tables built from this one
-(:mod:`gold_plugin.signals.projection_tables`); these string-keyed queries serve that build and the tests'
-reference (:mod:`gold_plugin.testing.reference_projection`).
+(:mod:`gold_plugin.signals.logit.byte_projection_tables`); these string-keyed queries serve that build and the
+tests' reference (:mod:`gold_plugin.testing.reference_projection`).
 
 Built once per (student, teacher) tokenizer pair and cached; pure numpy.
 """

@@ -1,7 +1,7 @@
 """Exact byte marginals of a toy student: what the byte projection counts, and what it leaves out (tests only).
 
-At a teacher position the byte projection (:mod:`gold_plugin.signals.byte_projection`) claims the student's
-probability that the text continues with each teacher candidate's bytes, assembled from the student's
+At a teacher position the byte projection (:mod:`gold_plugin.signals.logit.byte_projection`) claims the
+student's probability that the text continues with each teacher candidate's bytes, assembled from the student's
 distributions at the sampled path's positions (ranges of the byte-sorted vocabulary, and a chain rule along the
 sampled tokens). A tokenisation of the candidate's bytes that leaves the sampled path needs a distribution the
 projection does not have, so its claims are lower bounds. To measure the bound, this module takes a toy student
@@ -13,7 +13,7 @@ sum over every student tokenisation of ``w`` (the last token may run past ``w``'
 - :meth:`ToyStudent.tokenisations`: the tokenisations themselves, enumerated (their probabilities add up to the
   same number), to split the exact value into the spellings on the sampled path and those off it;
 - :func:`projected_positions`: which student position, consumed bytes and sampled path each row of
-  :class:`~gold_plugin.signals.byte_projection_inputs.ProjectionInputs` has (recovered from the alignment);
+  :class:`~gold_plugin.signals.logit.byte_projection_inputs.ProjectionInputs` has (recovered from the alignment);
 - :func:`subtree_mass`: the projection's claim for "the text continues with ``b(c)``": candidate c's event
   probability plus those of the candidates whose bytes extend ``b(c)`` (the events are disjoint and nest).
 

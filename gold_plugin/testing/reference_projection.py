@@ -1,7 +1,7 @@
 """The byte projection's inputs built straight from byte strings: the independent reference of
-:mod:`gold_plugin.signals.byte_projection_inputs` (the production path gathers them from pair tables instead;
-tests check that both give the same inputs). This was the production implementation until the tables replaced
-it; it is kept as written, numpy over hex byte strings, slow (about 1 ms per teacher position).
+:mod:`gold_plugin.signals.logit.byte_projection_inputs` (the production path gathers them from pair tables
+instead; tests check that both give the same inputs). This was the production implementation until the tables
+replaced it; it is kept as written, numpy over hex byte strings, slow (about 1 ms per teacher position).
 
 Which student masses make up each teacher candidate:
 
@@ -44,8 +44,8 @@ import torch
 
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.alignment.sorted_vocab import SortedVocab, truncate_hex
-from gold_plugin.signals.byte_projection_inputs import DEFAULT_MAX_CHAIN, ProjectionInputs
-from gold_plugin.signals.logit_inputs import checked_topk
+from gold_plugin.signals.logit.byte_projection_inputs import DEFAULT_MAX_CHAIN, ProjectionInputs
+from gold_plugin.signals.logit.topk import checked_topk
 from gold_plugin.testing.prefix_hashes import PrefixHashes, PrefixLookups
 
 

@@ -24,7 +24,8 @@ import torch
 
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd, uld_distance
-from gold_plugin.signals.logit_loss import _pad_unmatched, _resolve_options
+from gold_plugin.signals.logit.options import resolve_options
+from gold_plugin.signals.logit.vocab_hybrid import pad_unmatched
 
 
 def group_kl_reference(alignment: Alignment, student_logprobs: Any, teacher_logprobs: Any) -> torch.Tensor:
@@ -88,7 +89,7 @@ def aligned_logit_loss_reference(
     the student vocabulary with a scatter and sorts the whole student vocabulary for ULD. Options are read as the
     production loss reads them. ``student_logits`` is ``[N, V]``; returns the per-position loss ``[N]``.
     """
-    resolved = _resolve_options(config, options)
+    resolved = resolve_options(config, options)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     n, vocab = student_logits.shape
     ids = torch.as_tensor(teacher_topk_ids, dtype=torch.int64, device=student_logits.device)
@@ -109,7 +110,7 @@ def aligned_logit_loss_reference(
         loss = uld_distance(s_prob, torch.where(slot_valid, t_prob, torch.zeros_like(t_prob)))
         return torch.where(row_valid, loss, torch.zeros_like(loss))
     mapping = torch.as_tensor(teacher_to_student, dtype=torch.int64, device=student_logits.device)
-    lookup = _pad_unmatched(mapping, int(ids.max()) if ids.numel() else -1)
+    lookup = pad_unmatched(mapping, int(ids.max()) if ids.numel() else -1)
     student_id = torch.where(slot_valid, lookup[ids.clamp(min=0)], -1)
     matched_slot = student_id >= 0
     # Teacher probabilities projected onto the student vocabulary; duplicates add up.

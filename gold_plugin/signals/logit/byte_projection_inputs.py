@@ -32,8 +32,8 @@ Two steps, split where OpenRLHF's process boundary is (docs/signals.md, "Byte pr
    about ``8k + 50`` bytes per position;
 2. :func:`expand_positions` (where the loss runs: the actor, on its device, torch): the per-candidate fields of
    :class:`ProjectionInputs`, gathered from the pair's tables
-   (:func:`~gold_plugin.signals.projection_tables.projection_tables`), with hash probes only inside student
-   tokens and along the chain rule. Python loops run over the steps of a binary search (candidate byte length),
+   (:func:`~gold_plugin.signals.logit.byte_projection_tables.projection_tables`), with hash probes only inside
+   student tokens and along the chain rule. Python loops run over the steps of a binary search (candidate byte length),
    hash-probe rounds, parent-token depth and chain depth, never over positions or candidates.
 
 :func:`projection_inputs` runs both. :mod:`gold_plugin.testing.reference_projection` builds the same inputs
@@ -52,19 +52,20 @@ import torch
 
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.alignment.sorted_vocab import SortedVocab
-from gold_plugin.signals.logit_inputs import checked_topk
-from gold_plugin.signals.projection_tables import ProjectionTables, projection_tables
+from gold_plugin.signals.logit.byte_projection_tables import ProjectionTables, projection_tables
+from gold_plugin.signals.logit.topk import checked_topk
 
 DEFAULT_MAX_CHAIN = 4
 
 
 @dataclass
 class ProjectionInputs:
-    """Everything :func:`~gold_plugin.signals.projected_logit_loss` needs for a batch of P teacher positions.
+    """Everything :func:`~gold_plugin.signals.logit.byte_projection.projected_logit_loss` needs for a batch of P
+    teacher positions.
 
     Every field is per position (first dimension P), so a batch can be split and merged by sample like
-    :class:`~gold_plugin.signals.LogitLossInputs`. Sorted-vocabulary ranks and ranges refer to
-    :class:`~gold_plugin.alignment.sorted_vocab.SortedVocab`; ``lo == hi`` is an empty range (no term).
+    :class:`~gold_plugin.signals.logit.vocab_hybrid_inputs.LogitLossInputs`. Sorted-vocabulary ranks and ranges
+    refer to :class:`~gold_plugin.alignment.sorted_vocab.SortedVocab`; ``lo == hi`` is an empty range (no term).
     """
 
     positions: torch.Tensor
@@ -385,6 +386,229 @@ def _chain_ranges(
     return chain_lo, chain_hi
 
 
+@dataclass
+class _Candidates:
+    """What step 2 reads of compact positions, and the per-candidate gathers from the teacher's tables."""
+
+    ids: torch.Tensor
+    """[P, k] int64 teacher ids (-1 = padding)."""
+    path: torch.Tensor
+    """[P, D + 1] int64 sampled student ids at i, i + 1, ..., i + D (-1 = none)."""
+    consumed: torch.Tensor
+    """[P] int64: bytes ``l`` of the sampled token at i before the teacher position."""
+    student_length: torch.Tensor
+    """[P, 1] int64: bytes of the sampled token at i in the alignment."""
+    teacher: torch.Tensor
+    """[P, k] int64: the teacher id where it is in the tables, else 0."""
+    text: torch.Tensor
+    """[P, k] bool: a text candidate (in the tables, not special, not empty)."""
+    length: torch.Tensor
+    """[P, k] int64: the candidate's byte length (0 for non-text)."""
+    is_end: torch.Tensor
+    """[P, k] bool: one of the teacher's end ids."""
+
+    @property
+    def sampled(self) -> torch.Tensor:
+        """[P] the sampled student id at i."""
+        return self.path[:, 0]
+
+    @property
+    def inside(self) -> torch.Tensor:
+        """[P] bool: the teacher position is inside the sampled token (not a shared boundary)."""
+        return self.consumed > 0
+
+    @property
+    def key_length(self) -> torch.Tensor:
+        """[P, k] byte length of the key ``u + b(c)``."""
+        return self.consumed[:, None] + self.length
+
+
+def _candidates(
+    tables: ProjectionTables, positions: ProjectionPositions, teacher_end_ids: Sequence[int]
+) -> _Candidates:
+    ids = positions.teacher_topk_ids.to(torch.int64)
+    in_table = (ids >= 0) & (ids < tables.teacher_size)
+    teacher = torch.where(in_table, ids, 0)
+    text = in_table & tables.teacher_text[teacher]
+    end_ids = torch.as_tensor(list(teacher_end_ids), dtype=torch.int64, device=ids.device)
+    return _Candidates(
+        ids=ids,
+        path=positions.path_ids.to(torch.int64),
+        consumed=positions.consumed.to(torch.int64),
+        student_length=positions.student_length.to(torch.int64)[:, None],
+        teacher=teacher,
+        text=text,
+        length=torch.where(text, tables.teacher_length[teacher], 0),
+        is_end=(ids >= 0) & torch.isin(ids, end_ids),
+    )
+
+
+@dataclass
+class _KeyNodes:
+    """Where each key ``u + b(c)`` meets the student trie."""
+
+    u_node: torch.Tensor
+    """[P] the node of ``u`` (the consumed bytes of the sampled token; the root at a shared boundary)."""
+    deep: torch.Tensor
+    """[P, k] the deepest student node on the key."""
+    lo: torch.Tensor
+    hi: torch.Tensor
+    """[P, k] the sorted range of the student tokens that start with the key (``(0, 0)`` = none)."""
+    exact: torch.Tensor
+    """[P, k] the student id spelling the key exactly (-1 = none)."""
+
+
+def _key_nodes(tables: ProjectionTables, cand: _Candidates) -> _KeyNodes:
+    """The deepest student node on key = u + b(c): from the table at shared boundaries, by binary search inside."""
+    inside, ell = cand.inside, cand.consumed
+    u_node = torch.where(
+        inside, tables.student_prefix_node[(tables.student_offset[cand.sampled] + ell - 1).clamp(min=0)], 0
+    )
+    deep = tables.teacher_node[cand.teacher]
+    rows_in, cols_in = (cand.text & inside[:, None]).nonzero(as_tuple=True)
+    if rows_in.numel():
+        deep[rows_in, cols_in] = _deepest_nodes_inside(
+            tables,
+            cand.teacher[rows_in, cols_in],
+            cand.length[rows_in, cols_in],
+            ell[rows_in],
+            u_node[rows_in],
+        )
+    is_node = cand.text & (tables.node_depth[deep] == cand.key_length)
+    return _KeyNodes(
+        u_node=u_node,
+        deep=deep,
+        lo=torch.where(is_node, tables.node_lo[deep], 0),
+        hi=torch.where(is_node, tables.node_hi[deep], 0),
+        exact=torch.where(is_node, tables.node_exact[deep], -1),
+    )
+
+
+def _sampled_token_terms(
+    tables: ProjectionTables, cand: _Candidates, nodes: _KeyNodes
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[P, k]`` bool each: the key extends the sampled token ``s_i``; the candidate takes the chain rule; its
+    mass cannot be computed (unresolved)."""
+    s_len, sampled, deep = cand.student_length, cand.sampled, nodes.deep
+    # The key extends the sampled token s_i (s_i's node is an ancestor of the key's deepest node).
+    s_table_len = tables.student_length[sampled][:, None]
+    s_node = tables.student_prefix_node[(tables.student_offset[sampled] + s_table_len[:, 0] - 1).clamp(min=0)]
+    extends_sample = (
+        cand.text
+        & (s_len > 0)
+        & (s_table_len > 0)
+        & (cand.key_length > s_len)
+        & (tables.node_depth[deep] >= s_table_len)
+        & (tables.node_lo[s_node][:, None] <= tables.node_lo[deep])
+        & (tables.node_hi[deep] <= tables.node_hi[s_node][:, None])
+    )
+    chain = extends_sample & (nodes.exact < 0)
+    # A key that is no student token but has a proper prefix beyond u that is one (other than s_i) cannot be
+    # computed: counted by the trie's running count of student tokens among a node's prefixes.
+    open_ = cand.text & (nodes.exact < 0)
+    spelled = tables.node_count[deep] - tables.node_count[nodes.u_node][:, None]
+    spelled = spelled - (extends_sample & (s_len == s_table_len)).to(torch.int64)
+    unresolved = (chain & (cand.path[:, 1:2] < 0)) | (open_ & (spelled > 0))
+    return extends_sample, chain, unresolved
+
+
+def _events(
+    tables: ProjectionTables, cand: _Candidates, unresolved: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(event [P, k], resolved representative [P, k] bool, parent slot [P, k])``: equal bytes merge into the
+    first slot; a candidate's parent is the longest resolved representative of its row whose bytes are a proper
+    prefix of its own; an unresolved candidate's teacher mass goes to its parent; end ids are event ``k``."""
+    k = cand.ids.shape[1]
+    text = cand.text
+    byte_order = _byte_order(tables, cand.teacher, text)
+    _, order, run_start = byte_order
+    first = torch.empty_like(order).scatter_(1, order, order.gather(1, run_start))
+    resolved_rep = text & ~unresolved & (first == torch.arange(k, device=order.device)[None, :])
+    parent = _parent_slots(tables, cand.teacher, text, resolved_rep, byte_order)
+    event = torch.full(cand.ids.shape, -1, dtype=torch.int64, device=order.device)
+    event = torch.where(text & ~unresolved, first, event)
+    event = torch.where(text & unresolved, parent, event)
+    event = torch.where(cand.is_end, k, event)
+    return event, resolved_rep, parent
+
+
+def _chain_fields(
+    tables: ProjectionTables,
+    cand: _Candidates,
+    chain: torch.Tensor,
+    parent: torch.Tensor,
+    extends_sample: torch.Tensor,
+    depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(chain_lo, chain_hi [P, k, D], chain_subtract [P, k])`` of the candidates that take the chain rule."""
+    num, k = chain.shape
+    chain_lo = torch.zeros((num, k, depth), dtype=torch.int64, device=chain.device)
+    chain_hi = torch.zeros_like(chain_lo)
+    cp, cc = chain.nonzero(as_tuple=True)
+    if cp.numel():
+        chain_lo[cp, cc], chain_hi[cp, cc] = _chain_ranges(
+            tables,
+            cand.teacher[cp, cc],
+            cand.length[cp, cc],
+            cand.student_length[cp, 0] - cand.consumed[cp],
+            cand.path[cp, 1:],
+        )
+    # The chain's mass is taken from the parent only where the parent owns the sampled token.
+    safe_parent = parent.clamp(min=0)
+    sampled_teacher = tables.student_teacher[cand.sampled][:, None]
+    canonical = torch.where(cand.text, tables.teacher_canonical[cand.teacher], -2)
+    owns_sample = (
+        cand.inside[:, None]
+        | (sampled_teacher < 0)
+        | extends_sample.gather(1, safe_parent)
+        | (canonical.gather(1, safe_parent) == sampled_teacher)
+    )
+    return chain_lo, chain_hi, chain & (parent >= 0) & owns_sample
+
+
+def _end_fields(
+    cand: _Candidates, event: torch.Tensor, end_ranks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(teacher_event [P, k], end_ranks [P, M])``: the end event only at shared boundaries where the teacher has
+    an end candidate and the student an end id; elsewhere the teacher's end slots join the remainder."""
+    k = cand.ids.shape[1]
+    at_end = ~cand.inside & cand.is_end.any(dim=1) & (end_ranks.shape[0] > 0)
+    if end_ranks.shape[0] == 0:
+        end_ranks = torch.full((1,), -1, dtype=torch.int64, device=event.device)
+    return (
+        torch.where((event == k) & ~at_end[:, None], -1, event),
+        torch.where(at_end[:, None], end_ranks[None, :], -1),
+    )
+
+
+def _empty_inputs(positions: ProjectionPositions, num_end_ranks: int) -> ProjectionInputs:
+    """The inputs of a batch without positions (the widths kept)."""
+    device = positions.teacher_topk_ids.device
+    k, depth = positions.teacher_topk_ids.shape[1], positions.path_columns.shape[1]
+    long = {"dtype": torch.int64, "device": device}
+    empty, empty_k = torch.zeros(0, **long), torch.zeros((0, k), **long)
+    return ProjectionInputs(
+        positions=positions.positions.to(torch.int64),
+        sample_index=positions.sample_index.to(torch.int64),
+        consumed=empty,
+        teacher_event=empty_k,
+        teacher_topk_logprobs=positions.teacher_topk_logprobs.to(torch.float32),
+        range_lo=empty_k,
+        range_hi=empty_k,
+        exact_rank=empty_k,
+        parent=empty_k,
+        chain_lo=torch.zeros((0, k, depth), **long),
+        chain_hi=torch.zeros((0, k, depth), **long),
+        chain_subtract=torch.zeros((0, k), dtype=torch.bool, device=device),
+        path_columns=positions.path_columns.to(torch.int64),
+        path_ranks=torch.zeros((0, depth + 1), **long),
+        end_ranks=torch.zeros((0, max(1, num_end_ranks)), **long),
+        condition_lo=empty,
+        condition_hi=empty,
+        condition_exact_rank=empty,
+    )
+
+
 def expand_positions(
     tables: ProjectionTables,
     positions: ProjectionPositions,
@@ -397,141 +621,44 @@ def expand_positions(
     Equal, field by field, to the reference built from byte strings
     (:func:`gold_plugin.testing.reference_projection.reference_projection_inputs`), except that an empty range
     is written ``(0, 0)`` wherever the reference writes its insertion point (both mean no term).
+
+    The steps: the candidates' table gathers (:func:`_candidates`), the deepest student node on each key
+    (:func:`_key_nodes`), the candidates that extend the sampled token (:func:`_sampled_token_terms`), the events
+    and parents (:func:`_events`), the chain-rule ranges (:func:`_chain_fields`) and the end event
+    (:func:`_end_fields`).
     """
     device = positions.teacher_topk_ids.device
-    num, k = positions.teacher_topk_ids.shape
-    depth = positions.path_columns.shape[1]
-    long = {"dtype": torch.int64, "device": device}
     rank = tables.student_rank
-    end_ranks = rank[torch.as_tensor([e for e in student_end_ids if 0 <= e < tables.student_size], **long)]
-    if num == 0:
-        empty, empty_k = torch.zeros(0, **long), torch.zeros((0, k), **long)
-        return ProjectionInputs(
-            positions=positions.positions.to(torch.int64),
-            sample_index=positions.sample_index.to(torch.int64),
-            consumed=empty,
-            teacher_event=empty_k,
-            teacher_topk_logprobs=positions.teacher_topk_logprobs.to(torch.float32),
-            range_lo=empty_k,
-            range_hi=empty_k,
-            exact_rank=empty_k,
-            parent=empty_k,
-            chain_lo=torch.zeros((0, k, depth), **long),
-            chain_hi=torch.zeros((0, k, depth), **long),
-            chain_subtract=torch.zeros((0, k), dtype=torch.bool, device=device),
-            path_columns=positions.path_columns.to(torch.int64),
-            path_ranks=torch.zeros((0, depth + 1), **long),
-            end_ranks=torch.zeros((0, max(1, end_ranks.shape[0])), **long),
-            condition_lo=empty,
-            condition_hi=empty,
-            condition_exact_rank=empty,
-        )
-    ids = positions.teacher_topk_ids.to(torch.int64)
-    path = positions.path_ids.to(torch.int64)
-    ell = positions.consumed.to(torch.int64)
-    s_len = positions.student_length.to(torch.int64)[:, None]
-    sampled = path[:, 0]
-    inside = ell > 0
-
-    in_table = (ids >= 0) & (ids < tables.teacher_size)
-    teacher = torch.where(in_table, ids, 0)
-    text = in_table & tables.teacher_text[teacher]
-    cand_len = torch.where(text, tables.teacher_length[teacher], 0)
-    key_len = ell[:, None] + cand_len
-    is_end = (ids >= 0) & torch.isin(ids, torch.as_tensor(list(teacher_end_ids), **long))
-
-    # The deepest student node on key = u + b(c): from the table at shared boundaries, by binary search inside.
-    u_node = torch.where(
-        inside, tables.student_prefix_node[(tables.student_offset[sampled] + ell - 1).clamp(min=0)], 0
-    )
-    deep = tables.teacher_node[teacher]
-    rows_in, cols_in = (text & inside[:, None]).nonzero(as_tuple=True)
-    if rows_in.numel():
-        deep[rows_in, cols_in] = _deepest_nodes_inside(
-            tables, teacher[rows_in, cols_in], cand_len[rows_in, cols_in], ell[rows_in], u_node[rows_in]
-        )
-    deep_depth = tables.node_depth[deep]
-    is_node = text & (deep_depth == key_len)
-    lo = torch.where(is_node, tables.node_lo[deep], 0)
-    hi = torch.where(is_node, tables.node_hi[deep], 0)
-    exact = torch.where(is_node, tables.node_exact[deep], -1)
-
-    # The key extends the sampled token s_i (s_i's node is an ancestor of the key's deepest node).
-    s_table_len = tables.student_length[sampled][:, None]
-    s_node = tables.student_prefix_node[(tables.student_offset[sampled] + s_table_len[:, 0] - 1).clamp(min=0)]
-    extends_sample = (
-        text
-        & (s_len > 0)
-        & (s_table_len > 0)
-        & (key_len > s_len)
-        & (deep_depth >= s_table_len)
-        & (tables.node_lo[s_node][:, None] <= tables.node_lo[deep])
-        & (tables.node_hi[deep] <= tables.node_hi[s_node][:, None])
-    )
-    chain = extends_sample & (exact < 0)
-    # A key that is no student token but has a proper prefix beyond u that is one (other than s_i) cannot be
-    # computed: counted by the trie's running count of student tokens among a node's prefixes.
-    open_ = text & (exact < 0)
-    spelled = tables.node_count[deep] - tables.node_count[u_node][:, None]
-    spelled = spelled - (extends_sample & (s_len == s_table_len)).to(torch.int64)
-    unresolved = (chain & (path[:, 1:2] < 0)) | (open_ & (spelled > 0))
-
-    # Equal bytes merge into the first slot; a candidate's parent is the longest resolved representative of
-    # its row whose bytes are a proper prefix of its own.
-    byte_order = _byte_order(tables, teacher, text)
-    position, order, run_start = byte_order
-    first = torch.empty_like(order).scatter_(1, order, order.gather(1, run_start))
-    resolved_rep = text & ~unresolved & (first == torch.arange(k, device=device)[None, :])
-    parent = _parent_slots(tables, teacher, text, resolved_rep, byte_order)
-
-    event = torch.full((num, k), -1, **long)
-    event = torch.where(text & ~unresolved, first, event)
-    event = torch.where(text & unresolved, parent, event)
-    event = torch.where(is_end, k, event)
-
-    range_lo = torch.where(resolved_rep, lo, 0)
-    range_hi = torch.where(resolved_rep, hi, 0)
-    exact_rank = torch.where(resolved_rep & ~inside[:, None] & (exact >= 0), rank[exact.clamp(min=0)], -1)
+    end_ids = [e for e in student_end_ids if 0 <= e < tables.student_size]
+    end_ranks = rank[torch.as_tensor(end_ids, dtype=torch.int64, device=device)]
+    if positions.teacher_topk_ids.shape[0] == 0:
+        return _empty_inputs(positions, end_ranks.shape[0])
+    cand = _candidates(tables, positions, teacher_end_ids)
+    nodes = _key_nodes(tables, cand)
+    extends_sample, chain, unresolved = _sampled_token_terms(tables, cand, nodes)
+    event, resolved_rep, parent = _events(tables, cand, unresolved)
     parent = torch.where(resolved_rep, parent, -1)
-
-    chain &= resolved_rep
-    chain_lo = torch.zeros((num, k, depth), **long)
-    chain_hi = torch.zeros_like(chain_lo)
-    cp, cc = chain.nonzero(as_tuple=True)
-    if cp.numel():
-        chain_lo[cp, cc], chain_hi[cp, cc] = _chain_ranges(
-            tables, teacher[cp, cc], cand_len[cp, cc], s_len[cp, 0] - ell[cp], path[cp, 1:]
-        )
-    # The chain's mass is taken from the parent only where the parent owns the sampled token.
-    safe_parent = parent.clamp(min=0)
-    sampled_teacher = tables.student_teacher[sampled][:, None]
-    owns_sample = (
-        inside[:, None]
-        | (sampled_teacher < 0)
-        | extends_sample.gather(1, safe_parent)
-        | (torch.where(text, tables.teacher_canonical[teacher], -2).gather(1, safe_parent) == sampled_teacher)
+    chain_lo, chain_hi, chain_subtract = _chain_fields(
+        tables, cand, chain & resolved_rep, parent, extends_sample, positions.path_columns.shape[1]
     )
-    chain_subtract = chain & (parent >= 0) & owns_sample
-
-    at_end = ~inside & is_end.any(dim=1) & (end_ranks.shape[0] > 0)
-    if end_ranks.shape[0] == 0:
-        end_ranks = torch.full((1,), -1, **long)
+    teacher_event, end_ranks = _end_fields(cand, event, end_ranks)
+    inside, u_node, exact = cand.inside, nodes.u_node, nodes.exact
     return ProjectionInputs(
         positions=positions.positions.to(torch.int64),
         sample_index=positions.sample_index.to(torch.int64),
-        consumed=ell,
-        teacher_event=torch.where((event == k) & ~at_end[:, None], -1, event),
+        consumed=cand.consumed,
+        teacher_event=teacher_event,
         teacher_topk_logprobs=positions.teacher_topk_logprobs.to(torch.float32),
-        range_lo=range_lo,
-        range_hi=range_hi,
-        exact_rank=exact_rank,
+        range_lo=torch.where(resolved_rep, nodes.lo, 0),
+        range_hi=torch.where(resolved_rep, nodes.hi, 0),
+        exact_rank=torch.where(resolved_rep & ~inside[:, None] & (exact >= 0), rank[exact.clamp(min=0)], -1),
         parent=parent,
         chain_lo=chain_lo,
         chain_hi=chain_hi,
         chain_subtract=chain_subtract,
         path_columns=positions.path_columns.to(torch.int64),
-        path_ranks=torch.where(path >= 0, rank[path.clamp(min=0)], -1),
-        end_ranks=torch.where(at_end[:, None], end_ranks[None, :], -1),
+        path_ranks=torch.where(cand.path >= 0, rank[cand.path.clamp(min=0)], -1),
+        end_ranks=end_ranks,
         condition_lo=torch.where(inside, tables.node_lo[u_node], 0),
         condition_hi=torch.where(inside, tables.node_hi[u_node], 0),
         condition_exact_rank=torch.where(

@@ -1,14 +1,16 @@
-"""Byte-projected logit loss: the student's distribution projected onto the teacher's candidates by bytes.
+"""The default logit loss, the byte projection: the student's distribution projected onto the teacher's candidates
+by bytes (``--gold.logit_projection bytes``).
 
-Today's GOLD hybrid (:func:`~gold_plugin.signals.aligned_logit_loss`) compares, at group starts, the teacher's
-probability of a token with the student's probability of the token with the same bytes. Where the tokenizers
-cut the same text into pieces of different lengths that is the wrong event: the teacher's "6" (single digits)
-is the text continuing with "6", which the student (multi-digit tokens) spells "6", "64", "65", ... This loss
-compares the two models on the same events at every teacher position: the student's probability that the text
-continues with each candidate's bytes (see :mod:`gold_plugin.signals.byte_projection_inputs` for how it is
-assembled from sorted-vocabulary range masses), plus an end event and a remainder bucket on both sides, with the
-generalised JSD(beta) (exact endpoints). Differentiable through the student's logits, chunked
-(:mod:`gold_plugin.signals.range_mass`). docs/signals.md gives the maths.
+The vocabulary-map hybrid (:func:`~gold_plugin.signals.logit.vocab_hybrid.aligned_logit_loss`) compares, at group
+starts, the teacher's probability of a token with the student's probability of the token with the same bytes.
+Where the tokenizers cut the same text into pieces of different lengths that is the wrong event: the teacher's
+"6" (single digits) is the text continuing with "6", which the student (multi-digit tokens) spells "6", "64",
+"65", ... This loss compares the two models on the same events at every teacher position: the student's
+probability that the text continues with each candidate's bytes (see
+:mod:`gold_plugin.signals.logit.byte_projection_inputs` for how it is assembled from sorted-vocabulary range
+masses), plus an end event and a remainder bucket on both sides, with the generalised JSD(beta) (exact
+endpoints). Differentiable through the student's logits, chunked
+(:mod:`gold_plugin.signals.logit.byte_projection_range_mass`). docs/signals.md gives the maths.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ import numpy as np
 import torch
 
 from gold_plugin.alignment.sorted_vocab import SortedVocab
-from gold_plugin.signals.byte_projection_inputs import ProjectionInputs, ProjectionPositions, expand_positions
 from gold_plugin.signals.divergences import generalized_jsd
-from gold_plugin.signals.logit_loss import LogitLoss, LogitLossOptions, _resolve_options, _tempered_teacher
-from gold_plugin.signals.projection_tables import ProjectionTables, projection_tables
-from gold_plugin.signals.range_mass import range_mass
+from gold_plugin.signals.logit.byte_projection_inputs import (
+    ProjectionInputs,
+    ProjectionPositions,
+    expand_positions,
+)
+from gold_plugin.signals.logit.byte_projection_range_mass import range_mass
+from gold_plugin.signals.logit.byte_projection_tables import ProjectionTables, projection_tables
+from gold_plugin.signals.logit.options import LogitLossOptions, resolve_options, tempered_teacher
+from gold_plugin.signals.logit.result import LogitLoss
 
 _TINY = 1e-30
 
@@ -42,7 +49,7 @@ class ProjectionVocab:
     untied_sorted: torch.Tensor
     """float32 ``[V]`` in sorted order: 1 where the student token is not also a teacher token."""
     tables: ProjectionTables | None = None
-    """The pair's tables (:mod:`gold_plugin.signals.projection_tables`), for :func:`expand_positions`."""
+    """The pair's tables (:mod:`~gold_plugin.signals.logit.byte_projection_tables`), for :func:`expand_positions`."""
     student_end_ids: tuple[int, ...] = ()
     """The student's EOS: its probability is the end event."""
     teacher_end_ids: tuple[int, ...] = ()
@@ -207,7 +214,7 @@ def teacher_event_probs(
 ) -> torch.Tensor:
     """The teacher's ``[P, k + 2]`` probabilities of the events (candidate slots, end) and the remainder (last)."""
     valid = torch.isfinite(inputs.teacher_topk_logprobs)
-    logprobs = _tempered_teacher(inputs.teacher_topk_logprobs.to(dtype), valid, options.teacher_temperature)
+    logprobs = tempered_teacher(inputs.teacher_topk_logprobs.to(dtype), valid, options.teacher_temperature)
     probs = torch.where(valid, logprobs.exp(), torch.zeros_like(logprobs))
     num, k = inputs.teacher_event.shape
     assigned = inputs.teacher_event >= 0
@@ -231,10 +238,10 @@ def projected_logit_loss(
 
     ``student_logits``: ``[B, T, V]`` (``inputs.positions`` are (row, column) pairs into it) or ``[T, V]`` (row 0).
     ``inputs``: full inputs, or compact positions, expanded here on the logits' device with ``vocab``'s tables.
-    ``config``: a ``GoldConfig`` or :class:`~gold_plugin.signals.LogitLossOptions` (beta, temperatures and chunk
-    size are read); keyword ``options`` override it.
+    ``config``: a ``GoldConfig`` or :class:`~gold_plugin.signals.logit.options.LogitLossOptions` (beta,
+    temperatures and chunk size are read); keyword ``options`` override it.
     """
-    resolved = _resolve_options(config, options)
+    resolved = resolve_options(config, options)
     if not torch.is_floating_point(student_logits):
         raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}.")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32

@@ -2,8 +2,8 @@
 
 Built once per pair from a :class:`~gold_plugin.alignment.sorted_vocab.SortedVocab` (numpy, about a second for a
 150k vocabulary), then held as torch tensors on the device where the inputs are built (the actor's). With them,
-everything :func:`~gold_plugin.signals.byte_projection_inputs.expand_positions` needs per teacher position and
-candidate is a gather, a comparison or a hash probe; no byte string is touched after the build
+everything :func:`~gold_plugin.signals.logit.byte_projection_inputs.expand_positions` needs per teacher position
+and candidate is a gather, a comparison or a hash probe; no byte string is touched after the build
 (docs/signals.md, "Byte projection: where the work runs").
 
 - **The student trie.** Every distinct non-empty prefix of a student token is a node (node 0 is the root, the

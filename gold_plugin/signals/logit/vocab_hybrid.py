@@ -1,4 +1,7 @@
-"""Aligned logit loss (GOLD proper): generalised JSD on the shared vocabulary + ULD on the rest.
+"""The vocabulary-map hybrid logit loss (TRL's GOLD/ULD hybrid, ``aligned_logit_loss``): generalised JSD on
+the shared vocabulary + ULD on the rest, at group starts only. Not the default: the byte projection
+(:mod:`gold_plugin.signals.logit.byte_projection`) is; this one runs with ``--gold.logit_projection vocab``
+(and with ``--gold.alignment positional``).
 
 At each aligned position the student's full next-token distribution (its logits) is compared with the
 teacher's top-k log-probs through the vocabulary map ``teacher_to_student`` (int64 over teacher ids, -1 =
@@ -36,92 +39,18 @@ valid teacher slot) are never computed and get exactly zero loss and zero gradie
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd
+from gold_plugin.signals.logit.options import LogitLossOptions, resolve_options, tempered_teacher
+from gold_plugin.signals.logit.result import LogitLoss
 
-MatchedNormalization = Literal["tail", "none"]
 _NEG_INF = float("-inf")
 _LOG2 = 0.6931471805599453
-
-
-@dataclass(frozen=True)
-class LogitLossOptions:
-    """Options of the aligned logit loss; :meth:`from_config` reads them from a ``GoldConfig``."""
-
-    beta: float = 0.5
-    matched_weight: float | None = None
-    unmatched_weight: float | None = None
-    student_temperature: float = 1.0
-    teacher_temperature: float = 1.0
-    chunk_size: int = 1024
-    alignment: Literal["spans", "positional"] = "spans"
-    matched_normalization: MatchedNormalization = "tail"
-
-    @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> LogitLossOptions:
-        """Options from a ``GoldConfig`` (or any object with its field names), then ``overrides``."""
-        options = cls(
-            beta=config.beta,
-            matched_weight=config.uld_hybrid_matched_weight,
-            unmatched_weight=config.uld_hybrid_unmatched_weight,
-            student_temperature=config.uld_student_temperature,
-            teacher_temperature=config.uld_teacher_temperature,
-            chunk_size=config.logit_chunk_size,
-            alignment=config.alignment,
-        )
-        return replace(options, **overrides)
-
-    def validate(self) -> None:
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}.")
-        if (self.matched_weight is None) != (self.unmatched_weight is None):
-            raise ValueError("Set both hybrid weights (matched and unmatched) or neither (adaptive).")
-        if self.matched_weight is not None and (self.matched_weight < 0 or self.unmatched_weight < 0):
-            raise ValueError("Hybrid weights must be >= 0.")
-        if self.student_temperature <= 0 or self.teacher_temperature <= 0:
-            raise ValueError("Temperatures must be > 0.")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
-        if self.alignment not in ("spans", "positional"):
-            raise ValueError(f"alignment must be 'spans' or 'positional', got {self.alignment!r}.")
-        if self.matched_normalization not in ("tail", "none"):
-            raise ValueError(
-                f"matched_normalization must be 'tail' or 'none', got {self.matched_normalization!r}."
-            )
-
-
-@dataclass
-class LogitLoss:
-    """Per-position results; reduce ``loss`` as the training step needs (e.g. mean over valid positions)."""
-
-    loss: torch.Tensor
-    """[N] float32 (float64 for float64 logits), differentiable w.r.t. the student logits; 0 where masked."""
-    matched: torch.Tensor
-    """[N] matched (JSD) part, not weighted, no gradient."""
-    unmatched: torch.Tensor
-    """[N] unmatched (ULD) part, not weighted, no gradient."""
-    valid: torch.Tensor
-    """[N] bool: positions that were computed."""
-    matched_weight: float
-    unmatched_weight: float
-    teacher_remainder: torch.Tensor | None = None
-    """[N] the teacher's probability of the remainder bucket (byte projection only), no gradient; else ``None``."""
-
-
-def _resolve_options(config: Any | None, options: dict[str, Any]) -> LogitLossOptions:
-    if isinstance(config, LogitLossOptions):
-        resolved = replace(config, **options)
-    elif config is not None:
-        resolved = LogitLossOptions.from_config(config, **options)
-    else:
-        resolved = LogitLossOptions(**options)
-    resolved.validate()
-    return resolved
 
 
 @dataclass
@@ -135,20 +64,15 @@ class _Teacher:
     rest_logprob: torch.Tensor  # [R] log(1 - sum of matched probs)
     unmatched_sorted: torch.Tensor  # [R, k] probs of unmatched valid slots, sorted descending, 0-padded
 
+    def rows(self, index: slice) -> _Teacher:
+        """The same tensors for the rows ``index`` (a chunk)."""
+        return _Teacher(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2; -inf at x >= 0."""
     x = x.clamp(max=0.0)
     return torch.where(x > -_LOG2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def _tempered_teacher(logprobs: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Teacher top-k log-probs reshaped by ``temperature`` inside the top-k, keeping the top-k's total mass."""
-    logprobs = torch.where(valid, logprobs, torch.full_like(logprobs, _NEG_INF))
-    if temperature == 1.0:
-        return logprobs
-    scaled = logprobs / temperature
-    return scaled - torch.logsumexp(scaled, -1, keepdim=True) + torch.logsumexp(logprobs, -1, keepdim=True)
 
 
 def _prepare_teacher(
@@ -160,7 +84,7 @@ def _prepare_teacher(
     dtype: torch.dtype,
 ) -> _Teacher:
     valid = topk_ids >= 0
-    logprobs = _tempered_teacher(topk_logprobs.to(dtype), valid, options.teacher_temperature)
+    logprobs = tempered_teacher(topk_logprobs.to(dtype), valid, options.teacher_temperature)
     rows, k = topk_ids.shape
     if options.alignment == "positional" or teacher_to_student is None:
         unmatched = torch.where(valid, logprobs.exp(), torch.zeros((), dtype=dtype, device=logprobs.device))
@@ -321,6 +245,176 @@ def _gather_scaled(
     return values / temperature if temperature != 1.0 else values
 
 
+@dataclass
+class _StudentStats:
+    """The student's per-row statistics of one chunk, in log space: what the small loss reads (:meth:`leaves`)
+    and what the backward pass re-uses."""
+
+    lse: torch.Tensor  # [R] log-normaliser of logits / temperature
+    matched: torch.Tensor  # [R, km] log p at the teacher's matched ids
+    rest: torch.Tensor  # [R] log of the rest mass (every id but the row's matched ids)
+    top_unmatched: torch.Tensor  # [R, ku] log p of the student's top unmatched ids (-inf where p = 0)
+    top_ids: torch.Tensor  # [R, ku] int64
+    unmatched_mass: (
+        torch.Tensor
+    )  # [R] log of the unmatched vocabulary's mass (ids that are no image of the map)
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The four inputs of :func:`_small_loss`, in its order."""
+        return [self.matched, self.rest, self.top_unmatched, self.unmatched_mass]
+
+
+def _rest_sum(
+    exps: torch.Tensor, teacher: _Teacher, student_matched: torch.Tensor, sum_all: torch.Tensor
+) -> torch.Tensor:
+    """Sum of ``exps`` over every id but the row's matched ids, zeroing those in place (``sum_all`` if none)."""
+    if not teacher.matched_ids.shape[1]:
+        return sum_all
+    # Filler slots rewrite the row's first compacted entry, so each position gets one consistent value.
+    fill_ids = torch.where(teacher.matched_mask, teacher.matched_ids, teacher.matched_ids[:, :1])
+    fill_values = torch.where(
+        teacher.matched_mask[:, :1].expand_as(fill_ids),
+        torch.zeros_like(student_matched),
+        exps.gather(1, fill_ids),
+    )
+    exps.scatter_(1, fill_ids, fill_values)
+    return exps.sum(dim=1)
+
+
+def _unmatched_sum(
+    exps: torch.Tensor, image_mask: torch.Tensor | None, sum_all: torch.Tensor
+) -> torch.Tensor:
+    """Sum of ``exps`` over the unmatched vocabulary, zeroing the map's images in place (``sum_all`` if no map)."""
+    if image_mask is None:
+        return sum_all
+    exps.masked_fill_(image_mask[None, :], 0.0)
+    return exps.sum(dim=1)
+
+
+def _top_unmatched(
+    exps: torch.Tensor,
+    logits_2d: torch.Tensor,
+    rows: torch.Tensor,
+    lse: torch.Tensor,
+    k_unmatched: int,
+    temperature: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [R, k_unmatched], log-probs)`` of the largest remaining ``exps`` (the unmatched ids once the
+    images are zeroed)."""
+    if not k_unmatched:
+        return (
+            torch.zeros(exps.shape[0], 0, dtype=torch.int64, device=exps.device),
+            torch.zeros(exps.shape[0], 0, dtype=dtype, device=exps.device),
+        )
+    top_exps, top_ids = exps.topk(k_unmatched, dim=1)
+    # Exact log-probs from the original logits; zeroed (masked) or underflowed entries have p = 0.
+    top_values = torch.where(
+        top_exps > 0,
+        _gather_scaled(logits_2d, rows, top_ids, temperature, dtype) - lse[:, None],
+        torch.full_like(top_exps, _NEG_INF),
+    )
+    return top_ids, top_values
+
+
+def _rest_log(
+    matched_mask: torch.Tensor,
+    student_matched: torch.Tensor,
+    sum_rest: torch.Tensor,
+    log_sum_all: torch.Tensor,
+) -> torch.Tensor:
+    """log(rest mass): from the matched mass where the rest holds most of the probability (exactly the teacher's
+    formula, so identical distributions cancel exactly), else by the direct sum (accurate for a small rest)."""
+    matched_lse = torch.logsumexp(
+        torch.where(matched_mask, student_matched, torch.full_like(student_matched, _NEG_INF)),
+        dim=1,
+    )
+    return torch.where(matched_lse < -_LOG2, _log1mexp(matched_lse), sum_rest.log() - log_sum_all)
+
+
+def _student_stats(
+    workspace: _Workspace,
+    logits_2d: torch.Tensor,
+    rows: torch.Tensor,
+    teacher: _Teacher,
+    image_mask: torch.Tensor | None,
+    k_unmatched: int,
+    temperature: float,
+    dtype: torch.dtype,
+) -> _StudentStats:
+    """The statistics of one chunk of rows. One pass of exp(x - max) serves three sums: all ids, the rest (all but
+    this row's matched ids) and the unmatched vocabulary (no image of the map); entries are zeroed in place
+    between the sums."""
+    scaled = workspace.load(logits_2d, rows, temperature)
+    row_max = scaled.amax(dim=1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    matched_scaled = scaled.gather(1, teacher.matched_ids)
+    exps = scaled.sub_(row_max[:, None]).exp_()
+    sum_all = exps.sum(dim=1)
+    lse = sum_all.log() + row_max
+    student_matched = matched_scaled - lse[:, None]
+    sum_rest = _rest_sum(exps, teacher, student_matched, sum_all)
+    sum_unmatched = _unmatched_sum(exps, image_mask, sum_all)
+    top_ids, top_values = _top_unmatched(exps, logits_2d, rows, lse, k_unmatched, temperature, dtype)
+    del scaled, exps
+    log_sum_all = sum_all.log()
+    return _StudentStats(
+        lse=lse,
+        matched=student_matched,
+        rest=_rest_log(teacher.matched_mask, student_matched, sum_rest, log_sum_all),
+        top_unmatched=top_values,
+        top_ids=top_ids,
+        unmatched_mass=sum_unmatched.log() - log_sum_all,
+    )
+
+
+def _chunk_loss(
+    teacher: _Teacher,
+    stats: _StudentStats,
+    options: LogitLossOptions,
+    weights: tuple[float, float],
+    needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor] | None]:
+    """``(loss, matched, unmatched)`` of one chunk from its statistics, and, if ``needs_grad``, the loss's
+    gradients with respect to the statistics (:meth:`_StudentStats.leaves`; zeros where unused)."""
+    grads = None
+    with torch.enable_grad():
+        leaves = [s.detach().requires_grad_(needs_grad) for s in stats.leaves()]
+        loss, matched, unmatched = _small_loss(teacher, *leaves, options, weights)
+        if needs_grad:
+            grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True)
+            grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    return loss, matched, unmatched, grads
+
+
+def _saved_chunk(
+    rows: torch.Tensor,
+    out_index: torch.Tensor,
+    teacher: _Teacher,
+    stats: _StudentStats,
+    grads: list[torch.Tensor],
+) -> _Saved:
+    """What the backward pass needs of one chunk: the gradients with respect to the statistics turned into
+    coefficients of the probabilities."""
+    g_matched, g_rest, g_top, g_unmatched = grads
+    coef_rest = _safe_ratio_coef(g_rest, stats.rest)
+    coef_unmatched = _safe_ratio_coef(g_unmatched, stats.unmatched_mass)
+    total = g_matched.sum(dim=1) + g_top.sum(dim=1) + g_rest + g_unmatched
+    return _Saved(
+        rows=rows,
+        out_index=out_index,
+        lse=stats.lse,
+        coef_base=coef_rest - total,
+        coef_unmatched=coef_unmatched,
+        coef_rest=coef_rest,
+        matched_ids=teacher.matched_ids,
+        matched_mask=teacher.matched_mask,
+        grad_matched=g_matched,
+        top_ids=stats.top_ids,
+        grad_top=g_top,
+    )
+
+
 class _AlignedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -334,6 +428,8 @@ class _AlignedLogitLoss(torch.autograd.Function):
         options: LogitLossOptions,
         weights: tuple[float, float],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chunk by chunk: the student's statistics (:func:`_student_stats`), the small loss and its gradients
+        (:func:`_chunk_loss`), and what the backward pass needs (:func:`_saved_chunk`)."""
         dtype = torch.float64 if logits_2d.dtype == torch.float64 else torch.float32
         device = logits_2d.device
         vocab = logits_2d.shape[1]
@@ -342,104 +438,37 @@ class _AlignedLogitLoss(torch.autograd.Function):
         unmatched_out = torch.zeros_like(loss)
         saved_chunks: list[_Saved] = []
         needs_grad = ctx.needs_input_grad[0]
-        temperature = options.student_temperature
         k_unmatched = min(teacher.unmatched_sorted.shape[1], vocab)
         workspace = (
             _Workspace(min(options.chunk_size, rows.shape[0]), vocab, dtype, device) if rows.numel() else None
         )
         for start in range(0, rows.shape[0], options.chunk_size):
             chunk = slice(start, start + options.chunk_size)
-            chunk_rows = rows[chunk]
-            t_chunk = _Teacher(
-                **{name: getattr(teacher, name)[chunk] for name in teacher.__dataclass_fields__}  # type: ignore[arg-type]
+            chunk_rows, t_chunk, out_chunk = rows[chunk], teacher.rows(chunk), out_index[chunk]
+            stats = _student_stats(
+                workspace,
+                logits_2d,
+                chunk_rows,
+                t_chunk,
+                image_mask,
+                k_unmatched,
+                options.student_temperature,
+                dtype,
             )
-            # One pass of exp(x - max) serves three sums: all ids, the rest (all but this row's matched ids) and
-            # the unmatched vocabulary (no image of the map); entries are zeroed in place between the sums.
-            scaled = workspace.load(logits_2d, chunk_rows, temperature)
-            row_max = scaled.amax(dim=1)
-            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-            matched_scaled = scaled.gather(1, t_chunk.matched_ids)
-            exps = scaled.sub_(row_max[:, None]).exp_()
-            sum_all = exps.sum(dim=1)
-            lse = sum_all.log() + row_max
-            student_matched = matched_scaled - lse[:, None]
-            if t_chunk.matched_ids.shape[1]:
-                # Filler slots rewrite the row's first compacted entry, so each position gets one consistent value.
-                fill_ids = torch.where(t_chunk.matched_mask, t_chunk.matched_ids, t_chunk.matched_ids[:, :1])
-                fill_values = torch.where(
-                    t_chunk.matched_mask[:, :1].expand_as(fill_ids),
-                    torch.zeros_like(student_matched),
-                    exps.gather(1, fill_ids),
-                )
-                exps.scatter_(1, fill_ids, fill_values)
-                sum_rest = exps.sum(dim=1)
-            else:
-                sum_rest = sum_all
-            if image_mask is not None:
-                exps.masked_fill_(image_mask[None, :], 0.0)
-                sum_unmatched = exps.sum(dim=1)
-            else:
-                sum_unmatched = sum_all
-            if k_unmatched:
-                top_exps, top_ids = exps.topk(k_unmatched, dim=1)
-                # Exact log-probs from the original logits; zeroed (masked) or underflowed entries have p = 0.
-                top_values = torch.where(
-                    top_exps > 0,
-                    _gather_scaled(logits_2d, chunk_rows, top_ids, temperature, dtype) - lse[:, None],
-                    torch.full_like(top_exps, _NEG_INF),
-                )
-            else:
-                top_ids = torch.zeros(exps.shape[0], 0, dtype=torch.int64, device=device)
-                top_values = torch.zeros(exps.shape[0], 0, dtype=dtype, device=device)
-            del scaled, exps
-            log_sum_all = sum_all.log()
-            # log(rest mass): from the matched mass where the rest holds most of the probability (exactly the
-            # teacher's formula, so identical distributions cancel exactly), else by the direct sum (accurate
-            # for a small rest).
-            matched_lse = torch.logsumexp(
-                torch.where(
-                    t_chunk.matched_mask, student_matched, torch.full_like(student_matched, _NEG_INF)
-                ),
-                dim=1,
+            chunk_loss, chunk_matched, chunk_unmatched, grads = _chunk_loss(
+                t_chunk, stats, options, weights, needs_grad
             )
-            rest_log = torch.where(matched_lse < -_LOG2, _log1mexp(matched_lse), sum_rest.log() - log_sum_all)
-            stats = [student_matched, rest_log, top_values, sum_unmatched.log() - log_sum_all]
-            with torch.enable_grad():
-                leaves = [s.detach().requires_grad_(needs_grad) for s in stats]
-                chunk_loss, chunk_matched, chunk_unmatched = _small_loss(t_chunk, *leaves, options, weights)
-                if needs_grad:
-                    grads = torch.autograd.grad(chunk_loss.sum(), leaves, allow_unused=True)
-                    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-            out_chunk = out_index[chunk]
             loss[out_chunk] = chunk_loss.detach()
             matched_out[out_chunk] = chunk_matched.detach()
             unmatched_out[out_chunk] = chunk_unmatched.detach()
             if needs_grad:
-                g_matched, g_rest, g_top, g_unmatched = grads
-                coef_rest = _safe_ratio_coef(g_rest, stats[1])
-                coef_unmatched = _safe_ratio_coef(g_unmatched, stats[3])
-                total = g_matched.sum(dim=1) + g_top.sum(dim=1) + g_rest + g_unmatched
-                saved_chunks.append(
-                    _Saved(
-                        rows=chunk_rows,
-                        out_index=out_chunk,
-                        lse=lse,
-                        coef_base=coef_rest - total,
-                        coef_unmatched=coef_unmatched,
-                        coef_rest=coef_rest,
-                        matched_ids=t_chunk.matched_ids,
-                        matched_mask=t_chunk.matched_mask,
-                        grad_matched=g_matched,
-                        top_ids=top_ids,
-                        grad_top=g_top,
-                    )
-                )
+                saved_chunks.append(_saved_chunk(chunk_rows, out_chunk, t_chunk, stats, grads))
         ctx.mark_non_differentiable(matched_out, unmatched_out)
         if needs_grad:
             ctx.save_for_backward(logits_2d)
             ctx.saved_chunks = saved_chunks
             ctx.image_mask = image_mask
-            ctx.temperature = temperature
+            ctx.temperature = options.student_temperature
             ctx.dtype = dtype
             ctx.chunk_rows = min(options.chunk_size, rows.shape[0])
         return loss, matched_out, unmatched_out
@@ -566,10 +595,10 @@ def _map_and_weights(
         weights = (matched_share, 1.0 - matched_share)
     else:
         weights = (float(options.matched_weight), float(options.unmatched_weight))
-    return _pad_unmatched(mapping, max_teacher_id), image_mask, weights
+    return pad_unmatched(mapping, max_teacher_id), image_mask, weights
 
 
-def _pad_unmatched(mapping: torch.Tensor, max_teacher_id: int) -> torch.Tensor:
+def pad_unmatched(mapping: torch.Tensor, max_teacher_id: int) -> torch.Tensor:
     """``mapping`` extended with -1 (unmatched) up to ``max_teacher_id``: a teacher model's logits are often
     wider than its tokenizer (padded embedding rows), so its top-k may name ids the map does not cover."""
     if max_teacher_id < mapping.shape[0]:
@@ -602,7 +631,7 @@ def aligned_logit_loss(
     - ``mask``: ``[N]`` bool, False = position gets exactly zero loss and gradient (and costs no compute);
       rows whose teacher slots are all padded are masked too.
     """
-    resolved = _resolve_options(config, options)
+    resolved = resolve_options(config, options)
     if not torch.is_floating_point(student_logits):
         raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}.")
     device = student_logits.device

@@ -1,4 +1,5 @@
-"""Where the aligned logit loss is evaluated in OpenRLHF's layout, and with which teacher rows.
+"""Inputs of the vocabulary-map hybrid (:mod:`gold_plugin.signals.logit.vocab_hybrid`): where it is evaluated in
+OpenRLHF's layout, and with which teacher rows.
 
 At the first student token and the first teacher token of each group both models predict the next bytes after
 the same text (``gold_plugin.alignment.group_starts``). In OpenRLHF's layout ``action_mask[b, j]`` marks
@@ -12,18 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from gold_plugin.alignment import group_starts
 from gold_plugin.alignment.result import Alignment
+from gold_plugin.signals.logit.topk import checked_topk
 
 
 @dataclass
 class LogitLossInputs:
-    """Inputs of :func:`~gold_plugin.signals.aligned_logit_loss` for a batch (N aligned positions in all)."""
+    """Inputs of :func:`~gold_plugin.signals.logit.vocab_hybrid.aligned_logit_loss` for a batch (N aligned
+    positions in all)."""
 
     positions: torch.Tensor
     """[N, 2] int64 (row, time) into the actor's logits [B, T, V] (time = the action column)."""
@@ -33,19 +35,6 @@ class LogitLossInputs:
     """[N, k] float32, -inf at padded slots."""
     sample_index: torch.Tensor
     """[N] int64: the row of each position, for per-sample reductions."""
-
-
-def checked_topk(b: int, alignment: Alignment, top_ids: Any, top_lp: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``b``'s teacher top-k as ``(int64, float32)`` arrays ``[n_teacher_tokens, k]``; ``ValueError`` naming
-    the sample if the shapes do not fit its alignment."""
-    top_ids = np.asarray(top_ids, dtype=np.int64)
-    top_lp = np.asarray(top_lp, dtype=np.float32)
-    if top_ids.ndim != 2 or top_ids.shape != top_lp.shape or top_ids.shape[0] != len(alignment.teacher_group):
-        raise ValueError(
-            f"Sample {b}: teacher top-k of shape {top_ids.shape} / {top_lp.shape} for "
-            f"{len(alignment.teacher_group)} teacher tokens; expected [n_teacher_tokens, k]."
-        )
-    return top_ids, top_lp
 
 
 def logit_loss_inputs(
@@ -103,13 +92,3 @@ def logit_loss_inputs(
         ),
         sample_index=row_index,
     )
-
-
-def per_sample_mean(loss: torch.Tensor, sample_index: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Mean of the per-position loss within each sample ([batch]; 0 for a sample without positions).
-
-    ``per_sample_mean(...).mean()`` is TRL's reduction (mean over a sample's aligned positions, then over samples).
-    """
-    sums = torch.zeros(batch_size, dtype=loss.dtype, device=loss.device).index_add(0, sample_index, loss)
-    counts = torch.bincount(sample_index, minlength=batch_size).clamp(min=1).to(loss.dtype)
-    return sums / counts

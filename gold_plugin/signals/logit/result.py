@@ -1,0 +1,35 @@
+"""What both logit losses return: per-position results (:class:`LogitLoss`), and TRL's per-sample reduction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LogitLoss:
+    """Per-position results; reduce ``loss`` as the training step needs (e.g. mean over valid positions)."""
+
+    loss: torch.Tensor
+    """[N] float32 (float64 for float64 logits), differentiable w.r.t. the student logits; 0 where masked."""
+    matched: torch.Tensor
+    """[N] matched (JSD) part, not weighted, no gradient."""
+    unmatched: torch.Tensor
+    """[N] unmatched (ULD) part, not weighted, no gradient."""
+    valid: torch.Tensor
+    """[N] bool: positions that were computed."""
+    matched_weight: float
+    unmatched_weight: float
+    teacher_remainder: torch.Tensor | None = None
+    """[N] the teacher's probability of the remainder bucket (byte projection only), no gradient; else ``None``."""
+
+
+def per_sample_mean(loss: torch.Tensor, sample_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of the per-position loss within each sample ([batch]; 0 for a sample without positions).
+
+    ``per_sample_mean(...).mean()`` is TRL's reduction (mean over a sample's aligned positions, then over samples).
+    """
+    sums = torch.zeros(batch_size, dtype=loss.dtype, device=loss.device).index_add(0, sample_index, loss)
+    counts = torch.bincount(sample_index, minlength=batch_size).clamp(min=1).to(loss.dtype)
+    return sums / counts
