@@ -1,37 +1,13 @@
 """The byte projection's inputs built straight from byte strings: the independent reference of
 :mod:`gold_plugin.signals.logit.byte_projection_inputs` (the production path gathers them from pair tables
-instead; tests check that both give the same inputs). This was the production implementation until the tables
-replaced it; it is kept as written, numpy over hex byte strings, slow (about 1 ms per teacher position).
+instead; tests check that both give the same inputs). This was the production implementation of the per-candidate fields
+until the tables replaced it; it is kept as written, numpy over hex byte strings, slow (about 1 ms per teacher
+position). Where each teacher position sits on the student side is the production step 1, shared.
 
-Which student masses make up each teacher candidate:
-
-At every aligned teacher position j, the teacher predicts its next token after the text ``prefix``; its top-k
-candidates c are byte strings ``b(c)``. The student position i whose token covers the first byte of teacher
-token j has consumed ``u`` (the first ``l`` bytes of its sampled token ``s_i``) of the same text after the
-same prefix. The student's probability of each candidate, conditioned on its token at i starting with ``u``
-(exactly renormalised; ``l = 0`` at a shared boundary), is assembled from softmax masses over ranges of the
-byte-sorted student vocabulary (:mod:`gold_plugin.alignment.sorted_vocab`), as signed products:
-
-- **range**: the student tokens at i whose bytes start with ``K = u + b(c)``. At a shared boundary
-  (``l = 0``) a student token whose bytes are exactly some teacher token's belongs to that teacher token only
-  (added as a point mass to the candidate with those bytes, else left to the remainder); other student tokens
-  (a merged "64" against single-digit teacher tokens) belong to the longest candidate they start with.
-  Ranges nest like the candidates' keys, so a candidate owns its range minus its children's ranges: the events
-  are disjoint.
-- **chain rule**: where the sampled ``s_i`` ends inside ``K`` (the student splits finer than the teacher here)
-  and no student token spells ``K`` itself: ``p_i(s_i) * p_{i+1}(starts with the rest)``, continued along the
-  sampled path while the sampled token ends inside what is left (up to ``max_chain`` tokens).
-- **remainder**: everything else (other teacher tokens, spellings that leave the sampled path); it is a
-  bucket of its own on both sides. A candidate that only a non-sampled student token could start
-  (``K`` is not a student token, but a proper prefix of it other than ``s_i`` is) cannot be computed: its teacher
-  probability joins the longest candidate it extends (whose student range already holds that spelling), or
-  the remainder.
-- **end**: the teacher's end ids (EOS / end-of-turn) against the student's end ids, at shared boundaries.
-
-With the same tokenizer on both sides every boundary is shared, every candidate is a student token and owns
-exactly that token's probability: the loss is today's per-position matched loss (docs/signals.md).
-Built on the CPU with numpy, vectorised over all positions and candidates of a batch; Python loops run only
-over samples, candidate byte lengths and chain depth.
+What the inputs mean (ranges, chain rule, remainder, end event): the docstring of
+:mod:`gold_plugin.signals.logit.byte_projection_inputs` and docs/signals.md. Built on the CPU with numpy, vectorised
+over all positions and candidates of a batch; Python loops run only over samples, candidate byte lengths and chain
+depth.
 """
 
 from __future__ import annotations
@@ -44,8 +20,12 @@ import torch
 
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.alignment.sorted_vocab import SortedVocab, truncate_hex
-from gold_plugin.signals.logit.byte_projection_inputs import DEFAULT_MAX_CHAIN, ProjectionInputs
-from gold_plugin.signals.logit.topk import checked_topk
+from gold_plugin.signals.logit.byte_projection_inputs import (
+    DEFAULT_MAX_CHAIN,
+    ProjectionInputs,
+    ProjectionPositions,
+    projection_positions,
+)
 from gold_plugin.testing.prefix_hashes import PrefixHashes, PrefixLookups
 
 
@@ -65,70 +45,25 @@ class _Positions:
     top_logprobs: np.ndarray  # [P, k]
 
 
-def _sample_positions(
-    b: int,
-    alignment: Alignment,
-    ids: np.ndarray,
-    columns: np.ndarray,
-    top_ids: np.ndarray,
-    top_lp: np.ndarray,
-    max_chain: int,
-) -> _Positions | None:
-    s_ends, t_ends = alignment.student_ends, alignment.teacher_ends
-    n, m = ids.shape[0], t_ends.shape[0]
-    if n == 0 or m == 0:
+def _positions(compact: ProjectionPositions, vocab: SortedVocab) -> _Positions | None:
+    """Where each teacher position sits on the student side (the production step 1, shared: the reference is the
+    per-candidate assembly below)."""
+    if compact.num_positions == 0:
         return None
-    s_len = np.diff(s_ends, prepend=0)
-    t_len = np.diff(t_ends, prepend=0)
-    shift = int(s_ends[-1] - t_ends[-1])  # a SentencePiece dummy-prefix space on one side only
-    j = np.flatnonzero((alignment.teacher_group >= 0) & (top_ids >= 0).any(axis=1))
-    start = t_ends[j] - t_len[j] + shift
-    zero_width = t_len[j] == 0
-    i = np.searchsorted(s_ends, start, side="right")
-    # A zero-width teacher token (the final end-of-turn) is predicted after the whole text: it faces the
-    # student's final zero-width token (its EOS) when that one is aligned too.
-    final_pair = zero_width & (start == s_ends[-1]) & (s_len[-1] == 0)
-    i = np.where(zero_width, n - 1, i)
-    keep = np.where(zero_width, final_pair, (start >= 0) & (i < n))
-    keep &= alignment.student_group[np.minimum(i, n - 1)] >= 0
-    j, i, start, zero_width = j[keep], i[keep], start[keep], zero_width[keep]
-    if j.shape[0] == 0:
-        return None
-    consumed = np.where(zero_width, 0, start - (s_ends[i] - s_len[i]))
-    depth = np.arange(1, max_chain + 1)
-    follow = i[:, None] + depth[None, :]
-    inside = follow < n
-    follow_c = np.minimum(follow, n - 1)
-    inside &= alignment.student_group[follow_c] >= 0
+    path = compact.path_ids.numpy().astype(np.int64)
+    chain_ids = path[:, 1:]
     return _Positions(
-        row=np.full(j.shape[0], b, dtype=np.int64),
-        col=columns[i],
-        student_id=ids[i],
-        student_len=s_len[i],
-        consumed=consumed.astype(np.int64),
-        chain_ids=np.where(inside, ids[follow_c], -1),
-        chain_cols=columns[follow_c],
-        chain_lens=np.where(inside, s_len[follow_c], 0),
-        top_ids=top_ids[j],
-        top_logprobs=top_lp[j],
+        row=compact.positions[:, 0].numpy().astype(np.int64),
+        col=compact.positions[:, 1].numpy().astype(np.int64),
+        student_id=path[:, 0],
+        student_len=compact.student_length.numpy().astype(np.int64),
+        consumed=compact.consumed.numpy().astype(np.int64),
+        chain_ids=chain_ids,
+        chain_cols=compact.path_columns.numpy().astype(np.int64),
+        chain_lens=np.where(chain_ids >= 0, vocab.student_byte_lengths[np.maximum(chain_ids, 0)], 0),
+        top_ids=compact.teacher_topk_ids.numpy().astype(np.int64),
+        top_logprobs=compact.teacher_topk_logprobs.numpy(),
     )
-
-
-def _concat_positions(parts: list[_Positions]) -> _Positions:
-    k = max(p.top_ids.shape[1] for p in parts)
-
-    def pad(x: np.ndarray, value: float) -> np.ndarray:
-        return np.pad(x, ((0, 0), (0, k - x.shape[1])), constant_values=value)
-
-    fields = {}
-    for name in _Positions.__dataclass_fields__:
-        values = [getattr(p, name) for p in parts]
-        if name == "top_ids":
-            values = [pad(v, -1) for v in values]
-        elif name == "top_logprobs":
-            values = [pad(v.astype(np.float32), -np.inf) for v in values]
-        fields[name] = np.concatenate(values)
-    return _Positions(**fields)
 
 
 def reference_projection_inputs(
@@ -144,55 +79,32 @@ def reference_projection_inputs(
     max_chain: int = DEFAULT_MAX_CHAIN,
     lookups: PrefixLookups | None = None,
 ) -> ProjectionInputs:
-    """Projection inputs of a batch in OpenRLHF's layout (``action_mask[b, j]``: logits column j predicts action j).
-
-    ``student_ids[b]`` are the response (action) ids of row b; ``alignments[b]`` must be a spans alignment of
-    them with byte ends. Samples that are not aligned or have no teacher top-k contribute nothing.
-    Raises ``ValueError`` naming the sample where an alignment does not match its ids, actions or teacher rows.
-    """
-    mask = action_mask.to(torch.bool).cpu().numpy()
-    if not (len(alignments) == len(student_ids) == len(teacher_topk_ids) == mask.shape[0]):
-        raise ValueError(
-            f"{len(alignments)} alignments / {len(student_ids)} id rows / {len(teacher_topk_ids)} top-k for "
-            f"{mask.shape[0]} rows."
-        )
-    parts = []
-    for b, (alignment, ids, top_ids, top_lp) in enumerate(
-        zip(alignments, student_ids, teacher_topk_ids, teacher_topk_logprobs)
-    ):
-        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
-        columns = np.flatnonzero(mask[b])
-        if not (len(alignment.student_group) == ids.shape[0] == columns.shape[0]):
-            raise ValueError(
-                f"Sample {b}: {len(alignment.student_group)} aligned student tokens, {ids.shape[0]} ids and "
-                f"{columns.shape[0]} actions must be equal."
-            )
-        if not alignment.aligned or alignment.num_groups == 0 or top_ids is None or top_lp is None:
-            continue
-        if alignment.student_ends is None or alignment.teacher_ends is None:
-            raise ValueError(f"Sample {b}: the byte projection needs a spans alignment (byte ends).")
-        top_ids, top_lp = checked_topk(b, alignment, top_ids, top_lp)
-        if (ids >= vocab.size).any():
-            continue  # ids beyond the tokenizer (padded embedding rows): the text is unknown
-        part = _sample_positions(b, alignment, ids, columns, top_ids, top_lp, max_chain)
-        if part is not None:
-            parts.append(part)
+    """:func:`~gold_plugin.signals.logit.byte_projection_inputs.projection_inputs`, assembled from byte strings."""
+    compact = projection_positions(
+        vocab,
+        alignments,
+        student_ids,
+        teacher_topk_ids,
+        teacher_topk_logprobs,
+        action_mask,
+        max_chain=max_chain,
+    )
     lookups = lookups if lookups is not None else PrefixLookups.build(vocab)
-    return _build(vocab, lookups, parts, action_mask.device, student_end_ids, teacher_end_ids, max_chain)
+    pos = _positions(compact, vocab)
+    return _build(vocab, lookups, pos, action_mask.device, student_end_ids, teacher_end_ids, max_chain)
 
 
 def _build(
     vocab: SortedVocab,
     lookups: PrefixLookups,
-    parts: list[_Positions],
+    pos: _Positions | None,
     device: torch.device,
     student_end_ids: Sequence[int],
     teacher_end_ids: Sequence[int],
     max_chain: int,
 ) -> ProjectionInputs:
     end_ranks = vocab.rank[np.asarray([e for e in student_end_ids if 0 <= e < vocab.size], dtype=np.int64)]
-    if parts:
-        pos = _concat_positions(parts)
+    if pos is not None:
         fields = _assemble(vocab, lookups, pos, end_ranks, teacher_end_ids, max_chain)
         fields.update(
             positions=np.stack([pos.row, pos.col], axis=1),
