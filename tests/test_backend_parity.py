@@ -16,8 +16,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_openrlhf_actor import _trainer, init_gloo
-from test_openrlhf_experience import REWARDS, ROWS, TOPK, _makers, _plan, _rollouts, build_models
+from openrlhf_helpers import (
+    REWARDS,
+    ROWS,
+    TOPK,
+    build_models,
+    init_gloo,
+    make_makers,
+    make_plan,
+    make_rollouts,
+    make_trainer,
+)
 
 from gold_plugin.local.config import LocalTrainConfig
 from gold_plugin.local.modeling import Rollout
@@ -64,9 +73,9 @@ def teacher(models):
 def openrlhf_side(models, teacher, request):
     """At a rollout temperature other than 1 both backends divide the logits by it for the policy; the logit loss
     sees the model's own distribution in both (docs/signals.md)."""
-    plan = _plan(models, alpha=0.5, extra=f"{OPTIONS} --rollout.temperature {request.param}")
-    maker, _, strategy, tok = _makers(models, teacher, plan, rows=PARITY_ROWS)
-    experiences = maker.make_experience_batch(_rollouts(strategy, tok, unknown_prompt=False))
+    plan = make_plan(models, alpha=0.5, extra=f"{OPTIONS} --rollout.temperature {request.param}")
+    maker, _, strategy, tok = make_makers(models, teacher, plan, rows=PARITY_ROWS)
+    experiences = maker.make_experience_batch(make_rollouts(strategy, tok, unknown_prompt=False))
     return plan, experiences
 
 
@@ -91,7 +100,9 @@ def _local_side(models, teacher, plan, monkeypatch):
     tok = load_test_tokenizer("qwen")
     sampled: dict[tuple, list[list[int]]] = {}
     rewards: dict[tuple, float] = {}
-    for sample, reward in zip(_rollouts(SimpleNamespace(args=plan.args), tok, unknown_prompt=False), REWARDS):
+    for sample, reward in zip(
+        make_rollouts(SimpleNamespace(args=plan.args), tok, unknown_prompt=False), REWARDS
+    ):
         prompt_ids, response = _split(sample.sequences[0], sample.action_mask[0])
         sampled.setdefault(prompt_ids, []).append(list(response))
         [request] = teacher_requests(tok, [list(response)], [None])
@@ -179,9 +190,9 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     plain_batch = copy.deepcopy(batch)
     for key in [k for k in plain_batch.info if k.startswith("gold_logit_inputs.")]:
         plain_batch.info.pop(key)
-    plain, plain_strategy, _ = _trainer(setup, monkeypatch, gold=False)
+    plain, plain_strategy, _ = make_trainer(setup, monkeypatch, gold=False)
     plain.training_step(plain_batch, 0.0, 0)
-    gold, gold_strategy, _ = _trainer(setup, monkeypatch, gold=True)
+    gold, gold_strategy, _ = make_trainer(setup, monkeypatch, gold=True)
     status = gold.training_step(batch, 0.0, 0)
     openrlhf_term = float(gold_strategy.losses[0] - plain_strategy.losses[0])
 

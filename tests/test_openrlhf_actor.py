@@ -14,20 +14,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.append(str(Path(__file__).parent / "stubs"))  # vllm / flash_attn import stand-ins when not installed
 
-from openrlhf.models import Actor  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import (  # noqa: E402
     Experience,
     make_experience_batch,
     split_experience_batch,
 )
-from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer  # noqa: E402
+from openrlhf_helpers import init_gloo, make_trainer  # noqa: E402
 
 from gold_plugin.alignment import VocabMap  # noqa: E402
-from gold_plugin.integrations.openrlhf.actor import GoldActorPPOTrainer  # noqa: E402
 from gold_plugin.integrations.openrlhf.args import build_parser  # noqa: E402
 from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     LOGIT_INPUTS_PREFIX,
@@ -35,53 +32,12 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
 from gold_plugin.signals.logit import LogitLossInputs  # noqa: E402
-from gold_plugin.step import LogitVocab  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 TOPK = 5
 ALPHA, LOGIT_COEF = 0.5, 3.0
-
-
-class RecordingStrategy:
-    """The DeepSpeed strategy's training-step surface, on CPU: records every backward."""
-
-    def __init__(self, args):
-        self.args = args
-        self.ring_attn_group = None
-        self.accumulated_gradient = 1
-        self.losses: list[torch.Tensor] = []
-
-    def backward(self, loss, model, optimizer, **kwargs):
-        self.losses.append(loss.detach().clone())
-        loss.backward()
-
-    def optimizer_step(self, optimizer, model, scheduler, name="model", **kwargs):
-        optimizer.step()
-        scheduler.step()
-
-    def moving_average(self, *args, **kwargs):
-        raise AssertionError("no EMA in this test")
-
-    def get_grad_norm(self, model):
-        return 0.0
-
-    def all_reduce(self, data, op="mean"):
-        return data
-
-    def is_rank_0(self):
-        return True
-
-    def print(self, *args):
-        pass
-
-
-def init_gloo(tmp_path_factory) -> None:
-    """A one-process gloo group standing in for the NCCL world (OpenRLHF's loss normalisers all-reduce)."""
-    if not dist.is_initialized():
-        rendezvous = tmp_path_factory.mktemp("gloo") / "rendezvous"
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -104,24 +60,6 @@ def setup(tmp_path_factory, process_group):
     student_tok, teacher_tok = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
     mapping = VocabMap(student_tok, teacher_tok).teacher_to_student_tensor()
     return SimpleNamespace(plan=plan, student_dir=student_dir, mapping=mapping, tok=student_tok)
-
-
-def _trainer(setup, monkeypatch, gold: bool):
-    from transformers import LlamaForCausalLM
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the replay buffer only names a device
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    model = LlamaForCausalLM.from_pretrained(setup.student_dir)
-    actor = Actor(model, temperature=setup.plan.args.rollout.temperature)  # as OpenRLHF's actor worker
-    actor.packing_samples = False
-    optimizer = torch.optim.SGD(actor.parameters(), lr=0.0)  # lr 0: both runs see the same weights
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    strategy = RecordingStrategy(setup.plan.args)
-    trainer = ActorPPOTrainer(strategy, actor, None, optimizer, scheduler, tokenizer=setup.tok)
-    if gold:
-        trainer.__class__ = GoldActorPPOTrainer
-        trainer.setup_gold(setup.plan.gold, getattr(setup, "vocab", None) or LogitVocab(setup.mapping))
-    return trainer, strategy, actor
 
 
 def _experience(setup, actor) -> tuple[Experience, list[tuple[int, int, torch.Tensor, torch.Tensor]]]:
@@ -185,7 +123,7 @@ def _grads(actor):
 
 
 def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monkeypatch):
-    plain, plain_strategy, plain_actor = _trainer(setup, monkeypatch, gold=False)
+    plain, plain_strategy, plain_actor = make_trainer(setup, monkeypatch, gold=False)
     experience, expected = _experience(setup, plain_actor)
     plain_exp, _ = _experience(setup, plain_actor)
     for key in _logit_keys(plain_exp.info):
@@ -193,7 +131,7 @@ def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monk
     plain_status = plain.training_step(plain_exp, 0.0, 0)
     plain_grads = _grads(plain_actor)
 
-    gold, gold_strategy, gold_actor = _trainer(setup, monkeypatch, gold=True)
+    gold, gold_strategy, gold_actor = make_trainer(setup, monkeypatch, gold=True)
     assert _logit_keys(experience.info)
     status = gold.training_step(experience, 0.0, 0)
     gold_grads = _grads(gold_actor)
@@ -240,7 +178,7 @@ def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monk
 
 
 def test_advantage_only_signal_leaves_openrlhf_training_step_unchanged(setup, monkeypatch):
-    gold, strategy, actor = _trainer(setup, monkeypatch, gold=True)
+    gold, strategy, actor = make_trainer(setup, monkeypatch, gold=True)
     gold.gold = resolve_launch(
         build_parser().parse_args(
             f"--actor.model_name_or_path {setup.student_dir} --gold.teacher.model_name_or_path /x "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,73 +22,29 @@ sys.path.append(str(Path(__file__).parent / "stubs"))  # vllm / flash_attn impor
 
 ray = pytest.importorskip("ray")
 
-from openrlhf.models import Actor  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import balance_experiences  # noqa: E402
-from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
-from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer  # noqa: E402
-from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator  # noqa: E402
+from openrlhf_helpers import (  # noqa: E402
+    RESPONSES,
+    ROWS,
+    build_models,
+    make_makers,
+    make_plan,
+    make_rollouts,
+)
 
 from gold_plugin.alignment import align, text_for_teacher  # noqa: E402
-from gold_plugin.integrations.openrlhf.args import build_parser  # noqa: E402
 from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     LOGIT_INPUTS_PREFIX,
-    GoldExperienceMaker,
     pop_logit_inputs,
     unpack_logit_inputs,
 )
-from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
-from gold_plugin.integrations.openrlhf.prompts import build_prompt_lookup, build_reference_lookup  # noqa: E402
 from gold_plugin.signals.logit import LogitLossInputs  # noqa: E402
-from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherRequest  # noqa: E402
+from gold_plugin.teacher import TeacherGroup, TeacherRequest  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
-from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]  # one Ray teacher actor + tiny models: ~1-2 min on 2 cores
-
-TOPK = 4
-ROWS = [
-    {"input": "What is 3 + 4?", "label": "7"},
-    {"input": "Name a French pastry.", "label": "croissant"},
-    {"input": "Spell 'naïve' with its accent.", "label": "naïve"},
-]
-RESPONSES = [  # two samples per prompt; the last of each pair is cut (no EOS)
-    ("3 + 4 = 7. The answer is 7.", True),
-    ("It is 7, I think", False),
-    ("A croissant — café au lait ☕", True),
-    ("Pain au chocolat!", True),
-    ("naïve: n-a-ï-v-e", True),
-    ("Surely ‘naive’ works too", False),
-]
-REWARDS = [1.0, 0.0, 1.0, 0.5, 1.0, 0.0]
-
-
-def build_models(tmp_path_factory) -> SimpleNamespace:
-    """Tiny Llamas: student and reference with the Qwen tokenizer, teacher with the Mistral one."""
-    student_dir = save_tiny_teacher(tmp_path_factory.mktemp("student"), "qwen", seed=1)
-    teacher_dir = save_tiny_teacher(tmp_path_factory.mktemp("teacher"), "mistral", seed=2)
-    ref_dir = save_tiny_teacher(tmp_path_factory.mktemp("ref"), "qwen", seed=3)
-    from transformers import LlamaForCausalLM
-
-    student = LlamaForCausalLM.from_pretrained(student_dir).eval()
-    reference = LlamaForCausalLM.from_pretrained(ref_dir).eval()
-    scorers = []
-
-    def local_teacher():
-        if not scorers:
-            scorers.append(
-                HFTeacher(str(teacher_dir), device="cpu", tokenizer=load_test_tokenizer("mistral"))
-            )
-        return scorers[0]
-
-    return SimpleNamespace(
-        student_dir=student_dir,
-        teacher_dir=teacher_dir,
-        student=student,
-        reference=reference,
-        local_teacher=local_teacher,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -100,131 +55,10 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_group(local_ray, models):
     """A real TeacherGroup: one Ray actor running HFTeacher on CPU."""
-    plan = _plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
+    plan = make_plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
     group = TeacherGroup(plan.gold, scorer_overrides={"device": "cpu"})
     yield group
     group.shutdown()
-
-
-def _plan(models, alpha: float, extra: str = "", estimator: str = "group_norm"):
-    argv = (
-        f"--actor.model_name_or_path {models.student_dir} --gold.teacher.model_name_or_path {models.teacher_dir} "
-        f"--gold.teacher.num_gpus_per_replica 0 --gold.teacher.topk {TOPK} --gold.teacher.micro_batch_size 4 "
-        f"--data.prompt_dataset unused.jsonl --data.apply_chat_template --data.label_key label "
-        f"--data.output_key label "
-        f"--algo.advantage.estimator {estimator} --rollout.n_samples_per_prompt 2 --rollout.batch_size 3 "
-        f"--rollout.micro_batch_size 2 --actor.num_nodes 1 --actor.num_gpus_per_node 2 --vllm.num_engines 1 "
-        f"--algo.kl.init_coef 0.05 --algo.kl.use_loss --gold.alpha {alpha} --gold.kl_coef 2.0 "
-        f"--gold.kl_discount 0.5 --reward.remote_url /unused/reward.py {extra}"
-    ).split()
-    return resolve_launch(build_parser().parse_args(argv))
-
-
-class LocalModelGroup:
-    """In-process stand-in for an OpenRLHF ``RayActorGroup`` whose DeepSpeed actors need CUDA.
-
-    ``async_run_method_batch("forward", sequences=[...], ...)`` runs ``forward`` on every micro-batch here and
-    returns a Ray object ref of the results, exactly the shape OpenRLHF's group returns (one chunk, one actor).
-    """
-
-    def __init__(self, forward):
-        self.forward = forward
-        self.calls = 0
-
-    def async_run_method_batch(self, method_name, **kwargs):
-        assert method_name == "forward"
-        self.calls += 1
-        count = len(next(iter(kwargs.values())))
-        results = [self.forward(**{k: v[i] for k, v in kwargs.items()}) for i in range(count)]
-        return [ray.put(results)]
-
-    def async_run_method(self, method_name, *args, **kwargs):
-        return []
-
-
-def _log_prob_group(model, temperature: float = 1.0):
-    actor = Actor(model, temperature=temperature)  # OpenRLHF's actor workers use --rollout.temperature
-    actor.packing_samples = False  # set by Actor.__init__ only when it loads the model itself
-
-    def forward(sequences, action_mask, attention_mask, mm_train_inputs_list=None):
-        with torch.no_grad():
-            return actor(sequences, action_mask, attention_mask)
-
-    return LocalModelGroup(forward)
-
-
-class RefusingRewardGroup(LocalModelGroup):
-    def __init__(self):
-        super().__init__(None)
-
-    def async_run_method_batch(self, method_name, **kwargs):
-        raise AssertionError("a reward model was asked for a reward")
-
-
-def _critic_group():
-    def forward(sequences, action_mask, attention_mask, **_):
-        return torch.linspace(-0.5, 0.5, action_mask.numel()).reshape(action_mask.shape) * action_mask
-
-    return LocalModelGroup(forward)
-
-
-def _rollouts(strategy, student_tok, rewards=REWARDS, unknown_prompt: bool = True) -> list:
-    """Experiences built by OpenRLHF's own samples generator from vLLM-shaped responses.
-
-    ``unknown_prompt``: sample 4's prompt is one the prompt lookup does not know (the teacher then falls back to
-    the student's prompt text).
-    """
-    generator = SamplesGenerator(strategy, None, None, student_tok, vllm_engines=[])
-    samples = []
-    for index, ((text, ends), reward) in enumerate(zip(RESPONSES, rewards)):
-        row = ROWS[index // 2]
-        prompt = student_tok.apply_chat_template(
-            [{"role": "user", "content": row["input"]}], tokenize=False, add_generation_prompt=True
-        )
-        if index == 4 and unknown_prompt:
-            prompt = prompt.replace("Spell", "Please spell")
-        prompt_ids = student_tok(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = student_tok(text, add_special_tokens=False)["input_ids"]
-        if ends:
-            response_ids = response_ids + [student_tok.convert_tokens_to_ids("<|im_end|>")]
-        response = {
-            "prompt": prompt,
-            "label": row["label"],
-            "observation_tokens": prompt_ids + response_ids,
-            "action_ranges": [(len(prompt_ids), len(prompt_ids) + len(response_ids))],
-            "rollout_log_probs": None,
-            "reward": reward,
-            "scores": reward,
-            "truncated": not ends,
-        }
-        samples.append(generator._process_response_into_experience(response, max_len=512))
-    return samples
-
-
-def _makers(models, teacher, plan, critic=False, rows=ROWS):
-    student_tok = load_test_tokenizer("qwen")
-    strategy = SimpleNamespace(args=plan.args)
-    groups = dict(
-        actor_model_group=_log_prob_group(models.student, plan.args.rollout.temperature),
-        critic_model_group=_critic_group() if critic else None,
-        reward_model_group=RefusingRewardGroup(),
-        initial_model_group=_log_prob_group(models.reference, plan.args.rollout.temperature),
-        kl_controller=FixedKLController(plan.args.algo.kl.init_coef),
-        strategy=strategy,
-        tokenizer=student_tok,
-    )
-    lookup = build_prompt_lookup(rows, student_tok, plan.args.data)
-    references = build_reference_lookup(rows, student_tok, plan.args.data, plan.args.data.output_key)
-    gold = GoldExperienceMaker(
-        **groups,
-        teacher=teacher,
-        gold_config=plan.gold,
-        teacher_tokenizer=load_test_tokenizer("mistral"),
-        prompt_lookup=lookup,
-        reference_lookup=references,
-    )
-    base = RemoteExperienceMaker(**groups)
-    return gold, base, strategy, student_tok
 
 
 def _by_row(experiences):
@@ -272,9 +106,9 @@ def _independent_distill_advantages(models, plan, key, exp, b):
 
 @pytest.mark.parametrize("norm", ["none", "whiten"])
 def test_advantages_are_the_signal_functions_mixed_with_openrlhf_advantages(models, teacher_group, norm):
-    plan = _plan(models, alpha=0.5, extra=f"--gold.advantage_norm {norm} --gold.signal advantage")
-    gold_maker, base_maker, strategy, student_tok = _makers(models, teacher_group, plan)
-    rollouts = _rollouts(strategy, student_tok)
+    plan = make_plan(models, alpha=0.5, extra=f"--gold.advantage_norm {norm} --gold.signal advantage")
+    gold_maker, base_maker, strategy, student_tok = make_makers(models, teacher_group, plan)
+    rollouts = make_rollouts(strategy, student_tok)
     gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
     base_exps = base_maker.make_experience_batch(copy.deepcopy(rollouts))
     gold_rows, base_rows = _by_row(gold_exps), _by_row(base_exps)
@@ -306,15 +140,15 @@ def test_advantages_are_the_signal_functions_mixed_with_openrlhf_advantages(mode
 
 
 def test_reward_free_run_never_reads_rewards(models, teacher_group):
-    plan = _plan(
+    plan = make_plan(
         models,
         alpha=1.0,
         extra="--algo.advantage.estimator reinforce --gold.advantage_norm none --gold.signal advantage",
     )
     assert plan.args.reward.remote_url is None
-    gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan)
     nan_rewards = [float("nan")] * len(RESPONSES)
-    rollouts = _rollouts(strategy, student_tok, rewards=nan_rewards)
+    rollouts = make_rollouts(strategy, student_tok, rewards=nan_rewards)
     for sample in rollouts:  # as if no reward function ran: OpenRLHF would now ask the reward model
         sample.rewards = None
         sample.info.pop("reward")
@@ -335,11 +169,11 @@ def test_reward_free_run_never_reads_rewards(models, teacher_group):
     "estimator", ["group_norm", "rloo", "reinforce_baseline", "dr_grpo", "reinforce", "gae"]
 )
 def test_alpha_zero_reproduces_openrlhf_advantages_exactly(models, teacher_group, estimator):
-    plan = _plan(models, alpha=0.0, estimator=estimator)
-    gold_maker, base_maker, strategy, student_tok = _makers(
+    plan = make_plan(models, alpha=0.0, estimator=estimator)
+    gold_maker, base_maker, strategy, student_tok = make_makers(
         models, teacher_group, plan, critic=estimator == "gae"
     )
-    rollouts = _rollouts(strategy, student_tok)
+    rollouts = make_rollouts(strategy, student_tok)
     gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
     base_exps = base_maker.make_experience_batch(copy.deepcopy(rollouts))
     for gold_exp, base_exp in zip(gold_exps, base_exps):
@@ -366,9 +200,9 @@ def _logit_inputs_by_sample(experiences) -> dict:
 
 
 def test_logit_inputs_survive_openrlhf_batching_and_replay_buffer(models, teacher_group, monkeypatch):
-    plan = _plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
-    gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
-    experiences = gold_maker.make_experience_batch(_rollouts(strategy, student_tok))
+    plan = make_plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan)
+    experiences = gold_maker.make_experience_batch(make_rollouts(strategy, student_tok))
     before = _logit_inputs_by_sample(experiences)
     for key, (exp, b) in _by_row(experiences).items():
         columns, ids, _ = before[key]
@@ -396,14 +230,14 @@ def test_logit_inputs_survive_openrlhf_batching_and_replay_buffer(models, teache
 
 
 def test_lmbda_replaces_a_share_of_the_prompts_by_their_reference_completion(models, teacher_group):
-    plan = _plan(
+    plan = make_plan(
         models,
         alpha=1.0,
         extra="--algo.advantage.estimator reinforce --gold.signal both --gold.logit_projection vocab --gold.lmbda 0.5",
     )
-    gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan)
     gold_maker.reference_lookup.pop(next(iter(gold_maker.reference_lookup)))  # the first prompt has none
-    experiences = gold_maker.make_experience_batch(_rollouts(strategy, student_tok))
+    experiences = gold_maker.make_experience_batch(make_rollouts(strategy, student_tok))
     rows = _by_row(experiences)
     eos = student_tok.eos_token_id
     off_keys = [k for k, (exp, b) in rows.items() if float(exp.info["gold/off_policy"][b]) == 1.0]
@@ -435,8 +269,8 @@ def test_lmbda_replaces_a_share_of_the_prompts_by_their_reference_completion(mod
 def test_teacher_scoring_is_in_flight_while_the_model_forwards_run(models, teacher_group):
     import threading
 
-    plan = _plan(models, alpha=0.5)
-    gold_maker, _, strategy, student_tok = _makers(models, teacher_group, plan)
+    plan = make_plan(models, alpha=0.5)
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan)
     started, overlapped = threading.Event(), []
 
     class SignallingTeacher:
@@ -454,6 +288,6 @@ def test_teacher_scoring_is_in_flight_while_the_model_forwards_run(models, teach
 
     gold_maker.teacher = SignallingTeacher()
     gold_maker.actor_model_group.forward = forward_after_teacher_started
-    experiences = gold_maker.make_experience_batch(_rollouts(strategy, student_tok))
+    experiences = gold_maker.make_experience_batch(make_rollouts(strategy, student_tok))
     assert overlapped and all(overlapped)
     assert all(exp.info["gold/unaligned"].sum() == 0 for exp in experiences)
