@@ -22,7 +22,8 @@ and candidate is a gather, a comparison or a hash probe; no byte string is touch
   the same bytes (-1 = none).
 - **Per teacher id**: text or not (special / empty), canonical id, byte length, hash of each prefix (ragged), the
   deepest student node on its bytes (its depth = the longest prefix of it that starts some student token), and
-  its parent teacher token (the longest proper prefix of its bytes that is a teacher token, canonical; -1 = none).
+  its position in the teacher's byte order with the end of the run of tokens that extend it (the proper-prefix
+  test between candidates).
 
 Pure numpy and torch.
 """
@@ -235,7 +236,6 @@ class ProjectionTables:
     """int64 [sum of lengths]: hash of the first ``m`` bytes of teacher id c at ``teacher_offset[c] + m - 1``."""
     teacher_node: torch.Tensor
     """int64 [V_teacher]: the deepest student node on the teacher token's bytes (0 = root)."""
-    teacher_parent: torch.Tensor
     teacher_order: torch.Tensor
     teacher_order_end: torch.Tensor
     """int64 [V_teacher]: position of the teacher token's bytes among the distinct regular teacher tokens sorted by
@@ -343,8 +343,6 @@ def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | Non
     deepest = np.zeros(t_size, dtype=np.int64)
     matching = text.copy()
     depth_max = int(t_lengths.max(initial=0))
-    # Canonical teacher ids by the hash of their whole bytes, for the parent-token search.
-    canonical_ids = np.unique(vocab.teacher_canonical[vocab.teacher_canonical >= 0])
     for depth in range(1, depth_max + 1):
         at = np.flatnonzero(t_lengths >= depth)
         hashes[:, at] = _step(hashes[:, at], t_matrix[at, depth - 1], bases)
@@ -363,27 +361,7 @@ def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | Non
         )
         deepest[walk[ok]] = found[ok]
         matching[walk[~ok]] = False
-    canonical_keys = pack_key(hashes[0, canonical_ids], hashes[1, canonical_ids])
-    if np.unique(canonical_keys).shape[0] != canonical_keys.shape[0]:
-        return None
-    t_table = _OpenTable.build(canonical_keys) if canonical_ids.shape[0] else None
 
-    # Parent teacher token: the longest proper prefix that is a (canonical) teacher token, checked by bytes.
-    parent = np.full(t_size, -1, dtype=np.int64)
-    if t_table is not None:
-        for depth in range(1, depth_max):
-            at = np.flatnonzero(text & (t_lengths > depth))
-            pre = t_prefix[:, t_offsets[at] + depth - 1]
-            hit = t_table.lookup(pack_key(pre[0], pre[1]))
-            where = np.flatnonzero(hit >= 0)
-            if not where.shape[0]:
-                continue
-            cand = canonical_ids[hit[where]]
-            child = at[where]
-            same = (t_lengths[cand] == depth) & (t_matrix[cand, :depth] == t_matrix[child, :depth]).all(
-                axis=1
-            )
-            parent[child[same]] = cand[same]
     sorted_teacher = vocab.teacher_sorted_keys
     order = np.where(text, np.searchsorted(sorted_teacher, vocab.teacher_keys[:t_size]), -1)
     order_end = np.where(
@@ -434,7 +412,6 @@ def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | Non
         teacher_prefix_h1=tensor(t_prefix[0]),
         teacher_prefix_h2=tensor(t_prefix[1]),
         teacher_node=tensor(deepest),
-        teacher_parent=tensor(parent),
         teacher_order=tensor(order),
         teacher_order_end=tensor(order_end),
     )
