@@ -97,12 +97,11 @@ class ProjectionVocab:
             raise ValueError(
                 "This ProjectionVocab has no pair tables; build it with ProjectionVocab.from_sorted."
             )
-        device = self.order.device
-        moved = ProjectionPositions(
-            **{f.name: getattr(positions, f.name).to(device) for f in dataclasses.fields(positions)}
-        )
         return expand_positions(
-            self.tables, moved, student_end_ids=self.student_end_ids, teacher_end_ids=self.teacher_end_ids
+            self.tables,
+            positions.to(self.order.device),
+            student_end_ids=self.student_end_ids,
+            teacher_end_ids=self.teacher_end_ids,
         )
 
 
@@ -249,10 +248,8 @@ def projected_logit_loss(
     vocab = vocab.to(device)
     if isinstance(inputs, ProjectionPositions):
         inputs = vocab.expand(inputs)
-    elif inputs.positions.device != device:
-        inputs = ProjectionInputs(
-            **{f.name: getattr(inputs, f.name).to(device) for f in dataclasses.fields(inputs)}
-        )
+    else:
+        inputs = inputs.to(device)
     num = inputs.num_positions
     if num == 0:
         zero = student_logits.new_zeros(0, dtype=dtype)

@@ -46,6 +46,7 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,6 +106,10 @@ class ProjectionInputs:
     def num_positions(self) -> int:
         return int(self.positions.shape[0])
 
+    def to(self, device: torch.device | str) -> ProjectionInputs:
+        """Every field on ``device``."""
+        return _fields_to(self, device)
+
 
 @dataclass
 class ProjectionPositions:
@@ -134,6 +139,15 @@ class ProjectionPositions:
     @property
     def num_positions(self) -> int:
         return int(self.positions.shape[0])
+
+    def to(self, device: torch.device | str) -> ProjectionPositions:
+        """Every field on ``device``."""
+        return _fields_to(self, device)
+
+
+def _fields_to(inputs: Any, device: torch.device | str) -> Any:
+    """A copy of a dataclass of tensors with every field on ``device``."""
+    return type(inputs)(**{f.name: getattr(inputs, f.name).to(device) for f in dataclasses.fields(inputs)})
 
 
 # ── step 1: where each teacher position sits on the student side (experience maker) ──
@@ -691,12 +705,9 @@ def projection_inputs(
         max_chain=max_chain,
     )
     device = action_mask.device
-    compact = ProjectionPositions(
-        **{f.name: getattr(compact, f.name).to(device) for f in dataclasses.fields(compact)}
-    )
     return expand_positions(
         projection_tables(vocab, device),
-        compact,
+        compact.to(device),
         student_end_ids=student_end_ids,
         teacher_end_ids=teacher_end_ids,
     )
