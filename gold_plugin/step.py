@@ -409,6 +409,11 @@ def build_logit_inputs(
     )
 
 
+def _shift_columns(positions: torch.Tensor, offset: int) -> torch.Tensor:
+    """``(row, column)`` pairs with ``offset`` added to the columns, on the pairs' own device and dtype."""
+    return positions + torch.tensor([0, int(offset)], dtype=positions.dtype, device=positions.device)
+
+
 def compute_logit_loss(
     student_logits: torch.Tensor,
     inputs: LogitLossInputs | ProjectionPositions | ProjectionInputs,
@@ -435,8 +440,7 @@ def compute_logit_loss(
         if action_offset:
             inputs = dataclasses.replace(
                 inputs,
-                positions=inputs.positions
-                + torch.tensor([0, int(action_offset)], dtype=inputs.positions.dtype),
+                positions=_shift_columns(inputs.positions, action_offset),
                 path_columns=inputs.path_columns + int(action_offset),
             )
         return projected_logit_loss(
@@ -444,7 +448,7 @@ def compute_logit_loss(
         )
     positions = inputs.positions
     if action_offset:
-        positions = positions + torch.tensor([0, int(action_offset)], device=positions.device)
+        positions = _shift_columns(positions, action_offset)
     mapping = vocab.teacher_to_student
     if mapping is not None:
         mapping = mapping.to(student_logits.device)

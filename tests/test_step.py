@@ -197,3 +197,15 @@ def test_logit_loss_reduction_is_a_token_mean_over_the_step():
     assert float(logit_metrics(projected, 4)["gold/projection_remainder"]) == pytest.approx(0.5)
     none = LogitLoss(*(torch.zeros(0),) * 3, torch.zeros(0, dtype=torch.bool), 1.0, 0.0, torch.zeros(0))
     assert float(logit_metrics(none, 4)["gold/projection_remainder"]) == 0.0
+
+
+def test_the_action_offset_shift_stays_on_the_positions_device():
+    """The hooks add OpenRLHF's action offset to positions unpacked on the actor's device (a GPU on a cluster);
+    the meta device stands in for it: a shift built on the CPU would raise there."""
+    from gold_plugin.step import _shift_columns
+
+    positions = torch.tensor([[0, 1], [2, 5]], dtype=torch.int32)
+    shifted = _shift_columns(positions, 3)
+    assert shifted.tolist() == [[0, 4], [2, 8]] and shifted.dtype == torch.int32
+    on_meta = _shift_columns(positions.to("meta"), 3)
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 2)
