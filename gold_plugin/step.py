@@ -16,9 +16,10 @@ Imports alignment, signals and the teacher's types; never Ray or OpenRLHF.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from gold_plugin.alignment import (
     text_for_teacher,
     token_byte_lengths,
 )
+from gold_plugin.alignment.flat import FlatAlignment
 from gold_plugin.alignment.sorted_vocab import SortedVocab, sorted_vocab
 from gold_plugin.config import GoldConfig
 from gold_plugin.signals.advantages import DistillAdvantages, batch_distill_advantages, mix_advantages
@@ -53,6 +55,7 @@ __all__ = [
     "LogitVocab",
     "align_results",
     "build_logit_inputs",
+    "chat_messages",
     "choose_off_policy",
     "compute_logit_loss",
     "distill_advantages",
@@ -66,6 +69,8 @@ __all__ = [
     "reference_text",
     "response_ends_with_eos",
     "sample_metrics",
+    "select_samples",
+    "teacher_prompt",
     "teacher_requests",
 ]
 
@@ -125,6 +130,33 @@ def reference_response_ids(
 # ── teacher requests ──
 
 
+def chat_messages(value: Any) -> list[dict[str, Any]] | None:
+    """A dataset's prompt column as chat messages (a string becomes one user turn); None if it is neither."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, Mapping) and "role" in m for m in value):
+        return [dict(copy.deepcopy(m)) for m in value]
+    return None
+
+
+def teacher_prompt(
+    student_prompt: str, messages: list[dict[str, Any]] | None, gold: GoldConfig, chat_template_applied: bool
+) -> tuple[str | list[dict[str, Any]], bool]:
+    """The teacher's prompt for one sample, and whether it fell back to the student's text (both backends).
+
+    With ``--gold.teacher.chat_template teacher`` and a student prompt rendered from chat messages
+    (``--data.apply_chat_template``), the teacher gets the raw ``messages`` to render with its own template;
+    without messages for the row it gets the student's prompt text, and that fallback is counted
+    (``gold/teacher_prompt_fallback``). Otherwise (``student``, or a prompt used as plain text) both models read
+    the same prompt text.
+    """
+    if gold.teacher.chat_template == "student" or not chat_template_applied:
+        return student_prompt, False
+    if messages is None:
+        return student_prompt, True
+    return messages, False
+
+
 def response_ends_with_eos(student_tokenizer: Any, response_ids: Sequence[int] | np.ndarray) -> bool:
     """True when the response's last token is a zero-width special token (EOS / end of turn): the teacher then
     scores its own end-of-turn token in its place."""
@@ -179,17 +211,27 @@ def mask_unscored_groups(alignment: Alignment, teacher_logprobs: np.ndarray) -> 
 
 @dataclass
 class AlignedBatch:
-    """A batch's teacher results aligned to the student's responses (one entry per sample)."""
+    """A batch's teacher results aligned to the student's responses, built once per batch by
+    :func:`align_results`; the distillation advantages, the signal mask and the logit-loss inputs all read it."""
 
     alignments: list[Alignment]
-    """Unscored groups already removed (:func:`mask_unscored_groups`); unalignable samples carry the reason."""
-    teacher_logprobs: list[torch.Tensor]
-    """float32 ``[n_teacher_tokens]`` per sample (NaN only at tokens outside every group)."""
+    """One per sample: unscored groups already removed (:func:`mask_unscored_groups`); unalignable samples carry
+    the reason. The logit-loss inputs read their byte ends."""
+    flat: FlatAlignment
+    """The same alignments as flat arrays with global group ids (the advantages and the signal mask read these)."""
+    teacher_logprobs: torch.Tensor
+    """float32 ``[T]``: the teacher's log-prob of every teacher response token, in ``flat.teacher_group``'s order
+    (NaN only at tokens outside every group)."""
     results: list[TeacherResult | None]
     teacher_failed: torch.Tensor
     """``[B]`` bool: no teacher result, or the teacher reported an error for the sample."""
     masked_tokens: torch.Tensor
     """``[B]`` float: teacher tokens that did not fit the teacher's context."""
+
+    @property
+    def usable_results(self) -> list[TeacherResult | None]:
+        """The teacher result of every sample, None where it failed."""
+        return [r if r is not None and r.error is None else None for r in self.results]
 
 
 def align_results(
@@ -210,7 +252,7 @@ def align_results(
         raise ValueError(f"{len(results)} teacher results for {len(response_ids)} responses.")
     count = len(response_ids)
     alignments: list[Alignment | None] = [None] * count
-    logprobs: list[torch.Tensor] = [torch.zeros(0)] * count
+    logprobs: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * count
     failed = torch.zeros(count, dtype=torch.bool)
     masked = torch.zeros(count)
     todo = []
@@ -236,10 +278,11 @@ def align_results(
     for b, alignment in zip(todo, aligned):
         values = np.array(results[b].logprobs, dtype=np.float32)  # a copy: results may be read-only arrays
         alignments[b] = mask_unscored_groups(alignment, values)
-        logprobs[b] = torch.from_numpy(values)
+        logprobs[b] = values
     return AlignedBatch(
         alignments=alignments,  # type: ignore[arg-type]
-        teacher_logprobs=logprobs,
+        flat=FlatAlignment.build(alignments),  # type: ignore[arg-type]
+        teacher_logprobs=torch.from_numpy(np.concatenate(logprobs) if logprobs else np.zeros(0, np.float32)),
         results=list(results),
         teacher_failed=failed,
         masked_tokens=masked,
@@ -256,17 +299,15 @@ def distill_advantages(
     the ``[B, A]`` bool mask of the tokens that carry a signal (tokens of scored groups)."""
     mask = action_mask.to(torch.bool)
     distill = batch_distill_advantages(
-        aligned.alignments,
+        aligned.flat,
         aligned.teacher_logprobs,
         action_log_probs.float(),
         mask,
         kl_discount=gold.kl_discount,
         length_normalised=gold.kl_length_normalised,
     )
-    groups = [np.asarray(a.student_group) for a in aligned.alignments]
     signal = torch.zeros_like(mask)
-    if groups:
-        signal[mask] = torch.from_numpy(np.concatenate(groups) >= 0).to(mask.device)
+    signal[mask] = torch.from_numpy(aligned.flat.student_group >= 0).to(mask.device)
     return distill, signal
 
 
@@ -324,6 +365,16 @@ class LogitVocab:
     """The student's EOS: its probability is the end event of the byte projection."""
     teacher_end_ids: tuple[int, ...] = ()
     """The teacher's special ids (EOS, end-of-turn, ...): one end event."""
+    _mapping_on_device: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def mapping_on(self, device: torch.device | str) -> torch.Tensor | None:
+        """``teacher_to_student`` on ``device``, copied there once per device (None without it)."""
+        if self.teacher_to_student is None:
+            return None
+        key = str(torch.device(device))
+        if key not in self._mapping_on_device:
+            self._mapping_on_device[key] = self.teacher_to_student.to(device)
+        return self._mapping_on_device[key]
 
     @classmethod
     def build(cls, student_tokenizer: Any, teacher_tokenizer: Any, gold: GoldConfig) -> LogitVocab:
@@ -367,8 +418,7 @@ def logit_inputs_class(gold: GoldConfig) -> type:
 
 
 def build_logit_inputs(
-    alignments: Sequence[Alignment],
-    results: Sequence[TeacherResult | None],
+    aligned: AlignedBatch,
     response_ids: Sequence[Sequence[int] | np.ndarray],
     action_mask: torch.Tensor,
     gold: GoldConfig,
@@ -383,30 +433,45 @@ def build_logit_inputs(
     column j predict), ``sample_index`` the row of each position; every other field is per position
     (first dimension N). Samples without teacher top-k or without alignment contribute nothing.
     """
-    counts = action_mask.to(torch.bool).sum(dim=1).tolist()
+    counts = action_mask.to(torch.bool).sum(dim=1).cpu().numpy()
+    aligned.flat.check_actions(counts)
     for b, ids in enumerate(response_ids):
         if len(ids) != counts[b]:
             raise ValueError(
                 f"Sample {b}: {len(ids)} response ids but action_mask marks {counts[b]} actions."
             )
-    usable = [r is not None and r.error is None for r in results]
+    results = aligned.usable_results
+    topk_ids = [r.topk_ids if r is not None else None for r in results]
+    topk_logprobs = [r.topk_logprobs if r is not None else None for r in results]
     if _projects_bytes(gold):
         if vocab is None or vocab.sorted is None:
             raise ValueError("--gold.logit_projection bytes: pass the LogitVocab built for it.")
         return projection_positions(
-            vocab.sorted,
-            alignments,
-            response_ids,
-            [r.topk_ids if ok else None for r, ok in zip(results, usable)],
-            [r.topk_logprobs if ok else None for r, ok in zip(results, usable)],
-            action_mask,
+            vocab.sorted, aligned.alignments, response_ids, topk_ids, topk_logprobs, action_mask
         )
-    return logit_loss_inputs(
-        alignments,
-        [r.topk_ids if ok else None for r, ok in zip(results, usable)],
-        [r.topk_logprobs if ok else None for r, ok in zip(results, usable)],
-        action_mask,
+    return logit_loss_inputs(aligned.alignments, topk_ids, topk_logprobs, action_mask)
+
+
+def select_samples(
+    inputs: LogitLossInputs | ProjectionPositions, rows: Sequence[int]
+) -> LogitLossInputs | ProjectionPositions:
+    """The positions of samples ``rows`` (in that order) of a batch's inputs, renumbered ``0..len(rows)-1``: the
+    inputs of a micro-batch taken from inputs built once for a whole step (columns unchanged)."""
+    index = torch.as_tensor(list(rows), dtype=torch.int64, device=inputs.sample_index.device)
+    rows_before = int(inputs.sample_index.max()) + 1 if inputs.num_positions else 0
+    batch = max(rows_before, int(index.max()) + 1 if index.numel() else 0)
+    new_row = torch.full((batch,), -1, dtype=torch.int64, device=index.device)
+    new_row[index] = torch.arange(index.shape[0], device=index.device)
+    mapped = new_row[inputs.sample_index.to(torch.int64)]
+    keep = torch.nonzero(mapped >= 0).flatten()
+    keep = keep[torch.argsort(mapped[keep], stable=True)]
+    fields = {f.name: getattr(inputs, f.name)[keep] for f in dataclasses.fields(inputs)}
+    rows_kept = mapped[keep]
+    fields["sample_index"] = rows_kept.to(inputs.sample_index.dtype)
+    fields["positions"] = torch.stack([rows_kept, fields["positions"][:, 1].to(torch.int64)], dim=1).to(
+        inputs.positions.dtype
     )
+    return type(inputs)(**fields)
 
 
 def _shift_columns(positions: torch.Tensor, offset: int) -> torch.Tensor:
@@ -427,6 +492,9 @@ def compute_logit_loss(
 
     ``student_logits`` is ``[B, T, V]`` where ``student_logits[b, action_offset + j]`` predicts action token j of
     row b (OpenRLHF's actor logits: offset ``T - 1 - num_actions``; the local backend's action logits: 0).
+    ``inputs`` are on the logits' device already (each backend moves them there once: OpenRLHF's actor when it
+    unpacks them, the local backend when it builds a step's inputs); the byte projection's compact positions are
+    expanded there.
 
     The student distribution of the loss is the model's own, divided by ``--gold.uld_student_temperature`` only
     (TRL's GOLD): the rollout temperature is a sampling choice. ``logits_temperature`` is the temperature the given
@@ -449,16 +517,13 @@ def compute_logit_loss(
     positions = inputs.positions
     if action_offset:
         positions = _shift_columns(positions, action_offset)
-    mapping = vocab.teacher_to_student
-    if mapping is not None:
-        mapping = mapping.to(student_logits.device)
     return aligned_logit_loss(
         student_logits,
-        inputs.teacher_topk_ids.to(student_logits.device),
-        inputs.teacher_topk_logprobs.to(student_logits.device),
-        mapping,
+        inputs.teacher_topk_ids,
+        inputs.teacher_topk_logprobs,
+        vocab.mapping_on(student_logits.device),
         config=gold,
-        positions=positions.to(student_logits.device),
+        positions=positions,
         student_temperature=student_temperature,
     )
 

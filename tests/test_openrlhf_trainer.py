@@ -88,15 +88,15 @@ def test_install_swaps_in_the_gold_maker_with_a_lookup_for_every_dataset_prompt(
         assert messages == by_prompt[prompt]["messages"]
 
 
-def test_raw_messages_accepts_text_and_chat_and_refuses_other_prompts():
-    from gold_plugin.integrations.openrlhf.prompts import raw_messages
+def test_chat_messages_accepts_text_and_chat_and_refuses_other_prompts():
+    from gold_plugin.step import chat_messages
 
-    assert raw_messages("Hi") == [{"role": "user", "content": "Hi"}]
+    assert chat_messages("Hi") == [{"role": "user", "content": "Hi"}]
     chat = [{"role": "user", "content": "Hi"}]
-    copied = raw_messages(chat)
+    copied = chat_messages(chat)
     assert copied == chat and copied[0] is not chat[0]
-    with pytest.raises(ValueError, match="chat messages"):
-        raw_messages({"text": "Hi"})
+    assert chat_messages({"text": "Hi"}) is None
+    assert chat_messages([]) is None and chat_messages(None) is None
 
 
 class _Recorder:

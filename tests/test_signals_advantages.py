@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gold_plugin.alignment.result import Alignment
+from gold_plugin.alignment import Alignment, FlatAlignment
 from gold_plugin.signals import (
     batch_distill_advantages,
     discounted_reverse_cumsum,
@@ -166,9 +166,8 @@ def test_batch_layout_matches_per_sample_and_stats() -> None:
     )
     teacher = [TEACHER_A, TEACHER_B, torch.zeros(3), torch.full_like(TEACHER_A, float("nan"))]
     for gamma in (0.0, 0.5):
-        out = batch_distill_advantages(
-            [ALIGN_A, ALIGN_B, unaligned, ALIGN_A], teacher, log_probs, mask, gamma
-        )
+        flat = FlatAlignment.build([ALIGN_A, ALIGN_B, unaligned, ALIGN_A])
+        out = batch_distill_advantages(flat, torch.cat(teacher), log_probs, mask, gamma)
         assert out.advantages.shape == (4, 10)
         torch.testing.assert_close(
             out.advantages[0, 2:7], group_advantages_reference(ALIGN_A, STUDENT_A, TEACHER_A, gamma)
@@ -190,7 +189,7 @@ def test_batch_masks_groups_with_unscored_tokens() -> None:
     teacher = TEACHER_A.clone()
     teacher[5] = float("nan")  # the end-of-turn token did not fit in the teacher's context
     log_probs, mask = _layout([(1, STUDENT_A)], num_actions=7)
-    out = batch_distill_advantages([ALIGN_A], [teacher], log_probs, mask, kl_discount=0.5)
+    out = batch_distill_advantages(FlatAlignment.build([ALIGN_A]), teacher, log_probs, mask, kl_discount=0.5)
     torch.testing.assert_close(
         out.advantages[0, 1:6], group_advantages_reference(ALIGN_A, STUDENT_A, teacher, 0.5)
     )
@@ -203,12 +202,13 @@ def test_batch_masks_groups_with_unscored_tokens() -> None:
 
 def test_batch_rejects_mismatched_shapes() -> None:
     log_probs, mask = _layout([(0, STUDENT_A)], num_actions=6)
+    one, two = FlatAlignment.build([ALIGN_A]), FlatAlignment.build([ALIGN_A, ALIGN_A])
     with pytest.raises(ValueError, match="Sample 0: the alignment has 5 student tokens"):
-        batch_distill_advantages([ALIGN_A], [TEACHER_A], log_probs, torch.ones_like(mask))
-    with pytest.raises(ValueError, match="Sample 0: 2 teacher log-probs"):
-        batch_distill_advantages([ALIGN_A], [TEACHER_A[:2]], log_probs, mask)
-    with pytest.raises(ValueError, match="batch"):
-        batch_distill_advantages([ALIGN_A, ALIGN_A], [TEACHER_A], log_probs, mask)
+        batch_distill_advantages(one, TEACHER_A, log_probs, torch.ones_like(mask))
+    with pytest.raises(ValueError, match="2 teacher log-probs for 6 teacher response tokens"):
+        batch_distill_advantages(one, TEACHER_A[:2], log_probs, mask)
+    with pytest.raises(ValueError, match="batch of 2"):
+        batch_distill_advantages(two, torch.cat([TEACHER_A, TEACHER_A]), log_probs, mask)
 
 
 class _Untouchable:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gold_plugin.alignment import VocabMap, align, group_starts
+from gold_plugin.alignment import FlatAlignment, VocabMap, align, group_starts
 from gold_plugin.local.modeling import tiny_llama
 from gold_plugin.signals import aligned_logit_loss, batch_distill_advantages, group_advantages
 from gold_plugin.testing.tokenizers import load_test_tokenizer
@@ -49,7 +49,9 @@ def test_identical_teacher_gives_zero_signals(setup) -> None:
     action_mask[0, start - 1 :] = True
     action_log_probs = torch.zeros(action_mask.shape)
     action_log_probs[action_mask] = response_logprobs
-    batch = batch_distill_advantages([alignment], [response_logprobs], action_log_probs, action_mask)
+    batch = batch_distill_advantages(
+        FlatAlignment.build([alignment]), response_logprobs, action_log_probs, action_mask
+    )
     assert torch.all(batch.advantages == 0) and batch.kl_sum.item() == 0.0
     assert batch.one_to_one_fraction.item() == 1.0
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gold_plugin.alignment import align
+from gold_plugin.alignment import FlatAlignment, align
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.config import GoldConfig, TeacherConfig
 from gold_plugin.signals.logit import LogitLoss
@@ -25,6 +25,7 @@ from gold_plugin.step import (
     reference_response_ids,
     reference_text,
     sample_metrics,
+    teacher_prompt,
     teacher_requests,
 )
 from gold_plugin.teacher.types import TeacherResult
@@ -148,11 +149,11 @@ def test_advantages_metrics_and_logit_inputs(batch):
     assert metrics["gold/unaligned"].tolist() == [0.0, 0.0, 1.0]
     assert metrics["gold/teacher_failed"].tolist() == [0.0, 0.0, 1.0]
     assert mean_metrics(metrics)["gold/off_policy"] == pytest.approx(1 / 3)
-    inputs = build_logit_inputs(aligned.alignments, results, ids, mask, gold)
+    inputs = build_logit_inputs(aligned, ids, mask, gold)
     assert inputs.positions.tolist() == [[0, 1], [0, 2], [0, 3], [1, 1]]  # (row, action column)
     assert inputs.sample_index.tolist() == [0, 0, 0, 1]
     with pytest.raises(ValueError, match="Sample 0"):
-        build_logit_inputs(aligned.alignments, results, [ids[0][:1], ids[1], ids[2]], mask, gold)
+        build_logit_inputs(aligned, [ids[0][:1], ids[1], ids[2]], mask, gold)
 
 
 def test_gold_advantages_normalise_on_policy_tokens_mix_and_zero_off_policy():
@@ -209,3 +210,31 @@ def test_the_action_offset_shift_stays_on_the_positions_device():
     assert shifted.tolist() == [[0, 4], [2, 8]] and shifted.dtype == torch.int32
     on_meta = _shift_columns(positions.to("meta"), 3)
     assert on_meta.device.type == "meta" and on_meta.shape == (2, 2)
+
+
+def test_teacher_prompt_is_one_rule_for_both_backends():
+    messages = [{"role": "user", "content": "2+2?"}]
+    own = GoldConfig()  # --gold.teacher.chat_template teacher
+    student = GoldConfig(teacher=TeacherConfig(chat_template="student"))
+    assert teacher_prompt("<s>2+2?", messages, own, chat_template_applied=True) == (messages, False)
+    assert teacher_prompt("<s>2+2?", None, own, chat_template_applied=True) == ("<s>2+2?", True)  # counted
+    assert teacher_prompt("<s>2+2?", messages, student, chat_template_applied=True) == ("<s>2+2?", False)
+    # A prompt the student reads as plain text: the teacher reads the same text, nothing falls back.
+    assert teacher_prompt("2+2=", messages, own, chat_template_applied=False) == ("2+2=", False)
+
+
+def test_flat_alignment_numbers_groups_over_the_batch():
+    a = Alignment(np.array([0, 1, -1]), np.array([0, 0, 1]), num_groups=2)
+    bad = Alignment.unalignable(2, 1, "bytes differ")
+    b = Alignment(np.array([0, 0]), np.array([-1, 0]), num_groups=1)
+    flat = FlatAlignment.build([a, bad, b])
+    assert flat.student_group.tolist() == [0, 1, -1, -1, -1, 2, 2]
+    assert flat.teacher_group.tolist() == [0, 0, 1, -1, -1, 2]
+    assert flat.num_groups.tolist() == [2, 0, 1] and flat.total_groups == 3
+    assert flat.student_counts.tolist() == [3, 2, 2] and flat.teacher_counts.tolist() == [3, 1, 2]
+    assert flat.aligned.tolist() == [True, False, True]
+    flat.check_actions([3, 2, 2])
+    with pytest.raises(
+        ValueError, match="Sample 1: the alignment has 2 student tokens but action_mask marks 3"
+    ):
+        flat.check_actions([3, 3, 2])

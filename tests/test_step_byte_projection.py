@@ -16,10 +16,12 @@ from gold_plugin.local.task import build_tokenizer
 from gold_plugin.signals.logit import ProjectionPositions, projected_logit_loss
 from gold_plugin.step import (
     LogitVocab,
+    align_results,
     build_logit_inputs,
     compute_logit_loss,
     logit_inputs_class,
     logit_metrics,
+    select_samples,
 )
 from gold_plugin.teacher.types import TeacherResult
 from gold_plugin.testing.byte_marginal import projected_positions
@@ -55,16 +57,19 @@ def batch(tmp_path_factory):
     for b, r in enumerate(responses):
         mask[b, : len(r)] = True
     gold = GoldConfig(signal="logit", logit_projection="bytes", teacher=TeacherConfig(topk=6))
-    return student, teacher, responses, alignments, results, mask, gold
+    aligned = align_results(student, teacher, responses, results, gold)
+    for alignment, direct in zip(aligned.alignments, alignments):  # align_results is the per-sample alignment
+        assert np.array_equal(alignment.student_group, direct.student_group)
+    return student, teacher, responses, aligned, results, mask, gold
 
 
 def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
-    student, teacher, responses, alignments, results, mask, gold = batch
+    student, teacher, responses, aligned, results, mask, gold = batch
     vocab = LogitVocab.build(student, teacher, gold)
     vocab.check(gold)
     assert logit_inputs_class(gold) is ProjectionPositions  # compact: expanded where the loss runs
     assert vocab.student_end_ids == (student.eos_token_id,) and teacher.eos_token_id in vocab.teacher_end_ids
-    inputs = build_logit_inputs(alignments, results, responses, mask, gold, vocab)
+    inputs = build_logit_inputs(aligned, responses, mask, gold, vocab)
     assert isinstance(inputs, ProjectionPositions) and inputs.num_positions > 0
     assert int((inputs.consumed > 0).sum()) > 0  # teacher digits inside the student's merged tokens
     torch.manual_seed(0)
@@ -85,7 +90,7 @@ def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
         compute_logit_loss(logits, inputs, hot, vocab).loss, halved, rtol=0, atol=1e-10
     )
     with pytest.raises(ValueError, match="LogitVocab"):
-        build_logit_inputs(alignments, results, responses, mask, gold)
+        build_logit_inputs(aligned, responses, mask, gold)
 
 
 def test_projection_remainder_metric_is_the_teachers_top_k_mass_outside_the_events(batch):
@@ -93,14 +98,14 @@ def test_projection_remainder_metric_is_the_teachers_top_k_mass_outside_the_even
     with text is an event for a merged-digit student, an end id at a shared boundary is the end event, and
     everything else (an end id inside a student token, the mass beyond the top-k) is remainder. The teacher's end
     ids are its special ids (EOS and pad)."""
-    student, teacher, responses, alignments, results, mask, gold = batch
+    student, teacher, responses, aligned, results, mask, gold = batch
     vocab = LogitVocab.build(student, teacher, gold)
-    inputs = build_logit_inputs(alignments, results, responses, mask, gold, vocab)
+    inputs = build_logit_inputs(aligned, responses, mask, gold, vocab)
     torch.manual_seed(2)
     logits = torch.randn(mask.shape[0], mask.shape[1], len(student))
     metrics = logit_metrics(compute_logit_loss(logits, inputs, gold, vocab), mask.shape[0])
     t_bytes = token_bytes(teacher)
-    positions = projected_positions(inputs, alignments, responses, token_bytes(student), mask)
+    positions = projected_positions(inputs, aligned.alignments, responses, token_bytes(student), mask)
     expected = []
     for pos in positions:
         ids = results[pos.sample].topk_ids[pos.teacher_index]
@@ -119,9 +124,9 @@ def test_projection_inputs_survive_openrlhfs_per_sample_transport(batch):
     )  # vllm / flash_attn import stand-ins when not installed
     from gold_plugin.integrations.openrlhf.experience_maker import pack_logit_inputs, unpack_logit_inputs
 
-    student, teacher, responses, alignments, results, mask, gold = batch
+    student, teacher, responses, aligned, results, mask, gold = batch
     vocab = LogitVocab.build(student, teacher, gold)
-    inputs = build_logit_inputs(alignments, results, responses, mask, gold, vocab)
+    inputs = build_logit_inputs(aligned, responses, mask, gold, vocab)
     packed = pack_logit_inputs(inputs, mask.shape[0])
     # OpenRLHF splits a batch into samples and batches them again (here: reversed order, as a list per key).
     order = [2, 1, 0]
@@ -140,3 +145,21 @@ def test_projection_inputs_survive_openrlhfs_per_sample_transport(batch):
 def test_unknown_projection_is_refused():
     with pytest.raises(GoldConfigError, match="logit_projection"):
         GoldConfig(logit_projection="tokens")
+
+
+def test_a_micro_batch_takes_its_samples_from_the_steps_inputs(batch):
+    """The local backend builds a step's inputs once; ``select_samples`` gives what building them for the
+    micro-batch alone gives (rows renumbered in the micro-batch's order, columns unchanged)."""
+    student, teacher, responses, aligned, results, mask, gold = batch
+    vocab = LogitVocab.build(student, teacher, gold)
+    whole = build_logit_inputs(aligned, responses, mask, gold, vocab)
+    micro = [2, 0]
+    sub_aligned = align_results(
+        student, teacher, [responses[b] for b in micro], [results[b] for b in micro], gold
+    )
+    alone = build_logit_inputs(sub_aligned, [responses[b] for b in micro], mask[micro], gold, vocab)
+    picked = select_samples(whole, micro)
+    assert picked.sample_index.tolist() == alone.sample_index.tolist() and alone.num_positions > 0
+    for f in dataclasses.fields(alone):
+        assert torch.equal(getattr(picked, f.name), getattr(alone, f.name)), f.name
+    assert select_samples(whole, []).num_positions == 0

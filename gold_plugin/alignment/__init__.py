@@ -10,6 +10,7 @@ Typical use for one sample::
     student_first, teacher_first = group_starts(alignment)
 """
 
+from gold_plugin.alignment.flat import FlatAlignment
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.alignment.spans import align, align_batch, group_starts
 from gold_plugin.alignment.token_bytes import (
@@ -31,6 +32,7 @@ from gold_plugin.alignment.vocab_map import VocabMap
 
 __all__ = [
     "Alignment",
+    "FlatAlignment",
     "TokenTable",
     "UnsupportedTokenizerError",
     "VocabMap",

@@ -37,12 +37,14 @@ from gold_plugin.local.modeling import (
     sample,
 )
 from gold_plugin.signals.estimators import reward_advantages
+from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.signals.policy_loss import clipped_policy_loss
 from gold_plugin.step import (
     AlignedBatch,
     LogitVocab,
     align_results,
     build_logit_inputs,
+    chat_messages,
     choose_off_policy,
     compute_logit_loss,
     distill_advantages,
@@ -54,6 +56,8 @@ from gold_plugin.step import (
     reference_text,
     response_ends_with_eos,
     sample_metrics,
+    select_samples,
+    teacher_prompt,
     teacher_requests,
 )
 
@@ -69,6 +73,9 @@ class LocalExperience:
     """[N] bool: the sample is the dataset's reference completion (no policy gradient; logit loss only)."""
     aligned: AlignedBatch | None
     """Teacher results aligned to the responses (None when ``alpha == 0``: no teacher)."""
+    logit_inputs: LogitLossInputs | ProjectionPositions | None
+    """The step's logit-loss inputs, built once for all its samples, on the training device (None without the
+    logit loss); each micro-batch takes its samples' positions (:func:`gold_plugin.step.select_samples`)."""
     old_logprobs: torch.Tensor
     """[N, A] log-probs of the responses under the sampling policy."""
     mask: torch.Tensor
@@ -202,11 +209,14 @@ class LocalTrainer:
         return [c.prompts[i] for i in picked]
 
     # -- one step -----------------------------------------------------------------------------------
-    def _teacher_prompt(self, row: dict) -> str | list[dict]:
-        """The raw chat messages for the teacher's own template, or the student's prompt text."""
-        if self.gold.teacher.chat_template == "teacher" and self.config.apply_chat_template:
-            return self._prompt_text(row)
-        return self._student_prompt(row)
+    def _teacher_prompt(self, row: dict) -> tuple[str | list[dict], bool]:
+        """The teacher's prompt for ``row`` and whether it fell back (:func:`gold_plugin.step.teacher_prompt`)."""
+        return teacher_prompt(
+            self._student_prompt(row),
+            chat_messages(row.get(self.config.input_key)),
+            self.gold,
+            self.config.apply_chat_template,
+        )
 
     def _reference(self, row: dict) -> str | None:
         key = self.config.output_key
@@ -272,9 +282,8 @@ class LocalTrainer:
             torch.zeros(num_samples, dtype=torch.bool) if missing_reference is None else missing_reference
         )
         sample_rows = [rows[i] for i in rollout.prompt_index]
-        requests = teacher_requests(
-            self.tokenizer, rollout.response_ids, [self._teacher_prompt(r) for r in sample_rows]
-        )
+        prompts, fallback = zip(*(self._teacher_prompt(r) for r in sample_rows)) if sample_rows else ((), ())
+        requests = teacher_requests(self.tokenizer, rollout.response_ids, list(prompts))
         metrics: dict[str, float] = {}
         aligned = None
         if gold.alpha > 0:
@@ -301,7 +310,8 @@ class LocalTrainer:
             old, mask = self._logprobs_in_chunks(rollout)
         if aligned is not None:
             distill, signal = distill_advantages(aligned, old, mask, gold)
-            metrics.update(mean_metrics(sample_metrics(aligned, distill, off, missing)))
+            fell_back = torch.tensor(fallback, dtype=torch.float32)
+            metrics.update(mean_metrics(sample_metrics(aligned, distill, off, missing, fell_back)))
             distill_adv = distill.advantages
         else:
             distill_adv, signal = torch.zeros_like(old), torch.zeros_like(mask)
@@ -317,10 +327,16 @@ class LocalTrainer:
             per_sample = reward_advantages(rewards, c.n_samples_per_prompt, c.advantage_estimator)
             reward_adv = per_sample[:, None].to(old.device) * mask
         [advantages] = gold_advantages([reward_adv], [distill_adv], [signal], [off], gold)
+        logit_inputs = None
+        if gold.uses_logit_loss and aligned is not None:
+            logit_inputs = build_logit_inputs(aligned, rollout.response_ids, mask, gold, self.vocab).to(
+                self.device
+            )
         return LocalExperience(
             rollout=rollout,
             off_policy=off,
             aligned=aligned,
+            logit_inputs=logit_inputs,
             old_logprobs=old,
             mask=mask,
             advantages=advantages.detach(),
@@ -412,16 +428,8 @@ class LocalTrainer:
         )
         loss = policy_loss
         metrics = {"train/policy_loss": float(policy_loss.detach())}
-        aligned = experience.aligned
-        if gold.uses_logit_loss and gold.alpha > 0 and aligned is not None:
-            inputs = build_logit_inputs(
-                [aligned.alignments[i] for i in micro],
-                [aligned.results[i] for i in micro],
-                [rollout.response_ids[i] for i in micro],
-                mask,
-                gold,
-                self.vocab,
-            )
+        if experience.logit_inputs is not None:
+            inputs = select_samples(experience.logit_inputs, micro)
             # Action logits (offset 0), divided by the rollout temperature like the policy's log-probs.
             out = compute_logit_loss(logits, inputs, gold, self.vocab, logits_temperature=c.temperature)
             loss = loss + logit_loss_term(out.loss, batch_tokens, gold)

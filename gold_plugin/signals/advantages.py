@@ -9,12 +9,12 @@ is vectorised with ``index_add`` and a blocked discounted reverse cumulative sum
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from gold_plugin.alignment.flat import FlatAlignment
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.signals.divergences import LOG_PROB_FLOOR
 
@@ -113,7 +113,12 @@ def group_advantages(
     num_tokens = len(alignment.student_group)
     mask = torch.ones(1, num_tokens, dtype=torch.bool, device=student_logprobs.device)
     out = batch_distill_advantages(
-        [alignment], [teacher_logprobs], student_logprobs[None], mask, kl_discount, length_normalised
+        FlatAlignment.build([alignment]),
+        teacher_logprobs,
+        student_logprobs[None],
+        mask,
+        kl_discount,
+        length_normalised,
     )
     return out.advantages[0]
 
@@ -139,27 +144,27 @@ class DistillAdvantages:
 
 
 def batch_distill_advantages(
-    alignments: Sequence[Alignment],
-    teacher_logprobs: Sequence[torch.Tensor | np.ndarray],
+    flat: FlatAlignment,
+    teacher_logprobs: torch.Tensor | np.ndarray,
     action_log_probs: torch.Tensor,
     action_mask: torch.Tensor,
     kl_discount: float = 0.0,
     length_normalised: bool = False,
 ) -> DistillAdvantages:
-    """Distillation advantages for a batch in OpenRLHF's layout.
+    """Distillation advantages for a batch in OpenRLHF's layout, in one vectorised pass.
 
     A group's return is ``sum_{g' >= g} gamma^(g'-g) d_g'`` over the sample's scored groups; with
     ``length_normalised`` (MiniLLM's long-term reward) it is divided by ``sum_{g' >= g} gamma^(g'-g)`` over the
     same groups: the (gamma-weighted) mean of the remaining per-group rewards, exactly MiniLLM's mean at
     ``gamma = 1`` (the group's own ``d`` at ``gamma = 0``).
 
-    Row b of ``action_log_probs`` / ``action_mask`` (batch, num_actions) holds sample b; its action tokens, in
-    order, are the student response tokens of ``alignments[b]`` (so ``action_mask[b].sum()`` must equal
-    ``len(alignments[b].student_group)``). ``teacher_logprobs[b]`` holds the teacher's log-prob of each teacher
-    response token of sample b (NaN = unscored, as ``TeacherResult.logprobs`` marks tokens beyond the teacher's
-    context). A group with a NaN token on either side is masked (no advantage, not in the statistics); a sample
-    whose alignment failed gets zero advantages and ``aligned=False``. Nothing here raises for bad data; shape
-    mismatches (a caller bug) raise ``ValueError`` naming the sample. One vectorised pass over the whole batch.
+    ``flat`` is the batch's alignments (:class:`~gold_plugin.alignment.flat.FlatAlignment`); row b of
+    ``action_log_probs`` / ``action_mask`` (batch, num_actions) holds sample b, whose action tokens in order are
+    its student tokens. ``teacher_logprobs`` ``[T]`` holds the teacher's log-prob of every teacher response token
+    of the batch, in ``flat.teacher_group``'s order (NaN = unscored, as ``TeacherResult.logprobs`` marks tokens
+    beyond the teacher's context). A group with a NaN token on either side is masked (no advantage, not in the
+    statistics); a sample whose alignment failed gets zero advantages and ``aligned=False``. Nothing here raises
+    for bad data; shape mismatches (a caller bug) raise ``ValueError`` naming the sample.
     """
     if action_log_probs.shape != action_mask.shape or action_log_probs.dim() != 2:
         raise ValueError(
@@ -167,51 +172,24 @@ def batch_distill_advantages(
             "both be (batch, num_actions)."
         )
     batch = action_mask.shape[0]
-    if len(alignments) != batch or len(teacher_logprobs) != batch:
-        raise ValueError(
-            f"Got {len(alignments)} alignments and {len(teacher_logprobs)} teacher log-prob tensors for a batch "
-            f"of {batch}."
-        )
     discounted_reverse_cumsum(torch.zeros(0), kl_discount)  # validates kl_discount
     device = action_log_probs.device
     mask = action_mask.to(torch.bool)
-    action_counts = mask.sum(dim=1).tolist()
-
-    s_groups, t_groups, t_logprobs, num_groups, ok = [], [], [], [], []
-    offset = 0
-    for b, (alignment, t_lp) in enumerate(zip(alignments, teacher_logprobs)):
-        s_group = np.asarray(alignment.student_group, dtype=np.int64)
-        t_group = np.asarray(alignment.teacher_group, dtype=np.int64)
-        if s_group.shape[0] != action_counts[b]:
-            raise ValueError(
-                f"Sample {b}: the alignment has {s_group.shape[0]} student tokens but action_mask marks "
-                f"{action_counts[b]} actions; align the same response tokens the rollout produced."
-            )
-        t_lp = torch.as_tensor(t_lp).reshape(-1)
-        if t_lp.shape[0] != t_group.shape[0]:
-            raise ValueError(
-                f"Sample {b}: {t_lp.shape[0]} teacher log-probs for {t_group.shape[0]} teacher response tokens."
-            )
-        usable = bool(alignment.aligned)
-        groups_b = int(alignment.num_groups) if usable else 0
-        s_groups.append(np.where(s_group >= 0, s_group + offset, -1) if usable else np.full_like(s_group, -1))
-        t_groups.append(np.where(t_group >= 0, t_group + offset, -1) if usable else np.full_like(t_group, -1))
-        t_logprobs.append(t_lp.to(device=device, dtype=torch.float64))
-        num_groups.append(groups_b)
-        ok.append(usable)
-        offset += groups_b
-
-    total_groups = offset
-    empty = np.zeros(0, np.int64)
-    s_group_flat = torch.as_tensor(np.concatenate(s_groups) if s_groups else empty, device=device)
-    t_group_flat = torch.as_tensor(np.concatenate(t_groups) if t_groups else empty, device=device)
+    flat.check_actions(mask.sum(dim=1).cpu().numpy())
+    t_lp_flat = torch.as_tensor(teacher_logprobs).reshape(-1).to(device=device, dtype=torch.float64)
+    if t_lp_flat.shape[0] != flat.teacher_group.shape[0]:
+        raise ValueError(
+            f"{t_lp_flat.shape[0]} teacher log-probs for {flat.teacher_group.shape[0]} teacher response tokens."
+        )
+    total_groups = flat.total_groups
+    s_group_flat = torch.from_numpy(flat.student_group).to(device)
+    t_group_flat = torch.from_numpy(flat.teacher_group).to(device)
     s_lp_flat = action_log_probs[mask].to(torch.float64)
-    t_lp_flat = torch.cat(t_logprobs) if t_logprobs else torch.zeros(0, dtype=torch.float64, device=device)
     d = _group_d(s_group_flat, t_group_flat, s_lp_flat, t_lp_flat, total_groups)
     scored = ~torch.isnan(d)
     d = d.nan_to_num(nan=0.0)
 
-    num_groups_t = torch.tensor(num_groups, dtype=torch.int64, device=device)
+    num_groups_t = torch.from_numpy(flat.num_groups).to(device)
     group_sample = torch.repeat_interleave(torch.arange(batch, device=device), num_groups_t)
     if kl_discount > 0.0 and total_groups:
         group_local = torch.arange(total_groups, device=device) - torch.repeat_interleave(
@@ -247,7 +225,7 @@ def batch_distill_advantages(
     one_to_one = ((s_count == 1) & (t_count == 1)).to(torch.float64) * scored_f
     aligned_tokens = torch.zeros(mask.shape, dtype=torch.float64, device=device)
     aligned_tokens[mask] = s_valid.to(torch.float64)
-    counts = torch.tensor(action_counts, dtype=torch.float64, device=device)
+    counts = torch.from_numpy(flat.student_counts).to(device=device, dtype=torch.float64)
 
     return DistillAdvantages(
         advantages=advantages,
@@ -256,7 +234,7 @@ def batch_distill_advantages(
         aligned_token_fraction=(aligned_tokens.sum(dim=1) / counts.clamp(min=1)).to(torch.float32),
         one_to_one_fraction=(per_sample(one_to_one) / scored_groups.clamp(min=1)).to(torch.float32),
         num_groups=scored_groups.to(torch.int64),
-        aligned=torch.tensor(ok, dtype=torch.bool, device=device),
+        aligned=torch.from_numpy(flat.aligned).to(device),
     )
 
 

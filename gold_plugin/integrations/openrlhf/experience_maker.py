@@ -7,8 +7,8 @@ An adapter around :mod:`gold_plugin.step` (the GOLD step both backends share). F
    those samples ``gold/off_policy`` (their advantages are set to 0: no policy gradient on text the student did
    not sample; the logit loss trains on them);
 2. builds the teacher requests (response text from the student's canonical token bytes; the teacher prompt from
-   the raw chat messages of the prompt lookup, rendered with the teacher's template, else the student's prompt
-   text, counted in ``gold/teacher_prompt_fallback``) and sends them on a background thread, so that teacher
+   shared rule :func:`gold_plugin.step.teacher_prompt`: the raw chat messages of the prompt lookup, rendered with
+   the teacher's template, else the student's prompt text, counted in ``gold/teacher_prompt_fallback``) and sends them on a background thread, so that teacher
    scoring overlaps the actor / reference / critic forwards that OpenRLHF dispatches in ``make_experience``;
 3. aligns, computes the raw distillation advantages and the logit-loss inputs (:func:`gold_plugin.step.
    build_logit_inputs`) of every rollout micro-batch, and the per-sample ``gold/*`` metrics;
@@ -47,6 +47,7 @@ from gold_plugin.step import (
     reference_response_ids,
     response_ends_with_eos,
     sample_metrics,
+    teacher_prompt,
     teacher_requests,
 )
 from gold_plugin.teacher.types import TeacherResult
@@ -224,13 +225,6 @@ class GoldExperienceMaker(RemoteExperienceMaker):
 
     # ── teacher requests ──
 
-    def _teacher_prompt(self, prompt: str) -> tuple[Any, bool]:
-        """The teacher prompt for a rollout's student prompt, and whether it fell back to the student's text."""
-        if self.gold.teacher.chat_template == "student":
-            return prompt, False
-        messages = self.prompt_lookup.get(prompt)
-        return (messages, False) if messages is not None else (prompt, True)
-
     def _score(self, requests: list) -> tuple[list[TeacherResult], float]:
         start = time.perf_counter()
         results = list(self.teacher.score(requests)) if requests else []
@@ -247,8 +241,12 @@ class GoldExperienceMaker(RemoteExperienceMaker):
                 index, contiguous = _response_positions(samples.action_mask[b])
                 responses.append(samples.sequences[b, 1:][torch.as_tensor(index, dtype=torch.long)].numpy())
                 problems.append(None if contiguous else "response is not one contiguous span")
-                prompt, fell_back = self._teacher_prompt(
-                    samples.prompts[b] if b < len(samples.prompts) else ""
+                student_prompt = samples.prompts[b] if b < len(samples.prompts) else ""
+                prompt, fell_back = teacher_prompt(
+                    student_prompt,
+                    self.prompt_lookup.get(student_prompt),
+                    self.gold,
+                    bool(getattr(self.args.data, "apply_chat_template", False)),
                 )
                 prompts.append(prompt)
                 fallback.append(fell_back)
@@ -331,8 +329,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         experience.info[SIGNAL_MASK_KEY] = signal
         if gold.uses_logit_loss:
             inputs = build_logit_inputs(
-                aligned.alignments,
-                aligned.results,
+                aligned,
                 batch["responses"],
                 experience.action_mask,
                 gold,

@@ -8,20 +8,10 @@ completion`` (``--data.output_key``), both built from the same dataset rows with
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 ChatMessages = list[dict[str, Any]]
-
-
-def raw_messages(value: Any) -> ChatMessages:
-    """A dataset's prompt column as chat messages (a plain string becomes one user turn)."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m for m in value):
-        return [dict(copy.deepcopy(m)) for m in value]
-    raise ValueError(f"Cannot read chat messages from a prompt of type {type(value).__name__}.")
 
 
 def build_prompt_lookup(
@@ -35,6 +25,8 @@ def build_prompt_lookup(
     """
     from openrlhf.datasets.prompts_dataset import preprocess_data
 
+    from gold_plugin.step import chat_messages
+
     apply_chat_template = (
         tokenizer.apply_chat_template if getattr(data_args, "apply_chat_template", False) else None
     )
@@ -42,9 +34,8 @@ def build_prompt_lookup(
     template = getattr(data_args, "input_template", None)
     lookup: dict[str, ChatMessages] = {}
     for row in rows:
-        try:
-            messages = raw_messages(row[input_key])
-        except (KeyError, ValueError):
+        messages = chat_messages(row.get(input_key))
+        if messages is None:
             continue
         prompt, _ = preprocess_data(row, template, input_key, None, apply_chat_template)
         lookup[prompt] = messages

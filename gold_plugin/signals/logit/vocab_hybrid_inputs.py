@@ -12,7 +12,7 @@ is the distribution that predicted teacher response token t).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -35,6 +35,14 @@ class LogitLossInputs:
     """[N, k] float32, -inf at padded slots."""
     sample_index: torch.Tensor
     """[N] int64: the row of each position, for per-sample reductions."""
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.positions.shape[0])
+
+    def to(self, device: torch.device | str) -> LogitLossInputs:
+        """Every field on ``device``."""
+        return LogitLossInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def logit_loss_inputs(
