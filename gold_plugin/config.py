@@ -64,8 +64,8 @@ class TeacherConfig:
     """Most teacher positions whose full-vocabulary log-probs exist at once, whatever the response length: the hf
     backend puts this many response positions through the output layer at a time; the vllm backend schedules at
     most this many tokens per engine step (vLLM's ``max_num_batched_tokens``, chunked prefill on), so a long
-    response is scored in pieces. Transient memory: about chunk x vocabulary x 4 bytes per float32 copy (docs/teacher.md,
-    "Long responses")."""
+    response is scored in pieces. Transient memory: about chunk x vocabulary x 4 bytes per float32 copy
+    (docs/teacher.md, "Long responses")."""
     max_retries: int = 2
     """Restarts of a dead replica before its share of a batch fails with an error naming it."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
