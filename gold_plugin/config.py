@@ -60,6 +60,12 @@ class TeacherConfig:
     """Teacher context length; default: the model's ``max_position_embeddings``."""
     micro_batch_size: int = 8
     """Sequences per teacher forward pass (hf backend)."""
+    logprob_chunk_size: int = 2048
+    """Most teacher positions whose full-vocabulary log-probs exist at once, whatever the response length: the hf
+    backend puts this many response positions through the output layer at a time; the vllm backend schedules at
+    most this many tokens per engine step (vLLM's ``max_num_batched_tokens``, chunked prefill on), so a long
+    response is scored in pieces. Transient memory: about chunk x vocabulary x 4 bytes per float32 copy
+    (docs/teacher.md, "Long responses")."""
     max_retries: int = 2
     """Restarts of a dead replica before its share of a batch fails with an error naming it."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -191,6 +197,11 @@ class GoldConfig:
         if t.topk < 0 or t.num_replicas < 1 or t.tensor_parallel_size < 1 or t.micro_batch_size < 1:
             raise GoldConfigError(
                 "--gold.teacher.topk must be >= 0 and num_replicas, tensor_parallel_size, micro_batch_size >= 1."
+            )
+        if t.logprob_chunk_size < 1:
+            raise GoldConfigError(
+                f"--gold.teacher.logprob_chunk_size must be >= 1 (teacher positions whose full-vocabulary log-probs "
+                f"exist at once), got {t.logprob_chunk_size}."
             )
         if t.num_gpus_per_replica < 0 or t.num_cpus_per_replica < 0 or t.max_retries < 0:
             raise GoldConfigError(

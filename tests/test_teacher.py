@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gold_plugin.alignment import encode_continuation, ids_to_bytes
-from gold_plugin.config import GoldConfigError, TeacherConfig
+from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 from gold_plugin.teacher import HFTeacher, TeacherRequest, TeacherResult, TeacherScorer, build_teacher
 from gold_plugin.teacher.prepare import RequestEncoder, fit_to_context
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher
@@ -178,6 +178,38 @@ def test_output_layer_sees_only_response_positions_in_chunks(teacher_dirs):
     scored = sum(int(r.scored.sum()) for r in results)
     assert all(len(shape) == 2 and shape[0] <= 5 for shape in seen)  # [positions, hidden], chunked
     assert sum(shape[0] for shape in seen) == scored  # no prompt position reaches the vocabulary
+
+
+def test_long_responses_scored_in_chunks_equal_one_chunk(teacher_dirs):
+    """--gold.teacher.logprob_chunk_size: the output layer and log-softmax see a few positions at a time, far fewer
+    than one response holds, and the log-probs and top-k equal those of one chunk holding every position."""
+    tok = load_test_tokenizer("gpt2")
+    config = TeacherConfig(model_name_or_path=str(teacher_dirs("gpt2")), topk=TOPK, logprob_chunk_size=7)
+    chunked = build_teacher(config, tokenizer=tok)
+    assert isinstance(chunked, HFTeacher) and chunked.logit_chunk_size == 7
+    whole = HFTeacher(str(teacher_dirs("gpt2")), topk=TOPK, logit_chunk_size=1 << 20, tokenizer=tok)
+    requests = [
+        TeacherRequest(CHAT, "A long answer, with many tokens: " + "two plus two is four, " * 12, True),
+        TeacherRequest("Prompt:", " another long continuation " * 9),
+        TeacherRequest(CHAT, " Four."),
+    ]
+    seen: list[int] = []
+    hook = chunked._lm_head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[0]))
+    try:
+        results = chunked.score(requests)
+    finally:
+        hook.remove()
+    references = whole.score(requests)
+    assert max(seen) == 7 and min(r.num_tokens for r in results[:2]) > 5 * 7  # each long response: > 5 chunks
+    assert sum(seen) == sum(int(r.scored.sum()) for r in results)
+    for got, ref in zip(results, references):
+        assert got.error is None and got.scored.all()
+        np.testing.assert_array_equal(got.token_ids, ref.token_ids)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)  # float rounding
+        np.testing.assert_array_equal(got.topk_ids, ref.topk_ids)
+        np.testing.assert_allclose(got.topk_logprobs, ref.topk_logprobs, rtol=1e-6, atol=1e-6)
+    with pytest.raises(GoldConfigError, match="--gold.teacher.logprob_chunk_size must be >= 1"):
+        GoldConfig(teacher=TeacherConfig(logprob_chunk_size=0))
 
 
 @pytest.mark.parametrize(

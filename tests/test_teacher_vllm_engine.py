@@ -227,3 +227,48 @@ def test_standins_have_the_real_engines_layout(teacher, teacher_dir, hf_referenc
         for token_id, entry in real_entries.items():
             assert entry.rank == fake_entries[token_id].rank and entry.decoded_token is None
             assert abs(entry.logprob - fake_entries[token_id].logprob) < ATOL
+
+
+STEP = 16  # tokens per engine step of the bounded engine: well below the long requests' lengths
+LONG_REQUESTS = [
+    TeacherRequest(
+        CHAT, "The sea is wide and deep, and the waves roll on for miles and miles under a grey sky.", True
+    ),
+    TeacherRequest(
+        "Plain:", " a response that is several engine steps long, Café naïve — 東京 😀, and more of it"
+    ),
+    TeacherRequest(CHAT, "a response that needs more room than the teacher context has " * 6, True),
+    TeacherRequest("Short:", " ok"),
+]
+
+
+@pytest.fixture(scope="module")
+def bounded_teacher(teacher_dir):
+    """A second engine whose steps hold at most STEP tokens, built from a TeacherConfig like the first."""
+    config = TeacherConfig(
+        model_name_or_path=str(teacher_dir),
+        backend="vllm",
+        topk=TOPK,
+        max_len=MAX_LEN,
+        num_gpus_per_replica=0,
+        logprob_chunk_size=STEP,
+    )
+    teacher = build_teacher(config, **vllm_cpu_engine_kwargs())
+    yield teacher
+    teacher.close()
+
+
+def test_bounded_steps_score_long_responses_like_one_step(teacher, bounded_teacher):
+    """--gold.teacher.logprob_chunk_size caps the tokens per engine step (chunked prefill): sequences several steps
+    long get the same log-probs and top-k as on the engine that scores each of them in one step."""
+    scheduler = bounded_teacher.llm.llm_engine.vllm_config.scheduler_config
+    assert scheduler.enable_chunked_prefill and scheduler.max_num_batched_tokens == STEP
+    assert bounded_teacher.max_tokens_per_step == STEP
+    assert teacher.max_tokens_per_step >= MAX_LEN  # the reference scores every request in one step
+    lengths = [bounded_teacher.encoder.prepare(r).input_ids.shape[0] for r in LONG_REQUESTS]
+    assert sorted(lengths)[-3] > STEP and max(lengths) == MAX_LEN - 1 > 3 * STEP  # two to four steps each
+
+    bounded = bounded_teacher.score(LONG_REQUESTS)
+    assert_same(bounded, teacher.score(LONG_REQUESTS), atol=1e-5)
+    assert all(r.error is None for r in bounded) and bounded[2].num_masked > 0
+    assert_same([bounded_teacher.score([r])[0] for r in LONG_REQUESTS], bounded, atol=1e-5)

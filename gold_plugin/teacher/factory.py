@@ -29,6 +29,7 @@ def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherSco
         kwargs = {
             **common,
             "micro_batch_size": teacher_config.micro_batch_size,
+            "logit_chunk_size": teacher_config.logprob_chunk_size,
             "dtype": teacher_config.dtype,
         }
         return HFTeacher(teacher_config.model_name_or_path, **{**kwargs, **overrides})
@@ -38,6 +39,7 @@ def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherSco
         kwargs = {
             **common,
             "tensor_parallel_size": teacher_config.tensor_parallel_size,
+            "logprob_chunk_size": teacher_config.logprob_chunk_size,
             "dtype": teacher_config.dtype,
         }
         return VLLMTeacher(teacher_config.model_name_or_path, **{**kwargs, **overrides})

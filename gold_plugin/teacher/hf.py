@@ -43,7 +43,9 @@ class HFTeacher(TeacherScorer):
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
         end_of_turn_token: token scored when a response ended with the student's EOS (see
             :class:`~gold_plugin.teacher.prepare.RequestEncoder`).
-        logit_chunk_size: response positions per output-layer chunk (memory: chunk x vocab floats).
+        logit_chunk_size: response positions per output-layer chunk: the ``[positions, vocabulary]`` logits and
+            float32 log-probs exist for this many positions at a time, whatever the response length
+            (``--gold.teacher.logprob_chunk_size``).
         tokenizer: an already loaded tokenizer (overrides ``tokenizer_name_or_path``).
     """
 
@@ -58,7 +60,7 @@ class HFTeacher(TeacherScorer):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "auto",
         end_of_turn_token: str | None = None,
-        logit_chunk_size: int = 1024,
+        logit_chunk_size: int = 2048,
         tokenizer: Any = None,
     ) -> None:
         from transformers import AutoModelForCausalLM

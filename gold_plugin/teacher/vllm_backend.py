@@ -87,8 +87,39 @@ def _parse_dicts(
     return token_lp, (top_ids if topk else None), (top_lp if topk else None)
 
 
+def bounded_step_kwargs(max_tokens: int) -> dict[str, Any]:
+    """``vllm.LLM`` options that cap the tokens of one engine step at ``max_tokens``.
+
+    vLLM's V1 model runner computes prompt log-probs per scheduled chunk
+    (``GPUModelRunner._get_prompt_logprobs_dict``, which ``CPUModelRunner`` inherits): the logits and their float32
+    log-softmax exist for the tokens of one request in one step only. With chunked prefill on, the scheduler gives a
+    request at most ``max_num_batched_tokens`` tokens per step, so that cap bounds them whatever the sequence length.
+    vLLM requires ``max_num_seqs <= max_num_batched_tokens`` (its defaults go up to 1,024 sequences): below 1,024
+    tokens the sequences per step are capped too (no loss: a step never holds more sequences than tokens).
+    """
+    kwargs: dict[str, Any] = {"max_num_batched_tokens": max_tokens, "enable_chunked_prefill": True}
+    if max_tokens < 1024:
+        kwargs["max_num_seqs"] = min(max_tokens, 256)
+    return kwargs
+
+
+def engine_tokens_per_step(llm: Any) -> int | None:
+    """The most tokens one step of ``llm`` schedules for a request (None if the engine does not say)."""
+    config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+    scheduler = getattr(config, "scheduler_config", None)
+    if scheduler is None:
+        return None
+    tokens = int(scheduler.max_num_batched_tokens)
+    if not scheduler.enable_chunked_prefill:  # a whole prompt per step (then vLLM needs tokens >= context)
+        tokens = max(tokens, int(config.model_config.max_model_len))
+    return tokens
+
+
 class VLLMTeacher(TeacherScorer):
     """Scores responses with vLLM's prompt log-probs (``max_tokens=1``, token-id prompts, flat log-probs).
+
+    ``max_tokens_per_step``: the most tokens of one request that the engine prefills and scores in one step (the
+    bound on its ``[tokens, vocabulary]`` prompt log-probs), read from the engine; None if it does not say.
 
     Args:
         model_name_or_path: HF folder or hub name of the teacher.
@@ -97,6 +128,12 @@ class VLLMTeacher(TeacherScorer):
         max_len: vLLM ``max_model_len``; a scored sequence holds at most ``max_len - 1`` tokens
             (vLLM keeps room for the one generated token).
         tensor_parallel_size, dtype, gpu_memory_utilization: passed to ``vllm.LLM``.
+        logprob_chunk_size: most tokens per engine step (vLLM's ``max_num_batched_tokens``, with chunked prefill
+            on), which bounds the ``[tokens, vocabulary]`` float32 prompt log-probs that vLLM builds in one step
+            whatever the response length: a longer sequence is prefilled (and scored) in pieces over several steps.
+            ``None`` leaves vLLM's own default (4,096 on CPU, 8,192-16,384 on GPUs). Ignored with ``llm=`` (the
+            engine's own setting applies: :attr:`max_tokens_per_step`); ``max_num_batched_tokens`` in
+            ``llm_kwargs`` overrides it.
         llm: an already built ``vllm.LLM`` (or stand-in) instead of building one; its
             ``max_logprobs`` must be at least ``topk``.
         llm_kwargs: more ``vllm.LLM`` options (e.g. ``distributed_executor_backend="ray"``; on CPU
@@ -116,6 +153,7 @@ class VLLMTeacher(TeacherScorer):
         gpu_memory_utilization: float = 0.85,
         end_of_turn_token: str | None = None,
         flat_logprobs: bool = True,
+        logprob_chunk_size: int | None = 2048,
         llm: Any = None,
         tokenizer: Any = None,
         **llm_kwargs: Any,
@@ -124,6 +162,8 @@ class VLLMTeacher(TeacherScorer):
 
         if topk < 0:
             raise ValueError(f"topk must be >= 0, got {topk}.")
+        if logprob_chunk_size is not None and logprob_chunk_size < 1:
+            raise ValueError(f"logprob_chunk_size must be >= 1 or None, got {logprob_chunk_size}.")
         self.topk = int(topk)
         self.flat_logprobs = flat_logprobs
         tokenizer_source = tokenizer_name_or_path or model_name_or_path
@@ -134,6 +174,9 @@ class VLLMTeacher(TeacherScorer):
             max_logprobs = int(llm_kwargs.pop("max_logprobs", 20))  # -1: no cap
             if max_logprobs != -1:
                 max_logprobs = max(self.topk, max_logprobs)
+            if logprob_chunk_size is not None:
+                step = int(llm_kwargs.get("max_num_batched_tokens", logprob_chunk_size))
+                llm_kwargs = {**bounded_step_kwargs(step), **llm_kwargs}
 
             llm = LLM(
                 model=model_name_or_path,
@@ -153,6 +196,7 @@ class VLLMTeacher(TeacherScorer):
                 "would refuse every request. Build the engine with max_logprobs >= topk (or let "
                 "VLLMTeacher build it), or lower --gold.teacher.topk."
             )
+        self.max_tokens_per_step = engine_tokens_per_step(llm)
         engine_max = int(llm.model_config.max_model_len)
         self.max_len = min(int(max_len), engine_max) if max_len else engine_max
         self.encoder = RequestEncoder(self._tokenizer, self.max_len - 1, end_of_turn_token)
