@@ -108,6 +108,11 @@ class GoldConfig:
     lmbda: float = 1.0
     """Fraction of each batch's prompts trained on-policy (GKD); the rest use the dataset's reference completion
     (--data.output_key), trained with the logit loss only."""
+    off_policy_kl_and_entropy: bool = False
+    """OpenRLHF backend: apply OpenRLHF's KL-to-reference loss (--algo.kl.use_loss) and entropy term
+    (--actor.entropy_coef) to the tokens of off-policy samples too (the reference completions of lmbda < 1).
+    Default: those tokens get neither, as they get no policy gradient (the student did not sample them); the
+    logit loss trains on them either way. The local backend has neither term."""
     uld_hybrid_matched_weight: float | None = None
     """Weight of the matched-vocabulary (JSD) part; None with the unmatched weight None = adaptive."""
     uld_hybrid_unmatched_weight: float | None = None

@@ -191,3 +191,157 @@ def test_advantage_only_signal_leaves_openrlhf_training_step_unchanged(setup, mo
     assert len(strategy.losses) == 1
     assert "gold/logit_loss" not in status["metrics"]
     assert not _logit_keys(experience.info)  # still popped: OpenRLHF could not log a per-position list
+
+
+# ── off-policy tokens and OpenRLHF's KL-to-reference and entropy terms ──
+
+KL_COEF, ENTROPY_COEF = 0.1, 0.01
+OFF_ROW = 1  # of three samples, the middle one is a reference completion
+
+
+def _mixed_plan(setup, signal: str, keep: bool):
+    argv = (
+        f"--actor.model_name_or_path {setup.student_dir} --gold.teacher.model_name_or_path /nonexistent/teacher "
+        "--data.prompt_dataset unused.jsonl --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt 2 "
+        f"--vllm.num_engines 1 --actor.num_gpus_per_node 1 --reward.remote_url /unused/reward_func.py "
+        f"--gold.alpha {ALPHA} --gold.logit_coef {LOGIT_COEF} --gold.signal {signal} --gold.teacher.topk {TOPK} "
+        "--gold.logit_projection vocab --gold.lmbda 0.5 --data.output_key label "
+        f"--algo.kl.init_coef {KL_COEF} --algo.kl.use_loss --algo.kl.estimator k3 --actor.entropy_coef {ENTROPY_COEF} "
+        f"--gold.off_policy_kl_and_entropy {str(keep).lower()}"
+    ).split()
+    plan = resolve_launch(build_parser().parse_args(argv))
+    assert plan.gold.off_policy_kl_and_entropy is keep
+    return SimpleNamespace(plan=plan, student_dir=setup.student_dir, mapping=setup.mapping, tok=setup.tok)
+
+
+def _mixed_experience(setup, actor) -> Experience:
+    """Three right-padded samples, the middle one off-policy (``gold/off_policy`` 1, advantage 0 as the experience
+    maker sets it), with reference log-probs and teacher top-k at two positions each, after OpenRLHF's replay path
+    (where a per-sample info entry is a list of 0-d tensors)."""
+    tok = setup.tok
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    texts = (("Add 2 and 2.", "It is 4, clearly."), ("Hi!", "Hello there, friend"), ("Why?", "Because."))
+    for row, (prompt, response) in enumerate(texts):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        seq = torch.tensor([p_ids + r_ids])
+        length = seq.shape[1]
+        action_mask = torch.zeros(1, length - 1, dtype=torch.long)
+        action_mask[0, len(p_ids) - 1 :] = 1
+        with torch.no_grad():
+            old = actor(seq, action_mask, torch.ones_like(seq))
+        base = (old + 0.4 * torch.randn(old.shape, generator=g)) * action_mask  # the reference model's
+        advantages = torch.randn(1, length - 1, generator=g) * action_mask * float(row != OFF_ROW)
+        cols = [len(p_ids) - 1, len(p_ids)]
+        inputs = LogitLossInputs(
+            positions=torch.tensor([[0, c] for c in cols]),
+            teacher_topk_ids=torch.randint(3, 32000, (2, TOPK), generator=g),
+            teacher_topk_logprobs=torch.randn(2, TOPK, generator=g).log_softmax(-1),
+            sample_index=torch.zeros(2, dtype=torch.int64),
+        )
+        rows.append(
+            Experience(
+                sequences=seq,
+                attention_mask=torch.ones_like(seq),
+                action_mask=action_mask,
+                action_log_probs=old,
+                base_action_log_probs=base,
+                advantages=advantages,
+                response_length=torch.tensor([len(r_ids)]),
+                total_length=torch.tensor([length]),
+                info={
+                    **pack_logit_inputs(inputs, 1),
+                    "gold/off_policy": torch.tensor([float(row == OFF_ROW)]),
+                },
+            )
+        )
+    batch = Experience.concat_experiences(rows, tok.pad_token_id)
+    return make_experience_batch(split_experience_batch(batch))
+
+
+def _kl_and_entropy_by_hand(actor, experience) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per action token: the k3 KL to the reference, ``exp(b - p) - 1 + (p - b)``, and the entropy
+    ``-sum_v q_v log q_v`` of the student's next-token distribution, from a plain forward of the model."""
+    seqs, attn, mask = experience.sequences, experience.attention_mask, experience.action_mask
+    position_ids = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)
+    logits = actor.model(seqs, attention_mask=attn, position_ids=position_ids)["logits"].float()
+    logq = logits.log_softmax(-1)[:, :-1]  # position t predicts token t + 1
+    num_actions = mask.shape[1]
+    logq = logq[:, -num_actions:]
+    p = logq.gather(-1, seqs[:, 1:][:, -num_actions:, None]).squeeze(-1)
+    b = experience.base_action_log_probs
+    kl = ((b - p).exp() - 1 + (p - b)) * mask
+    entropy = -(logq.exp() * logq).sum(-1) * mask
+    return kl, entropy
+
+
+def _pop_logit_inputs(experience) -> None:
+    for key in _logit_keys(experience.info):
+        experience.info.pop(key)
+
+
+def test_off_policy_rows_reads_both_info_layouts():
+    from gold_plugin.integrations.openrlhf.actor import off_policy_rows
+
+    listed = Experience(info={"gold/off_policy": [torch.tensor(0.0), torch.tensor(1.0)]})
+    assert off_policy_rows(listed).tolist() == [False, True]
+    assert off_policy_rows(Experience(info={"gold/off_policy": torch.tensor([0.0, 0.0])})) is None
+    assert off_policy_rows(Experience(info={})) is None
+
+
+@pytest.mark.parametrize("signal", ["advantage", "logit"])
+def test_off_policy_tokens_get_no_kl_or_entropy_term_unless_the_option_says_so(setup, monkeypatch, signal):
+    """OpenRLHF's training step with ``--algo.kl.use_loss`` (k3) and ``--actor.entropy_coef`` on a batch of two
+    on-policy samples and one off-policy sample: by default the off-policy sample's tokens add nothing to the KL
+    and entropy terms (their values and gradients are those of the on-policy tokens alone, over all action tokens
+    of the step); with ``--gold.off_policy_kl_and_entropy true`` they add what OpenRLHF's plain step adds."""
+    runs = {}
+    for name, keep in (("default", False), ("keep", True)):
+        mixed = _mixed_plan(setup, signal, keep)
+        trainer, strategy, actor = make_trainer(mixed, monkeypatch, gold=True)
+        experience = _mixed_experience(mixed, actor)
+        status = trainer.training_step(experience, KL_COEF, 0)
+        runs[name] = (strategy.losses, _grads(actor), status["metrics"], experience, actor)
+    plain, plain_strategy, plain_actor = make_trainer(
+        _mixed_plan(setup, signal, True), monkeypatch, gold=False
+    )
+    experience = _mixed_experience(setup, plain_actor)
+    _pop_logit_inputs(experience)
+    plain_metrics = plain.training_step(experience, KL_COEF, 0)["metrics"]
+    plain_grads = _grads(plain_actor)
+
+    actor = runs["default"][4]
+    actor.zero_grad()
+    kl, entropy = _kl_and_entropy_by_hand(actor, experience)
+    n = experience.action_mask.sum()
+    off = torch.zeros_like(kl, dtype=torch.bool)
+    off[OFF_ROW] = True
+    assert kl[OFF_ROW].abs().sum() > 1e-3 and entropy[OFF_ROW].sum() > 1.0  # the left-out tokens are not 0
+    on_kl, on_entropy = kl[~off].sum() / n, entropy[~off].sum() / n
+    all_kl, all_entropy = kl.sum() / n, entropy.sum() / n
+
+    default_losses, default_grads, default_metrics, *_ = runs["default"]
+    keep_losses, keep_grads, keep_metrics, *_ = runs["keep"]
+    close = dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(default_metrics["kl"], on_kl.detach(), **close)
+    torch.testing.assert_close(default_metrics["entropy_loss"], on_entropy.detach(), **close)
+    torch.testing.assert_close(keep_metrics["kl"], all_kl.detach(), **close)
+    torch.testing.assert_close(keep_metrics["entropy_loss"], all_entropy.detach(), **close)
+    torch.testing.assert_close(plain_metrics["kl"], all_kl.detach(), **close)
+    for metrics in (default_metrics, keep_metrics):  # the policy loss is untouched
+        torch.testing.assert_close(metrics["policy_loss"], plain_metrics["policy_loss"], atol=0, rtol=0)
+
+    # The loss the backward saw differs by exactly the off-policy tokens' terms, and so do the gradients.
+    left_out = KL_COEF * (kl[off].sum() / n) - ENTROPY_COEF * (entropy[off].sum() / n)
+    assert len(default_losses) == len(keep_losses) == 1
+    torch.testing.assert_close(keep_losses[0] - default_losses[0], left_out.detach(), **close)
+    left_out.backward()
+    expected = _grads(actor)
+    assert expected["model.lm_head.weight"].abs().sum() > 0
+    for name, grad in expected.items():
+        torch.testing.assert_close(keep_grads[name] - default_grads[name], grad, atol=1e-6, rtol=1e-3)
+    if signal == "advantage":  # no logit loss: the option's run is OpenRLHF's plain step
+        torch.testing.assert_close(keep_losses[0], plain_strategy.losses[0], atol=1e-6, rtol=0)
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(keep_grads[name], grad, atol=1e-7, rtol=1e-5)

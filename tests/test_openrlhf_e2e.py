@@ -10,21 +10,25 @@ variables and CPU options appended. Tiny random models (student: Mistral-v1 toke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from vllm_helpers import require_vllm
 
 pytest.importorskip("openrlhf")
 require_vllm()
 
-from gold_plugin.testing.openrlhf_cpu import check, runtime_env  # noqa: E402
+from gold_plugin.testing.openrlhf_cpu import check, runtime_env, teacher_calls  # noqa: E402
 from gold_plugin.testing.ray_head import (  # noqa: E402
     REPO,
     countdown_prompts,
@@ -72,12 +76,28 @@ def cluster(tmp_path_factory):
         }
 
 
-def _submit(cluster, script: str, name: str, *extra: str, env: dict | None = None, wait: bool = True):
+def _submit(
+    cluster,
+    script: str,
+    name: str,
+    *extra: str,
+    env: dict | None = None,
+    wait: bool = True,
+    record_teacher: bool = False,
+):
     save = cluster["root"] / name
     log = save.with_suffix(".log")
     weight_syncs = _weight_sync_log(save)
     weight_syncs.unlink(missing_ok=True)
-    job_runtime_env = json.dumps(runtime_env(str(REPO), weight_sync_log=str(weight_syncs)))
+    calls = None
+    if record_teacher:  # every teacher call of the job's experience maker (openrlhf_cpu.record_teacher_calls)
+        calls = _teacher_call_log(save)
+        calls.unlink(missing_ok=True)
+    job_runtime_env = json.dumps(
+        runtime_env(
+            str(REPO), weight_sync_log=str(weight_syncs), teacher_call_log=str(calls) if calls else None
+        )
+    )
     run_env = {**cluster["env"], "SAVE": str(save), "RUNTIME_ENV": job_runtime_env, **(env or {})}
     argv = ["bash", str(REPO / "examples" / script), *CPU_OPTIONS, *extra]
     out = log.open("w")
@@ -111,6 +131,10 @@ def _actor_classes(cluster, text: str) -> set[str]:
 def _weight_sync_log(save: Path) -> Path:
     """Where a job's vLLM workers record their weight syncs (``$GOLD_CPU_WEIGHT_SYNC_LOG``)."""
     return save.with_suffix(".weight_syncs.jsonl")
+
+
+def _teacher_call_log(save: Path) -> Path:
+    return save.with_suffix(".teacher_calls.pkl")
 
 
 def _weight_syncs(save: Path) -> list[dict[str, float]]:
@@ -252,3 +276,111 @@ def test_checkpoint_stop_and_resume(cluster):
     assert _weights_changed(cluster["student"], save) > 1e-3
     received = _engines_hold_the_trained_weights(save, syncs=1 + 3 - stopped_at)  # + the checkpoint's weights
     assert all(math.isclose(received[0][k], v, rel_tol=1e-6) for k, v in checkpoint_weights.items())
+
+
+def _kill_the_teacher_after_the_first_step(cluster, proc, save: Path, log: Path) -> list[int]:
+    """SIGKILL the job's teacher replica (its Ray worker process, as the OOM killer would) as soon as the first
+    step's weights reach the vLLM engine: after step 1's teacher call, before step 2's (which follows step 2's
+    generation). Returns the pids of the killed process's children (a vLLM teacher's engine core)."""
+    import psutil
+    from ray.util.state import list_actors
+
+    syncs = _weight_sync_log(save)
+    deadline = time.time() + JOB_TIMEOUT_S
+    pid = None
+    while True:
+        assert proc.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-6000:]
+        if pid is None:
+            alive = list_actors(
+                address=cluster["address"],
+                filters=[("class_name", "=", "TeacherReplica"), ("state", "=", "ALIVE")],
+                detail=True,
+            )
+            assert len(alive) <= 1, alive  # TEACHER_REPLICAS=1, and earlier jobs' replicas are dead
+            pid = int(alive[0].pid) if alive else None
+        elif syncs.exists() and syncs.read_text().count("\n") >= 1:
+            children = [child.pid for child in psutil.Process(pid).children(recursive=True)]
+            os.kill(pid, signal.SIGKILL)
+            return children
+        time.sleep(0.05 if pid else 0.5)
+
+
+KILLED_TEACHER_RUNS = {  # the GOLD + GRPO and the reward-free advantages runs above: (script, options, teacher)
+    "hf_teacher": ("gold_grpo_countdown_mix.sh", ("--data.max_samples", "8"), "hf"),
+    "vllm_teacher": (
+        "gold_countdown_qwen3_4b_to_llama3_1b.sh",
+        ("--data.max_samples", "8", "--gold.signal", "advantage"),
+        "vllm",
+    ),
+}
+
+
+def _rescore(teacher_config: dict, requests: list) -> list:
+    """The recorded requests scored again by a fresh teacher with the job's own teacher settings, in this process
+    (a vLLM engine with a small fixed KV cache: its size does not change the log-probs)."""
+    from gold_plugin.config import TeacherConfig
+    from gold_plugin.teacher import build_teacher
+
+    config = TeacherConfig(**teacher_config)
+    overrides = {"device": "cpu"} if config.backend == "hf" else {"kv_cache_memory_bytes": 256 << 20}
+    scorer = build_teacher(config, **overrides)
+    try:
+        return scorer.score(requests)
+    finally:
+        scorer.close()
+
+
+@pytest.mark.parametrize("run", list(KILLED_TEACHER_RUNS))
+def test_a_teacher_replica_killed_mid_job(cluster, run):
+    """The job's only teacher replica is killed between step 1 and step 2: step 2's teacher call restarts it and
+    re-sends its share (``gold/teacher_retries`` 1 at step 2), the job finishes, and what the job got from the
+    teacher at every step equals a fresh teacher's scoring of the same requests."""
+    script, options, teacher = KILLED_TEACHER_RUNS[run]
+    start = time.time()
+    proc, save, log = _submit(cluster, script, f"killed_{run}", *options, wait=False, record_teacher=True)
+    children = _kill_the_teacher_after_the_first_step(cluster, proc, save, log)
+    try:
+        proc.wait(timeout=JOB_TIMEOUT_S)
+    finally:
+        for pid in children:  # an engine core left behind by the killed vLLM teacher, if any
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0 and "succeeded" in text, f"job failed:\n{text[-6000:]}"
+    job_seconds = time.time() - start
+
+    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=teacher == "vllm", teacher=teacher)
+    assert scalars["train/gold/teacher_retries"] == {1: 0.0, 2: 1.0}, (
+        "step 2's teacher call did not find its replica dead (killed too late?)",
+        scalars["train/gold/teacher_retries"],
+    )
+    calls = teacher_calls(str(_teacher_call_log(save)))
+    assert [call["retries"] for call in calls] == [0, 1]  # one call per step
+    # hf: fp32, as in the job (threads may differ: float rounding); vllm: bf16 weights, as the job's "auto" dtype
+    atol = 1e-5 if teacher == "hf" else 0.1
+    for step, call in enumerate(calls, start=1):
+        requests, results = call["requests"], call["results"]
+        assert len(results) == len(requests) > 0
+        fresh = _rescore(call["teacher"], requests)
+        largest = 0.0
+        for got, ref in zip(results, fresh):
+            assert (got.error, got.num_masked, got.num_prompt_truncated) == (
+                ref.error,
+                ref.num_masked,
+                ref.num_prompt_truncated,
+            )
+            np.testing.assert_array_equal(got.token_ids, ref.token_ids)
+            np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=atol, rtol=0)
+            for name in ("topk_ids", "topk_logprobs"):
+                assert (getattr(got, name) is None) == (getattr(ref, name) is None), name
+            if got.topk_ids is not None:
+                np.testing.assert_array_equal(got.topk_ids, ref.topk_ids)
+                np.testing.assert_allclose(got.topk_logprobs, ref.topk_logprobs, atol=atol, rtol=0)
+            scored = ~np.isnan(ref.logprobs)
+            if scored.any():
+                largest = max(largest, float(np.abs(got.logprobs[scored] - ref.logprobs[scored]).max()))
+        tokens = [(len(r.response), int(x.num_tokens)) for r, x in zip(requests, results)]
+        print(
+            f"{run} step {step}: re-scored, largest log-prob difference {largest:.2e}; (chars, tokens) {tokens}"
+        )
+    print(f"{run}: the job with a killed teacher replica took {job_seconds:.0f} s")

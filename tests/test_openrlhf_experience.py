@@ -291,3 +291,34 @@ def test_teacher_scoring_is_in_flight_while_the_model_forwards_run(models, teach
     experiences = gold_maker.make_experience_batch(make_rollouts(strategy, student_tok))
     assert overlapped and all(overlapped)
     assert all(exp.info["gold/unaligned"].sum() == 0 for exp in experiences)
+
+
+def test_a_killed_teacher_replica_is_retried_counted_and_changes_nothing(models, teacher_group):
+    """The group's only replica dies before a rollout's teacher call: the call restarts it and re-sends the share,
+    ``gold/teacher_retries`` counts the re-send on every sample of the rollout, and every sample gets the same
+    teacher-derived signal as in the unfaulted rollout."""
+    plan = make_plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan)
+    rollouts = make_rollouts(strategy, student_tok)
+    unfaulted = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
+    victim = teacher_group.replicas[0]
+    ray.kill(victim)  # as the OOM killer would: no restart by Ray (max_restarts=0)
+    faulted = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
+    assert teacher_group.replicas[0] is not victim
+
+    for exp in unfaulted:
+        assert torch.equal(exp.info["gold/teacher_retries"], torch.zeros(exp.sequences.shape[0]))
+    for exp in faulted:
+        assert torch.equal(exp.info["gold/teacher_retries"], torch.ones(exp.sequences.shape[0]))
+        assert exp.info["gold/teacher_failed"].sum() == 0 and exp.info["gold/unaligned"].sum() == 0
+    assert sum(exp.sequences.shape[0] for exp in faulted) == len(RESPONSES)
+    before, after = _by_row(unfaulted), _by_row(faulted)
+    assert before.keys() == after.keys()
+    for key, (exp, b) in after.items():
+        ref_exp, ref_b = before[key]
+        torch.testing.assert_close(exp.advantages[b], ref_exp.advantages[ref_b], atol=0, rtol=0)
+        for name, value in exp.info.items():
+            if name.startswith(LOGIT_INPUTS_PREFIX) or (
+                name.startswith("gold/") and name not in ("gold/teacher_retries",) and "seconds" not in name
+            ):
+                torch.testing.assert_close(value[b], ref_exp.info[name][ref_b], atol=0, rtol=0, msg=name)

@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 from gold_plugin.config import GoldConfig, TeacherConfig  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherReplicaError, TeacherRequest  # noqa: E402
 from gold_plugin.teacher.ray_group import split_balanced  # noqa: E402
+from gold_plugin.teacher.types import score_counting_retries  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
@@ -100,9 +101,33 @@ def test_killed_replica_is_restarted_and_its_share_retried(group, reference):
     ray.kill(victim)  # dies while it holds its share of the batch
     results = batch.result(timeout=300)
     assert_same(results, reference)
-    assert group.num_restarts == before + 1
+    assert group.num_restarts == before + 1 and batch.retries == 1
     assert group.replicas[1] is not victim
-    assert_same(group.score(REQUESTS[:4]), reference[:4])  # the new replica serves later batches
+    results, retries = group.score_counting_retries(REQUESTS[:4])
+    assert_same(results, reference[:4])  # the new replica serves later batches
+    assert retries == 0
+
+
+def test_score_counting_retries_counts_every_resent_share(group, reference):
+    """What the experience makers log as ``gold/teacher_retries``: one per share re-sent after its replica died."""
+    before = group.num_restarts
+    for victim in list(group.replicas):
+        ray.kill(victim)  # both replicas dead before the call: both shares fail once and are re-sent
+    results, retries = group.score_counting_retries(REQUESTS)
+    assert_same(results, reference)
+    assert retries == 2 and group.num_restarts == before + 2
+    results, retries = score_counting_retries(HFTeacherStub(reference), REQUESTS)
+    assert retries == 0 and results == reference  # an in-process scorer: nothing to retry
+
+
+class HFTeacherStub:
+    """An in-process scorer (no ``score_counting_retries``)."""
+
+    def __init__(self, results):
+        self.results = results
+
+    def score(self, requests):
+        return self.results[: len(requests)]
 
 
 def test_replica_that_keeps_dying_is_named_in_the_error(local_ray, teacher_config):

@@ -32,6 +32,9 @@ class RayTeacher:
     def score(self, requests):
         return self.group.score(requests)
 
+    def score_counting_retries(self, requests):
+        return self.group.score_counting_retries(requests)
+
     def close(self) -> None:
         import ray
 

@@ -60,6 +60,7 @@ from gold_plugin.step import (
     teacher_prompt,
     teacher_requests,
 )
+from gold_plugin.teacher.types import score_counting_retries
 
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
 
@@ -288,8 +289,9 @@ class LocalTrainer:
         aligned = None
         if gold.alpha > 0:
             t1 = time.perf_counter()
-            results = list(self.teacher.score(requests))
+            results, retries = score_counting_retries(self.teacher, requests)
             metrics["gold/teacher_seconds"] = time.perf_counter() - t1
+            metrics["gold/teacher_retries"] = float(retries)  # shares re-sent after a teacher replica died
             if len(results) != len(requests):
                 raise RuntimeError(
                     f"The teacher returned {len(results)} results for {len(requests)} requests."

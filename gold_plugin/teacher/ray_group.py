@@ -73,7 +73,7 @@ class TeacherBatch:
 
     ``refs`` are the Ray ``ObjectRef`` of each replica's share (they change when a share is retried);
     :meth:`result` waits, restarts dead replicas, retries their shares and returns the results in
-    request order.
+    request order; :attr:`retries` then counts the shares it re-sent.
     """
 
     def __init__(
@@ -90,6 +90,11 @@ class TeacherBatch:
             self._actors.append(actor)
             self.refs.append(ref)
         self._results: list[TeacherResult] | None = None if requests else []
+
+    @property
+    def retries(self) -> int:
+        """Shares re-sent so far because their replica died (each re-send counts once)."""
+        return sum(self._attempts)
 
     def done(self) -> bool:
         """True when every share has an answer (ready or failed); :meth:`result` will not block then."""
@@ -157,6 +162,8 @@ class TeacherGroup:
     A batch is split over the replicas by size (each share keeps request order); results come back in
     request order. A replica that dies while holding a share is restarted and the share is retried, up
     to ``max_retries`` times per share; then :class:`TeacherReplicaError` names the replica.
+    :meth:`score_counting_retries` also says how many shares of the call were re-sent (``num_restarts``
+    counts the group's restarts over its life).
 
     Args:
         config: a :class:`TeacherConfig` (or a :class:`GoldConfig`, whose ``teacher`` is used).
@@ -254,6 +261,14 @@ class TeacherGroup:
     def score(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[TeacherResult]:
         """Score ``requests`` over the replicas; one result per request, in order."""
         return self.score_async(requests).result(timeout=timeout)
+
+    def score_counting_retries(
+        self, requests: Sequence[TeacherRequest], timeout: float | None = None
+    ) -> tuple[list[TeacherResult], int]:
+        """:meth:`score`, and the number of shares re-sent because their replica died (0 when none died)."""
+        batch = self.score_async(requests)
+        results = batch.result(timeout=timeout)
+        return results, batch.retries
 
     def shutdown(self) -> None:
         """Kill every replica."""

@@ -105,3 +105,15 @@ class TeacherScorer(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model (GPU memory); the scorer is unusable afterwards."""
+
+
+def score_counting_retries(
+    scorer: Any, requests: Sequence[TeacherRequest]
+) -> tuple[list[TeacherResult], int]:
+    """``scorer.score(requests)`` and the shares re-sent because a teacher replica died: a :class:`TeacherGroup`
+    (or anything with ``score_counting_retries``) counts them, an in-process scorer has none (0)."""
+    counting = getattr(scorer, "score_counting_retries", None)
+    if counting is not None:
+        results, retries = counting(requests)
+        return list(results), int(retries)
+    return list(scorer.score(requests)), 0

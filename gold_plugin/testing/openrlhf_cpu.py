@@ -122,6 +122,63 @@ def record_weight_sync(weights: list[tuple[str, torch.Tensor]]) -> None:
         log.write(json.dumps({"pid": os.getpid(), "weights": sums}) + "\n")
 
 
+TEACHER_CALL_LOG = "GOLD_CPU_TEACHER_CALL_LOG"
+"""Environment variable: a file to which the GOLD experience maker appends one pickled record per teacher call."""
+
+
+def record_teacher_calls() -> None:
+    """When ``$GOLD_CPU_TEACHER_CALL_LOG`` is set, make this worker's ``GoldExperienceMaker`` append, after every
+    teacher call, ``{"pid", "teacher": the TeacherConfig as a dict, "requests", "results", "retries"}`` (pickled,
+    one record after the other) to that file: what a test re-scores to check the results the job trained on.
+
+    An observer, not a change: the call, its results and its return value are untouched (and it is the plugin's
+    class, not OpenRLHF's, so it is not one of :data:`PATCHES`)."""
+    path = os.environ.get(TEACHER_CALL_LOG)
+    if not path:
+        return
+    import dataclasses
+    import pickle
+
+    try:  # every worker of the job runs this hook; only the trainer's experience maker is recorded
+        from gold_plugin.integrations.openrlhf.experience_maker import GoldExperienceMaker
+    except Exception as error:  # noqa: BLE001 - a worker that cannot import it has no experience maker to record
+        print(f"record_teacher_calls: not recording in this worker ({error!r})", file=sys.stderr)
+        return
+
+    original = GoldExperienceMaker._score
+    if getattr(original, "_gold_cpu", False):
+        return
+
+    def _score(self: Any, requests: list) -> Any:
+        results, seconds, retries = original(self, requests)
+        record = {
+            "pid": os.getpid(),
+            "teacher": dataclasses.asdict(self.gold.teacher),
+            "requests": list(requests),
+            "results": list(results),
+            "retries": retries,
+        }
+        with open(path, "ab") as log:
+            pickle.dump(record, log)
+        return results, seconds, retries
+
+    _score._gold_cpu = True  # type: ignore[attr-defined]
+    GoldExperienceMaker._score = _score  # type: ignore[method-assign]
+
+
+def teacher_calls(path: str) -> list[dict[str, Any]]:
+    """The records :func:`record_teacher_calls` wrote to ``path``, in call order."""
+    import pickle
+
+    records = []
+    with open(path, "rb") as log:
+        while True:
+            try:
+                records.append(pickle.load(log))
+            except EOFError:
+                return records
+
+
 def _cpu_worker_wrap() -> type:
     from openrlhf.trainer.ray.vllm_worker_wrap import WorkerWrap
 
@@ -317,12 +374,17 @@ def apply() -> None:
     """Apply every patch (idempotent): the ``worker_process_setup_hook`` of the CPU runtime env."""
     for apply_patch in dict.fromkeys(patch.apply for patch in PATCHES):  # torch.cuda's serves several modules
         apply_patch()
+    record_teacher_calls()
 
 
 def runtime_env(
-    working_dir: str = ".", kv_cache_gib: int = 1, weight_sync_log: str | None = None
+    working_dir: str = ".",
+    kv_cache_gib: int = 1,
+    weight_sync_log: str | None = None,
+    teacher_call_log: str | None = None,
 ) -> dict[str, Any]:
-    """The ``ray job submit --runtime-env-json`` for a CPU run (``weight_sync_log``: see :func:`record_weight_sync`)."""
+    """The ``ray job submit --runtime-env-json`` for a CPU run (``weight_sync_log``: see :func:`record_weight_sync`;
+    ``teacher_call_log``: :func:`record_teacher_calls`)."""
     from pathlib import Path
 
     flash_attn_stub = (
@@ -333,6 +395,8 @@ def runtime_env(
     env_vars = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
     if weight_sync_log:
         env_vars[WEIGHT_SYNC_LOG] = weight_sync_log
+    if teacher_call_log:
+        env_vars[TEACHER_CALL_LOG] = teacher_call_log
     return {
         "working_dir": working_dir,
         "py_modules": [str(flash_attn_stub)],

@@ -8,10 +8,16 @@ the reduction of OpenRLHF's token-mean policy loss, with ``L`` the per-position 
 forward that OpenRLHF's step already runs (a forward hook), so no second forward is made. Logged as
 every key of :func:`gold_plugin.step.logit_metrics`: ``gold/logit_loss`` (mean per position),
 ``gold/logit_positions`` (positions per sample) and, with the byte projection, ``gold/projection_remainder``.
+
+Off-policy samples (``gold/off_policy``: reference completions, ``--gold.lmbda < 1``) have advantage 0, so the
+policy loss ignores them; by default OpenRLHF's KL-to-reference loss and entropy term leave their tokens out too
+(:func:`on_policy_kl_and_entropy`), unless ``--gold.off_policy_kl_and_entropy``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -28,7 +34,7 @@ from gold_plugin.step import (
     logit_metrics,
 )
 
-from .experience_maker import pop_logit_inputs, unpack_logit_inputs
+from .experience_maker import OFF_POLICY_KEY, pop_logit_inputs, unpack_logit_inputs
 
 
 class _BackwardAddsLoss:
@@ -47,6 +53,59 @@ class _BackwardAddsLoss:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._strategy, name)
+
+
+def off_policy_rows(experience: Any) -> torch.Tensor | None:
+    """``[B]`` bool: the micro-batch's samples marked ``gold/off_policy`` (reference completions); None when none is.
+
+    After OpenRLHF's replay buffer the per-sample info entry is a list of 0-d tensors, before it a ``[B]`` tensor."""
+    value = experience.info.get(OFF_POLICY_KEY)
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return None
+        value = torch.stack([torch.as_tensor(v).reshape(()) for v in value])
+    off = torch.as_tensor(value).reshape(-1) > 0
+    return off if bool(off.any()) else None
+
+
+@contextlib.contextmanager
+def on_policy_kl_and_entropy(experience: Any, off: torch.Tensor, expected_calls: int) -> Iterator[None]:
+    """Inside OpenRLHF's ``ActorPPOTrainer.training_step``, reduce the KL-to-reference loss and the entropy term
+    over the on-policy samples' tokens only (the rows of ``off`` are left out).
+
+    Both terms are ``aggregate_loss(values, experience.action_mask, **loss_batch_info)`` in that step, and nothing
+    else there calls ``aggregate_loss`` with the experience's action mask (the policy loss reduces inside
+    ``PolicyLoss``, in another module). For the duration of the step, the name ``aggregate_loss`` in the step's
+    module is a wrapper that zeroes the off-policy rows of that mask; the normaliser (``batch_num_tokens``, all
+    action tokens of the optimiser step) is unchanged, so an off-policy token contributes 0 to the sum and an
+    on-policy token exactly what it contributed before. ``expected_calls`` (1 per enabled term) is checked after
+    the step, so that an OpenRLHF whose step no longer reduces these terms that way fails loudly instead of
+    training them on off-policy tokens."""
+    namespace = ActorPPOTrainer.training_step.__globals__
+    original = namespace["aggregate_loss"]
+    calls = 0
+
+    def aggregate_on_policy_tokens(loss: torch.Tensor, loss_mask: torch.Tensor, *args: Any, **kwargs: Any):
+        nonlocal calls
+        if loss_mask is experience.action_mask:
+            calls += 1
+            keep = ~off.to(loss_mask.device)[:, None]
+            loss_mask = torch.where(keep, loss_mask, torch.zeros_like(loss_mask))
+        return original(loss, loss_mask, *args, **kwargs)
+
+    namespace["aggregate_loss"] = aggregate_on_policy_tokens
+    try:
+        yield
+    finally:
+        namespace["aggregate_loss"] = original
+    if calls != expected_calls:
+        raise RuntimeError(
+            f"OpenRLHF's training step reduced {calls} terms over the action mask where GOLD expected "
+            f"{expected_calls} (the KL-to-reference loss and/or the entropy term): cannot leave the off-policy "
+            "tokens out of them. Set --gold.off_policy_kl_and_entropy to keep them, or check the OpenRLHF version."
+        )
 
 
 class GoldActorPPOTrainer(ActorPPOTrainer):
@@ -83,7 +142,25 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         term = logit_loss_term(result.loss, normaliser, self.gold)
         return term, logit_metrics(result, experience.action_mask.shape[0])
 
+    def _off_policy_terms(self, experience: Any) -> contextlib.AbstractContextManager:
+        """Where the KL-to-reference loss and the entropy term leave off-policy tokens out (the default; see
+        :func:`on_policy_kl_and_entropy`), the context to run OpenRLHF's step in; else a no-op."""
+        gold, args = self.gold, self.args
+        expected_calls = int(bool(args.algo.kl.use_loss)) + int(args.actor.entropy_coef is not None)
+        if gold is None or gold.off_policy_kl_and_entropy or expected_calls == 0:
+            return contextlib.nullcontext()
+        off = off_policy_rows(experience)
+        if off is None:
+            return contextlib.nullcontext()
+        return on_policy_kl_and_entropy(experience, off, expected_calls)
+
     def training_step(
+        self, experience: Any, kl_ctl: float, step: int, loss_batch_info: dict | None = None
+    ) -> dict:
+        with self._off_policy_terms(experience):
+            return self._gold_training_step(experience, kl_ctl, step, loss_batch_info)
+
+    def _gold_training_step(
         self, experience: Any, kl_ctl: float, step: int, loss_batch_info: dict | None = None
     ) -> dict:
         packed = pop_logit_inputs(experience)

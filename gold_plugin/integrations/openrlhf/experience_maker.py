@@ -50,7 +50,7 @@ from gold_plugin.step import (
     teacher_prompt,
     teacher_requests,
 )
-from gold_plugin.teacher.types import TeacherResult
+from gold_plugin.teacher.types import TeacherResult, score_counting_retries
 
 DISTILL_ADVANTAGES_KEY = "gold_distill_advantages"
 """(batch, num_actions) raw distillation advantages, from make_experience to compute_advantages_and_returns."""
@@ -61,6 +61,8 @@ LOGIT_INPUTS_PREFIX = "gold_logit_inputs."
 OFF_POLICY_KEY = "gold/off_policy"
 """Per-sample 1.0 for a reference completion (off-policy), 0.0 for a student sample; also a logged metric."""
 MISSING_REFERENCE_KEY = "gold/missing_reference"
+TEACHER_RETRIES_KEY = "gold/teacher_retries"
+"""Per sample: shares of its rollout's teacher call re-sent after a teacher replica died (``TeacherGroup``)."""
 
 
 def _response_positions(action_mask_row: torch.Tensor) -> tuple[np.ndarray, bool]:
@@ -225,12 +227,13 @@ class GoldExperienceMaker(RemoteExperienceMaker):
 
     # ── teacher requests ──
 
-    def _score(self, requests: list) -> tuple[list[TeacherResult], float]:
+    def _score(self, requests: list) -> tuple[list[TeacherResult], float, int]:
+        """(results in request order, scoring seconds, shares re-sent because a teacher replica died)."""
         start = time.perf_counter()
-        results = list(self.teacher.score(requests)) if requests else []
+        results, retries = score_counting_retries(self.teacher, requests) if requests else ([], 0)
         if len(results) != len(requests):
             raise RuntimeError(f"The teacher returned {len(results)} results for {len(requests)} requests.")
-        return results, time.perf_counter() - start
+        return results, time.perf_counter() - start, retries
 
     def _samples_for_teacher(self, samples_list: list[Experience]) -> list[dict[str, Any]]:
         """Per micro-batch: response ids, teacher requests (None where a response cannot be sent) and reasons."""
@@ -283,7 +286,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
 
         experiences = super().make_experience(samples_list)
         forwards_done = time.perf_counter()
-        results, teacher_seconds = future.result()
+        results, teacher_seconds, teacher_retries = future.result()
         wait_seconds = time.perf_counter() - forwards_done
 
         start = time.perf_counter()
@@ -295,6 +298,11 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         for experience in experiences:  # the plugin's own work: requests, alignment, signal (not the teacher)
             experience.info["gold/plugin_seconds"] = torch.full(
                 (experience.action_mask.shape[0],), plugin_seconds
+            )
+            # Shares of this rollout's teacher call re-sent because their replica died (every sample carries the
+            # call's count, so the step's mean is the count).
+            experience.info[TEACHER_RETRIES_KEY] = torch.full(
+                (experience.action_mask.shape[0],), float(teacher_retries)
             )
         return experiences
 
