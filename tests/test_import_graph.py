@@ -105,7 +105,10 @@ LAYERS = (
     "gold_plugin.step",
     "gold_plugin.local",
     "gold_plugin.integrations",
+    "gold_plugin.cli",
 )
+# The backends: side by side, neither imports the other (the front door, gold_plugin.cli, picks one).
+BACKENDS = ("gold_plugin.local", "gold_plugin.integrations")
 # Production code that may import the test scaffolding: the inspector offers the bundled test tokenizers by name.
 USES_TESTING = {("gold_plugin.alignment.inspector", "gold_plugin.testing.tokenizers")}
 HEAVY = ("ray", "vllm", "deepspeed", "openrlhf", "flash_attn")
@@ -130,6 +133,35 @@ def test_imports_point_down_the_layers():
             ):
                 upward.append(f"{module} -> {target} (test scaffolding)")
     assert not upward, upward
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_no_backend_imports_another():
+    crossing = [
+        f"{module} -> {target}"
+        for module, edges in import_graph().items()
+        for target in edges
+        for here in BACKENDS
+        for there in BACKENDS
+        if here != there and _within(module, here) and _within(target, there)
+    ]
+    assert not crossing, crossing
+    assert "gold_plugin.local.cli" in import_graph()["gold_plugin.cli"]  # the front door is the one that may
+
+
+def test_the_front_door_imports_each_backend_only_when_it_runs():
+    code = (
+        "import sys, gold_plugin.cli\n"
+        f"backends = {BACKENDS!r}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        f"{HEAVY!r} or any(m == b or m.startswith(b + '.') for b in backends)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_core_imports_no_cluster_package():
