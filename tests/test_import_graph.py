@@ -104,11 +104,15 @@ LAYERS = (
     "gold_plugin.teacher",
     "gold_plugin.step",
     "gold_plugin.local",
+    "gold_plugin.demo",
     "gold_plugin.integrations",
     "gold_plugin.cli",
 )
 # The backends: side by side, neither imports the other (the front door, gold_plugin.cli, picks one).
 BACKENDS = ("gold_plugin.local", "gold_plugin.integrations")
+# The demo builds on the local backend; production code outside it enters it only here, lazily, for --demo.
+DEMO = "gold_plugin.demo"
+DEMO_ENTRY = {("gold_plugin.local.cli", "gold_plugin.demo.run")}
 # Production code that may import the test scaffolding: the inspector offers the bundled test tokenizers by name.
 USES_TESTING = {("gold_plugin.alignment.inspector", "gold_plugin.testing.tokenizers")}
 HEAVY = ("ray", "vllm", "deepspeed", "openrlhf", "flash_attn")
@@ -124,7 +128,7 @@ def test_imports_point_down_the_layers():
         here = _layer(module)
         for target in edges:
             there = _layer(target)
-            if here is not None and there is not None and there > here:
+            if here is not None and there is not None and there > here and (module, target) not in DEMO_ENTRY:
                 upward.append(f"{module} -> {target}")
             if (
                 target.startswith("gold_plugin.testing")
@@ -150,6 +154,25 @@ def test_no_backend_imports_another():
     ]
     assert not crossing, crossing
     assert "gold_plugin.local.cli" in import_graph()["gold_plugin.cli"]  # the front door is the one that may
+
+
+def test_production_code_enters_the_demo_only_for_demo():
+    entries = {
+        (module, target)
+        for module, edges in import_graph().items()
+        for target in edges
+        if _within(target, DEMO)
+        and not _within(module, DEMO)
+        and not module.startswith("gold_plugin.testing")
+    }
+    assert entries == DEMO_ENTRY
+    # ... and lazily: the local backend's command line loads no demo module until --demo runs.
+    code = (
+        f"import sys, gold_plugin.local.cli\nprint(sorted(m for m in sys.modules if m.startswith({DEMO!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_front_door_imports_each_backend_only_when_it_runs():
@@ -179,8 +202,9 @@ def test_the_core_imports_no_cluster_package():
     [
         "gold_plugin.alignment.token_bytes",
         "gold_plugin.alignment.vocab_map",
+        "gold_plugin.cli",
         "gold_plugin.local.cli",
-        "gold_plugin.local.demo",
+        "gold_plugin.demo.run",
     ],
 )
 def test_module_imports_first_in_a_fresh_interpreter(module):
