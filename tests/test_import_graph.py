@@ -157,6 +157,17 @@ def test_no_backend_imports_another():
     assert "gold_plugin.local.cli" in import_graph()["gold_plugin.cli"]  # the front door is the one that may
 
 
+def _loaded_by(modules: str, packages: tuple[str, ...]) -> list[str]:
+    """The modules inside ``packages`` that a fresh interpreter has loaded after ``import <modules>``."""
+    code = (
+        f"import sys, {modules}\n"
+        f"print(sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') for p in {packages!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
 def test_production_code_enters_the_demo_only_for_demo():
     entries = {
         (module, target)
@@ -168,34 +179,15 @@ def test_production_code_enters_the_demo_only_for_demo():
     }
     assert entries == DEMO_ENTRY
     # ... and lazily: the local backend's command line loads no demo module until --demo runs.
-    code = (
-        f"import sys, gold_plugin.local.cli\nprint(sorted(m for m in sys.modules if m.startswith({DEMO!r})))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert _loaded_by("gold_plugin.local.cli", (DEMO,)) == []
 
 
 def test_the_front_door_imports_each_backend_only_when_it_runs():
-    code = (
-        "import sys, gold_plugin.cli\n"
-        f"backends = {BACKENDS!r}\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        f"{HEAVY!r} or any(m == b or m.startswith(b + '.') for b in backends)))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert _loaded_by("gold_plugin.cli", BACKENDS + HEAVY) == []
 
 
 def test_the_core_imports_no_cluster_package():
-    code = (
-        "import sys, gold_plugin.alignment, gold_plugin.signals, gold_plugin.config\n"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert _loaded_by("gold_plugin.alignment, gold_plugin.signals, gold_plugin.config", HEAVY) == []
 
 
 @pytest.mark.parametrize(
