@@ -4,9 +4,9 @@ Each option field names its command-line option (OpenRLHF 0.11.2's dotted name w
 ``--actor.adam.lr``, ``--rollout.n_samples_per_prompt``, ``--ckpt.path`` ...; ``--local.*`` for options of this
 backend only), its help text and its help group (:func:`gold_plugin.cli_options.option`);
 :func:`add_local_arguments` derives the argparse options from them and :func:`local_config_from_args` the config
-back from a parsed command line, with the builder :func:`gold_plugin.config.add_gold_arguments` uses for
-``--gold.*`` (:mod:`gold_plugin.cli_options`). Fields without an option hold what the options
-point to (the prompt rows, the reward function), loaded by :func:`local_config_from_args`.
+back from a parsed command line, through the builder that ``--gold.*`` uses too (:mod:`gold_plugin.cli_options`).
+Fields without an option hold what the options point to (the prompt rows, the reward function), loaded by
+:func:`local_config_from_args`.
 
 A :class:`LocalTrainConfig` is frozen and validated when it is built; errors are
 :class:`~gold_plugin.config.GoldConfigError` naming the option to change.
