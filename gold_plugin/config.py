@@ -3,7 +3,8 @@
 Both backends (OpenRLHF and local) read a :class:`GoldConfig`. On the command line every field is a
 dotted option under ``--gold.`` (teacher fields under ``--gold.teacher.``), following OpenRLHF's
 ``--actor.model_name_or_path`` convention; :func:`add_gold_arguments` registers them and
-:func:`gold_config_from_args` builds the config back from the parsed namespace. Names follow TRL's
+:func:`gold_config_from_args` builds the config back from the parsed namespace (both through
+:mod:`gold_plugin.cli_options`, the builder the local backend's options share). Names follow TRL's
 ``GOLDConfig`` where the meaning is the same (``beta``, ``lmbda``, ``uld_*``).
 """
 
@@ -13,7 +14,9 @@ import argparse
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
+
+from gold_plugin.cli_options import add_options, documented_options, option_values
 
 Signal = Literal["advantage", "logit", "both"]
 AlignmentMode = Literal["spans", "positional"]
@@ -233,70 +236,15 @@ def _check_choice(name: str, value: Any, literal: Any) -> None:
         raise GoldConfigError(f"--gold.{name} must be one of {list(choices)}, got {value!r}.")
 
 
-def _parse_optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "adaptive", "") else float(text)
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string literal after each field) as --help text."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, following in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = following.value.value
-    return docs
-
-
-def _add_dataclass_arguments(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
-    hints = get_type_hints(cls)
-    docs = _field_docs(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        if f.name == "teacher":
-            continue
-        hint = hints[f.name]
-        default = getattr(defaults, f.name)
-        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "") + f" (default: {default})"}
-        if get_origin(hint) is Literal:
-            kwargs.update(type=str, choices=list(get_args(hint)))
-        elif hint is bool:
-            kwargs.update(type=_parse_bool, metavar="BOOL")
-        elif hint == (float | None):
-            kwargs.update(type=_parse_optional_float)
-        elif hint == (int | None):
-            kwargs.update(type=int)
-        elif hint == (str | None):
-            kwargs.update(type=str)
-        else:
-            kwargs.update(type=hint)
-        group.add_argument(f"--{prefix}{f.name}", dest=f"{prefix}{f.name}", **kwargs)
-
-
 def add_gold_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register every GOLD option as ``--gold.<name>`` and ``--gold.teacher.<name>``, in two help groups."""
-    _add_dataclass_arguments(parser.add_argument_group("GOLD distillation (--gold.*)"), GoldConfig, "gold.")
-    _add_dataclass_arguments(
-        parser.add_argument_group("GOLD teacher (--gold.teacher.*)"), TeacherConfig, "gold.teacher."
+    """Register every GOLD option as ``--gold.<name>`` and ``--gold.teacher.<name>``, in two help groups (each
+    field's attribute docstring is its help; a bool takes a value: ``--gold.pair_eos false``)."""
+    add_options(
+        parser.add_argument_group("GOLD distillation (--gold.*)"), documented_options(GoldConfig, "gold.")
+    )
+    add_options(
+        parser.add_argument_group("GOLD teacher (--gold.teacher.*)"),
+        documented_options(TeacherConfig, "gold.teacher."),
     )
 
 
@@ -304,12 +252,8 @@ def gold_config_from_args(args: argparse.Namespace | Any) -> GoldConfig:
     """Build and validate a GoldConfig from a flat namespace (``gold.alpha`` keys) or a nested one."""
     flat = vars(args) if isinstance(args, argparse.Namespace) else None
     if flat is not None and any(k.startswith("gold.") for k in flat):
-        teacher = {k[len("gold.teacher.") :]: v for k, v in flat.items() if k.startswith("gold.teacher.")}
-        top = {
-            k[len("gold.") :]: v
-            for k, v in flat.items()
-            if k.startswith("gold.") and not k.startswith("gold.teacher.")
-        }
+        teacher = option_values(flat, documented_options(TeacherConfig, "gold.teacher."))
+        top = option_values(flat, documented_options(GoldConfig, "gold."))
     else:
         gold = args.gold
         teacher = dict(vars(gold.teacher))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gold_plugin.local import demo, launch
+from gold_plugin.demo import environment, prepare, report, run
+from gold_plugin.local import launch
 from gold_plugin.local.cli import main
 
 HISTORY = [
@@ -33,14 +34,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_report_prints_the_table_and_the_plot_path_only(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    with demo.quiet():  # as the demo runs it
-        figures = demo.report(HISTORY, 0.9, tmp_path)
+    with environment.quiet():  # as the demo runs it
+        figures = report.report(HISTORY, 0.9, tmp_path)
     out, err = capsys.readouterr()
-    plot = tmp_path / demo.PLOT_NAME
+    plot = tmp_path / report.PLOT_NAME
     assert out.splitlines() == [*TABLE, f"Held-out accuracy per evaluation: {plot}"]
     assert err == ""
     assert figures == {"before": 0.2, "after": 0.5, "teacher": 0.9}
-    assert (tmp_path / demo.TABLE_NAME).read_text() == "\n".join(TABLE) + "\n"
+    assert (tmp_path / report.TABLE_NAME).read_text() == "\n".join(TABLE) + "\n"
     data = plot.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000  # a drawn figure, not an empty canvas
 
@@ -52,16 +53,16 @@ def test_report_prints_the_table_and_the_plot_path_only(tmp_path, capsys):
 
 def test_report_without_matplotlib_says_so_instead_of_a_path(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import -> ImportError
-    demo.report(HISTORY, 0.9, tmp_path)
+    report.report(HISTORY, 0.9, tmp_path)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == TABLE
     assert lines[-1] == "No plot: matplotlib is not installed (pip install matplotlib)."
-    assert not (tmp_path / demo.PLOT_NAME).exists()
+    assert not (tmp_path / report.PLOT_NAME).exists()
 
 
 def test_report_refuses_a_history_without_evaluations(tmp_path):
     with pytest.raises(ValueError, match="no held-out accuracy"):
-        demo.report([{"step": 1, "gold/sampled_kl": 3.0}], 0.9, tmp_path)
+        report.report([{"step": 1, "gold/sampled_kl": 3.0}], 0.9, tmp_path)
 
 
 def test_quiet_silences_logs_warnings_and_bars_only_inside(monkeypatch):
@@ -73,7 +74,7 @@ def test_quiet_silences_logs_warnings_and_bars_only_inside(monkeypatch):
     hf_logging.set_verbosity_info()
     hf_logging.enable_progress_bar()
     try:
-        with pytest.raises(RuntimeError, match="inside"), demo.quiet():
+        with pytest.raises(RuntimeError, match="inside"), environment.quiet():
             assert not noisy.isEnabledFor(logging.WARNING)
             assert noisy.isEnabledFor(logging.ERROR)
             assert hf_logging.get_verbosity() == logging.ERROR
@@ -99,7 +100,7 @@ def test_quiet_keeps_what_the_caller_set(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     hub_utils.disable_progress_bars()
     try:
-        with demo.quiet():
+        with environment.quiet():
             assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
         assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
         assert hub_utils.are_progress_bars_disabled()
@@ -111,11 +112,11 @@ def test_pinned_fixes_threads_seeds_determinism_and_restores_them(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = torch.get_num_threads()
     assert not torch.are_deterministic_algorithms_enabled()
-    with demo.pinned(seed=7, num_threads=1):
+    with environment.pinned(seed=7, num_threads=1):
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
         assert torch.are_deterministic_algorithms_enabled()
         drawn = torch.rand(3)
-    with demo.pinned(seed=7, num_threads=1):
+    with environment.pinned(seed=7, num_threads=1):
         assert torch.equal(torch.rand(3), drawn)
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
@@ -127,13 +128,13 @@ def fake_demo(monkeypatch):
     """The demo without models or training: data files, and a ``train`` that records how it was called."""
     seen: dict[str, object] = {}
 
-    def prepare(run_dir, **kwargs):
+    def fake_prepare(run_dir, **kwargs):
         seen["prepare"] = kwargs
-        teacher, student, train_data, eval_data = demo.model_paths(run_dir)
+        teacher, student, train_data, eval_data = prepare.model_paths(run_dir)
         for path in (train_data, eval_data):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"input": "12+34=", "label": "64"}) + "\n")
-        return demo.DemoModels(Path(run_dir), teacher, student, train_data, eval_data, 0.9, 0.2)
+        return prepare.DemoModels(Path(run_dir), teacher, student, train_data, eval_data, 0.9, 0.2)
 
     def train(config, gold, *, quiet=False):
         seen.update(quiet=quiet, progress=config.progress, threads=torch.get_num_threads())
@@ -143,7 +144,7 @@ def fake_demo(monkeypatch):
         warnings.warn("a warning the demo must not show", UserWarning, stacklevel=1)
         return HISTORY
 
-    monkeypatch.setattr(demo, "prepare_models", prepare)
+    monkeypatch.setattr(run, "prepare_models", fake_prepare)
     monkeypatch.setattr(launch, "train", train)
     return seen
 
@@ -153,7 +154,7 @@ def test_the_demo_prints_the_table_and_the_plot_path(tmp_path, fake_demo, capsys
     threads = torch.get_num_threads()
     assert main(["--demo", "--local.run_dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines() == [*TABLE, f"Held-out accuracy per evaluation: {tmp_path / demo.PLOT_NAME}"]
+    assert out.splitlines() == [*TABLE, f"Held-out accuracy per evaluation: {tmp_path / report.PLOT_NAME}"]
     assert err == "" and caplog.records == []  # no log record was even made
     logging.getLogger("some.library").warning("after the demo")
     assert [r.getMessage() for r in caplog.records] == ["after the demo"]

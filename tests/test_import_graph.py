@@ -98,14 +98,22 @@ def test_no_import_cycles_in_the_package():
 
 # docs/design.md, "Layers": lowest first; a module may import its own layer and the ones before it.
 LAYERS = (
+    "gold_plugin.cli_options",
     "gold_plugin.config",
     "gold_plugin.alignment",
     "gold_plugin.signals",
     "gold_plugin.teacher",
     "gold_plugin.step",
     "gold_plugin.local",
+    "gold_plugin.demo",
     "gold_plugin.integrations",
+    "gold_plugin.cli",
 )
+# The backends: side by side, neither imports the other (the front door, gold_plugin.cli, picks one).
+BACKENDS = ("gold_plugin.local", "gold_plugin.integrations")
+# The demo builds on the local backend; production code outside it enters it only here, lazily, for --demo.
+DEMO = "gold_plugin.demo"
+DEMO_ENTRY = {("gold_plugin.local.cli", "gold_plugin.demo.run")}
 # Production code that may import the test scaffolding: the inspector offers the bundled test tokenizers by name.
 USES_TESTING = {("gold_plugin.alignment.inspector", "gold_plugin.testing.tokenizers")}
 HEAVY = ("ray", "vllm", "deepspeed", "openrlhf", "flash_attn")
@@ -121,7 +129,7 @@ def test_imports_point_down_the_layers():
         here = _layer(module)
         for target in edges:
             there = _layer(target)
-            if here is not None and there is not None and there > here:
+            if here is not None and there is not None and there > here and (module, target) not in DEMO_ENTRY:
                 upward.append(f"{module} -> {target}")
             if (
                 target.startswith("gold_plugin.testing")
@@ -132,14 +140,54 @@ def test_imports_point_down_the_layers():
     assert not upward, upward
 
 
-def test_the_core_imports_no_cluster_package():
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_no_backend_imports_another():
+    crossing = [
+        f"{module} -> {target}"
+        for module, edges in import_graph().items()
+        for target in edges
+        for here in BACKENDS
+        for there in BACKENDS
+        if here != there and _within(module, here) and _within(target, there)
+    ]
+    assert not crossing, crossing
+    assert "gold_plugin.local.cli" in import_graph()["gold_plugin.cli"]  # the front door is the one that may
+
+
+def _loaded_by(modules: str, packages: tuple[str, ...]) -> list[str]:
+    """The modules inside ``packages`` that a fresh interpreter has loaded after ``import <modules>``."""
     code = (
-        "import sys, gold_plugin.alignment, gold_plugin.signals, gold_plugin.config\n"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+        f"import sys, {modules}\n"
+        f"print(sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') for p in {packages!r})))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_production_code_enters_the_demo_only_for_demo():
+    entries = {
+        (module, target)
+        for module, edges in import_graph().items()
+        for target in edges
+        if _within(target, DEMO)
+        and not _within(module, DEMO)
+        and not module.startswith("gold_plugin.testing")
+    }
+    assert entries == DEMO_ENTRY
+    # ... and lazily: the local backend's command line loads no demo module until --demo runs.
+    assert _loaded_by("gold_plugin.local.cli", (DEMO,)) == []
+
+
+def test_the_front_door_imports_each_backend_only_when_it_runs():
+    assert _loaded_by("gold_plugin.cli", BACKENDS + HEAVY) == []
+
+
+def test_the_core_imports_no_cluster_package():
+    assert _loaded_by("gold_plugin.alignment, gold_plugin.signals, gold_plugin.config", HEAVY) == []
 
 
 @pytest.mark.parametrize(
@@ -147,8 +195,9 @@ def test_the_core_imports_no_cluster_package():
     [
         "gold_plugin.alignment.token_bytes",
         "gold_plugin.alignment.vocab_map",
+        "gold_plugin.cli",
         "gold_plugin.local.cli",
-        "gold_plugin.local.demo",
+        "gold_plugin.demo.run",
     ],
 )
 def test_module_imports_first_in_a_fresh_interpreter(module):

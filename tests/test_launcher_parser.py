@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gold_plugin import cli as front_door
 from gold_plugin.config import GoldConfigError
 from gold_plugin.integrations.openrlhf import cli
 from gold_plugin.integrations.openrlhf.args import (
@@ -359,15 +360,39 @@ def test_dry_run_only_warns_about_paths_it_cannot_see(capsys):
     assert "teacher      1 x 1 GPU" in out.replace("teacher    ", "teacher      ")
 
 
+def _fake_backends(monkeypatch) -> list[tuple[str, list[str]]]:
+    """Replace both backends' command lines by recorders of (backend, argv)."""
+    received: list[tuple[str, list[str]]] = []
+    for name, module in (
+        ("openrlhf", "gold_plugin.integrations.openrlhf.cli"),
+        ("local", "gold_plugin.local.cli"),
+    ):
+        fake = types.ModuleType(module)
+        fake.main = lambda argv, parents=(), name=name: received.append((name, list(argv))) or 0
+        monkeypatch.setitem(sys.modules, module, fake)
+    return received
+
+
 def test_backend_local_delegates_before_parsing_openrlhf_options(monkeypatch):
-    received = []
-    fake = types.ModuleType("gold_plugin.local.cli")
-    fake.main = lambda argv: received.append(list(argv)) or 0
-    monkeypatch.setitem(sys.modules, "gold_plugin.local.cli", fake)
+    received = _fake_backends(monkeypatch)
     # --not-an-openrlhf-option would make the OpenRLHF parser exit: it must never see it.
-    assert cli.main(["--backend", "local", "--not-an-openrlhf-option", "3"]) == 0
-    assert cli.main(["--backend=local", "--demo"]) == 0
-    assert received == [["--not-an-openrlhf-option", "3"], ["--demo"]]
+    assert front_door.main(["--backend", "local", "--not-an-openrlhf-option", "3"]) == 0
+    assert front_door.main(["--backend=local", "--demo"]) == 0
+    assert received == [("local", ["--not-an-openrlhf-option", "3"]), ("local", ["--demo"])]
+
+
+def test_the_front_door_runs_the_openrlhf_backend_by_default(monkeypatch, capsys):
+    received = _fake_backends(monkeypatch)
+    assert front_door.main(["--actor.model_name_or_path", "s", "--dry_run"]) == 0
+    assert front_door.main(["--dry_run", "--backend", "openrlhf"]) == 0
+    assert received == [
+        ("openrlhf", ["--actor.model_name_or_path", "s", "--dry_run"]),
+        ("openrlhf", ["--dry_run"]),
+    ]
+    with pytest.raises(SystemExit) as err:
+        front_door.main(["--backend", "slurm"])
+    assert err.value.code == 2 and "invalid choice: 'slurm'" in capsys.readouterr().err
+    assert set(front_door.BACKENDS) == {"openrlhf", "local"} and front_door.DEFAULT_BACKEND == "openrlhf"
 
 
 HEAVY = ("openrlhf", "deepspeed", "vllm", "ray", "flash_attn")
@@ -403,6 +428,8 @@ def test_help_and_dry_run_import_no_cluster_packages():
     assert (
         "--gold.teacher.model_name_or_path" in helped.stdout and "--algo.advantage.estimator" in helped.stdout
     )
+    words = " ".join(helped.stdout.split())  # argparse wraps lines
+    assert "--backend {openrlhf,local}" in words and "(its own options: `--backend local --help`)" in words
 
 
 def test_nest_namespace_matches_openrlhf_hierarchize():

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gold_plugin.demo.prepare import prepare_models, with_teacher_tokenizer
+from gold_plugin.demo.run import demo_argv
 from gold_plugin.local.cli import main
-from gold_plugin.local.demo import demo_argv, prepare_models, with_teacher_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def test_demo_models_use_different_tokenizers(models):
 def test_same_tokenizer_copy_is_the_same_function(models, tmp_path):
     """The teacher re-indexed to another single-digit tokenizer (the experiment's same-tokenizer reference for a
     single-digit student) computes the same function under the other ids."""
-    from gold_plugin.local.task import build_tokenizer
+    from gold_plugin.demo.tokenizers import build_tokenizer
 
     other = tmp_path / "student_digits"
     build_tokenizer("student_digits", other)

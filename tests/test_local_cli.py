@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
-from gold_plugin.local import demo, launch
+from gold_plugin.demo import prepare, run
+from gold_plugin.local import launch
 from gold_plugin.local.cli import build_parser, main, parse_args
 from gold_plugin.local.config import LocalTrainConfig, local_config_from_args, option_fields
 
@@ -40,12 +41,12 @@ def captured_train(monkeypatch):
 def fake_demo_models(monkeypatch):
     """``prepare_models`` without training: the demo's data files at the demo's paths, no models."""
 
-    def prepare(run_dir, **_options):
-        teacher, student, train_data, eval_data = demo.model_paths(run_dir)
+    def fake_prepare(run_dir, **_options):
+        teacher, student, train_data, eval_data = prepare.model_paths(run_dir)
         _jsonl(train_data), _jsonl(eval_data)
-        return demo.DemoModels(Path(run_dir), teacher, student, train_data, eval_data, 0.99, 0.25)
+        return prepare.DemoModels(Path(run_dir), teacher, student, train_data, eval_data, 0.99, 0.25)
 
-    monkeypatch.setattr(demo, "prepare_models", prepare)
+    monkeypatch.setattr(run, "prepare_models", fake_prepare)
 
 
 def test_demo_keeps_options_given_at_the_parser_default(tmp_path, captured_train, fake_demo_models, capsys):
@@ -67,7 +68,7 @@ def test_demo_keeps_options_given_at_the_parser_default(tmp_path, captured_train
     assert config.rollout_batch_size == 8  # the parser's default, given: kept
     # Not given: the demo's values, models and data.
     assert config.max_steps == 200 and config.learning_rate == 1e-3 and config.n_samples_per_prompt == 4
-    teacher, student, train_data, _ = demo.model_paths(tmp_path)
+    teacher, student, train_data, _ = prepare.model_paths(tmp_path)
     assert config.student == str(student) and gold.teacher.model_name_or_path == str(teacher)
     assert config.prompt_dataset == str(train_data) and config.prompts == ROWS
     assert config.ckpt_path == str(tmp_path / "gold_run") and config.progress  # the demo's one progress bar
@@ -79,7 +80,7 @@ def test_demo_keeps_options_given_at_the_parser_default(tmp_path, captured_train
 def test_demo_defaults_are_the_defaults_under_demo_only(tmp_path):
     demo_args = vars(parse_args(["--demo", "--local.run_dir", str(tmp_path)]))
     plain_args = vars(parse_args([]))
-    for name, value in demo.DEMO_DEFAULTS.items():
+    for name, value in run.DEMO_DEFAULTS.items():
         assert demo_args[name] == value
         assert plain_args[name] == build_parser().get_default(name) != value
     # An explicit value wins under --demo too.

@@ -22,7 +22,7 @@ import torch
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.alignment.sorted_vocab import sorted_vocab
 from gold_plugin.alignment.token_bytes import TokenTable
-from gold_plugin.local.task import build_tokenizer
+from gold_plugin.demo.tokenizers import build_tokenizer
 from gold_plugin.signals.logit import (
     LogitLossOptions,
     ProjectionVocab,
@@ -45,7 +45,7 @@ TASK_BYTES = set(b"0123456789+=")
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    """The local experiment's tokenizers (``gold_plugin.local.demo.PAIRS`` combines them)."""
+    """The local experiment's tokenizers (``gold_plugin.demo.tokenizers.PAIRS`` combines them)."""
     root = tmp_path_factory.mktemp("tok")
     return {kind: build_tokenizer(kind, root / kind) for kind in ("digits", "student_digits", "merged")}
 

@@ -10,7 +10,7 @@ import torch
 
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.alignment.sorted_vocab import sorted_vocab, truncate_hex
-from gold_plugin.local.task import build_tokenizer
+from gold_plugin.demo.tokenizers import build_tokenizer
 from gold_plugin.signals.logit import (
     LogitLossOptions,
     ProjectionVocab,

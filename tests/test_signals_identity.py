@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gold_plugin.alignment import FlatAlignment, VocabMap, align, group_starts
-from gold_plugin.local.modeling import tiny_llama
+from gold_plugin.demo.models import tiny_llama
 from gold_plugin.signals import aligned_logit_loss, batch_distill_advantages, group_advantages
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 

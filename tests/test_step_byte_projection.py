@@ -12,7 +12,7 @@ import torch
 
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
-from gold_plugin.local.task import build_tokenizer
+from gold_plugin.demo.tokenizers import build_tokenizer
 from gold_plugin.signals.logit import ProjectionPositions, projected_logit_loss
 from gold_plugin.step import (
     LogitVocab,

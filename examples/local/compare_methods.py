@@ -4,7 +4,7 @@
     python examples/local/compare_methods.py --run_dir runs/compare --study normalisation   # --gold.advantage_norm
 
 Every method starts from the same briefly fine-tuned student and the same teacher (both from
-:func:`gold_plugin.local.demo.prepare_models`) and trains for the same number of steps with the same optimiser
+:func:`gold_plugin.demo.prepare.prepare_models`) and trains for the same number of steps with the same optimiser
 and rollout settings; only the learning signal differs. Writes ``results.md`` (held-out accuracy, mean ± std over
 seeds, and the share of the teacher's accuracy gap recovered) and ``accuracy.png`` (accuracy vs step) into
 ``--run_dir`` (``results_normalisation.md`` / ``accuracy_normalisation.png`` for ``--study normalisation``: the
@@ -26,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from gold_plugin.local.demo import demo_argv, prepare_models, with_teacher_tokenizer  # noqa: E402
+from gold_plugin.demo.prepare import prepare_models, with_teacher_tokenizer  # noqa: E402
+from gold_plugin.demo.run import demo_argv  # noqa: E402
 
 # GOLD's hybrid logit loss at group starts (same-bytes tokens: JSD, the rest: ULD), whatever the default projection.
 LOGIT = ["--gold.signal", "logit", "--gold.teacher.topk", "8", "--gold.logit_projection", "vocab"]

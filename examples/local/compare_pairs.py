@@ -2,13 +2,13 @@
 
     python examples/local/compare_pairs.py --run_dir runs/pairs --seeds 0 1 2 --steps 200
 
-Pairs (:data:`gold_plugin.local.demo.PAIRS`): ``digits`` (both write single digits; the demo pair of
+Pairs (:data:`gold_plugin.demo.tokenizers.PAIRS`): ``digits`` (both write single digits; the demo pair of
 ``compare_methods.py``), ``merged_student`` (the student merges digit runs, the teacher writes single digits: a
 Llama-3-like student and a Qwen-like teacher) and ``merged_teacher`` (the other way round). For each pair every
 method starts from the same briefly fine-tuned student, trains the same number of steps with the same optimiser
 and rollout settings, and only the learning signal differs. The **same-tokenizer reference** distils from a
 teacher that uses the student's own tokenizer, with held-out accuracy within 3 points of the cross-tokenizer
-teacher (:func:`gold_plugin.local.demo.same_tokenizer_teacher`). Writes ``results_pairs.md`` (held-out accuracy,
+teacher (:func:`gold_plugin.demo.prepare.same_tokenizer_teacher`). Writes ``results_pairs.md`` (held-out accuracy,
 mean ± std over seeds; the share of the reference's start→end gain each method closes; the lowest accuracy seen
 during training relative to the start) and ``accuracy_<pair>.png`` into ``--run_dir``.
 """
@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_methods import SHARED, accuracy_curve, mean_std, plot, run_one  # noqa: E402
 
-from gold_plugin.local.demo import PAIRS, demo_argv, prepare_models, same_tokenizer_teacher  # noqa: E402
+from gold_plugin.demo.prepare import prepare_models, same_tokenizer_teacher  # noqa: E402
+from gold_plugin.demo.run import demo_argv  # noqa: E402
+from gold_plugin.demo.tokenizers import PAIRS  # noqa: E402
 
 LOGIT = ["--gold.signal", "logit", "--gold.teacher.topk", "8"]
 REFERENCE = "same-tokenizer reference"

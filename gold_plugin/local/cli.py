@@ -5,8 +5,9 @@ Options keep OpenRLHF 0.11.2's dotted names where OpenRLHF has them (``--actor.m
 same ``--gold.*`` options as the OpenRLHF backend, and a few ``--local.*`` options of this backend. The config
 classes declare them (:class:`~gold_plugin.local.config.LocalTrainConfig`, :class:`~gold_plugin.config.GoldConfig`);
 only ``--demo``, ``--local.run_dir`` and ``--local.num_threads`` are declared here (the distillation advantages'
-normalisation is ``--gold.advantage_norm``, shared with the OpenRLHF backend). ``--demo`` runs the self-contained demo (nothing from a hub, :mod:`gold_plugin.local.demo`): its
-values become the parser's defaults, so every option given on the command line is kept.
+normalisation is ``--gold.advantage_norm``, shared with the OpenRLHF backend). ``--demo`` runs the
+self-contained demo (nothing from a hub; :mod:`gold_plugin.demo`, imported only then): its values become the
+parser's defaults, so every option given on the command line is kept.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def parse_args(argv: Sequence[str], parser: argparse.ArgumentParser | None = Non
     parser = parser or build_parser()
     args = parser.parse_args(list(argv))
     if args.demo:
-        from gold_plugin.local.demo import demo_defaults
+        from gold_plugin.demo.run import demo_defaults
 
         parser.set_defaults(**demo_defaults(vars(args)["local.run_dir"]))
         args = parser.parse_args(list(argv))
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv, parser)
     try:
         if args.demo:  # sets its threads (1 unless --local.num_threads) for its own run only
-            from gold_plugin.local.demo import run_demo
+            from gold_plugin.demo.run import run_demo
 
             run_demo(args)
         else:

@@ -2,10 +2,11 @@
 
 Each option field names its command-line option (OpenRLHF 0.11.2's dotted name where OpenRLHF has one:
 ``--actor.adam.lr``, ``--rollout.n_samples_per_prompt``, ``--ckpt.path`` ...; ``--local.*`` for options of this
-backend only), its help text and its help group; :func:`add_local_arguments` derives the argparse options from
-them and :func:`local_config_from_args` the config back from a parsed command line, as
-:func:`gold_plugin.config.add_gold_arguments` does for ``--gold.*``. Fields without an option hold what the options
-point to (the prompt rows, the reward function), loaded by :func:`local_config_from_args`.
+backend only), its help text and its help group (:func:`gold_plugin.cli_options.option`);
+:func:`add_local_arguments` derives the argparse options from them and :func:`local_config_from_args` the config
+back from a parsed command line, through the builder that ``--gold.*`` uses too (:mod:`gold_plugin.cli_options`).
+Fields without an option hold what the options point to (the prompt rows, the reward function), loaded by
+:func:`local_config_from_args`.
 
 A :class:`LocalTrainConfig` is frozen and validated when it is built; errors are
 :class:`~gold_plugin.config.GoldConfigError` naming the option to change.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from gold_plugin.cli_options import add_grouped_options, declared_options, option, option_values
 from gold_plugin.config import GoldConfig, GoldConfigError, gold_config_from_args
 from gold_plugin.prompt_dataset import LOCAL_SUFFIXES, check_prompts, read_rows
 
@@ -32,22 +34,6 @@ OPTIMISATION = "optimisation (OpenRLHF names)"
 CHECKPOINTS = "checkpoints and logging (OpenRLHF names)"
 LOCAL = "local backend (--local.*)"
 GROUPS = (MODEL_AND_DATA, OPTIMISATION, CHECKPOINTS, LOCAL)
-
-
-def option(
-    name: str,
-    default: Any,
-    help: str = "",
-    *,
-    group: str,
-    flag: Literal["store_true"] | None = None,
-) -> Any:
-    """A config field that is the command-line option ``--<name>``.
-
-    ``flag="store_true"``: a switch without a value that sets the field (default False) to True.
-    """
-    metadata = {"option": name, "help": help, "group": group, "flag": flag}
-    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -72,9 +58,7 @@ class LocalTrainConfig:
         "Field holding a reference completion (the off-policy samples of --gold.lmbda < 1).",
         group=MODEL_AND_DATA,
     )
-    apply_chat_template: bool = option(
-        "data.apply_chat_template", False, group=MODEL_AND_DATA, flag="store_true"
-    )
+    apply_chat_template: bool = option("data.apply_chat_template", False, group=MODEL_AND_DATA, switch=True)
     max_samples: int = option("data.max_samples", int(1e8), group=MODEL_AND_DATA)
     eval_dataset: str | None = option(
         "eval.dataset", None, "Held-out prompts for greedy accuracy.", group=MODEL_AND_DATA
@@ -121,7 +105,7 @@ class LocalTrainConfig:
     # -- checkpoints and logging
     ckpt_path: str | None = option("ckpt.path", "./ckpt/checkpoints_gold_local", group=CHECKPOINTS)
     save_steps: int = option("ckpt.save_steps", -1, group=CHECKPOINTS)
-    load_checkpoint: bool = option("ckpt.load_enable", False, group=CHECKPOINTS, flag="store_true")
+    load_checkpoint: bool = option("ckpt.load_enable", False, group=CHECKPOINTS, switch=True)
     max_ckpt_num: int = option("ckpt.max_num", 3, group=CHECKPOINTS)
     output_dir: str | None = option("ckpt.output_dir", None, "Final student (HF folder).", group=CHECKPOINTS)
     logging_steps: int = option("logger.logging_steps", 1, group=CHECKPOINTS)
@@ -136,12 +120,12 @@ class LocalTrainConfig:
         False,
         "Score with an in-process teacher instead of a Ray TeacherGroup (no Ray needed).",
         group=LOCAL,
-        flag="store_true",
+        switch=True,
     )
     metrics_path: str | None = option(
         "local.metrics_path", None, "Metrics jsonl (default: <ckpt.path>/metrics.jsonl).", group=LOCAL
     )
-    no_progress: bool = option("local.no_progress", False, "No progress bar.", group=LOCAL, flag="store_true")
+    no_progress: bool = option("local.no_progress", False, "No progress bar.", group=LOCAL, switch=True)
     # -- what the options point to, loaded by local_config_from_args (not options themselves)
     prompts: list[dict] = field(default_factory=list)
     """Training prompt rows (from --data.prompt_dataset)."""
@@ -251,33 +235,9 @@ def _flag(field_name: str) -> str:
     return names.get(field_name, field_name)
 
 
-def _argparse_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
-    """argparse keywords of option field ``f`` with type hint ``hint``."""
-    meta = f.metadata
-    shown = "" if meta["flag"] else f" (default: {f.default})"
-    kwargs: dict[str, Any] = {"dest": meta["option"], "default": f.default, "help": meta["help"] + shown}
-    if meta["flag"]:
-        kwargs["action"] = meta["flag"]
-        return kwargs
-    if get_origin(hint) is Literal:
-        kwargs.update(type=str, choices=list(get_args(hint)))
-    elif get_origin(hint) is tuple:
-        (item, *rest) = get_args(hint)
-        kwargs.update(type=item, nargs=1 + len(rest))
-    else:
-        args = [a for a in get_args(hint) if a is not type(None)]  # X | None -> X
-        kwargs["type"] = args[0] if args else hint
-    return kwargs
-
-
 def add_local_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
     """Register every option field of :class:`LocalTrainConfig` in its help group; returns the groups by title."""
-    hints = _hints()
-    groups = {name: parser.add_argument_group(name) for name in GROUPS}
-    for f in option_fields():
-        group = groups[f.metadata["group"]]
-        group.add_argument(f"--{f.metadata['option']}", **_argparse_kwargs(f, hints[f.name]))
-    return groups
+    return add_grouped_options(parser, declared_options(LocalTrainConfig), GROUPS)
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[LocalTrainConfig, GoldConfig]:
@@ -287,11 +247,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LocalTrainConfig, GoldC
 
 def local_config_from_args(args: argparse.Namespace) -> LocalTrainConfig:
     """The validated :class:`LocalTrainConfig` a parsed command line describes (prompts and reward loaded)."""
-    a, hints = vars(args), _hints()
-    values = {f.name: a[f.metadata["option"]] for f in option_fields()}
-    for name, value in values.items():
-        if get_origin(hints[name]) is tuple:  # argparse gives nargs values as a list
-            values[name] = tuple(value)
+    values = option_values(args, declared_options(LocalTrainConfig))
     if values["metrics_path"] is None and values["ckpt_path"]:
         values["metrics_path"] = os.path.join(values["ckpt_path"], "metrics.jsonl")
     key = values["input_key"]

@@ -1,6 +1,6 @@
 """Run the local backend from validated configs: start the teacher, train, save, stop the teacher.
 
-Shared by the command line (:mod:`gold_plugin.local.cli`) and the demo (:mod:`gold_plugin.local.demo`).
+Shared by the command line (:mod:`gold_plugin.local.cli`) and the demo (:mod:`gold_plugin.demo.run`).
 """
 
 from __future__ import annotations

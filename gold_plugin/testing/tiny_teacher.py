@@ -18,7 +18,7 @@ TINY_TEACHER_SHAPE: dict[str, Any] = {
     "initializer_range": 0.2,
     "tie_word_embeddings": False,
 }
-"""A 2-layer, 32-wide Llama (through :func:`gold_plugin.local.modeling.tiny_llama`); ``initializer_range`` is large
+"""A 2-layer, 32-wide Llama (through :func:`gold_plugin.demo.models.tiny_llama`); ``initializer_range`` is large
 enough that the next-token distributions are far from uniform (so scoring mistakes show up in comparisons)."""
 
 
@@ -48,7 +48,7 @@ def save_tiny_teacher(
 ) -> Path:
     """Build a tiny ``LlamaForCausalLM`` with the vocabulary of test tokenizer ``tokenizer_name``
     (``gpt2``, ``qwen`` or ``mistral``), save it with the tokenizer into ``out_dir`` and return it."""
-    from gold_plugin.local.modeling import tiny_llama
+    from gold_plugin.demo.models import tiny_llama
     from gold_plugin.testing.tokenizers import load_test_tokenizer
 
     tokenizer = load_test_tokenizer(tokenizer_name)

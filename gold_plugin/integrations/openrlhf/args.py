@@ -2,14 +2,15 @@
 
 OpenRLHF builds its parser inline under ``if __name__ == "__main__"`` in ``openrlhf/cli/train_ppo_ray.py``, so it
 cannot be imported; this module declares the same options (same dotted names, types, choices and defaults; the
-test suite compares the two parsers option by option) and adds the GOLD options, ``--backend`` and
-``--dry_run``. Importing it needs neither OpenRLHF, DeepSpeed, vLLM nor Ray, so ``--help`` and ``--dry_run``
+test suite compares the two parsers option by option) and adds the GOLD options and ``--dry_run``
+(``--backend`` belongs to the front door, :mod:`gold_plugin.cli`). Importing it needs neither OpenRLHF, DeepSpeed, vLLM nor Ray, so ``--help`` and ``--dry_run``
 work on a laptop.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -17,8 +18,6 @@ from typing import Any
 from gold_plugin.config import add_gold_arguments
 
 OPENRLHF_VERSION = "0.11.2"
-
-_BACKENDS = ("openrlhf", "local")
 
 OPENRLHF_DEFAULTS = {"algo.advantage.estimator": "gae", "algo.kl.init_coef": 0.01}
 """OpenRLHF's defaults of the options whose launcher default is left unset (None) and filled by
@@ -370,16 +369,8 @@ def add_openrlhf_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--backend`` and ``--dry_run``."""
-    g = parser.add_argument_group("Launcher")
-    g.add_argument(
-        "--backend",
-        choices=list(_BACKENDS),
-        default="openrlhf",
-        help="openrlhf: Ray + vLLM + DeepSpeed cluster run (default); local: the single-machine backend "
-        "(its own options: `--backend local --help`).",
-    )
-    g.add_argument(
+    """``--dry_run``."""
+    parser.add_argument_group("Launcher").add_argument(
         "--dry_run",
         action="store_true",
         default=False,
@@ -388,9 +379,10 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full launcher parser: launcher options, OpenRLHF's options, then the GOLD groups."""
+def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The OpenRLHF backend's parser: ``parents``' options, ``--dry_run``, OpenRLHF's options, the GOLD groups."""
     parser = argparse.ArgumentParser(
+        parents=list(parents),
         prog="train_gold.py",
         description=f"GOLD on-policy distillation on OpenRLHF {OPENRLHF_VERSION}: OpenRLHF's train_ppo_ray options "
         "plus --gold.* (docs/design.md). Submit with `ray job submit -- python launchers/train_gold.py ...`.",

@@ -1,4 +1,5 @@
-"""Command-line entry of ``launchers/train_gold.py``: pick the backend, validate, dry-run or train.
+"""The OpenRLHF backend's command line (``launchers/train_gold.py [--backend openrlhf]``, through
+:mod:`gold_plugin.cli`): validate, dry-run or train.
 
 Importing this module (and running ``--help`` or ``--dry_run``) needs neither OpenRLHF, DeepSpeed, vLLM nor
 Ray: the cluster code is imported only when a real run starts.
@@ -13,34 +14,17 @@ from collections.abc import Sequence
 from gold_plugin.config import GoldConfigError
 
 from .args import build_parser
-from .launch_plan import LaunchPlan, resolve_launch
+from .launch_plan import resolve_launch
 
 
-def _selected_backend(argv: Sequence[str]) -> tuple[str, list[str]]:
-    """The ``--backend`` value and the arguments without it (``--backend X`` or ``--backend=X``)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--backend", choices=["openrlhf", "local"], default="openrlhf")
-    known, rest = pre.parse_known_args(list(argv))
-    return known.backend, rest
+def main(argv: Sequence[str] | None = None, parents: Sequence[argparse.ArgumentParser] = ()) -> int:
+    """Run the OpenRLHF backend with ``argv`` (default: ``sys.argv[1:]``); returns the process exit code.
 
-
-def parse_and_resolve(argv: Sequence[str]) -> tuple[argparse.Namespace, LaunchPlan]:
-    """Parse an OpenRLHF-backend command line and resolve it (raises GoldConfigError)."""
-    args = build_parser().parse_args(list(argv))
-    return args, resolve_launch(args)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the launcher; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    backend, rest = _selected_backend(argv)
-    if backend == "local":
-        from gold_plugin.local.cli import main as local_main
-
-        return int(local_main(rest) or 0)
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    ``parents``' options are added to the parser (the front door's ``--backend``, so that ``--help`` shows it).
+    A configuration error exits with status 2 and its message.
+    """
+    parser = build_parser(parents)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         plan = resolve_launch(args)
         if args.dry_run:

@@ -1,0 +1,103 @@
+"""The demo's models: the tiny Llama builder and the supervised fine-tuning that prepares teacher and student.
+
+Plain torch + transformers (no Ray), on CPU or one GPU; the tests' tiny teachers are built here too
+(:mod:`gold_plugin.testing.tiny_teacher`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from gold_plugin.local.modeling import encode_prompt, response_logits_and_logprobs
+
+
+def tiny_llama(vocab_size: int, tokenizer: Any = None, *, seed: int = 0, **config: Any) -> Any:
+    """A small randomly initialised ``LlamaForCausalLM`` built from a config (no download): the project's one
+    tiny-model builder (the demo's models, the tests' teachers and students).
+
+    Defaults: 2 layers, ``hidden_size`` 128 (``intermediate_size`` twice that), 4 heads, 64 positions, tied
+    embeddings; with ``tokenizer``, its EOS and pad ids and no BOS. ``config`` overrides any ``LlamaConfig``
+    field. Weights are drawn after ``torch.manual_seed(seed)``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = config.get("hidden_size", 128)
+    values: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    }
+    if tokenizer is not None:
+        values.update(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+        )
+    values.update(config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**values))
+
+
+def sft(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    input_key: str = "input",
+    label_key: str = "label",
+    log: Callable[[int, float], None] | None = None,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 25,
+    constant_lr: bool = False,
+) -> int:
+    """Supervised fine-tuning on ``prompt -> label + EOS`` (loss on the answer and EOS only), cosine LR after a
+    50-step warmup (``constant_lr``: no decay).
+
+    ``stop(step)`` is asked every ``check_every`` steps and ends training early when it returns True.
+    Returns the number of steps taken.
+    """
+    rng = random.Random(seed)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    encoded = [
+        (encode_prompt(tokenizer, r[input_key]), encode_prompt(tokenizer, str(r[label_key])) + [eos_id])
+        for r in records
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / 50)
+            * (1.0 if constant_lr else 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
+        ),
+    )
+    model.train()
+    for step in range(steps):
+        batch = rng.sample(encoded, min(batch_size, len(encoded)))
+        prompts, answers = [b[0] for b in batch], [b[1] for b in batch]
+        _, logprobs, mask = response_logits_and_logprobs(model, prompts, answers, pad_id)
+        loss = -(logprobs * mask).sum() / mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if log is not None:
+            log(step, float(loss))
+        if stop is not None and (step + 1) % check_every == 0 and stop(step + 1):
+            model.eval()
+            return step + 1
+        model.train()
+    model.eval()
+    return steps
