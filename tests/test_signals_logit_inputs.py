@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.signals import aligned_logit_loss, logit_loss_inputs, per_sample_mean
+from gold_plugin.signals import aligned_logit_loss, logit_loss_inputs
 
 
 def _alignment(student: list[int], teacher: list[int]) -> Alignment:
@@ -60,7 +60,7 @@ def test_mismatch_is_reported() -> None:
         logit_loss_inputs([ALIGN_A], [ids[:3]], [lp[:3]], torch.ones(1, 5, dtype=torch.bool))
 
 
-def test_end_to_end_with_three_d_logits_and_per_sample_mean() -> None:
+def test_end_to_end_with_three_d_logits_touches_only_the_positions() -> None:
     vocab, teacher_vocab = 40, 2100
     mapping = torch.full((teacher_vocab,), -1, dtype=torch.int64)
     mapping[1000:1040] = torch.arange(40)
@@ -76,9 +76,8 @@ def test_end_to_end_with_three_d_logits_and_per_sample_mean() -> None:
     out = aligned_logit_loss(
         logits, inputs.teacher_topk_ids, inputs.teacher_topk_logprobs, mapping, positions=inputs.positions
     )
-    per_sample = per_sample_mean(out.loss, inputs.sample_index, 2)
-    assert per_sample[0].item() == pytest.approx(out.loss[:4].mean().item())
-    assert per_sample[1].item() == pytest.approx(out.loss[4:].mean().item())
+    assert inputs.sample_index.tolist() == [0, 0, 0, 0, 1, 1]
+    per_sample = torch.stack([out.loss[:4].mean(), out.loss[4:].mean()])  # TRL's reduction: per sample, then mean
     (grad,) = torch.autograd.grad(per_sample.mean(), logits)
     touched = grad.abs().sum(-1) > 0
     assert touched.nonzero().tolist() == inputs.positions.tolist()
@@ -100,5 +99,5 @@ def test_groups_without_teacher_candidates_give_no_position() -> None:
     out = aligned_logit_loss(
         logits, inputs.teacher_topk_ids, inputs.teacher_topk_logprobs, mapping, positions=inputs.positions
     )
-    per_sample = per_sample_mean(out.loss, inputs.sample_index, 1)
-    assert per_sample.item() == pytest.approx(out.loss.mean().item()) and out.valid.all()
+    assert inputs.sample_index.tolist() == [0, 0, 0]
+    assert out.loss.shape == (3,) and out.valid.all()

@@ -24,7 +24,6 @@ from gold_plugin.signals.logit import (
     aligned_logit_loss,
     expand_positions,
     logit_loss_inputs,
-    per_sample_mean,
     projected_logit_loss,
     projection_positions,
 )
@@ -49,7 +48,6 @@ __all__ = [
     "logit_loss_inputs",
     "mix_advantages",
     "normalise_advantages",
-    "per_sample_mean",
     "projected_logit_loss",
     "projection_positions",
     "reward_advantages",

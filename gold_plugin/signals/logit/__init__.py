@@ -21,7 +21,7 @@ Two losses share one options type, one result type and one teacher temperature:
   analytic backward pass) and ``vocab_hybrid_inputs.py`` (:func:`logit_loss_inputs`).
 
 - **Shared**: ``options.py`` (:class:`LogitLossOptions`, :func:`resolve_options`, :func:`tempered_teacher`),
-  ``result.py`` (:class:`LogitLoss`, :func:`per_sample_mean`), ``topk.py`` (:func:`checked_topk`, the teacher's
+  ``result.py`` (:class:`LogitLoss`), ``topk.py`` (:func:`checked_topk`, the teacher's
   top-k of a sample checked against its alignment).
 
 The maths: docs/signals.md.
@@ -53,7 +53,7 @@ from gold_plugin.signals.logit.options import (
     resolve_options,
     tempered_teacher,
 )
-from gold_plugin.signals.logit.result import LogitLoss, per_sample_mean
+from gold_plugin.signals.logit.result import LogitLoss
 from gold_plugin.signals.logit.topk import checked_topk
 from gold_plugin.signals.logit.vocab_hybrid import aligned_logit_loss, pad_unmatched
 from gold_plugin.signals.logit.vocab_hybrid_inputs import LogitLossInputs, logit_loss_inputs
@@ -74,7 +74,6 @@ __all__ = [
     "expand_positions",
     "logit_loss_inputs",
     "pad_unmatched",
-    "per_sample_mean",
     "projected_logit_loss",
     "projection_inputs",
     "projection_positions",
