@@ -12,7 +12,7 @@ from gold_plugin.signals.advantages import (
     group_advantages,
     mix_advantages,
 )
-from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd, uld_distance
+from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd
 from gold_plugin.signals.estimators import normalise_advantages, reward_advantages
 from gold_plugin.signals.logit import (
     LogitLoss,
@@ -51,5 +51,4 @@ __all__ = [
     "projected_logit_loss",
     "projection_positions",
     "reward_advantages",
-    "uld_distance",
 ]

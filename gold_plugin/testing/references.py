@@ -9,7 +9,9 @@ checked against it. Nothing in the production packages imports this module.
   (production: :func:`gold_plugin.signals.batch_distill_advantages`, and its one-sample form
   :func:`gold_plugin.signals.group_advantages`);
 - :func:`aligned_logit_loss_reference`: the aligned GKD/ULD logit loss over the full vocabulary with plain
-  autograd (production: :func:`gold_plugin.signals.aligned_logit_loss`).
+  autograd (production: :func:`gold_plugin.signals.aligned_logit_loss`), and :func:`uld_distance`, the ULD
+  distance it uses (sorted L1 between two whole distributions; production sorts only the top-k and adds the
+  mass of the rest).
 
 The maths: docs/design.md ("Signals").
 """
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd, uld_distance
+from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd
 from gold_plugin.signals.logit.options import resolve_options
 from gold_plugin.signals.logit.vocab_hybrid import pad_unmatched
 
@@ -71,6 +73,25 @@ def group_advantages_reference(
         if g >= 0 and not torch.isnan(d[g]):
             advantages[i] = -returns[g]
     return advantages.to(torch.float32)
+
+
+def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation distance: L1 between the two probability vectors sorted descending.
+
+    The last dimensions may differ: the shorter side is zero-padded. Leading dimensions must match.
+    Differentiable in both arguments; computed in at least fp32.
+    """
+    if student_probs.shape[:-1] != teacher_probs.shape[:-1]:
+        raise ValueError(
+            f"Leading shapes differ: student {tuple(student_probs.shape)} vs teacher {tuple(teacher_probs.shape)}."
+        )
+    dtype = torch.promote_types(torch.promote_types(student_probs.dtype, teacher_probs.dtype), torch.float32)
+    s_sorted = student_probs.to(dtype).sort(dim=-1, descending=True).values
+    t_sorted = teacher_probs.to(dtype).sort(dim=-1, descending=True).values
+    width = max(s_sorted.shape[-1], t_sorted.shape[-1])
+    s_sorted = torch.nn.functional.pad(s_sorted, (0, width - s_sorted.shape[-1]))
+    t_sorted = torch.nn.functional.pad(t_sorted, (0, width - t_sorted.shape[-1]))
+    return (s_sorted - t_sorted).abs().sum(dim=-1)
 
 
 def aligned_logit_loss_reference(
