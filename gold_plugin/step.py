@@ -38,6 +38,7 @@ from gold_plugin.signals.estimators import normalise_advantages
 from gold_plugin.signals.logit import (
     LogitLoss,
     LogitLossInputs,
+    LogitLossOptions,
     ProjectionInputs,
     ProjectionPositions,
     ProjectionVocab,
@@ -444,7 +445,10 @@ def compute_logit_loss(
                 path_columns=inputs.path_columns + int(action_offset),
             )
         return projected_logit_loss(
-            student_logits, inputs, vocab.projection, config=gold, student_temperature=student_temperature
+            student_logits,
+            inputs,
+            vocab.projection,
+            options=LogitLossOptions.from_config(gold, student_temperature=student_temperature),
         )
     positions = inputs.positions
     if action_offset:
@@ -457,9 +461,8 @@ def compute_logit_loss(
         inputs.teacher_topk_ids.to(student_logits.device),
         inputs.teacher_topk_logprobs.to(student_logits.device),
         mapping,
-        config=gold,
         positions=positions.to(student_logits.device),
-        student_temperature=student_temperature,
+        options=LogitLossOptions.from_config(gold, student_temperature=student_temperature),
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.signals import aligned_logit_loss, logit_loss_inputs
+from gold_plugin.signals import LogitLossOptions, aligned_logit_loss, logit_loss_inputs
 
 
 def _alignment(student: list[int], teacher: list[int]) -> Alignment:
@@ -74,10 +74,17 @@ def test_end_to_end_with_three_d_logits_touches_only_the_positions() -> None:
     inputs = logit_loss_inputs([ALIGN_A, ALIGN_B], [ids_a, ids_b], [lp, lp[:5]], mask)
     logits = torch.randn(2, 10, vocab, generator=gen, dtype=torch.float64, requires_grad=True)
     out = aligned_logit_loss(
-        logits, inputs.teacher_topk_ids, inputs.teacher_topk_logprobs, mapping, positions=inputs.positions
+        logits,
+        inputs.teacher_topk_ids,
+        inputs.teacher_topk_logprobs,
+        mapping,
+        positions=inputs.positions,
+        options=LogitLossOptions(),
     )
     assert inputs.sample_index.tolist() == [0, 0, 0, 0, 1, 1]
-    per_sample = torch.stack([out.loss[:4].mean(), out.loss[4:].mean()])  # TRL's reduction: per sample, then mean
+    per_sample = torch.stack(
+        [out.loss[:4].mean(), out.loss[4:].mean()]
+    )  # TRL's reduction: per sample, then mean
     (grad,) = torch.autograd.grad(per_sample.mean(), logits)
     touched = grad.abs().sum(-1) > 0
     assert touched.nonzero().tolist() == inputs.positions.tolist()
@@ -97,7 +104,12 @@ def test_groups_without_teacher_candidates_give_no_position() -> None:
     mapping = torch.arange(60)
     logits = torch.randn(1, 7, 60, dtype=torch.float64)
     out = aligned_logit_loss(
-        logits, inputs.teacher_topk_ids, inputs.teacher_topk_logprobs, mapping, positions=inputs.positions
+        logits,
+        inputs.teacher_topk_ids,
+        inputs.teacher_topk_logprobs,
+        mapping,
+        positions=inputs.positions,
+        options=LogitLossOptions(),
     )
     assert inputs.sample_index.tolist() == [0, 0, 0]
     assert out.loss.shape == (3,) and out.valid.all()

@@ -65,4 +65,3 @@ def generalized_jsd(
     if mask is not None:
         terms = torch.where(mask, terms, torch.zeros((), dtype=dtype, device=terms.device))
     return terms.sum(dim=-1)
-

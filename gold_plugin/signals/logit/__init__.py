@@ -20,7 +20,7 @@ Two losses share one options type, one result type and one teacher temperature:
   GOLD/ULD hybrid at group starts (:func:`aligned_logit_loss`): ``vocab_hybrid.py`` (the loss, chunked, with an
   analytic backward pass) and ``vocab_hybrid_inputs.py`` (:func:`logit_loss_inputs`).
 
-- **Shared**: ``options.py`` (:class:`LogitLossOptions`, :func:`resolve_options`, :func:`tempered_teacher`),
+- **Shared**: ``options.py`` (:class:`LogitLossOptions`, :func:`tempered_teacher`),
   ``result.py`` (:class:`LogitLoss`), ``topk.py`` (:func:`checked_topk`, the teacher's
   top-k of a sample checked against its alignment).
 
@@ -50,7 +50,6 @@ from gold_plugin.signals.logit.byte_projection_tables import (
 from gold_plugin.signals.logit.options import (
     LogitLossOptions,
     MatchedNormalization,
-    resolve_options,
     tempered_teacher,
 )
 from gold_plugin.signals.logit.result import LogitLoss
@@ -79,7 +78,6 @@ __all__ = [
     "projection_positions",
     "projection_tables",
     "range_mass",
-    "resolve_options",
     "student_event_probs",
     "teacher_event_probs",
     "tempered_teacher",

@@ -23,4 +23,3 @@ class LogitLoss:
     unmatched_weight: float
     teacher_remainder: torch.Tensor | None = None
     """[N] the teacher's probability of the remainder bucket (byte projection only), no gradient; else ``None``."""
-
