@@ -19,7 +19,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +59,7 @@ class ProjectionVocab:
     def from_sorted(
         cls,
         vocab: SortedVocab,
-        device: Any = None,
+        device: torch.device | str | None = None,
         *,
         student_end_ids: Sequence[int] = (),
         teacher_end_ids: Sequence[int] = (),
@@ -74,7 +73,7 @@ class ProjectionVocab:
         )
         return out if device is None else out.to(device)
 
-    def to(self, device: Any) -> ProjectionVocab:
+    def to(self, device: torch.device | str) -> ProjectionVocab:
         """This vocabulary on ``device`` (copied there once, then cached)."""
         device = torch.device(device)
         if self.order.device == device:

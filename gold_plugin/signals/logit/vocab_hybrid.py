@@ -474,7 +474,7 @@ class _AlignedLogitLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (logits_2d,) = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits_2d)
         dtype = ctx.dtype
