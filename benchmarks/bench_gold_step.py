@@ -73,7 +73,12 @@ from gold_plugin.alignment import (  # noqa: E402
 )
 from gold_plugin.alignment.sorted_vocab import hex_keys, sorted_vocab, truncate_hex  # noqa: E402
 from gold_plugin.signals import aligned_logit_loss  # noqa: E402
-from gold_plugin.signals.logit import ProjectionVocab, logit_loss_inputs, projected_logit_loss  # noqa: E402
+from gold_plugin.signals.logit import (  # noqa: E402
+    LogitLossOptions,
+    ProjectionVocab,
+    logit_loss_inputs,
+    projected_logit_loss,
+)
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 # The new API (guarded: absent until the rewrite of byte_projection_inputs lands).
@@ -579,11 +584,17 @@ def run_loss(case: Any, args: argparse.Namespace, memory: Memory) -> dict[str, A
     }
 
     def projected() -> torch.Tensor:
-        return projected_logit_loss(leaf, proj, projection_vocab, chunk_size=args.chunk_size).loss.sum()
+        options = LogitLossOptions(chunk_size=args.chunk_size)
+        return projected_logit_loss(leaf, proj, projection_vocab, options=options).loss.sum()
 
     def chunked() -> torch.Tensor:
         return aligned_logit_loss(
-            leaf, vm_ids, vm_lp, mapping, positions=vm_positions, chunk_size=args.chunk_size
+            leaf,
+            vm_ids,
+            vm_lp,
+            mapping,
+            positions=vm_positions,
+            options=LogitLossOptions(chunk_size=args.chunk_size),
         ).loss.sum()
 
     for name, fn in (("projected", projected), ("vocab-map", chunked)):

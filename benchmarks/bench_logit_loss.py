@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gold_plugin.signals import aligned_logit_loss  # noqa: E402
-from gold_plugin.signals.logit import ProjectionVocab, projected_logit_loss  # noqa: E402
+from gold_plugin.signals.logit import LogitLossOptions, ProjectionVocab, projected_logit_loss  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.trl_reference import trl_uld_config  # noqa: E402
 
@@ -249,7 +249,12 @@ def trl_parity(trl_fn, mapping: torch.Tensor, vocab: int, teacher_vocab: int, de
         trl_value = float(trl_fn(s, t, labels, labels, labels, labels))
         values, ids = torch.log_softmax(t[0], dim=-1).topk(teacher_vocab, dim=-1)
         ours = aligned_logit_loss(
-            s[0], ids, values, mapping, beta=trl_fn.beta, matched_normalization="none", chunk_size=rows
+            s,
+            ids,
+            values,
+            mapping,
+            positions=torch.stack([torch.zeros(rows, dtype=torch.int64), torch.arange(rows)], 1).to(device),
+            options=LogitLossOptions(beta=trl_fn.beta, matched_normalization="none", chunk_size=rows),
         ).loss.mean()
     return abs(float(ours) - trl_value)
 
@@ -285,7 +290,8 @@ def main() -> None:
     with torch.no_grad():
         values, ids = torch.log_softmax(teacher_logits.float(), dim=-1).topk(args.topk, dim=-1)
     top_ids, top_values = ids.reshape(args.positions, -1), values.reshape(args.positions, -1)
-    positions = torch.arange(args.positions, device=device)
+    flat = torch.arange(args.positions, device=device)
+    positions = torch.stack([flat // per_sample, flat % per_sample], 1)  # (sample, column) of every position
     leaf = student_logits.requires_grad_()
     memory = Memory(device)
     warmup = device.type == "cuda"
@@ -298,7 +304,12 @@ def main() -> None:
         results[name] = run_timed(
             name,
             lambda chunk_size=chunk_size: aligned_logit_loss(
-                leaf, top_ids, top_values, mapping, positions=positions, beta=args.beta, chunk_size=chunk_size
+                leaf,
+                top_ids,
+                top_values,
+                mapping,
+                positions=positions,
+                options=LogitLossOptions(beta=args.beta, chunk_size=chunk_size),
             ).loss.mean(),
             leaf,
             memory,
@@ -314,7 +325,10 @@ def main() -> None:
             results[name] = run_timed(
                 name,
                 lambda chunk_size=chunk_size: projected_logit_loss(
-                    leaf, inputs, projection_vocab, beta=args.beta, chunk_size=chunk_size
+                    leaf,
+                    inputs,
+                    projection_vocab,
+                    options=LogitLossOptions(beta=args.beta, chunk_size=chunk_size),
                 ).loss.mean(),
                 leaf,
                 memory,
@@ -325,7 +339,11 @@ def main() -> None:
         results["full-vocab"] = run_timed(
             "full-vocab",
             lambda: aligned_logit_loss_reference(
-                leaf.reshape(args.positions, -1), top_ids, top_values, mapping, beta=args.beta
+                leaf.reshape(args.positions, -1),
+                top_ids,
+                top_values,
+                mapping,
+                options=LogitLossOptions(beta=args.beta),
             ).mean(),
             leaf,
             memory,

@@ -84,7 +84,7 @@ GIB = 1 << 30
 
 
 def build_model(out: Path, max_len: int) -> Path:
-    from gold_plugin.local.modeling import tiny_llama
+    from gold_plugin.demo.models import tiny_llama
     from gold_plugin.testing.tokenizers import load_test_tokenizer
 
     tokenizer = load_test_tokenizer("qwen")

@@ -40,6 +40,7 @@ from gold_plugin.signals.estimators import normalise_advantages
 from gold_plugin.signals.logit import (
     LogitLoss,
     LogitLossInputs,
+    LogitLossOptions,
     ProjectionInputs,
     ProjectionPositions,
     ProjectionVocab,
@@ -512,7 +513,10 @@ def compute_logit_loss(
                 path_columns=inputs.path_columns + int(action_offset),
             )
         return projected_logit_loss(
-            student_logits, inputs, vocab.projection, config=gold, student_temperature=student_temperature
+            student_logits,
+            inputs,
+            vocab.projection,
+            options=LogitLossOptions.from_config(gold, student_temperature=student_temperature),
         )
     positions = inputs.positions
     if action_offset:
@@ -522,9 +526,8 @@ def compute_logit_loss(
         inputs.teacher_topk_ids,
         inputs.teacher_topk_logprobs,
         vocab.mapping_on(student_logits.device),
-        config=gold,
         positions=positions,
-        student_temperature=student_temperature,
+        options=LogitLossOptions.from_config(gold, student_temperature=student_temperature),
     )
 
 

@@ -31,7 +31,7 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     pack_logit_inputs,
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
-from gold_plugin.signals.logit import LogitLossInputs  # noqa: E402
+from gold_plugin.signals.logit import LogitLossInputs, LogitLossOptions  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
@@ -153,7 +153,7 @@ def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monk
         torch.stack([e[2] for e in expected]),
         torch.stack([e[3] for e in expected]),
         setup.mapping,
-        config=setup.plan.gold,
+        options=LogitLossOptions.from_config(setup.plan.gold),
     )
     num_tokens = experience.action_mask.sum()
     extra = ALPHA * LOGIT_COEF * expected_per_position.sum() / num_tokens

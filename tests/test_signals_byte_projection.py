@@ -188,17 +188,14 @@ def test_same_tokenizer_equals_todays_matched_loss(name, digit_tokenizers):
     assert inputs.num_positions == len(t_ids)  # every position, the final EOS pair included
     logits = torch.randn(1, len(s_ids), vocab, dtype=torch.float64, requires_grad=True)
     for beta in (0.0, 0.5, 1.0):
-        new = projected_logit_loss(logits, inputs, pv, beta=beta)
-        rows = inputs.positions[:, 1]
+        new = projected_logit_loss(logits, inputs, pv, options=LogitLossOptions(beta=beta))
         old = aligned_logit_loss(
-            logits[0],
+            logits,
             top.indices,
             top.values,
-            np.arange(vocab),
-            positions=rows,
-            beta=beta,
-            matched_weight=1.0,
-            unmatched_weight=0.0,
+            torch.arange(vocab),
+            positions=inputs.positions,
+            options=LogitLossOptions(beta=beta, matched_weight=1.0, unmatched_weight=0.0),
         )
         torch.testing.assert_close(new.loss, old.loss, rtol=0, atol=1e-6)
         g_new = torch.autograd.grad(new.loss.sum(), logits)[0]
@@ -219,7 +216,8 @@ def test_loss_gradcheck_and_chunking(digit_tokenizers, dense_share, monkeypatch)
     logits = torch.randn(1, len(s_ids), len(student), dtype=torch.float64, requires_grad=True)
 
     def loss(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        return projected_logit_loss(x, inputs, pv, beta=0.3, student_temperature=1.5, chunk_size=chunk).loss
+        options = LogitLossOptions(beta=0.3, student_temperature=1.5, chunk_size=chunk)
+        return projected_logit_loss(x, inputs, pv, options=options).loss
 
     assert torch.autograd.gradcheck(loss, (logits,), atol=1e-7)
     torch.testing.assert_close(loss(logits, 8), loss(logits, 4096), rtol=0, atol=1e-14)
@@ -292,7 +290,7 @@ def test_real_tokenizers_ranges_equal_a_vocabulary_scan_and_probabilities_sum_to
     probs, rest = student_event_probs(logits, inputs, LogitLossOptions(chunk_size=64), pv)
     assert float(probs.min()) >= 0 and float(rest.min()) >= 0
     assert float((probs.sum(dim=1) + rest).max()) <= 1 + 1e-5
-    loss = projected_logit_loss(logits, inputs, pv, chunk_size=64).loss
+    loss = projected_logit_loss(logits, inputs, pv, options=LogitLossOptions(chunk_size=64)).loss
     assert torch.isfinite(loss).all() and float(loss.min()) >= -1e-6
 
 

@@ -8,7 +8,12 @@ import torch
 
 from gold_plugin.alignment import FlatAlignment, VocabMap, align, group_starts
 from gold_plugin.demo.models import tiny_llama
-from gold_plugin.signals import aligned_logit_loss, batch_distill_advantages, group_advantages
+from gold_plugin.signals import (
+    LogitLossOptions,
+    aligned_logit_loss,
+    batch_distill_advantages,
+    group_advantages,
+)
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 
@@ -64,7 +69,14 @@ def test_identical_teacher_gives_zero_signals(setup) -> None:
         [torch.zeros_like(torch.as_tensor(student_first)), start - 1 + torch.as_tensor(student_first)], 1
     )
     for beta in (0.0, 0.5, 1.0):
-        out = aligned_logit_loss(x, teacher_ids, teacher_values, vocab_map, positions=positions, beta=beta)
+        out = aligned_logit_loss(
+            x,
+            teacher_ids,
+            teacher_values,
+            vocab_map.teacher_to_student_tensor(),
+            positions=positions,
+            options=LogitLossOptions(beta=beta),
+        )
         (grad,) = torch.autograd.grad(out.loss.sum(), x)
         assert out.valid.all()
         assert out.loss.abs().max().item() < 1e-6
@@ -74,5 +86,12 @@ def test_identical_teacher_gives_zero_signals(setup) -> None:
         logits[0, start - 1 + teacher_first] + torch.randn(len(teacher_first), logits.shape[-1]), -1
     )
     other_values, other_ids = other.topk(32, dim=-1)
-    out = aligned_logit_loss(x, other_ids, other_values, vocab_map.teacher_to_student, positions=positions)
+    out = aligned_logit_loss(
+        x,
+        other_ids,
+        other_values,
+        vocab_map.teacher_to_student_tensor(),
+        positions=positions,
+        options=LogitLossOptions(),
+    )
     assert out.loss.min().item() > 1e-3

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.signals import aligned_logit_loss, logit_loss_inputs, per_sample_mean
+from gold_plugin.signals import (
+    LogitLoss,
+    LogitLossInputs,
+    LogitLossOptions,
+    aligned_logit_loss,
+    logit_loss_inputs,
+)
 
 
 def _alignment(student: list[int], teacher: list[int]) -> Alignment:
@@ -26,6 +32,18 @@ def _topk(num_tokens: int, k: int, base: int) -> tuple[np.ndarray, np.ndarray]:
     """Recognisable rows: row t holds ids base + 10*t + slot."""
     ids = base + 10 * np.arange(num_tokens)[:, None] + np.arange(k)[None, :]
     return ids.astype(np.int64), np.log(np.full((num_tokens, k), 1.0 / (k + 1), dtype=np.float32))
+
+
+def _loss_at(inputs: LogitLossInputs, logits: torch.Tensor, mapping: torch.Tensor) -> LogitLoss:
+    """The vocabulary-map loss at the inputs' positions, as the training step calls it (default options)."""
+    return aligned_logit_loss(
+        logits,
+        inputs.teacher_topk_ids,
+        inputs.teacher_topk_logprobs,
+        mapping,
+        positions=inputs.positions,
+        options=LogitLossOptions(),
+    )
 
 
 def test_positions_and_teacher_rows() -> None:
@@ -60,7 +78,7 @@ def test_mismatch_is_reported() -> None:
         logit_loss_inputs([ALIGN_A], [ids[:3]], [lp[:3]], torch.ones(1, 5, dtype=torch.bool))
 
 
-def test_end_to_end_with_three_d_logits_and_per_sample_mean() -> None:
+def test_end_to_end_with_three_d_logits_touches_only_the_positions() -> None:
     vocab, teacher_vocab = 40, 2100
     mapping = torch.full((teacher_vocab,), -1, dtype=torch.int64)
     mapping[1000:1040] = torch.arange(40)
@@ -73,12 +91,11 @@ def test_end_to_end_with_three_d_logits_and_per_sample_mean() -> None:
     lp = np.log(np.full((6, 4), 0.2, dtype=np.float32))
     inputs = logit_loss_inputs([ALIGN_A, ALIGN_B], [ids_a, ids_b], [lp, lp[:5]], mask)
     logits = torch.randn(2, 10, vocab, generator=gen, dtype=torch.float64, requires_grad=True)
-    out = aligned_logit_loss(
-        logits, inputs.teacher_topk_ids, inputs.teacher_topk_logprobs, mapping, positions=inputs.positions
-    )
-    per_sample = per_sample_mean(out.loss, inputs.sample_index, 2)
-    assert per_sample[0].item() == pytest.approx(out.loss[:4].mean().item())
-    assert per_sample[1].item() == pytest.approx(out.loss[4:].mean().item())
+    out = _loss_at(inputs, logits, mapping)
+    assert inputs.sample_index.tolist() == [0, 0, 0, 0, 1, 1]
+    per_sample = torch.stack(
+        [out.loss[:4].mean(), out.loss[4:].mean()]
+    )  # TRL's reduction: per sample, then mean
     (grad,) = torch.autograd.grad(per_sample.mean(), logits)
     touched = grad.abs().sum(-1) > 0
     assert touched.nonzero().tolist() == inputs.positions.tolist()
@@ -97,8 +114,6 @@ def test_groups_without_teacher_candidates_give_no_position() -> None:
     assert inputs.teacher_topk_ids[:, 0].tolist() == [0, 10, 20]
     mapping = torch.arange(60)
     logits = torch.randn(1, 7, 60, dtype=torch.float64)
-    out = aligned_logit_loss(
-        logits, inputs.teacher_topk_ids, inputs.teacher_topk_logprobs, mapping, positions=inputs.positions
-    )
-    per_sample = per_sample_mean(out.loss, inputs.sample_index, 1)
-    assert per_sample.item() == pytest.approx(out.loss.mean().item()) and out.valid.all()
+    out = _loss_at(inputs, logits, mapping)
+    assert inputs.sample_index.tolist() == [0, 0, 0]
+    assert out.loss.shape == (3,) and out.valid.all()

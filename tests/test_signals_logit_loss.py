@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -9,8 +10,22 @@ import pytest
 import torch
 
 from gold_plugin.config import GoldConfig
-from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
+from gold_plugin.signals import LogitLoss, LogitLossOptions, aligned_logit_loss
 from gold_plugin.testing.references import aligned_logit_loss_reference
+
+
+def _loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    mapping: torch.Tensor | None,
+    options: LogitLossOptions = LogitLossOptions(),
+) -> LogitLoss:
+    """The loss at every row of ``[N, V]`` logits: one sample ``[1, N, V]`` (a view), positions (0, 0) .. (0, N-1)."""
+    n = logits.shape[0]
+    positions = torch.stack([torch.zeros(n, dtype=torch.int64), torch.arange(n)], dim=1)
+    return aligned_logit_loss(logits[None], ids, logprobs, mapping, positions=positions, options=options)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hand-computed case. Student vocabulary of 4 with probabilities [0.4, 0.3, 0.2, 0.1]; teacher vocabulary of 4 with
@@ -53,7 +68,7 @@ ULD_HAND = abs(0.2 - 0.3) + abs(0.1 - 0.0)
     ],
 )
 def test_hand_computed_hybrid(beta: float, matched_hand: float) -> None:
-    out = aligned_logit_loss(_student_logits(), TOP_IDS, TOP_LOGPROBS, MAP, beta=beta)
+    out = _loss(_student_logits(), TOP_IDS, TOP_LOGPROBS, MAP, LogitLossOptions(beta=beta))
     assert out.matched.item() == pytest.approx(matched_hand, abs=1e-12)
     assert out.unmatched.item() == pytest.approx(ULD_HAND, abs=1e-12)
     assert (out.matched_weight, out.unmatched_weight) == (0.5, 0.5)
@@ -65,22 +80,22 @@ def test_hand_value_does_not_depend_on_the_order_of_top_k_slots(order: tuple[int
     # An unmatched slot (teacher id 2) must never hide the matched student id 0 (teacher id 1), whatever comes first.
     index = list(order)
     expected = 0.5 * _kl(T_MATCHED, S_MATCHED) + 0.5 * ULD_HAND
-    for loss_fn in (aligned_logit_loss, aligned_logit_loss_reference):
-        out = loss_fn(_student_logits(), TOP_IDS[:, index], TOP_LOGPROBS[:, index], MAP, beta=0.0)
-        loss = out.loss if hasattr(out, "loss") else out
-        assert loss.item() == pytest.approx(expected, abs=1e-12), loss_fn.__name__
+    options = LogitLossOptions(beta=0.0)
+    ours = _loss(_student_logits(), TOP_IDS[:, index], TOP_LOGPROBS[:, index], MAP, options).loss
+    reference = aligned_logit_loss_reference(
+        _student_logits(), TOP_IDS[:, index], TOP_LOGPROBS[:, index], MAP, options=options
+    )
+    for name, loss in (("aligned_logit_loss", ours), ("aligned_logit_loss_reference", reference)):
+        assert loss.item() == pytest.approx(expected, abs=1e-12), name
 
 
 def test_hand_computed_trl_normalisation_and_fixed_weights() -> None:
-    out = aligned_logit_loss(
+    out = _loss(
         _student_logits(),
         TOP_IDS,
         TOP_LOGPROBS,
         MAP,
-        beta=0.0,
-        matched_normalization="none",
-        matched_weight=2.0,
-        unmatched_weight=3.0,
+        LogitLossOptions(beta=0.0, matched_normalization="none", matched_weight=2.0, unmatched_weight=3.0),
     )
     raw = 0.5 * math.log(0.5 / 0.3) + 0.1 * math.log(0.1 / 0.4)  # no rest bucket, no renormalisation
     assert out.matched.item() == pytest.approx(raw, abs=1e-12)
@@ -88,7 +103,7 @@ def test_hand_computed_trl_normalisation_and_fixed_weights() -> None:
 
 
 def test_hand_computed_positional_uld() -> None:
-    out = aligned_logit_loss(_student_logits(), TOP_IDS, TOP_LOGPROBS, alignment="positional")
+    out = _loss(_student_logits(), TOP_IDS, TOP_LOGPROBS, None, LogitLossOptions(alignment="positional"))
     # sorted teacher top-3 [0.5, 0.3, 0.1, 0] vs sorted student [0.4, 0.3, 0.2, 0.1]
     assert out.loss.item() == pytest.approx(0.1 + 0.0 + 0.1 + 0.1, abs=1e-12)
     assert out.matched.item() == 0.0
@@ -99,7 +114,7 @@ def test_duplicate_teacher_ids_merge_onto_one_student_id() -> None:
     mapping = torch.tensor([1, 0, -1, 1])
     ids = torch.tensor([[0, 2, 1, 3]])
     logprobs = torch.tensor([[0.5, 0.3, 0.1, 0.05]], dtype=torch.float64).log()
-    out = aligned_logit_loss(_student_logits(), ids, logprobs, mapping, beta=0.0)
+    out = _loss(_student_logits(), ids, logprobs, mapping, LogitLossOptions(beta=0.0))
     expected = _kl([0.55, 0.1, 0.35], [0.3, 0.4, 0.3])
     assert out.matched.item() == pytest.approx(expected, abs=1e-12)
 
@@ -146,11 +161,13 @@ def test_chunked_equals_reference_forward_and_gradient(options: dict) -> None:
     logits, ids, values, mapping = _random_case()
     weights = torch.linspace(0.5, 2.0, logits.shape[0], dtype=torch.float64)
     ref_logits = logits.clone().requires_grad_()
-    ref = aligned_logit_loss_reference(ref_logits, ids, values.nan_to_num(), mapping, **options)
+    ref = aligned_logit_loss_reference(
+        ref_logits, ids, values.nan_to_num(), mapping, options=LogitLossOptions(**options)
+    )
     (ref_grad,) = torch.autograd.grad((ref * weights).sum(), ref_logits)
     for chunk in (1, 4, 1024):
         ours_logits = logits.clone().requires_grad_()
-        out = aligned_logit_loss(ours_logits, ids, values, mapping, chunk_size=chunk, **options)
+        out = _loss(ours_logits, ids, values, mapping, LogitLossOptions(chunk_size=chunk, **options))
         (grad,) = torch.autograd.grad((out.loss * weights).sum(), ours_logits)
         torch.testing.assert_close(out.loss, ref, atol=1e-12, rtol=0)
         torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
@@ -162,7 +179,7 @@ def test_chunked_equals_unchunked_fp32() -> None:
     results = []
     for chunk in (5, 33):
         x = logits.clone().requires_grad_()
-        out = aligned_logit_loss(x, ids, values.float(), mapping, chunk_size=chunk)
+        out = _loss(x, ids, values.float(), mapping, LogitLossOptions(chunk_size=chunk))
         (grad,) = torch.autograd.grad(out.loss.sum(), x)
         results.append((out.loss, grad))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
@@ -176,7 +193,7 @@ def test_gradcheck_float64(options: dict) -> None:
     logits, ids, values, mapping = _random_case(n=4, vocab=11, teacher_vocab=13, k=5, seed=1)
     logits.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x: aligned_logit_loss(x, ids, values, mapping, chunk_size=3, **options).loss, (logits,)
+        lambda x: _loss(x, ids, values, mapping, LogitLossOptions(chunk_size=3, **options)).loss, (logits,)
     )
 
 
@@ -186,11 +203,13 @@ def test_three_d_logits_with_positions_equal_gathered_form() -> None:
     positions = torch.tensor([[0, 1], [0, 4], [1, 0], [1, 5], [1, 2]])
     _, ids, values, mapping = _random_case(n=5)
     x = full.clone().requires_grad_()
-    out = aligned_logit_loss(x, ids, values, mapping, positions=positions, chunk_size=2)
+    out = aligned_logit_loss(
+        x, ids, values, mapping, positions=positions, options=LogitLossOptions(chunk_size=2)
+    )
     (grad,) = torch.autograd.grad(out.loss.sum(), x)
     y = full.clone().requires_grad_()
     gathered = y[positions[:, 0], positions[:, 1]]
-    ref = aligned_logit_loss(gathered, ids, values, mapping)
+    ref = _loss(gathered, ids, values, mapping)
     (ref_grad,) = torch.autograd.grad(ref.loss.sum(), y)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-12, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
@@ -201,32 +220,31 @@ def test_three_d_logits_with_positions_equal_gathered_form() -> None:
 
 def test_masked_positions_cost_nothing_and_get_exact_zeros() -> None:
     logits, ids, values, mapping = _random_case()
-    mask = torch.ones(logits.shape[0], dtype=torch.bool)
-    mask[[0, 5]] = False
-    ids[7] = -1  # no teacher slot at all: masked as well
+    ids[[0, 5, 7]] = -1  # no teacher slot at all: masked
+    values[0, 0] = float("nan")  # garbage in padded slots is ignored
     poisoned = logits.clone()
     poisoned[[0, 5]] = float("nan")  # never read
     x = poisoned.requires_grad_()
-    out = aligned_logit_loss(x, ids, values, mapping, mask=mask, chunk_size=3)
+    out = _loss(x, ids, values, mapping, LogitLossOptions(chunk_size=3))
     (grad,) = torch.autograd.grad(out.loss.sum(), x)
     assert out.valid.tolist() == [False, True, True, True, True, False, True, False, True]
     for row in (0, 5, 7):
         assert out.loss[row].item() == 0.0
         assert torch.all(grad[row] == 0)
     assert torch.isfinite(out.loss).all() and torch.isfinite(grad).all()
-    ref = aligned_logit_loss(logits, ids, values, mapping)
+    ref = _loss(logits, ids, values, mapping)
     keep = out.valid
     torch.testing.assert_close(out.loss[keep], ref.loss[keep], atol=1e-12, rtol=0)
 
 
 def test_padded_slots_equal_narrower_top_k() -> None:
     logits, ids, values, mapping = _random_case(k=6)
-    narrow = aligned_logit_loss(logits[:1], ids[:1, :3], values[:1, :3], mapping)
+    narrow = _loss(logits[:1], ids[:1, :3], values[:1, :3], mapping)
     padded_ids = ids[:1].clone()
     padded_ids[:, 3:] = -1
     padded_values = values[:1].clone()
     padded_values[:, 3:] = float("inf")
-    padded = aligned_logit_loss(logits[:1], padded_ids, padded_values, mapping)
+    padded = _loss(logits[:1], padded_ids, padded_values, mapping)
     assert padded.loss.item() == pytest.approx(narrow.loss.item(), abs=1e-12)
 
 
@@ -239,14 +257,18 @@ def test_minus_inf_logits_give_finite_loss_and_gradient() -> None:
     logits[:, -3:] = float("-inf")  # padded vocabulary columns
     for options in ({"beta": 0.0}, {"beta": 0.5}, {"beta": 1.0}, {"alignment": "positional"}):
         x = logits.clone().requires_grad_()
-        out = aligned_logit_loss(x, ids, values.float(), mapping, **options)
+        out = _loss(x, ids, values.float(), mapping, LogitLossOptions(**options))
         (grad,) = torch.autograd.grad(out.loss.sum(), x)
         assert torch.isfinite(out.loss).all(), options
         assert torch.isfinite(grad).all(), options
         assert torch.all(grad[:, -3:] == 0)
     # Forward KL pays about 80 nats per unit of teacher mass on a zero-probability student token.
-    forward = aligned_logit_loss(
-        logits, ids, values.float(), mapping, beta=0.0, matched_weight=1.0, unmatched_weight=0.0
+    forward = _loss(
+        logits,
+        ids,
+        values.float(),
+        mapping,
+        LogitLossOptions(beta=0.0, matched_weight=1.0, unmatched_weight=0.0),
     )
     assert forward.loss[0].item() > 80.0 * values[0, slot].exp().item() * 0.9
 
@@ -254,17 +276,17 @@ def test_minus_inf_logits_give_finite_loss_and_gradient() -> None:
 def test_bf16_logits_computed_in_fp32() -> None:
     logits, ids, values, mapping = _random_case(n=12, vocab=200, teacher_vocab=190, k=10, dtype=torch.float32)
     low = logits.bfloat16().requires_grad_()
-    out = aligned_logit_loss(low, ids, values.float(), mapping, chunk_size=5)
+    out = _loss(low, ids, values.float(), mapping, LogitLossOptions(chunk_size=5))
     (grad,) = torch.autograd.grad(out.loss.sum(), low)
     assert out.loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
     upcast = low.detach().float().requires_grad_()
-    ref = aligned_logit_loss(upcast, ids, values.float(), mapping, chunk_size=5)
+    ref = _loss(upcast, ids, values.float(), mapping, LogitLossOptions(chunk_size=5))
     (ref_grad,) = torch.autograd.grad(ref.loss.sum(), upcast)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(grad.float(), ref_grad.bfloat16().float(), atol=0, rtol=0)
 
 
-def test_gold_config_is_accepted() -> None:
+def test_options_from_gold_config() -> None:
     logits, ids, values, mapping = _random_case()
     config = GoldConfig(
         beta=0.2,
@@ -274,21 +296,24 @@ def test_gold_config_is_accepted() -> None:
         uld_teacher_temperature=0.9,
         logit_chunk_size=2,
     )
-    from_config = aligned_logit_loss(logits, ids, values, mapping, config=config)
-    explicit = aligned_logit_loss(
-        logits,
-        ids,
-        values,
-        mapping,
+    options = LogitLossOptions.from_config(config)
+    explicit = LogitLossOptions(
         beta=0.2,
         matched_weight=0.7,
         unmatched_weight=0.4,
         student_temperature=1.3,
         teacher_temperature=0.9,
+        chunk_size=2,
     )
-    torch.testing.assert_close(from_config.loss, explicit.loss, atol=0, rtol=0)
-    assert LogitLossOptions.from_config(config).chunk_size == 2
-    overridden = aligned_logit_loss(logits, ids, values, mapping, config=config, beta=1.0)
+    assert options == explicit
+    from_config = _loss(logits, ids, values, mapping, options)
+    torch.testing.assert_close(
+        from_config.loss, _loss(logits, ids, values, mapping, explicit).loss, atol=0, rtol=0
+    )
+    # The training step's student temperature (the logits' own temperature undone) replaces the config's.
+    hotter = LogitLossOptions.from_config(config, student_temperature=2.0)
+    assert hotter == dataclasses.replace(explicit, student_temperature=2.0)
+    overridden = _loss(logits, ids, values, mapping, hotter)
     assert not torch.allclose(overridden.loss, from_config.loss)
 
 
@@ -299,9 +324,9 @@ def test_teacher_ids_beyond_the_map_are_unmatched_not_an_error() -> None:
     beyond = ids.clone()
     beyond[0, -1] = mapping.shape[0] + 3
     padded_map = torch.cat([mapping, torch.full((10,), -1, dtype=torch.int64)])
-    out = aligned_logit_loss(logits, beyond, values, mapping)
-    expected = aligned_logit_loss(logits, beyond, values, padded_map, matched_weight=out.matched_weight,
-                                  unmatched_weight=out.unmatched_weight)  # fmt: skip
+    out = _loss(logits, beyond, values, mapping)
+    weights = LogitLossOptions(matched_weight=out.matched_weight, unmatched_weight=out.unmatched_weight)
+    expected = _loss(logits, beyond, values, padded_map, weights)
     torch.testing.assert_close(out.loss, expected.loss, atol=0, rtol=0)
     # Adaptive weights stay the matched share of the teacher's vocabulary.
     assert out.matched_weight == pytest.approx(float((mapping >= 0).sum()) / mapping.shape[0])
@@ -310,21 +335,27 @@ def test_teacher_ids_beyond_the_map_are_unmatched_not_an_error() -> None:
 def test_clear_errors() -> None:
     logits, ids, values, mapping = _random_case()
     with pytest.raises(ValueError, match="teacher_to_student"):
-        aligned_logit_loss(logits, ids, values)
+        _loss(logits, ids, values, None)
     with pytest.raises(ValueError, match="student logits have 37 columns"):
-        aligned_logit_loss(logits, ids, values, mapping + 100)
+        _loss(logits, ids, values, mapping + 100)
     with pytest.raises(ValueError, match=r"\[N, k\]"):
-        aligned_logit_loss(logits, ids, values[:, :2], mapping)
+        _loss(logits, ids, values[:, :2], mapping)
     with pytest.raises(ValueError, match="NaN"):
         bad = values.clone()
         bad[0, 0] = float("nan")
-        aligned_logit_loss(logits, ids, bad, mapping)
-    with pytest.raises(ValueError, match="positions"):
-        aligned_logit_loss(logits[None], ids, values, mapping)
-    with pytest.raises(ValueError, match="beta"):
-        aligned_logit_loss(logits, ids, values, mapping, beta=2.0)
-    with pytest.raises(ValueError, match="both"):
-        aligned_logit_loss(logits, ids, values, mapping, matched_weight=1.0)
+        _loss(logits, ids, bad, mapping)
+    options = LogitLossOptions()
+    rows = torch.stack([torch.zeros(9, dtype=torch.int64), torch.arange(9)], dim=1)
+    with pytest.raises(ValueError, match=r"\[B, T, V\]"):
+        aligned_logit_loss(logits, ids, values, mapping, positions=rows, options=options)
+    with pytest.raises(ValueError, match=r"positions must be \[N, 2\]"):
+        aligned_logit_loss(logits[None], ids, values, mapping, positions=torch.arange(9), options=options)
+    with pytest.raises(ValueError, match="positions out of range"):
+        aligned_logit_loss(logits[None], ids, values, mapping, positions=rows + 1, options=options)
+    with pytest.raises(ValueError, match="8 teacher rows for 9"):
+        aligned_logit_loss(logits[None], ids[:8], values[:8], mapping, positions=rows, options=options)
+    # Out-of-range option values (beta, one hybrid weight without the other, ...) are refused where options come
+    # from: GoldConfig.validate, each error naming the --gold option (tests/test_config.py).
 
 
 def test_identical_distributions_give_zero_loss() -> None:
@@ -336,7 +367,7 @@ def test_identical_distributions_give_zero_loss() -> None:
     identity = torch.arange(vocab)
     x = logits.clone().requires_grad_()
     for beta in (0.0, 0.5, 1.0):
-        out = aligned_logit_loss(x, ids, values, identity, beta=beta)
+        out = _loss(x, ids, values, identity, LogitLossOptions(beta=beta))
         (grad,) = torch.autograd.grad(out.loss.sum(), x)
         assert out.loss.abs().max().item() < 1e-6
         assert grad.abs().max().item() < 1e-5

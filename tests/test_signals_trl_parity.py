@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gold_plugin.signals import aligned_logit_loss
+from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 from gold_plugin.testing.trl_reference import trl_uld_config
 
@@ -101,15 +101,17 @@ def test_equals_trl_hybrid_uld(tokenizers, case: dict, dtype: torch.dtype) -> No
         ids,
         values,
         _string_equality_map(student_tok, teacher_tok, teacher_vocab) if hybrid else None,
-        positions=torch.arange(batch * time),
-        beta=case.get("beta", 0.5),
-        matched_weight=case.get("uld_hybrid_matched_weight"),
-        unmatched_weight=case.get("uld_hybrid_unmatched_weight"),
-        student_temperature=case.get("uld_student_temperature", 1.0),
-        teacher_temperature=case.get("uld_teacher_temperature", 1.0),
-        alignment="spans" if hybrid else "positional",
-        matched_normalization="none",
-        chunk_size=4,
+        positions=torch.cartesian_prod(torch.arange(batch), torch.arange(time)),  # row-major, as ids
+        options=LogitLossOptions(
+            beta=case.get("beta", 0.5),
+            matched_weight=case.get("uld_hybrid_matched_weight"),
+            unmatched_weight=case.get("uld_hybrid_unmatched_weight"),
+            student_temperature=case.get("uld_student_temperature", 1.0),
+            teacher_temperature=case.get("uld_teacher_temperature", 1.0),
+            alignment="spans" if hybrid else "positional",
+            matched_normalization="none",
+            chunk_size=4,
+        ),
     )
     our_loss = ours.loss.reshape(batch, time).mean(dim=1).mean()
     (our_grad,) = torch.autograd.grad(our_loss, s_ours)

@@ -13,7 +13,7 @@ import torch
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 from gold_plugin.demo.tokenizers import build_tokenizer
-from gold_plugin.signals.logit import ProjectionPositions, projected_logit_loss
+from gold_plugin.signals.logit import LogitLossOptions, ProjectionPositions, projected_logit_loss
 from gold_plugin.step import (
     LogitVocab,
     align_results,
@@ -74,7 +74,8 @@ def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
     assert int((inputs.consumed > 0).sum()) > 0  # teacher digits inside the student's merged tokens
     torch.manual_seed(0)
     logits = torch.randn(mask.shape[0], mask.shape[1], len(student), dtype=torch.float64)
-    direct = projected_logit_loss(logits, inputs, vocab.projection, config=gold).loss
+    options = LogitLossOptions.from_config(gold)
+    direct = projected_logit_loss(logits, inputs, vocab.projection, options=options).loss
     # OpenRLHF's layout: logits[:, offset + j] predicts action j; the path columns move with the positions.
     offset = 3
     padded = torch.cat([torch.randn(mask.shape[0], offset, len(student), dtype=torch.float64), logits], dim=1)
@@ -85,7 +86,7 @@ def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
     tempered = compute_logit_loss(logits / 0.7, inputs, gold, vocab, logits_temperature=0.7).loss
     torch.testing.assert_close(tempered, direct, rtol=0, atol=1e-10)
     hot = dataclasses.replace(gold, uld_student_temperature=2.0)
-    halved = projected_logit_loss(logits / 2.0, inputs, vocab.projection, config=gold).loss
+    halved = projected_logit_loss(logits / 2.0, inputs, vocab.projection, options=options).loss
     torch.testing.assert_close(
         compute_logit_loss(logits, inputs, hot, vocab).loss, halved, rtol=0, atol=1e-10
     )
@@ -134,8 +135,9 @@ def test_projection_inputs_survive_openrlhfs_per_sample_transport(batch):
     back = unpack_logit_inputs(per_sample, logit_inputs_class(gold))
     torch.manual_seed(1)
     logits = torch.randn(mask.shape[0], mask.shape[1], len(student), dtype=torch.float64)
-    before = projected_logit_loss(logits, inputs, vocab.projection, config=gold).loss
-    after = projected_logit_loss(logits[order], back, vocab.projection, config=gold).loss
+    options = LogitLossOptions.from_config(gold)
+    before = projected_logit_loss(logits, inputs, vocab.projection, options=options).loss
+    after = projected_logit_loss(logits[order], back, vocab.projection, options=options).loss
     for new_row, old_row in enumerate(order):
         torch.testing.assert_close(
             after[back.sample_index == new_row], before[inputs.sample_index == old_row], rtol=0, atol=1e-12

@@ -12,7 +12,7 @@ from gold_plugin.signals.advantages import (
     group_advantages,
     mix_advantages,
 )
-from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd, uld_distance
+from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd
 from gold_plugin.signals.estimators import normalise_advantages, reward_advantages
 from gold_plugin.signals.logit import (
     LogitLoss,
@@ -24,7 +24,6 @@ from gold_plugin.signals.logit import (
     aligned_logit_loss,
     expand_positions,
     logit_loss_inputs,
-    per_sample_mean,
     projected_logit_loss,
     projection_positions,
 )
@@ -49,9 +48,7 @@ __all__ = [
     "logit_loss_inputs",
     "mix_advantages",
     "normalise_advantages",
-    "per_sample_mean",
     "projected_logit_loss",
     "projection_positions",
     "reward_advantages",
-    "uld_distance",
 ]

@@ -1,6 +1,6 @@
 """Per-position divergences between two distributions on the same support (pure torch).
 
-Both functions take any leading batch shape; the last dimension is the distribution.
+:func:`generalized_jsd` takes any leading batch shape; the last dimension is the distribution.
 """
 
 from __future__ import annotations
@@ -65,22 +65,3 @@ def generalized_jsd(
     if mask is not None:
         terms = torch.where(mask, terms, torch.zeros((), dtype=dtype, device=terms.device))
     return terms.sum(dim=-1)
-
-
-def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Universal Logit Distillation distance: L1 between the two probability vectors sorted descending.
-
-    The last dimensions may differ: the shorter side is zero-padded. Leading dimensions must match.
-    Differentiable in both arguments; computed in at least fp32.
-    """
-    if student_probs.shape[:-1] != teacher_probs.shape[:-1]:
-        raise ValueError(
-            f"Leading shapes differ: student {tuple(student_probs.shape)} vs teacher {tuple(teacher_probs.shape)}."
-        )
-    dtype = torch.promote_types(torch.promote_types(student_probs.dtype, teacher_probs.dtype), torch.float32)
-    s_sorted = student_probs.to(dtype).sort(dim=-1, descending=True).values
-    t_sorted = teacher_probs.to(dtype).sort(dim=-1, descending=True).values
-    width = max(s_sorted.shape[-1], t_sorted.shape[-1])
-    s_sorted = torch.nn.functional.pad(s_sorted, (0, width - s_sorted.shape[-1]))
-    t_sorted = torch.nn.functional.pad(t_sorted, (0, width - t_sorted.shape[-1]))
-    return (s_sorted - t_sorted).abs().sum(dim=-1)

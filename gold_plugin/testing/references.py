@@ -9,22 +9,23 @@ checked against it. Nothing in the production packages imports this module.
   (production: :func:`gold_plugin.signals.batch_distill_advantages`, and its one-sample form
   :func:`gold_plugin.signals.group_advantages`);
 - :func:`aligned_logit_loss_reference`: the aligned GKD/ULD logit loss over the full vocabulary with plain
-  autograd (production: :func:`gold_plugin.signals.aligned_logit_loss`).
+  autograd (production: :func:`gold_plugin.signals.aligned_logit_loss`), and :func:`uld_distance`, the ULD
+  distance it uses (sorted L1 between two whole distributions; production sorts only the top-k and adds the
+  mass of the rest).
 
 The maths: docs/design.md ("Signals").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from gold_plugin.alignment.result import Alignment
-from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd, uld_distance
-from gold_plugin.signals.logit.options import resolve_options
+from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd
+from gold_plugin.signals.logit.options import LogitLossOptions
 from gold_plugin.signals.logit.vocab_hybrid import pad_unmatched
 
 
@@ -73,43 +74,60 @@ def group_advantages_reference(
     return advantages.to(torch.float32)
 
 
+def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation distance: L1 between the two probability vectors sorted descending.
+
+    The last dimensions may differ: the shorter side is zero-padded. Leading dimensions must match.
+    Differentiable in both arguments; computed in at least fp32.
+    """
+    if student_probs.shape[:-1] != teacher_probs.shape[:-1]:
+        raise ValueError(
+            f"Leading shapes differ: student {tuple(student_probs.shape)} vs teacher {tuple(teacher_probs.shape)}."
+        )
+    dtype = torch.promote_types(torch.promote_types(student_probs.dtype, teacher_probs.dtype), torch.float32)
+    s_sorted = student_probs.to(dtype).sort(dim=-1, descending=True).values
+    t_sorted = teacher_probs.to(dtype).sort(dim=-1, descending=True).values
+    width = max(s_sorted.shape[-1], t_sorted.shape[-1])
+    s_sorted = torch.nn.functional.pad(s_sorted, (0, width - s_sorted.shape[-1]))
+    t_sorted = torch.nn.functional.pad(t_sorted, (0, width - t_sorted.shape[-1]))
+    return (s_sorted - t_sorted).abs().sum(dim=-1)
+
+
 def aligned_logit_loss_reference(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
-    teacher_to_student: torch.Tensor | Sequence[int] | None = None,
+    teacher_to_student: torch.Tensor | None,
     *,
-    config: Any | None = None,
-    mask: torch.Tensor | None = None,
-    **options: Any,
+    options: LogitLossOptions,
 ) -> torch.Tensor:
     """Straightforward full-vocabulary transcription of :func:`gold_plugin.signals.aligned_logit_loss`.
 
     Plain autograd, no chunking: it materialises several ``[N, V]`` tensors, projects the teacher's top-k onto
-    the student vocabulary with a scatter and sorts the whole student vocabulary for ULD. Options are read as the
-    production loss reads them. ``student_logits`` is ``[N, V]``; returns the per-position loss ``[N]``.
+    the student vocabulary with a scatter and sorts the whole student vocabulary for ULD. ``options`` are read as
+    the production loss reads them. ``student_logits`` is ``[N, V]`` (row n at position n); returns the
+    per-position loss ``[N]``, 0 where every teacher slot is padded.
     """
-    resolved = resolve_options(config, options)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     n, vocab = student_logits.shape
-    ids = torch.as_tensor(teacher_topk_ids, dtype=torch.int64, device=student_logits.device)
+    ids = teacher_topk_ids.to(device=student_logits.device, dtype=torch.int64)
     slot_valid = ids >= 0
-    t_log = torch.as_tensor(teacher_topk_logprobs, device=student_logits.device).to(dtype)
+    t_log = teacher_topk_logprobs.to(device=student_logits.device, dtype=dtype)
     t_log = torch.where(slot_valid, t_log, torch.full_like(t_log, float("-inf")))
-    if resolved.teacher_temperature != 1.0:
-        tau = resolved.teacher_temperature
+    if options.teacher_temperature != 1.0:
+        tau = options.teacher_temperature
         top_mass_log = torch.logsumexp(t_log, -1, keepdim=True)
         t_log = torch.log_softmax(t_log / tau, dim=-1) + top_mass_log
     t_prob = t_log.exp()
-    s_log = torch.log_softmax(student_logits.to(dtype) / resolved.student_temperature, dim=-1)
+    s_log = torch.log_softmax(student_logits.to(dtype) / options.student_temperature, dim=-1)
     s_prob = s_log.exp()
     row_valid = slot_valid.any(dim=1)
-    if mask is not None:
-        row_valid &= torch.as_tensor(mask, dtype=torch.bool, device=student_logits.device)
-    if resolved.alignment == "positional":
+    if options.alignment == "positional":
         loss = uld_distance(s_prob, torch.where(slot_valid, t_prob, torch.zeros_like(t_prob)))
         return torch.where(row_valid, loss, torch.zeros_like(loss))
-    mapping = torch.as_tensor(teacher_to_student, dtype=torch.int64, device=student_logits.device)
+    if teacher_to_student is None:
+        raise ValueError("alignment='spans' needs teacher_to_student.")
+    mapping = teacher_to_student.to(device=student_logits.device, dtype=torch.int64)
     lookup = pad_unmatched(mapping, int(ids.max()) if ids.numel() else -1)
     student_id = torch.where(slot_valid, lookup[ids.clamp(min=0)], -1)
     matched_slot = student_id >= 0
@@ -124,26 +142,26 @@ def aligned_logit_loss_reference(
         )
         > 0
     )
-    if resolved.matched_normalization == "tail":
+    if options.matched_normalization == "tail":
         t_rest = (1.0 - t_on_student.sum(dim=1)).clamp(min=0.0)
         s_rest = torch.where(support, torch.zeros_like(s_prob), s_prob).sum(dim=1)
         matched = generalized_jsd(
             torch.cat([s_log, s_rest.log()[:, None]], dim=1),
             torch.cat([t_on_student.log(), t_rest.log()[:, None]], dim=1),
-            resolved.beta,
+            options.beta,
             mask=torch.cat([support, torch.ones_like(support[:, :1])], dim=1),
         )
     else:
-        matched = generalized_jsd(s_log, t_on_student.log(), resolved.beta, mask=support)
+        matched = generalized_jsd(s_log, t_on_student.log(), options.beta, mask=support)
     image = torch.zeros(vocab, dtype=torch.bool, device=student_logits.device)
     image[mapping[mapping >= 0]] = True
     student_unmatched = torch.where(image[None, :], torch.zeros_like(s_prob), s_prob)
     teacher_unmatched = torch.where(slot_valid & ~matched_slot, t_prob, torch.zeros_like(t_prob))
     unmatched = uld_distance(student_unmatched, teacher_unmatched)
-    if resolved.matched_weight is None:
+    if options.matched_weight is None:
         w_m = float((mapping >= 0).sum()) / mapping.shape[0]
         w_u = 1.0 - w_m
     else:
-        w_m, w_u = resolved.matched_weight, resolved.unmatched_weight
+        w_m, w_u = options.matched_weight, options.unmatched_weight
     loss = w_m * matched + w_u * unmatched
     return torch.where(row_valid, loss, torch.zeros_like(loss))

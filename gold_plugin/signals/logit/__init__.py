@@ -20,8 +20,8 @@ Two losses share one options type, one result type and one teacher temperature:
   GOLD/ULD hybrid at group starts (:func:`aligned_logit_loss`): ``vocab_hybrid.py`` (the loss, chunked, with an
   analytic backward pass) and ``vocab_hybrid_inputs.py`` (:func:`logit_loss_inputs`).
 
-- **Shared**: ``options.py`` (:class:`LogitLossOptions`, :func:`resolve_options`, :func:`tempered_teacher`),
-  ``result.py`` (:class:`LogitLoss`, :func:`per_sample_mean`), ``topk.py`` (:func:`checked_topk`, the teacher's
+- **Shared**: ``options.py`` (:class:`LogitLossOptions`, :func:`tempered_teacher`),
+  ``result.py`` (:class:`LogitLoss`), ``topk.py`` (:func:`checked_topk`, the teacher's
   top-k of a sample checked against its alignment).
 
 The maths: docs/signals.md.
@@ -50,10 +50,9 @@ from gold_plugin.signals.logit.byte_projection_tables import (
 from gold_plugin.signals.logit.options import (
     LogitLossOptions,
     MatchedNormalization,
-    resolve_options,
     tempered_teacher,
 )
-from gold_plugin.signals.logit.result import LogitLoss, per_sample_mean
+from gold_plugin.signals.logit.result import LogitLoss
 from gold_plugin.signals.logit.topk import checked_topk
 from gold_plugin.signals.logit.vocab_hybrid import aligned_logit_loss, pad_unmatched
 from gold_plugin.signals.logit.vocab_hybrid_inputs import LogitLossInputs, logit_loss_inputs
@@ -74,13 +73,11 @@ __all__ = [
     "expand_positions",
     "logit_loss_inputs",
     "pad_unmatched",
-    "per_sample_mean",
     "projected_logit_loss",
     "projection_inputs",
     "projection_positions",
     "projection_tables",
     "range_mass",
-    "resolve_options",
     "student_event_probs",
     "teacher_event_probs",
     "tempered_teacher",

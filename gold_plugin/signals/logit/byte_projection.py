@@ -19,7 +19,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from gold_plugin.signals.logit.byte_projection_inputs import (
 )
 from gold_plugin.signals.logit.byte_projection_range_mass import range_mass
 from gold_plugin.signals.logit.byte_projection_tables import ProjectionTables, projection_tables
-from gold_plugin.signals.logit.options import LogitLossOptions, resolve_options, tempered_teacher
+from gold_plugin.signals.logit.options import LogitLossOptions, tempered_teacher
 from gold_plugin.signals.logit.result import LogitLoss
 
 _TINY = 1e-30
@@ -60,7 +59,7 @@ class ProjectionVocab:
     def from_sorted(
         cls,
         vocab: SortedVocab,
-        device: Any = None,
+        device: torch.device | str | None = None,
         *,
         student_end_ids: Sequence[int] = (),
         teacher_end_ids: Sequence[int] = (),
@@ -74,7 +73,7 @@ class ProjectionVocab:
         )
         return out if device is None else out.to(device)
 
-    def to(self, device: Any) -> ProjectionVocab:
+    def to(self, device: torch.device | str) -> ProjectionVocab:
         """This vocabulary on ``device`` (copied there once, then cached)."""
         device = torch.device(device)
         if self.order.device == device:
@@ -107,14 +106,10 @@ class ProjectionVocab:
 
 def _flat_rows(
     student_logits: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """``([N, V] logits, flat row index of every (row, column))`` for ``[B, T, V]`` or ``[T, V]`` logits."""
-    if student_logits.dim() == 2:
-        student_logits = student_logits[None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B * T, V] logits, flat row index of every (row, column))`` for ``[B, T, V]`` logits."""
     if student_logits.dim() != 3:
-        raise ValueError(
-            f"student_logits must be [B, T, V] or [T, V], got shape {tuple(student_logits.shape)}."
-        )
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}.")
     batch, time, vocab = student_logits.shape
     if rows.numel() and (
         int(rows.max()) >= batch
@@ -229,18 +224,16 @@ def projected_logit_loss(
     inputs: ProjectionInputs | ProjectionPositions,
     vocab: ProjectionVocab,
     *,
-    config: Any | None = None,
-    **options: Any,
+    options: LogitLossOptions,
 ) -> LogitLoss:
     """Per-teacher-position loss ``[P]`` of the byte projection (``LogitLoss.matched``; ``unmatched`` is 0), and the
     teacher's remainder-bucket probability of every position (``LogitLoss.teacher_remainder``).
 
-    ``student_logits``: ``[B, T, V]`` (``inputs.positions`` are (row, column) pairs into it) or ``[T, V]`` (row 0).
+    ``student_logits``: ``[B, T, V]`` (``inputs.positions`` are (row, column) pairs into it).
     ``inputs``: full inputs, or compact positions, expanded here on the logits' device with ``vocab``'s tables.
-    ``config``: a ``GoldConfig`` or :class:`~gold_plugin.signals.logit.options.LogitLossOptions` (beta,
-    temperatures and chunk size are read); keyword ``options`` override it.
+    ``options``: beta, the temperatures and the chunk size are read (the training step's are
+    ``LogitLossOptions.from_config(gold, student_temperature=...)``).
     """
-    resolved = resolve_options(config, options)
     if not torch.is_floating_point(student_logits):
         raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}.")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
@@ -254,13 +247,13 @@ def projected_logit_loss(
     if num == 0:
         zero = student_logits.new_zeros(0, dtype=dtype)
         return LogitLoss(zero, zero, zero, torch.zeros(0, dtype=torch.bool, device=device), 1.0, 0.0, zero)
-    probs, rest = student_event_probs(student_logits, inputs, resolved, vocab)
-    teacher = teacher_event_probs(inputs, resolved, dtype)
+    probs, rest = student_event_probs(student_logits, inputs, options, vocab)
+    teacher = teacher_event_probs(inputs, options, dtype)
     student = torch.cat([probs, rest[:, None]], dim=1)
     support = teacher > 0
     support[:, -1] = True
     loss = generalized_jsd(
-        student.clamp(min=_TINY).log(), teacher.clamp(min=_TINY).log(), resolved.beta, mask=support
+        student.clamp(min=_TINY).log(), teacher.clamp(min=_TINY).log(), options.beta, mask=support
     )
     return LogitLoss(
         loss=loss,

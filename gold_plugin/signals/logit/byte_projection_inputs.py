@@ -46,7 +46,7 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -145,7 +145,10 @@ class ProjectionPositions:
         return _fields_to(self, device)
 
 
-def _fields_to(inputs: Any, device: torch.device | str) -> Any:
+_Tensors = TypeVar("_Tensors", "ProjectionInputs", "ProjectionPositions")
+
+
+def _fields_to(inputs: _Tensors, device: torch.device | str) -> _Tensors:
     """A copy of a dataclass of tensors with every field on ``device``."""
     return type(inputs)(**{f.name: getattr(inputs, f.name).to(device) for f in dataclasses.fields(inputs)})
 

@@ -174,7 +174,7 @@ class _RangeMass(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_masses: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_masses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         logits_2d, lo, hi, untied, order, untied_sorted, masses, lse = ctx.saved_tensors
         layout, temperature = ctx.layout, ctx.temperature
         dtype = masses.dtype

@@ -1,4 +1,4 @@
-"""What both logit losses return: per-position results (:class:`LogitLoss`), and TRL's per-sample reduction."""
+"""What both logit losses return: per-position results (:class:`LogitLoss`)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,3 @@ class LogitLoss:
     unmatched_weight: float
     teacher_remainder: torch.Tensor | None = None
     """[N] the teacher's probability of the remainder bucket (byte projection only), no gradient; else ``None``."""
-
-
-def per_sample_mean(loss: torch.Tensor, sample_index: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Mean of the per-position loss within each sample ([batch]; 0 for a sample without positions).
-
-    ``per_sample_mean(...).mean()`` is TRL's reduction (mean over a sample's aligned positions, then over samples).
-    """
-    sums = torch.zeros(batch_size, dtype=loss.dtype, device=loss.device).index_add(0, sample_index, loss)
-    counts = torch.bincount(sample_index, minlength=batch_size).clamp(min=1).to(loss.dtype)
-    return sums / counts

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+import torch
 
 from gold_plugin.alignment.result import Alignment
 
 
-def checked_topk(b: int, alignment: Alignment, top_ids: Any, top_lp: Any) -> tuple[np.ndarray, np.ndarray]:
+def checked_topk(
+    b: int, alignment: Alignment, top_ids: np.ndarray | torch.Tensor, top_lp: np.ndarray | torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``b``'s teacher top-k as ``(int64, float32)`` arrays ``[n_teacher_tokens, k]``; ``ValueError`` naming
     the sample if the shapes do not fit its alignment."""
     top_ids = np.asarray(top_ids, dtype=np.int64)

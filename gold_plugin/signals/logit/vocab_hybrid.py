@@ -33,8 +33,8 @@ Memory: positions are processed in chunks of ``chunk_size``; one reusable ``[chu
 eighth of one in the backward pass) exists at a time. The gradient with respect to the logits is computed
 analytically in the backward pass from per-position statistics saved in the forward pass (log-normaliser, masses,
 top-k indices, small coefficient tensors), so no ``[positions, V]`` activations are kept between forward and
-backward. Masked positions (``mask`` False, or no
-valid teacher slot) are never computed and get exactly zero loss and zero gradient.
+backward. Masked positions (no valid teacher slot) are never computed and get exactly zero loss and zero
+gradient.
 """
 
 from __future__ import annotations
@@ -42,11 +42,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from gold_plugin.signals.divergences import LOG_PROB_FLOOR, generalized_jsd
-from gold_plugin.signals.logit.options import LogitLossOptions, resolve_options, tempered_teacher
+from gold_plugin.signals.logit.options import LogitLossOptions, tempered_teacher
 from gold_plugin.signals.logit.result import LogitLoss
 
 _NEG_INF = float("-inf")
@@ -475,7 +474,7 @@ class _AlignedLogitLoss(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (logits_2d,) = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits_2d)
         dtype = ctx.dtype
@@ -515,56 +514,34 @@ class _AlignedLogitLoss(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None, None
 
 
-def _to_index_tensor(values: Any, device: torch.device) -> torch.Tensor:
-    if isinstance(values, np.ndarray):
-        values = torch.from_numpy(np.array(values, dtype=np.int64, copy=not values.flags.writeable))
-    return torch.as_tensor(values, dtype=torch.int64, device=device)
-
-
 def _rows_and_logits(
-    student_logits: torch.Tensor, positions: Any | None
+    student_logits: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    device = student_logits.device
-    if student_logits.dim() == 2:
-        if positions is not None:
-            rows = _to_index_tensor(positions, device).reshape(-1)
-        else:
-            rows = torch.arange(student_logits.shape[0], device=device)
-        return student_logits, rows
+    """``([B * T, V] logits, flat row of every (row, column) pair)``: a view, no gathered copy."""
     if student_logits.dim() != 3:
-        raise ValueError(
-            f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}."
-        )
-    if positions is None:
-        raise ValueError(
-            "With [B, T, V] student logits pass positions: [N, 2] (batch, time) pairs or [N] flat rows."
-        )
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}.")
+    if positions.dim() != 2 or positions.shape[1] != 2:
+        raise ValueError(f"positions must be [N, 2] (row, column) pairs, got shape {tuple(positions.shape)}.")
     batch, time, vocab = student_logits.shape
-    positions = _to_index_tensor(positions, device)
-    if positions.dim() == 2 and positions.shape[1] == 2:
-        if positions.numel() and (
-            int(positions[:, 0].max()) >= batch
-            or int(positions[:, 1].max()) >= time
-            or int(positions.min()) < 0
-        ):
-            raise ValueError(f"positions out of range for logits of shape {tuple(student_logits.shape)}.")
-        rows = positions[:, 0] * time + positions[:, 1]
-    else:
-        rows = positions.reshape(-1)
-    return student_logits.reshape(batch * time, vocab), rows
+    positions = positions.to(device=student_logits.device, dtype=torch.int64)
+    if positions.numel() and (
+        int(positions[:, 0].max()) >= batch or int(positions[:, 1].max()) >= time or int(positions.min()) < 0
+    ):
+        raise ValueError(f"positions out of range for logits of shape {tuple(student_logits.shape)}.")
+    return student_logits.reshape(batch * time, vocab), positions[:, 0] * time + positions[:, 1]
 
 
 def _validated_teacher_inputs(
-    topk_ids: Any, topk_logprobs: Any, num_positions: int | None, device: torch.device
+    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, num_positions: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = _to_index_tensor(topk_ids, device)
-    logprobs = torch.as_tensor(topk_logprobs, device=device)
+    ids = topk_ids.to(device=device, dtype=torch.int64)
+    logprobs = topk_logprobs.to(device)
     if ids.dim() != 2 or ids.shape != logprobs.shape:
         raise ValueError(
             f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs {tuple(logprobs.shape)} must both be "
             "[N, k] (one row per aligned position, -1 = padded slot)."
         )
-    if num_positions is not None and ids.shape[0] != num_positions:
+    if ids.shape[0] != num_positions:
         raise ValueError(f"{ids.shape[0]} teacher rows for {num_positions} student positions.")
     if torch.isnan(logprobs[ids >= 0]).any():
         raise ValueError("teacher_topk_logprobs contain NaN at non-padded slots.")
@@ -572,7 +549,7 @@ def _validated_teacher_inputs(
 
 
 def _map_and_weights(
-    teacher_to_student: Any | None,
+    teacher_to_student: torch.Tensor | None,
     options: LogitLossOptions,
     vocab: int,
     device: torch.device,
@@ -582,8 +559,7 @@ def _map_and_weights(
         return None, None, (0.0, 1.0)
     if teacher_to_student is None:
         raise ValueError("alignment='spans' needs teacher_to_student (VocabMap.teacher_to_student).")
-    teacher_to_student = getattr(teacher_to_student, "teacher_to_student", teacher_to_student)  # a VocabMap
-    mapping = _to_index_tensor(teacher_to_student, device).reshape(-1)
+    mapping = teacher_to_student.to(device=device, dtype=torch.int64).reshape(-1)
     if mapping.numel() and int(mapping.max()) >= vocab:
         raise ValueError(
             f"teacher_to_student maps to student id {int(mapping.max())}, but the student logits have {vocab} columns."
@@ -609,56 +585,41 @@ def pad_unmatched(mapping: torch.Tensor, max_teacher_id: int) -> torch.Tensor:
 
 def aligned_logit_loss(
     student_logits: torch.Tensor,
-    teacher_topk_ids: Any,
-    teacher_topk_logprobs: Any,
-    teacher_to_student: Any | None = None,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_to_student: torch.Tensor | None,
     *,
-    config: Any | None = None,
-    positions: Any | None = None,
-    mask: Any | None = None,
-    **options: Any,
+    positions: torch.Tensor,
+    options: LogitLossOptions,
 ) -> LogitLoss:
     """Aligned GKD/ULD logit loss at N aligned positions (see the module docstring for the maths).
 
-    - ``student_logits``: ``[N, V]`` logits at the aligned positions, or the full ``[B, T, V]`` logits with
-      ``positions`` (``[N, 2]`` (batch, time) pairs or ``[N]`` flat row indices): no gathered copy is made.
-      bf16/fp16 are computed in fp32; the gradient has the logits' dtype.
-    - ``teacher_topk_ids`` / ``teacher_topk_logprobs``: ``[N, k]``, -1 = padded slot.
-    - ``teacher_to_student``: int64 over teacher ids, -1 = unmatched, or a ``VocabMap`` (not needed for
-      ``alignment="positional"``).
-    - ``config``: a ``GoldConfig`` or :class:`LogitLossOptions`; keyword ``options`` override its fields (names of
-      :class:`LogitLossOptions`, e.g. ``beta=0.0``, ``chunk_size=256``, ``matched_normalization="none"``).
-    - ``mask``: ``[N]`` bool, False = position gets exactly zero loss and gradient (and costs no compute);
-      rows whose teacher slots are all padded are masked too.
+    - ``student_logits``: the full ``[B, T, V]`` logits; ``positions``: ``[N, 2]`` (row, column) pairs into them
+      (no gathered copy is made). bf16/fp16 are computed in fp32; the gradient has the logits' dtype.
+    - ``teacher_topk_ids`` / ``teacher_topk_logprobs``: ``[N, k]``, -1 = padded slot; a row whose slots are all
+      padded gets exactly zero loss and gradient (and costs no compute).
+    - ``teacher_to_student``: int64 over teacher ids, -1 = unmatched (``VocabMap.teacher_to_student``); None only
+      with ``options.alignment == "positional"``.
+    - ``options``: the training step's are ``LogitLossOptions.from_config(gold, student_temperature=...)``.
     """
-    resolved = resolve_options(config, options)
     if not torch.is_floating_point(student_logits):
         raise ValueError(f"student_logits must be floating point, got {student_logits.dtype}.")
     device = student_logits.device
     logits_2d, rows_all = _rows_and_logits(student_logits, positions)
-    ids, logprobs = _validated_teacher_inputs(
-        teacher_topk_ids, teacher_topk_logprobs, rows_all.shape[0], device
-    )
     num_positions = rows_all.shape[0]
-    if rows_all.numel() and (int(rows_all.min()) < 0 or int(rows_all.max()) >= logits_2d.shape[0]):
-        raise ValueError(f"positions out of range for {logits_2d.shape[0]} logit rows.")
+    ids, logprobs = _validated_teacher_inputs(teacher_topk_ids, teacher_topk_logprobs, num_positions, device)
     valid = (ids >= 0).any(dim=1)
-    if mask is not None:
-        mask_t = torch.as_tensor(mask, device=device).to(torch.bool).reshape(-1)
-        if mask_t.shape[0] != num_positions:
-            raise ValueError(f"mask has {mask_t.shape[0]} entries for {num_positions} positions.")
-        valid &= mask_t
     max_teacher_id = int(ids.max()) if ids.numel() else -1
     mapping, image_mask, weights = _map_and_weights(
-        teacher_to_student, resolved, logits_2d.shape[1], device, max_teacher_id
+        teacher_to_student, options, logits_2d.shape[1], device, max_teacher_id
     )
     out_index = valid.nonzero().reshape(-1)
     dtype = torch.float64 if logits_2d.dtype == torch.float64 else torch.float32
     teacher = _prepare_teacher(
-        ids[out_index], logprobs[out_index], mapping, resolved, logits_2d.shape[1], dtype
+        ids[out_index], logprobs[out_index], mapping, options, logits_2d.shape[1], dtype
     )
     loss, matched, unmatched = _AlignedLogitLoss.apply(
-        logits_2d, rows_all[out_index], out_index, num_positions, teacher, image_mask, resolved, weights
+        logits_2d, rows_all[out_index], out_index, num_positions, teacher, image_mask, options, weights
     )
     return LogitLoss(
         loss=loss,
