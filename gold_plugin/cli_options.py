@@ -68,15 +68,21 @@ def declared_options(cls: type) -> list[FieldOption]:
 
 def documented_options(cls: type, prefix: str) -> list[FieldOption]:
     """Every field of ``cls`` that is not itself a dataclass, as ``--<prefix><name>`` with the attribute docstring
-    (the string literal after the field) as help, in declaration order."""
+    (the string literal after the field) as help, in declaration order. Defaults are the fields' declared ones
+    (an unset ``None`` stays None: ``__post_init__`` resolves it from the other options)."""
     hints = get_type_hints(cls)
     docs = _attribute_docs(cls)
-    defaults = cls()
     return [
-        FieldOption(f.name, prefix + f.name, hints[f.name], getattr(defaults, f.name), docs.get(f.name, ""))
+        FieldOption(f.name, prefix + f.name, hints[f.name], _declared_default(f), docs.get(f.name, ""))
         for f in dataclasses.fields(cls)
         if not dataclasses.is_dataclass(hints[f.name])
     ]
+
+
+def _declared_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def add_options(container: argparse._ActionsContainer, options: Iterable[FieldOption]) -> None:

@@ -18,17 +18,21 @@ from typing import Any, Literal, get_args
 
 from gold_plugin.cli_options import add_options, documented_options, option_values
 
-Signal = Literal["advantage", "logit", "both"]
+Signal = Literal["advantage", "logit", "both", "hidden"]
 AlignmentMode = Literal["spans", "positional"]
 LogitProjection = Literal["bytes", "vocab"]
 TeacherBackend = Literal["hf", "vllm"]
 ChatTemplateSource = Literal["teacher", "student"]
 AdvantageNorm = Literal["none", "mean", "whiten"]
+HiddenStateLoss = Literal["mse", "cosine"]
 
 
 class GoldConfigError(ValueError):
     """A GOLD option, or a combination of options, that cannot work; the message says what to change."""
 
+
+DEFAULT_HIDDEN_STATE_LAYERS = 2
+"""Layer pairs of the hidden-state loss when it is on and ``--gold.teacher.hidden_state_layers`` is unset."""
 
 DEFAULT_LOGIT_TOPK = 64
 """The teacher's top-k when the logit loss is on and ``--gold.teacher.topk`` is unset (the k that
@@ -69,6 +73,13 @@ class TeacherConfig:
     most this many tokens per engine step (vLLM's ``max_num_batched_tokens``, chunked prefill on), so a long
     response is scored in pieces. Transient memory: about chunk x vocabulary x 4 bytes per float32 copy
     (docs/teacher.md, "Long responses")."""
+    hidden_state_layers: int | None = None
+    """Layers whose hidden states the teacher returns at every response token, at the relative depths k/n of its
+    depth (k = 1..n; the hidden-state loss reads them; hf backend only). Unset: chosen by GoldConfig
+    (``DEFAULT_HIDDEN_STATE_LAYERS`` with the hidden-state loss on, else 0); 0 = none."""
+    hidden_state_rank: int = 64
+    """Dimensions each returned hidden state is reduced to (a fixed orthonormal sketch, the same on every replica):
+    the teacher ships hidden_state_layers x rank float16 numbers per response token."""
     max_retries: int = 2
     """Restarts of a dead replica before its share of a batch fails with an error naming it."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -97,9 +108,16 @@ class GoldConfig:
     signal: Signal = "logit"
     """``logit`` (the aligned logit loss: with ``logit_projection=bytes`` the best signal on every tokenizer pair
     measured in docs/local.md), ``advantage`` (sampled aligned KL as advantages; no teacher top-k needed) or
-    ``both``."""
+    ``both``; ``hidden`` = the hidden-state loss alone (``hidden_state_coef``)."""
     logit_coef: float = 1.0
     """Weight of the logit loss: loss = policy_loss + alpha*logit_coef*L."""
+    hidden_state_coef: float | None = None
+    """Weight of the hidden-state loss (OPRD across tokenizers: the student's and the teacher's hidden states where
+    both have read the same text, through a frozen low-rank bridge fitted on the first batch; docs/signals.md,
+    "Hidden states"): loss += alpha * hidden_state_coef * L, L the mean over aligned groups. Adds to any signal.
+    Unset: 1 with --gold.signal hidden, else 0 (off). Local backend only for now."""
+    hidden_state_loss: HiddenStateLoss = "mse"
+    """Distance in the bridge's space: ``mse`` (mean squared difference of the standardised states) or ``cosine``."""
     alignment: AlignmentMode = "spans"
     """``spans`` (byte-span groups, GOLD) or ``positional`` (ULD's truncate-and-pair-by-index baseline)."""
     logit_projection: LogitProjection = "bytes"
@@ -133,11 +151,16 @@ class GoldConfig:
     def __post_init__(self) -> None:
         if isinstance(self.teacher, dict):
             object.__setattr__(self, "teacher", TeacherConfig(**self.teacher))
+        if self.hidden_state_coef is None:
+            object.__setattr__(self, "hidden_state_coef", 1.0 if self.signal == "hidden" else 0.0)
         if self.teacher.topk is None:
             topk = DEFAULT_LOGIT_TOPK if self.uses_logit_loss else 0
             object.__setattr__(self, "teacher", dataclasses.replace(self.teacher, topk=topk))
+        if self.teacher.hidden_state_layers is None:
+            layers = DEFAULT_HIDDEN_STATE_LAYERS if self.uses_hidden_states else 0
+            object.__setattr__(self, "teacher", dataclasses.replace(self.teacher, hidden_state_layers=layers))
         self.validate()
-        if self.lmbda < 1.0 and not self.uses_logit_loss:
+        if self.lmbda < 1.0 and not (self.uses_logit_loss or self.uses_hidden_states):
             warnings.warn(
                 f"--gold.lmbda={self.lmbda} with --gold.signal advantage: off-policy samples (reference "
                 "completions) get no policy gradient and there is no logit loss, so they are scored and logged "
@@ -152,6 +175,11 @@ class GoldConfig:
     @property
     def uses_advantages(self) -> bool:
         return self.signal in ("advantage", "both")
+
+    @property
+    def uses_hidden_states(self) -> bool:
+        """Whether the hidden-state loss is on (``hidden_state_coef > 0``)."""
+        return bool(self.hidden_state_coef)
 
     @property
     def uses_off_policy(self) -> bool:
@@ -169,6 +197,7 @@ class GoldConfig:
         _check_choice("alignment", self.alignment, AlignmentMode)
         _check_choice("logit_projection", self.logit_projection, LogitProjection)
         _check_choice("advantage_norm", self.advantage_norm, AdvantageNorm)
+        _check_choice("hidden_state_loss", self.hidden_state_loss, HiddenStateLoss)
         _check_choice("teacher.backend", self.teacher.backend, TeacherBackend)
         _check_choice("teacher.chat_template", self.teacher.chat_template, ChatTemplateSource)
         for name in ("alpha", "kl_discount", "beta", "lmbda"):
@@ -194,6 +223,7 @@ class GoldConfig:
                 "--gold.kl_length_normalised averages the distillation rewards of the remaining groups, which "
                 "--gold.kl_discount 0 leaves at one group (no effect): set --gold.kl_discount 1 (MiniLLM) or > 0."
             )
+        self._validate_hidden_states()
         if self.logit_chunk_size < 1:
             raise GoldConfigError(f"--gold.logit_chunk_size must be >= 1, got {self.logit_chunk_size}.")
         if self.uses_logit_loss and self.teacher.topk < 1:
@@ -224,6 +254,36 @@ class GoldConfig:
                 f"--gold.teacher.backend=vllm with tensor_parallel_size={t.tensor_parallel_size} needs "
                 f"--gold.teacher.num_gpus_per_replica >= {t.tensor_parallel_size} "
                 f"(got {t.num_gpus_per_replica}); with 0 GPUs (a CPU build of vLLM) tensor_parallel_size must be 1."
+            )
+
+    def _validate_hidden_states(self) -> None:
+        t = self.teacher
+        if self.hidden_state_coef < 0:
+            raise GoldConfigError(f"--gold.hidden_state_coef must be >= 0, got {self.hidden_state_coef}.")
+        if self.signal == "hidden" and not self.uses_hidden_states:
+            raise GoldConfigError(
+                "--gold.signal hidden with --gold.hidden_state_coef 0 trains nothing: set it > 0."
+            )
+        if t.hidden_state_rank < 1 or (t.hidden_state_layers or 0) < 0:
+            raise GoldConfigError(
+                "--gold.teacher.hidden_state_rank must be >= 1 and --gold.teacher.hidden_state_layers >= 0."
+            )
+        if not self.uses_hidden_states:
+            return
+        if not t.hidden_state_layers:
+            raise GoldConfigError(
+                "The hidden-state loss needs the teacher's hidden states: set --gold.teacher.hidden_state_layers "
+                f"(for example {DEFAULT_HIDDEN_STATE_LAYERS}), or --gold.hidden_state_coef 0."
+            )
+        if self.alignment != "spans":
+            raise GoldConfigError(
+                "The hidden-state loss compares states at the ends of byte-aligned groups: use --gold.alignment "
+                "spans."
+            )
+        if t.backend != "hf":
+            raise GoldConfigError(
+                "The hidden-state loss needs --gold.teacher.backend hf: vLLM 0.32 returns no hidden states with "
+                'its outputs (docs/signals.md, "Hidden states").'
             )
 
     def to_dict(self) -> dict[str, Any]:

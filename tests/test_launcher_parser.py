@@ -487,3 +487,10 @@ def test_dry_run_reports_the_vocabulary_map_shares():
 
     argv[argv.index(str(tokenizer_dir("gpt2")))] = str(tokenizer_dir("mistral"))
     assert run_dry_run(_plan(argv), io.StringIO()).same_vocabulary is True
+
+
+def test_the_hidden_state_loss_is_refused_in_the_openrlhf_backend_naming_the_alternatives():
+    with pytest.raises(GoldConfigError, match="local backend only.*--gold.signal logit/advantage"):
+        _plan(_argv("--gold.signal hidden"))
+    with pytest.raises(GoldConfigError, match="local backend only"):
+        _plan(_argv("--gold.hidden_state_coef 0.5"))

@@ -167,3 +167,45 @@ def test_lmbda_trains_a_share_of_the_prompts_on_their_reference_completions(mode
     assert 0.0 <= metrics["gold/projection_remainder"] <= 1.0  # the byte projection (the default)
     loss.backward()  # the logit loss trains on the reference completions
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+
+
+def test_the_hidden_state_loss_alone_fits_its_bridge_once_and_trains_the_student(models, tmp_path):
+    """``--gold.signal hidden``: the bridge is fitted on the first step only, saved with the checkpoint and loaded
+    back; one update on a fixed batch lowers the hidden-state loss (the only term: no advantages, no logit loss)."""
+    from gold_plugin.local.cli import build_parser
+    from gold_plugin.local.config import configs_from_args
+    from gold_plugin.local.trainer import LocalTrainer
+    from gold_plugin.teacher import build_teacher
+    from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+
+    options = [*FAST, "--gold.signal", "hidden", "--local.teacher_in_process", "--eval.steps", "0"]
+    ckpt = tmp_path / "ckpt"
+    steps = ["--local.max_steps", "2", "--ckpt.path", str(ckpt), "--ckpt.save_steps", "2"]
+    assert main(demo_argv(models, [*options, *steps])) == 0
+    history = [h for h in _metrics(ckpt / "metrics.jsonl") if "gold/hidden_state_loss" in h]
+    assert len(history) == 2 and all(h["gold/hidden_state_loss"] > 0 for h in history)
+    assert 0.0 < history[0]["gold/hidden_bridge_fit"] <= 1.0 and "gold/hidden_bridge_fit" not in history[1]
+    assert all(h["gold/hidden_state_groups"] > 1 and "gold/logit_loss" not in h for h in history)
+    saved = torch.load(ckpt / "global_step2" / "trainer_state.pt", weights_only=False)["hidden_state_bridge"]
+    assert saved["student_map"].shape == (2, 128, 64)  # 2 layer pairs, the student's width, the default rank
+
+    config, gold = configs_from_args(
+        build_parser().parse_args(demo_argv(models, [*options, *steps, "--ckpt.load_enable"]))
+    )
+    trainer = LocalTrainer(
+        config, gold, build_teacher(gold.teacher, device="cpu"), load_teacher_tokenizer(gold.teacher)
+    )
+    assert trainer.step == 2 and torch.equal(trainer.hidden.bridge.student_map, saved["student_map"])
+    rows = trainer.batch_rows(trainer.step)
+    rollout, off, missing = trainer.make_rollout(rows, trainer.step)
+    experience = trainer.make_experience(rows, rollout, off, missing)
+    assert experience.advantages.abs().sum() == 0
+    everyone = list(range(len(rollout.response_ids)))
+    groups = float(experience.hidden_targets.num_groups)
+    before, parts = trainer.micro_batch_loss(experience, everyone, 1.0, groups)
+    assert parts["train/policy_loss"] == 0.0 and float(before) > 0
+    trainer.optimizer.zero_grad()
+    before.backward()
+    trainer.optimizer.step()
+    after, _ = trainer.micro_batch_loss(experience, everyone, 1.0, groups)
+    assert float(after) < float(before)

@@ -113,21 +113,35 @@ def pack_right(
     return ids.to(device), attn.to(device), action_mask.to(device), num_actions
 
 
-def response_logits_and_logprobs(
+@dataclass
+class ResponseForward:
+    """The student's forward over ``[prompt | response]`` rows, read at the response tokens."""
+
+    action_logits: torch.Tensor
+    """``[B, A, V]``: the logits that predict response token j (float32, divided by the temperature)."""
+    logprobs: torch.Tensor
+    """``[B, A]``: log-probs of the taken tokens (0 outside responses)."""
+    action_mask: torch.Tensor
+    """``[B, A]`` bool."""
+    hidden_states: torch.Tensor | None = None
+    """``[B, A, L, d]``: the asked layers' states after reading response token j (None unless asked for)."""
+
+
+def response_forward(
     model,
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     pad_id: int,
     *,
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-response-token logits ``[B, A, V]``, their log-probs of the taken tokens ``[B, A]``, action mask.
-
-    Positions outside a response hold zeros in the log-probs. Gradients flow when called under grad.
-    """
+    hidden_layers: Sequence[int] = (),
+) -> ResponseForward:
+    """One forward of the rows; gradients flow when called under grad. ``hidden_layers`` are indices into
+    ``transformers``' ``output_hidden_states`` (0 = the embeddings)."""
     device = next(model.parameters()).device
     ids, attn, action_mask, num_actions = pack_right(prompt_ids, response_ids, pad_id, device)
-    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=bool(hidden_layers))
+    logits = out.logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     prompt_len = torch.tensor([len(p) for p in prompt_ids], device=device)
@@ -140,7 +154,26 @@ def response_logits_and_logprobs(
     taken = ids[batch_index, token_pos]
     logprobs = torch.log_softmax(action_logits, dim=-1).gather(-1, taken[..., None]).squeeze(-1)
     logprobs = logprobs * action_mask
-    return action_logits, logprobs, action_mask
+    states = None
+    if hidden_layers:
+        states = torch.stack(
+            [out.hidden_states[layer][batch_index, token_pos] for layer in hidden_layers], dim=2
+        )
+    return ResponseForward(action_logits, logprobs, action_mask, states)
+
+
+def response_logits_and_logprobs(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-response-token logits ``[B, A, V]``, their log-probs of the taken tokens ``[B, A]``, action mask
+    (:func:`response_forward` without hidden states)."""
+    out = response_forward(model, prompt_ids, response_ids, pad_id, temperature=temperature)
+    return out.action_logits, out.logprobs, out.action_mask
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

@@ -27,12 +27,15 @@ import numpy as np
 import torch
 
 from gold_plugin.config import GoldConfig
+from gold_plugin.hidden_state_step import HiddenStateSignal, HiddenStateTargets, hidden_state_targets
 from gold_plugin.local.config import LocalTrainConfig
 from gold_plugin.local.modeling import (
+    ResponseForward,
     Rollout,
     accuracy,
     encode_prompt,
     resolve_device,
+    response_forward,
     response_logits_and_logprobs,
     sample,
 )
@@ -77,6 +80,9 @@ class LocalExperience:
     logit_inputs: LogitLossInputs | ProjectionPositions | None
     """The step's logit-loss inputs, built once for all its samples, on the training device (None without the
     logit loss); each micro-batch takes its samples' positions (:func:`gold_plugin.step.select_samples`)."""
+    hidden_targets: HiddenStateTargets | None
+    """The step's group ends and the teacher's states there, on the training device (None without the
+    hidden-state loss); each micro-batch takes its samples' groups (:meth:`HiddenStateTargets.select`)."""
     old_logprobs: torch.Tensor
     """[N, A] log-probs of the responses under the sampling policy."""
     mask: torch.Tensor
@@ -150,6 +156,9 @@ class LocalTrainer:
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(self.device)
         self.vocab = LogitVocab.build(self.tokenizer, teacher_tokenizer, gold)
+        self.hidden: HiddenStateSignal | None = None
+        if gold.uses_hidden_states:
+            self.hidden = HiddenStateSignal(gold, self.model.config.num_hidden_layers)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.learning_rate,
@@ -329,6 +338,10 @@ class LocalTrainer:
             per_sample = reward_advantages(rewards, c.n_samples_per_prompt, c.advantage_estimator)
             reward_adv = per_sample[:, None].to(old.device) * mask
         [advantages] = gold_advantages([reward_adv], [distill_adv], [signal], [off], gold)
+        hidden_targets = None
+        if self.hidden is not None and aligned is not None:
+            hidden_targets = hidden_state_targets(aligned).to(self.device)
+            metrics["gold/hidden_state_groups"] = hidden_targets.num_groups / max(num_samples, 1)
         logit_inputs = None
         if gold.uses_logit_loss and aligned is not None:
             logit_inputs = build_logit_inputs(aligned, rollout.response_ids, mask, gold, self.vocab).to(
@@ -339,6 +352,7 @@ class LocalTrainer:
             off_policy=off,
             aligned=aligned,
             logit_inputs=logit_inputs,
+            hidden_targets=hidden_targets,
             old_logprobs=old,
             mask=mask,
             advantages=advantages.detach(),
@@ -357,6 +371,8 @@ class LocalTrainer:
 
         t2 = time.perf_counter()
         num_samples = len(rollout.response_ids)
+        if self.hidden is not None and not self.hidden.fitted and experience.hidden_targets is not None:
+            metrics.update(self._fit_hidden_bridge(experience))
         train_batch = min(c.train_batch_size or num_samples, num_samples)
         self.model.train()
         stats: dict[str, list[float]] = {}
@@ -364,10 +380,13 @@ class LocalTrainer:
             for start in range(0, num_samples, train_batch):
                 batch = list(range(start, min(start + train_batch, num_samples)))
                 batch_tokens = max(float(experience.mask[batch].sum()), 1.0)
+                batch_groups = 0.0
+                if experience.hidden_targets is not None:
+                    batch_groups = float(experience.hidden_targets.select(batch).num_groups)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(batch), c.micro_batch_size):
                     micro = batch[micro_start : micro_start + c.micro_batch_size]
-                    loss, part = self.micro_batch_loss(experience, micro, batch_tokens)
+                    loss, part = self.micro_batch_loss(experience, micro, batch_tokens, batch_groups)
                     loss.backward()
                     for key, value in part.items():
                         stats.setdefault(key, []).append(value)
@@ -405,20 +424,53 @@ class LocalTrainer:
             mask[sl, : m.shape[1]] = m
         return logprobs, mask
 
-    def micro_batch_loss(
-        self, experience: LocalExperience, micro: list[int], batch_tokens: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward of samples ``micro``; the clipped policy loss plus the logit-loss term, both token means over
-        the optimiser batch's ``batch_tokens`` action tokens (micro-batches add up to one batch's loss)."""
-        c, gold = self.config, self.gold
-        rollout = experience.rollout
-        logits, logprobs, mask = response_logits_and_logprobs(
+    def _fit_hidden_bridge(self, experience: LocalExperience) -> dict[str, float]:
+        """Fit the hidden-state bridge on this (the first) step's group ends, before any update."""
+        assert self.hidden is not None and experience.hidden_targets is not None
+        rollout, targets = experience.rollout, experience.hidden_targets
+        states = []
+        with torch.no_grad():
+            for start in range(0, len(rollout.response_ids), self.config.micro_batch_size):
+                micro = list(
+                    range(start, min(start + self.config.micro_batch_size, len(rollout.response_ids)))
+                )
+                states.append(self._student_states(rollout, micro, targets.select(micro)))
+        return self.hidden.fit(torch.cat(states), targets)
+
+    def _student_states(
+        self,
+        rollout: Rollout,
+        micro: list[int],
+        targets: HiddenStateTargets,
+        forward: ResponseForward | None = None,
+    ) -> torch.Tensor:
+        """``[G, L, d]``: the student's states at the micro-batch's group ends (a new forward unless given)."""
+        assert self.hidden is not None
+        if forward is None:
+            forward = self._forward(rollout, micro, hidden=True)
+        assert forward.hidden_states is not None
+        return forward.hidden_states[targets.sample, targets.action]
+
+    def _forward(self, rollout: Rollout, micro: list[int], hidden: bool) -> ResponseForward:
+        return response_forward(
             self.model,
             [rollout.prompt_ids[i] for i in micro],
             [rollout.response_ids[i] for i in micro],
             self.tokenizer.pad_token_id,
-            temperature=c.temperature,
+            temperature=self.config.temperature,
+            hidden_layers=self.hidden.layers if hidden and self.hidden is not None else (),
         )
+
+    def micro_batch_loss(
+        self, experience: LocalExperience, micro: list[int], batch_tokens: float, batch_groups: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward of samples ``micro``; the clipped policy loss plus the logit-loss term, both token means over
+        the optimiser batch's ``batch_tokens`` action tokens (micro-batches add up to one batch's loss), plus the
+        hidden-state term, a mean over the batch's ``batch_groups`` aligned groups."""
+        c, gold = self.config, self.gold
+        rollout = experience.rollout
+        forward = self._forward(rollout, micro, hidden=experience.hidden_targets is not None)
+        logits, logprobs, mask = forward.action_logits, forward.logprobs, forward.action_mask
         width = logprobs.shape[1]
         policy_loss = clipped_policy_loss(
             logprobs,
@@ -436,6 +488,13 @@ class LocalTrainer:
             out = compute_logit_loss(logits, inputs, gold, self.vocab, logits_temperature=c.temperature)
             loss = loss + logit_loss_term(out.loss, batch_tokens, gold)
             metrics.update({k: float(v) for k, v in logit_metrics(out, len(micro)).items()})
+        if experience.hidden_targets is not None and self.hidden is not None:
+            targets = experience.hidden_targets.select(micro)
+            term, part = self.hidden.term(
+                self._student_states(rollout, micro, targets, forward), targets, batch_groups
+            )
+            loss = loss + term
+            metrics.update(part)
         return loss, metrics
 
     # -- evaluation, checkpoints, logging --------------------------------------------------------------
@@ -475,6 +534,7 @@ class LocalTrainer:
                 "rng": _rng_state(),
                 "gold": self.gold.to_dict(),
                 "history": self.history,
+                "hidden_state_bridge": self.hidden.state_dict() if self.hidden is not None else {},
             },
             tmp / "trainer_state.pt",
         )
@@ -494,6 +554,8 @@ class LocalTrainer:
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         _set_rng_state(state["rng"])
+        if self.hidden is not None:
+            self.hidden.load_state_dict(state.get("hidden_state_bridge", {}), self.device)
         print(f"Resumed from {folder} at step {self.step}.")
 
     def _log(self, metrics: dict[str, float]) -> None:

@@ -31,9 +31,15 @@ def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherSco
             "micro_batch_size": teacher_config.micro_batch_size,
             "logit_chunk_size": teacher_config.logprob_chunk_size,
             "dtype": teacher_config.dtype,
+            "hidden_state_layers": teacher_config.hidden_state_layers or 0,
+            "hidden_state_rank": teacher_config.hidden_state_rank,
         }
         return HFTeacher(teacher_config.model_name_or_path, **{**kwargs, **overrides})
     if teacher_config.backend == "vllm":
+        if teacher_config.hidden_state_layers:
+            raise GoldConfigError(
+                "--gold.teacher.hidden_state_layers needs --gold.teacher.backend hf (vLLM returns no hidden states)."
+            )
         from gold_plugin.teacher.vllm_backend import VLLMTeacher
 
         kwargs = {

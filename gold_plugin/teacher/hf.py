@@ -47,6 +47,10 @@ class HFTeacher(TeacherScorer):
             float32 log-probs exist for this many positions at a time, whatever the response length
             (``--gold.teacher.logprob_chunk_size``).
         tokenizer: an already loaded tokenizer (overrides ``tokenizer_name_or_path``).
+        hidden_state_layers: return the hidden states of this many layers at relative depths k/n after every scored
+            response token (:attr:`TeacherResult.hidden_states`), each reduced to ``hidden_state_rank`` dimensions
+            by :func:`~gold_plugin.signals.hidden_states.teacher_sketch`; 0 = none.
+        hidden_state_rank: the sketch's rank.
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class HFTeacher(TeacherScorer):
         end_of_turn_token: str | None = None,
         logit_chunk_size: int = 2048,
         tokenizer: Any = None,
+        hidden_state_layers: int = 0,
+        hidden_state_rank: int = 64,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -95,6 +101,14 @@ class HFTeacher(TeacherScorer):
         self.pad_id = int(pad) if isinstance(pad, int) else 0
         self._decoder = self._find_decoder()
         self._lm_head = self.model.get_output_embeddings()
+        self.hidden_layers: tuple[int, ...] = ()
+        self._sketch: torch.Tensor | None = None
+        if hidden_state_layers:
+            from gold_plugin.signals.hidden_states import layers_at_depths, teacher_sketch
+
+            self.hidden_layers = layers_at_depths(int(config.num_hidden_layers), int(hidden_state_layers))
+            sketch = teacher_sketch(int(config.hidden_size), int(hidden_state_rank))
+            self._sketch = sketch.to(self.device)
 
     @property
     def tokenizer(self) -> Any:
@@ -121,6 +135,14 @@ class HFTeacher(TeacherScorer):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def _sketched_states(
+        self, all_states: tuple[torch.Tensor, ...], rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """float16 ``[positions, L, r]``: the chosen layers' states at ``(rows, cols)``, through the sketch."""
+        assert self._sketch is not None
+        picked = torch.stack([all_states[layer][rows, cols] for layer in self.hidden_layers], dim=1)
+        return (picked.float() @ self._sketch).half()
+
     def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
         results, todo, prepared = self.encoder.partition(requests, self.topk)
         by_length = sorted(range(len(todo)), key=lambda k: prepared[k].input_ids.shape[0], reverse=True)
@@ -135,7 +157,7 @@ class HFTeacher(TeacherScorer):
     @torch.inference_mode()
     def _score_batch(
         self, sequences: list[PreparedSequence]
-    ) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
+    ) -> list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]]:
         lengths = np.array([s.input_ids.shape[0] for s in sequences])
         batch, width = len(sequences), int(lengths.max())
         ids = np.full((batch, width), self.pad_id, dtype=np.int64)
@@ -155,19 +177,27 @@ class HFTeacher(TeacherScorer):
         position_ids = torch.arange(width, device=self.device).unsqueeze(0).expand(batch, -1)
         rows_t = torch.from_numpy(rows).to(self.device)
         cols_t = torch.from_numpy(cols).to(self.device)
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+            "output_hidden_states": bool(self.hidden_layers),
+        }
+        states = None
         if self._decoder is not None:
-            hidden = self._decoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
-            selected = hidden[rows_t, cols_t]
-            del hidden
+            out = self._decoder(**inputs)
+            selected = out.last_hidden_state[rows_t, cols_t]
             project = self._lm_head
         else:  # no separable decoder: full logits (in the model's dtype), only for exotic models
-            logits_all = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).logits
-            selected = logits_all[rows_t, cols_t]
-            del logits_all
+            out = self.model(**inputs)
+            selected = out.logits[rows_t, cols_t]
+        if (
+            self.hidden_layers
+        ):  # the state after reading each scored token: its own position, one after its logits
+            states = self._sketched_states(out.hidden_states, rows_t, cols_t + 1).cpu().numpy()
+        del out
+        if self._decoder is None:
 
             def project(x: torch.Tensor) -> torch.Tensor:
                 return x
@@ -188,15 +218,16 @@ class HFTeacher(TeacherScorer):
                 top_lp.append(values.cpu())
         split = np.cumsum(counts)[:-1]
         lp = np.split(torch.cat(token_lp).numpy().astype(np.float32), split)
+        per_sequence_states = np.split(states, split) if states is not None else [None] * batch
         if self.topk == 0:
-            return [(x, None, None) for x in lp]
+            return [(x, None, None, h) for x, h in zip(lp, per_sequence_states)]
         ids_np = torch.cat(top_ids).numpy().astype(np.int64)
         lps_np = torch.cat(top_lp).numpy().astype(np.float32)
         if ids_np.shape[1] < self.topk:  # vocabulary smaller than k: pad
             pad = self.topk - ids_np.shape[1]
             ids_np = np.pad(ids_np, ((0, 0), (0, pad)), constant_values=-1)
             lps_np = np.pad(lps_np, ((0, 0), (0, pad)), constant_values=-np.inf)
-        return list(zip(lp, np.split(ids_np, split), np.split(lps_np, split)))
+        return list(zip(lp, np.split(ids_np, split), np.split(lps_np, split), per_sequence_states))
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

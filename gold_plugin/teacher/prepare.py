@@ -279,9 +279,10 @@ def build_result(
     logprobs: np.ndarray,
     topk_ids: np.ndarray | None = None,
     topk_logprobs: np.ndarray | None = None,
+    hidden_states: np.ndarray | None = None,
 ) -> TeacherResult:
     """A :class:`TeacherResult` from the scores of the scored response tokens (``prepared.scored_slice``);
-    masked tokens get NaN, and -1 / -inf top-k slots."""
+    masked tokens get NaN (log-probs, hidden states), and -1 / -inf top-k slots."""
     n = int(prepared.response_ids.shape[0])
     full = np.full(n, np.nan, dtype=np.float32)
     full[prepared.scored_slice] = logprobs
@@ -292,6 +293,10 @@ def build_result(
         if topk_ids is not None and topk_logprobs is not None:
             ids_out[prepared.scored_slice] = topk_ids
             lps_out[prepared.scored_slice] = topk_logprobs
+    states = None
+    if hidden_states is not None:
+        states = np.full((n, *hidden_states.shape[1:]), np.nan, dtype=np.float16)
+        states[prepared.scored_slice] = hidden_states
     return TeacherResult(
         token_ids=prepared.response_ids.astype(np.int64, copy=False),
         token_bytes=prepared.response_bytes.astype(np.int64, copy=False),
@@ -300,4 +305,5 @@ def build_result(
         topk_logprobs=lps_out,
         num_masked=prepared.num_masked,
         num_prompt_truncated=prepared.num_prompt_truncated,
+        hidden_states=states,
     )

@@ -49,6 +49,9 @@ class TeacherResult:
       most likely tokens at each response position, best first, or None when ``topk == 0``. Slots
       with no candidate (k larger than the vocabulary, masked positions) hold id -1 and log-prob -inf.
     - ``num_prompt_truncated``: prompt tokens dropped from the left to make room for the response.
+    - ``hidden_states`` (float16 ``[n, L, r]``): the teacher's hidden state after reading each response token, at
+      the ``L`` layers the teacher was asked for, reduced to ``r`` dimensions by its sketch; NaN at masked tokens;
+      None unless asked for (``--gold.teacher.hidden_state_layers``).
 
     A request that cannot be scored at all (text that is not valid UTF-8 or that the teacher's
     tokenizer cannot reproduce byte-for-byte, a chat template that rejects the messages) gets zero
@@ -64,6 +67,7 @@ class TeacherResult:
     num_masked: int = 0
     num_prompt_truncated: int = 0
     error: str | None = None
+    hidden_states: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:

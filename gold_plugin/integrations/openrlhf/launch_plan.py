@@ -84,6 +84,12 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
             "GOLD distils text: the teacher scores text only. Set --data.max_images_per_prompt 0."
         )
 
+    if gold.uses_hidden_states:
+        raise GoldConfigError(
+            "The hidden-state loss (--gold.signal hidden, --gold.hidden_state_coef > 0) runs in the local backend "
+            "only so far: OpenRLHF's actor forward does not return hidden states yet (docs/signals.md, \"Hidden "
+            "states\"). Use --gold.signal logit/advantage here, or the local backend."
+        )
     if gold.uses_logit_loss:
         layouts = []
         if args.ds.packing_samples:

@@ -1,0 +1,153 @@
+"""The hidden-state loss's part of the GOLD step, written once for the backends (docs/signals.md, "Hidden states").
+
+From a step's :class:`~gold_plugin.step.AlignedBatch`: the aligned groups' ends, where the student's and the
+teacher's states are compared (:func:`hidden_state_targets`); per run: the student's layers, the bridge fitted on
+the first batch and frozen, the loss term and its metrics (:class:`HiddenStateSignal`). The backend runs the
+student's forward and gathers its states at the targets' ``(sample, action)`` pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gold_plugin.config import GoldConfig
+from gold_plugin.signals.hidden_states import (
+    HiddenStateBridge,
+    explained_variance,
+    hidden_state_loss,
+    layers_at_depths,
+)
+from gold_plugin.step import AlignedBatch
+
+
+@dataclass(frozen=True)
+class HiddenStateTargets:
+    """One entry per aligned group of a batch whose two ends both have a state (samples in order, then text order)."""
+
+    sample: torch.Tensor
+    """int64 ``[G]``: the group's sample (batch row)."""
+    action: torch.Tensor
+    """int64 ``[G]``: the student's last response token of the group (action index): its state is compared."""
+    teacher_states: torch.Tensor
+    """float32 ``[G, L, r]``: the teacher's sketched states after its last token of the group."""
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.sample.shape[0])
+
+    def to(self, device: torch.device | str) -> HiddenStateTargets:
+        return HiddenStateTargets(
+            self.sample.to(device), self.action.to(device), self.teacher_states.to(device)
+        )
+
+    def select(self, rows: Sequence[int]) -> HiddenStateTargets:
+        """The groups of samples ``rows`` (in that order), their samples renumbered ``0..len(rows)-1``."""
+        index = torch.as_tensor(list(rows), dtype=torch.int64, device=self.sample.device)
+        size = max(
+            int(self.sample.max()) + 1 if self.num_groups else 0, int(index.max()) + 1 if len(rows) else 0
+        )
+        new_row = torch.full((size,), -1, dtype=torch.int64, device=index.device)
+        new_row[index] = torch.arange(index.shape[0], device=index.device)
+        mapped = new_row[self.sample]
+        keep = torch.nonzero(mapped >= 0).flatten()
+        keep = keep[torch.argsort(mapped[keep], stable=True)]
+        return HiddenStateTargets(mapped[keep], self.action[keep], self.teacher_states[keep])
+
+
+def _group_last(groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """``[num_groups]``: the flat index of each group's last token in ``groups`` (-1 for a group without tokens)."""
+    last = np.full(num_groups, -1, dtype=np.int64)
+    tokens = np.flatnonzero(groups >= 0)
+    np.maximum.at(last, groups[tokens], tokens)
+    return last
+
+
+def hidden_state_targets(aligned: AlignedBatch) -> HiddenStateTargets:
+    """The group ends of a batch and the teacher's states there (the teacher must have returned hidden states).
+
+    A group is kept when it has a token on each side and the teacher's state after its last token is finite;
+    samples without a teacher result (or without hidden states) have none. Vectorised over the batch.
+    """
+    flat = aligned.flat
+    counts = flat.teacher_counts
+    states = []
+    width: tuple[int, ...] | None = None
+    for result, count in zip(aligned.results, counts):
+        got = None if result is None or result.error is not None else result.hidden_states
+        if got is not None and got.shape[0] == count:
+            width = got.shape[1:]
+            states.append(got)
+        else:
+            states.append(None)
+    if width is None:
+        return HiddenStateTargets(
+            torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, 1)
+        )
+    teacher = np.concatenate(
+        [s if s is not None else np.full((c, *width), np.nan, np.float16) for s, c in zip(states, counts)]
+    ).astype(np.float32)
+    total = flat.total_groups
+    last_student = _group_last(flat.student_group, total)
+    last_teacher = _group_last(flat.teacher_group, total)
+    both = (last_student >= 0) & (last_teacher >= 0)
+    finite = np.zeros(total, dtype=bool)
+    finite[both] = np.isfinite(teacher[last_teacher[both]]).all(axis=(1, 2))
+    keep = np.flatnonzero(finite)
+    student_counts = flat.student_counts
+    sample_of = np.repeat(np.arange(student_counts.shape[0]), student_counts)
+    first_of = np.repeat(np.cumsum(student_counts) - student_counts, student_counts)
+    tokens = last_student[keep]
+    return HiddenStateTargets(
+        torch.from_numpy(sample_of[tokens]),
+        torch.from_numpy(tokens - first_of[tokens]),
+        torch.from_numpy(teacher[last_teacher[keep]]),
+    )
+
+
+class HiddenStateSignal:
+    """The hidden-state loss of one run: the student's layers paired with the teacher's, the bridge (fitted once on
+    the first batch's group ends, then frozen; :meth:`state_dict` goes into the checkpoint) and the loss term."""
+
+    def __init__(self, gold: GoldConfig, student_num_layers: int) -> None:
+        self.gold = gold
+        self.layers = layers_at_depths(int(student_num_layers), int(gold.teacher.hidden_state_layers or 0))
+        self.bridge: HiddenStateBridge | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.bridge is not None
+
+    def fit(self, student_states: torch.Tensor, targets: HiddenStateTargets) -> dict[str, float]:
+        """Fit the bridge on the student's states ``[G, L, d_s]`` at ``targets``' group ends; returns
+        ``gold/hidden_bridge_fit`` (the share of the teacher's standardised states the fitted map explains)."""
+        teacher = targets.teacher_states.to(student_states.device)
+        bridge = HiddenStateBridge.fit(student_states, teacher)
+        self.bridge = bridge.to(student_states.device)
+        fit = explained_variance(self.bridge.project(student_states.float()), self.bridge.targets(teacher))
+        return {"gold/hidden_bridge_fit": fit, "gold/hidden_bridge_groups": float(targets.num_groups)}
+
+    def term(
+        self, student_states: torch.Tensor, targets: HiddenStateTargets, batch_groups: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``alpha * hidden_state_coef * sum(per-group loss) / batch_groups`` (differentiable in the student's
+        states ``[G, L, d_s]``) and ``gold/hidden_state_loss`` (mean over these groups). ``batch_groups`` is the
+        optimiser step's group count, so micro-batches add up to one step's loss."""
+        if self.bridge is None:
+            raise RuntimeError("Fit the hidden-state bridge (HiddenStateSignal.fit) before the first loss.")
+        projected = self.bridge.project(student_states.float())
+        per_group = hidden_state_loss(
+            projected, self.bridge.targets(targets.teacher_states), self.gold.hidden_state_loss
+        )
+        scale = self.gold.alpha * float(self.gold.hidden_state_coef or 0.0) / max(float(batch_groups), 1.0)
+        mean = float(per_group.detach().mean()) if per_group.numel() else 0.0
+        return scale * per_group.sum(), {"gold/hidden_state_loss": mean}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.bridge is None else {k: v.cpu() for k, v in self.bridge.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        self.bridge = HiddenStateBridge.from_state_dict(state).to(device) if state else None
