@@ -28,9 +28,11 @@ from openrlhf_helpers import (  # noqa: E402
     RESPONSES,
     ROWS,
     build_models,
+    chat_prompt,
     make_makers,
     make_plan,
     make_rollouts,
+    rollout_sample,
 )
 
 from gold_plugin.alignment import align, text_for_teacher  # noqa: E402
@@ -71,7 +73,7 @@ def _by_row(experiences):
     return out
 
 
-def _independent_distill_advantages(models, plan, key, exp, b):
+def _independent_distill_advantages(models, plan, key, exp, b, rows=ROWS):
     """Per-sample distillation advantages from the public per-sample functions, computed from scratch."""
     student_tok, teacher_tok = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
     prompt, response_ids = key
@@ -80,7 +82,7 @@ def _independent_distill_advantages(models, plan, key, exp, b):
     raw = next(
         (
             r["input"]
-            for r in ROWS
+            for r in rows
             if student_tok.apply_chat_template(
                 [{"role": "user", "content": r["input"]}], tokenize=False, add_generation_prompt=True
             )
@@ -322,3 +324,72 @@ def test_a_killed_teacher_replica_is_retried_counted_and_changes_nothing(models,
                 name.startswith("gold/") and name not in ("gold/teacher_retries",) and "seconds" not in name
             ):
                 torch.testing.assert_close(value[b], ref_exp.info[name][ref_b], atol=0, rtol=0, msg=name)
+
+
+BAD_ROWS = [
+    {"input": "Say nothing at all.", "label": "-"},
+    # About 300 teacher tokens: longer than the tiny teacher's 256-token context (its max_position_embeddings).
+    {"input": "Summarise: " + "the quick brown fox jumps over the lazy dog " * 30, "label": "fox"},
+]
+
+
+def test_bad_samples_are_counted_and_the_rest_of_the_batch_trains_as_before(models, teacher_group):
+    """Sample problems through OpenRLHF's real pipeline and a real Ray teacher: an empty response (EOS at once), a
+    response of only special tokens, and a prompt longer than the teacher's context, beside good samples. No
+    sample is dropped or raises; the empty and special-only responses keep the teacher's verdict on ending there
+    (its end-of-turn right after the prompt, computed here from scratch) and are counted in
+    ``gold/empty_response``; the long prompt's samples get no distillation signal (their advantages are exactly
+    OpenRLHF's, times ``1 - alpha``; no logit-loss position) and are counted in ``gold/teacher_prompt_truncated``;
+    every other sample gets exactly its own signal."""
+    plan = make_plan(
+        models, alpha=0.5, extra="--gold.advantage_norm none --gold.signal both --gold.logit_projection vocab"
+    )
+    rows = ROWS + BAD_ROWS
+    gold_maker, base_maker, strategy, student_tok = make_makers(models, teacher_group, plan, rows=rows)
+    end, start = (
+        student_tok.convert_tokens_to_ids("<|im_end|>"),
+        student_tok.convert_tokens_to_ids("<|im_start|>"),
+    )
+    fox = student_tok("The fox jumps.", add_special_tokens=False)["input_ids"]
+    bad = [  # (row, response ids, reward, ends with EOS); two samples per prompt, as group_norm needs
+        (BAD_ROWS[0], [end], 0.0, True),
+        (BAD_ROWS[0], [start, end], 1.0, True),
+        (BAD_ROWS[1], fox + [end], 1.0, True),
+        (BAD_ROWS[1], fox[:2], 0.0, False),
+    ]
+    rollouts = make_rollouts(strategy, student_tok, unknown_prompt=False) + [
+        rollout_sample(strategy, student_tok, chat_prompt(student_tok, row), row["label"], ids, reward, ends)
+        for row, ids, reward, ends in bad
+    ]
+    gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
+    base_exps = base_maker.make_experience_batch(copy.deepcopy(rollouts))
+    gold_rows, base_rows = _by_row(gold_exps), _by_row(base_exps)
+    assert len(gold_rows) == len(RESPONSES) + len(bad) == sum(e.sequences.shape[0] for e in gold_exps)
+    inputs = _logit_inputs_by_sample(gold_exps)
+    long_prompt = chat_prompt(student_tok, BAD_ROWS[1])
+    empty = {(chat_prompt(student_tok, BAD_ROWS[0]), tuple(ids)) for ids in ([end], [start, end])}
+    for key, (exp, b) in gold_rows.items():
+        base_exp, base_b = base_rows[key]
+        mask = exp.action_mask[b].bool()
+        info = {name: float(exp.info[name][b]) for name in exp.info if name.startswith("gold/")}
+        columns = inputs[key][0]
+        assert info["gold/teacher_failed"] == 0.0 and info["gold/teacher_masked_tokens"] == 0.0
+        assert info["gold/empty_response"] == float(key in empty)
+        assert info["gold/teacher_prompt_truncated"] == float(key[0] == long_prompt)
+        if key[0] == long_prompt:  # the teacher read a cut prompt: no signal, OpenRLHF's part only
+            assert info["gold/unaligned"] == 1.0 and columns.numel() == 0
+            torch.testing.assert_close(exp.advantages[b][mask], 0.5 * base_exp.advantages[base_b][mask])
+            assert exp.advantages[b][mask].abs().sum() > 0  # the task-reward part still trains
+            continue
+        distill, _, _ = _independent_distill_advantages(models, plan, key, exp, b, rows=rows)
+        expected = 0.5 * base_exp.advantages[base_b][mask] + 0.5 * 2.0 * distill
+        torch.testing.assert_close(exp.advantages[b][mask], expected, atol=2e-5, rtol=1e-4)
+        assert info["gold/unaligned"] == 0.0 and distill.abs().sum() > 0
+        if key in empty:  # one logit-loss position: the EOS, predicted right after the prompt's end
+            first = int(mask.nonzero()[0])
+            assert columns.tolist() == [first + len(key[1]) - 1]
+    metrics = {
+        k: torch.cat([e.info[k] for e in gold_exps]).mean().item() for k in gold_exps[0].info if "/" in k
+    }
+    assert metrics["gold/empty_response"] == pytest.approx(2 / 10)
+    assert metrics["gold/teacher_prompt_truncated"] == pytest.approx(2 / 10)
