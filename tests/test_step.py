@@ -13,6 +13,7 @@ from gold_plugin.alignment.result import Alignment
 from gold_plugin.config import GoldConfig, TeacherConfig
 from gold_plugin.signals.logit import LogitLoss
 from gold_plugin.step import (
+    _without_text,
     align_results,
     build_logit_inputs,
     choose_off_policy,
@@ -287,3 +288,14 @@ def test_empty_and_special_only_responses_and_cut_teacher_prompts():
     # the cut one (a group of zero-width tokens only starts at its last token: the EOS)
     assert inputs.positions.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 1]]
     assert len(aligned.alignments) == 4
+    # --gold.pair_eos false drops the end pair: an empty response then has no group and no signal (counted).
+    unpaired = align_results(s, t, responses[1:2], results[1:2], dataclasses.replace(gold, pair_eos=False))
+    assert unpaired.alignments[0].num_groups == 0 and unpaired.empty_response.tolist() == [True]
+    # No token at all is an empty response; an id outside the tokenizer is not (the alignment reports it).
+    assert _without_text(s, [[], [end], [start, end], hello, [10**7]]).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
