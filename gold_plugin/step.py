@@ -228,6 +228,10 @@ class AlignedBatch:
     """``[B]`` bool: no teacher result, or the teacher reported an error for the sample."""
     masked_tokens: torch.Tensor
     """``[B]`` float: teacher tokens that did not fit the teacher's context."""
+    prompt_truncated: torch.Tensor
+    """``[B]`` bool: the teacher's prompt was cut to fit its context (the sample gets no signal)."""
+    empty_response: torch.Tensor
+    """``[B]`` bool: the response has no text (only EOS / zero-width special tokens, or no token at all)."""
 
     @property
     def usable_results(self) -> list[TeacherResult | None]:
@@ -246,8 +250,12 @@ def align_results(
     """Align every response with the teacher's tokens of the same text; never raises for one bad sample.
 
     A missing result (``None``; ``problems[b]`` says why) or a teacher error becomes an unalignable sample that
-    carries the reason (``teacher: <error>``) and gets no signal; groups holding an unscored teacher token are
-    removed. The other samples are aligned in one :func:`~gold_plugin.alignment.align_batch` call.
+    carries the reason (``teacher: <error>``) and gets no signal; so does a sample whose teacher prompt was cut
+    to fit the teacher's context (the teacher scored the response after another prompt than the student's).
+    Groups holding an unscored teacher token are removed. The other samples are aligned in one
+    :func:`~gold_plugin.alignment.align_batch` call. A response without text (EOS at once, or only zero-width
+    special tokens) is aligned like any other, its end paired with the teacher's end-of-turn, and marked in
+    ``empty_response``.
     """
     if len(results) != len(response_ids):
         raise ValueError(f"{len(results)} teacher results for {len(response_ids)} responses.")
@@ -255,6 +263,7 @@ def align_results(
     alignments: list[Alignment | None] = [None] * count
     logprobs: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * count
     failed = torch.zeros(count, dtype=torch.bool)
+    cut = torch.zeros(count, dtype=torch.bool)
     masked = torch.zeros(count)
     todo = []
     for b, (ids, result) in enumerate(zip(response_ids, results)):
@@ -266,8 +275,15 @@ def align_results(
             alignments[b] = Alignment.unalignable(len(ids), 0, reason)
             failed[b] = True
             continue
-        todo.append(b)
         masked[b] = float(result.num_masked)
+        if result.num_prompt_truncated > 0:
+            reason = (
+                f"teacher: prompt cut by {result.num_prompt_truncated} tokens to fit the teacher's context"
+            )
+            alignments[b] = Alignment.unalignable(len(ids), 0, reason)
+            cut[b] = True
+            continue
+        todo.append(b)
     aligned = align_batch(
         student_tokenizer,
         [response_ids[b] for b in todo],
@@ -287,7 +303,23 @@ def align_results(
         results=list(results),
         teacher_failed=failed,
         masked_tokens=masked,
+        prompt_truncated=cut,
+        empty_response=_without_text(student_tokenizer, response_ids),
     )
+
+
+def _without_text(student_tokenizer: Any, response_ids: Sequence[Sequence[int] | np.ndarray]) -> torch.Tensor:
+    """``[B]`` bool: responses whose tokens carry no byte (no token, or only zero-width special tokens); an id
+    outside the tokenizer counts as text (the alignment reports it)."""
+    lengths = token_byte_lengths(student_tokenizer)
+    counts = [len(ids) for ids in response_ids]
+    if not counts:
+        return torch.zeros(0, dtype=torch.bool)
+    flat = np.concatenate([np.asarray(ids, dtype=np.int64).reshape(-1) for ids in response_ids])
+    inside = (flat >= 0) & (flat < lengths.shape[0])
+    width = np.where(inside, lengths[np.where(inside, flat, 0)], 1)
+    sample = np.repeat(np.arange(len(counts)), counts)
+    return torch.from_numpy(np.bincount(sample, weights=width, minlength=len(counts)) == 0)
 
 
 # ── distillation advantages ──
@@ -570,6 +602,8 @@ def sample_metrics(
         "gold/unaligned": (~distill.aligned).to(torch.float32),
         "gold/teacher_failed": aligned.teacher_failed.to(torch.float32),
         "gold/teacher_masked_tokens": aligned.masked_tokens.to(torch.float32),
+        "gold/teacher_prompt_truncated": aligned.prompt_truncated.to(torch.float32),
+        "gold/empty_response": aligned.empty_response.to(torch.float32),
         "gold/teacher_prompt_fallback": (
             torch.zeros(batch)
             if prompt_fallback is None

@@ -144,31 +144,46 @@ def make_rollouts(strategy, student_tok, rewards=REWARDS, unknown_prompt: bool =
     ``unknown_prompt``: sample 4's prompt is one the prompt lookup does not know (the teacher then falls back to
     the student's prompt text).
     """
-    generator = SamplesGenerator(strategy, None, None, student_tok, vllm_engines=[])
     samples = []
     for index, ((text, ends), reward) in enumerate(zip(RESPONSES, rewards)):
         row = ROWS[index // 2]
-        prompt = student_tok.apply_chat_template(
-            [{"role": "user", "content": row["input"]}], tokenize=False, add_generation_prompt=True
-        )
+        prompt = chat_prompt(student_tok, row)
         if index == 4 and unknown_prompt:
             prompt = prompt.replace("Spell", "Please spell")
-        prompt_ids = student_tok(prompt, add_special_tokens=False)["input_ids"]
         response_ids = student_tok(text, add_special_tokens=False)["input_ids"]
         if ends:
             response_ids = response_ids + [student_tok.convert_tokens_to_ids("<|im_end|>")]
-        response = {
-            "prompt": prompt,
-            "label": row["label"],
-            "observation_tokens": prompt_ids + response_ids,
-            "action_ranges": [(len(prompt_ids), len(prompt_ids) + len(response_ids))],
-            "rollout_log_probs": None,
-            "reward": reward,
-            "scores": reward,
-            "truncated": not ends,
-        }
-        samples.append(generator._process_response_into_experience(response, max_len=512))
+        samples.append(
+            rollout_sample(strategy, student_tok, prompt, row["label"], response_ids, reward, ends)
+        )
     return samples
+
+
+def chat_prompt(student_tok, row: dict) -> str:
+    """The student's prompt string of a dataset row (its chat template, as ``--data.apply_chat_template``)."""
+    return student_tok.apply_chat_template(
+        [{"role": "user", "content": row["input"]}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def rollout_sample(
+    strategy, student_tok, prompt: str, label: str, response_ids: list, reward: float, ends: bool
+):
+    """One rollout sample with exactly these response ids, built by OpenRLHF's own samples generator from a
+    vLLM-shaped response (``ends``: finished with EOS rather than cut at the length limit)."""
+    generator = SamplesGenerator(strategy, None, None, student_tok, vllm_engines=[])
+    prompt_ids = student_tok(prompt, add_special_tokens=False)["input_ids"]
+    response = {
+        "prompt": prompt,
+        "label": label,
+        "observation_tokens": prompt_ids + list(response_ids),
+        "action_ranges": [(len(prompt_ids), len(prompt_ids) + len(response_ids))],
+        "rollout_log_probs": None,
+        "reward": reward,
+        "scores": reward,
+        "truncated": not ends,
+    }
+    return generator._process_response_into_experience(response, max_len=1024)
 
 
 def make_makers(models, teacher, plan, critic=False, rows=ROWS):

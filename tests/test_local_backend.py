@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,78 @@ def test_the_hidden_state_loss_alone_fits_its_bridge_once_and_trains_the_student
     trainer.optimizer.step()
     after, _ = trainer.micro_batch_loss(experience, everyone, 1.0, groups)
     assert float(after) < float(before)
+
+
+def test_bad_samples_are_counted_and_the_step_trains_on(models, tmp_path, monkeypatch):
+    """Sample problems forced through the real trainer's step (sampling, in-process teacher, GOLD step, update):
+    one prompt longer than the teacher's context (``--gold.teacher.max_len 24``: its 4 samples get no
+    distillation signal, counted in ``gold/teacher_prompt_truncated``), a response that is EOS at once and one of
+    only special tokens (``<pad> <pad> </s>``): both keep the teacher's verdict on ending right after the prompt
+    (checked against a fresh score of the same request) and are counted in ``gold/empty_response``. No traceback,
+    no sample dropped, the weights move."""
+    from gold_plugin.local.cli import build_parser
+    from gold_plugin.local.config import configs_from_args
+    from gold_plugin.local.trainer import LocalTrainer
+    from gold_plugin.teacher import TeacherRequest, build_teacher
+    from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+
+    options = [*FAST, "--gold.signal", "both", "--gold.advantage_norm", "none", "--gold.teacher.max_len", "24",
+               "--local.teacher_in_process", "--local.max_steps", "1", "--eval.steps", "0",
+               "--ckpt.path", str(tmp_path)]  # fmt: skip
+    config, gold = configs_from_args(build_parser().parse_args(demo_argv(models, options)))
+    teacher = build_teacher(gold.teacher, device="cpu")
+    trainer = LocalTrainer(config, gold, teacher, load_teacher_tokenizer(gold.teacher))
+    tok = trainer.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    long_prompt = "1234567890" * 4 + "12+34="  # 46 teacher tokens (single digits): more than its 24
+    batch_rows, make_rollout, make_experience = (
+        trainer.batch_rows,
+        trainer.make_rollout,
+        trainer.make_experience,
+    )
+
+    def rows_with_a_long_prompt(step):
+        rows = batch_rows(step)
+        return [{**rows[0], "input": long_prompt}, *rows[1:]]
+
+    def rollout_with_empty_responses(rows, step):
+        rollout, off, missing = make_rollout(rows, step)  # the student's own samples
+        rollout.response_ids[4], rollout.response_ids[5] = [eos], [pad, pad, eos]  # prompt 1's first two
+        rollout.ends_with_eos[4] = rollout.ends_with_eos[5] = True
+        return rollout, off, missing
+
+    seen = []
+    monkeypatch.setattr(trainer, "batch_rows", rows_with_a_long_prompt)
+    monkeypatch.setattr(trainer, "make_rollout", rollout_with_empty_responses)
+    monkeypatch.setattr(trainer, "make_experience", lambda *a: seen.append(make_experience(*a)) or seen[-1])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+
+    [experience] = seen
+    assert len(experience.rollout.response_ids) == experience.advantages.shape[0] == 128
+    assert metrics["gold/teacher_prompt_truncated"] == pytest.approx(4 / 128)
+    assert metrics["gold/empty_response"] == pytest.approx(2 / 128)
+    aligned = experience.aligned
+    assert aligned.prompt_truncated.nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert aligned.empty_response.nonzero().flatten().tolist() == [4, 5]
+    assert all(a.reason.startswith("teacher: prompt cut by") for a in aligned.alignments[:4])
+    assert experience.advantages[:4].abs().sum() == 0  # reward-free: no signal at all for the cut prompt
+    rows_with_positions = experience.logit_inputs.sample_index.tolist()
+    assert not set(rows_with_positions) & {0, 1, 2, 3}
+    assert rows_with_positions.count(4) == rows_with_positions.count(5) == 1  # the end pair
+    # The empty responses' signal: the teacher's log-prob of ending right after "a+b=", scored afresh.
+    prompt = experience.rollout.prompt_ids[4]
+    [ended] = teacher.score([TeacherRequest(tok.decode(prompt), "", ends_with_eos=True)])
+    old = experience.old_logprobs
+    torch.testing.assert_close(
+        experience.advantages[4, :1], gold.kl_coef * (ended.logprobs[0] - old[4, :1]), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        experience.advantages[5, :3],
+        gold.kl_coef * (ended.logprobs[0] - old[5, :3].sum()).expand(3),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert experience.advantages[6:].abs().sum() > 0  # the rest of the batch trains as before
+    assert math.isfinite(metrics["gold/logit_loss"]) and math.isfinite(metrics["train/policy_loss"])
+    assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))

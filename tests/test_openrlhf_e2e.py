@@ -234,6 +234,27 @@ def test_same_tokenizer_example(cluster):
     assert all(math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
 
 
+def test_prompts_longer_than_the_teachers_context(cluster):
+    """A dataset one of whose prompts does not fit the teacher's context (``--gold.teacher.max_len 128``; the
+    Countdown prompts take 77 teacher tokens, the long one about 180), GOLD + GRPO with the hf teacher, one step:
+    the job trains; the long prompt's 2 of 8 samples get no distillation signal and are counted in
+    ``gold/teacher_prompt_truncated`` (OpenRLHF's own logs), the others train as usual."""
+    rows = [json.loads(line) for line in Path(cluster["env"]["DATA"]).read_text().splitlines()[:4]]
+    filler = "Some background that you may ignore. " * 15
+    rows[0]["prompt"] = [{**rows[0]["prompt"][0], "content": filler + rows[0]["prompt"][0]["content"]}]
+    data = cluster["root"] / "long_prompt.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    save, text = _submit(
+        cluster, "gold_grpo_countdown_mix.sh", "long_prompt", "--data.max_samples", "4",
+        "--gold.teacher.max_len", "128", env={"DATA": str(data)},
+    )  # fmt: skip
+    scalars = _check_gold_run(cluster, save, text, steps=1, reward_free=False, teacher="hf")
+    assert scalars["train/gold/teacher_prompt_truncated"] == {1: 0.25}
+    assert scalars["train/gold/unaligned"][1] >= 0.25
+    assert 0.0 <= scalars["train/gold/empty_response"][1] <= 1.0
+    assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
+
+
 def test_checkpoint_stop_and_resume(cluster):
     """A job stopped after its first checkpoint, resumed from it: it goes on at the next step, to the same end."""
     from ray.job_submission import JobStatus, JobSubmissionClient

@@ -28,9 +28,11 @@ from openrlhf_helpers import (  # noqa: E402
     RESPONSES,
     ROWS,
     build_models,
+    chat_prompt,
     make_makers,
     make_plan,
     make_rollouts,
+    rollout_sample,
 )
 
 from gold_plugin.alignment import align, text_for_teacher  # noqa: E402
@@ -39,7 +41,7 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     pop_logit_inputs,
     unpack_logit_inputs,
 )
-from gold_plugin.signals.logit import LogitLossInputs  # noqa: E402
+from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions  # noqa: E402
 from gold_plugin.teacher import TeacherGroup, TeacherRequest  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
@@ -71,7 +73,7 @@ def _by_row(experiences):
     return out
 
 
-def _independent_distill_advantages(models, plan, key, exp, b):
+def _independent_distill_advantages(models, plan, key, exp, b, rows=ROWS):
     """Per-sample distillation advantages from the public per-sample functions, computed from scratch."""
     student_tok, teacher_tok = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
     prompt, response_ids = key
@@ -80,7 +82,7 @@ def _independent_distill_advantages(models, plan, key, exp, b):
     raw = next(
         (
             r["input"]
-            for r in ROWS
+            for r in rows
             if student_tok.apply_chat_template(
                 [{"role": "user", "content": r["input"]}], tokenize=False, add_generation_prompt=True
             )
@@ -183,12 +185,12 @@ def test_alpha_zero_reproduces_openrlhf_advantages_exactly(models, teacher_group
     assert any(exp.advantages.abs().sum() > 0 for exp in gold_exps)
 
 
-def _logit_inputs_by_sample(experiences) -> dict:
+def _logit_inputs_by_sample(experiences, cls=LogitLossInputs) -> dict:
     """{(prompt, response ids): (action columns, teacher top-k ids, log-probs)} of the packed logit inputs."""
     out = {}
     for exp in experiences:
         packed = {k: v for k, v in exp.info.items() if k.startswith(LOGIT_INPUTS_PREFIX)}
-        inputs = unpack_logit_inputs(packed, LogitLossInputs)
+        inputs = unpack_logit_inputs(packed, cls)
         for key, (_, b) in _by_row([exp]).items():
             mine = inputs.sample_index == b
             out[key] = (
@@ -322,3 +324,124 @@ def test_a_killed_teacher_replica_is_retried_counted_and_changes_nothing(models,
                 name.startswith("gold/") and name not in ("gold/teacher_retries",) and "seconds" not in name
             ):
                 torch.testing.assert_close(value[b], ref_exp.info[name][ref_b], atol=0, rtol=0, msg=name)
+
+
+BAD_ROWS = [
+    {"input": "Say nothing at all.", "label": "-"},
+    # About 300 teacher tokens: longer than the tiny teacher's 256-token context (its max_position_embeddings).
+    {"input": "Summarise: " + "the quick brown fox jumps over the lazy dog " * 30, "label": "fox"},
+]
+
+
+def _bad_rollouts(strategy, student_tok) -> tuple[list, set, str]:
+    """The helpers' six rollouts plus two prompts of bad samples (two samples each, as group_norm needs): an empty
+    response and one of only special tokens; two answers to a prompt longer than the teacher's context. Returns
+    the rollouts, the keys of the two empty responses and the long prompt."""
+    end, start = (student_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|im_start|>"))
+    fox = student_tok("The fox jumps.", add_special_tokens=False)["input_ids"]
+    bad = [  # (row, response ids, reward, ends with EOS)
+        (BAD_ROWS[0], [end], 0.0, True),
+        (BAD_ROWS[0], [start, end], 1.0, True),
+        (BAD_ROWS[1], fox + [end], 1.0, True),
+        (BAD_ROWS[1], fox[:2], 0.0, False),
+    ]
+    rollouts = make_rollouts(strategy, student_tok, unknown_prompt=False) + [
+        rollout_sample(strategy, student_tok, chat_prompt(student_tok, row), row["label"], ids, reward, ends)
+        for row, ids, reward, ends in bad
+    ]
+    empty = {(chat_prompt(student_tok, BAD_ROWS[0]), tuple(ids)) for ids in ([end], [start, end])}
+    return rollouts, empty, chat_prompt(student_tok, BAD_ROWS[1])
+
+
+def test_bad_samples_are_counted_and_the_rest_of_the_batch_trains_as_before(models, teacher_group):
+    """Sample problems through OpenRLHF's real pipeline and a real Ray teacher: an empty response (EOS at once), a
+    response of only special tokens, and a prompt longer than the teacher's context, beside good samples. No
+    sample is dropped or raises; the empty and special-only responses keep the teacher's verdict on ending there
+    (its end-of-turn right after the prompt, computed here from scratch) and are counted in
+    ``gold/empty_response``; the long prompt's samples get no distillation signal (their advantages are exactly
+    OpenRLHF's, times ``1 - alpha``; no logit-loss position) and are counted in ``gold/teacher_prompt_truncated``;
+    every other sample gets exactly its own signal."""
+    plan = make_plan(
+        models, alpha=0.5, extra="--gold.advantage_norm none --gold.signal both --gold.logit_projection vocab"
+    )
+    rows = ROWS + BAD_ROWS
+    gold_maker, base_maker, strategy, student_tok = make_makers(models, teacher_group, plan, rows=rows)
+    rollouts, empty, long_prompt = _bad_rollouts(strategy, student_tok)
+    gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
+    base_exps = base_maker.make_experience_batch(copy.deepcopy(rollouts))
+    gold_rows, base_rows = _by_row(gold_exps), _by_row(base_exps)
+    assert len(gold_rows) == len(rollouts) == sum(e.sequences.shape[0] for e in gold_exps)
+    inputs = _logit_inputs_by_sample(gold_exps)
+    for key, (exp, b) in gold_rows.items():
+        base_exp, base_b = base_rows[key]
+        mask = exp.action_mask[b].bool()
+        info = {name: float(exp.info[name][b]) for name in exp.info if name.startswith("gold/")}
+        columns = inputs[key][0]
+        assert info["gold/teacher_failed"] == 0.0 and info["gold/teacher_masked_tokens"] == 0.0
+        assert info["gold/empty_response"] == float(key in empty)
+        assert info["gold/teacher_prompt_truncated"] == float(key[0] == long_prompt)
+        if key[0] == long_prompt:  # the teacher read a cut prompt: no signal, OpenRLHF's part only
+            assert info["gold/unaligned"] == 1.0 and columns.numel() == 0
+            torch.testing.assert_close(exp.advantages[b][mask], 0.5 * base_exp.advantages[base_b][mask])
+            assert exp.advantages[b][mask].abs().sum() > 0  # the task-reward part still trains
+            continue
+        distill, _, _ = _independent_distill_advantages(models, plan, key, exp, b, rows=rows)
+        expected = 0.5 * base_exp.advantages[base_b][mask] + 0.5 * 2.0 * distill
+        torch.testing.assert_close(exp.advantages[b][mask], expected, atol=2e-5, rtol=1e-4)
+        assert info["gold/unaligned"] == 0.0 and distill.abs().sum() > 0
+        if key in empty:  # one logit-loss position: the EOS, predicted right after the prompt's end
+            first = int(mask.nonzero()[0])
+            assert columns.tolist() == [first + len(key[1]) - 1]
+    metrics = {
+        k: torch.cat([e.info[k] for e in gold_exps]).mean().item() for k in gold_exps[0].info if "/" in k
+    }
+    assert metrics["gold/empty_response"] == pytest.approx(2 / 10)
+    assert metrics["gold/teacher_prompt_truncated"] == pytest.approx(2 / 10)
+
+
+def test_a_micro_batch_without_logit_positions_reaches_the_actor(models, teacher_group, monkeypatch):
+    """The long prompt's two samples make a rollout micro-batch without a single logit-loss position (the default
+    byte projection): after OpenRLHF's batching and replay buffer they share a training batch with samples that
+    have positions, and the actor's unpacking gives every sample its own positions back (found by ``ray job
+    submit``: the empty micro-batch's top-k fields had width 0, and the actor's step raised)."""
+    plan = make_plan(models, alpha=0.5, extra="--gold.signal logit")
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan, rows=ROWS + BAD_ROWS)
+    rollouts, _, long_prompt = _bad_rollouts(strategy, student_tok)
+    experiences = gold_maker.make_experience_batch(rollouts)
+    before = _logit_inputs_by_sample(experiences, ProjectionPositions)
+    assert [k for k, v in before.items() if v[0].numel() == 0] == [k for k in before if k[0] == long_prompt]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # NaiveReplayBuffer only names a device
+    buffer = NaiveReplayBuffer(sample_batch_size=len(rollouts), cpu_offload=False)
+    for exp in balance_experiences(experiences, plan.args):
+        buffer.append(exp)
+    batch = buffer.collate_fn([buffer[i] for i in range(len(buffer))])
+    after = _logit_inputs_by_sample([batch], ProjectionPositions)
+    assert after.keys() == before.keys() and len(after) == len(rollouts)
+    for key, (columns, ids, logprobs) in after.items():
+        assert torch.equal(columns, before[key][0])
+        if columns.numel():
+            assert torch.equal(ids, before[key][1]) and torch.equal(logprobs, before[key][2])
+        else:  # nothing to read: the long prompt's samples (their micro-batch packed a top-k of width 0)
+            assert ids.numel() == logprobs.numel() == before[key][1].numel() == 0
+
+
+def test_unpacking_fills_in_samples_without_positions_and_refuses_disagreeing_ones():
+    """Per-sample packed fields as OpenRLHF's replay buffer hands them over (a list; the position axis, last,
+    padded to a common width): a sample without positions whose top-k has width 0 (its micro-batch had no
+    position at all) takes the others' width; two samples with positions and different top-k widths are refused,
+    naming the field."""
+    prefix = LOGIT_INPUTS_PREFIX
+    packed = {
+        prefix + "valid": [torch.ones(2), torch.zeros(2)],
+        prefix + "columns": [torch.tensor([3, 5], dtype=torch.int32), torch.zeros(2, dtype=torch.int32)],
+        prefix + "teacher_topk_ids": [torch.tensor([[7, 8], [9, 10]]), torch.zeros(0, 2, dtype=torch.int64)],
+        prefix + "teacher_topk_logprobs": [torch.full((2, 2), -1.0), torch.zeros(0, 2)],
+    }
+    inputs = unpack_logit_inputs(packed, LogitLossInputs)
+    assert inputs.positions.tolist() == [[0, 3], [0, 5]] and inputs.sample_index.tolist() == [0, 0]
+    # [P, k]: the position axis comes first again
+    assert inputs.teacher_topk_ids.tolist() == [[7, 9], [8, 10]]
+    packed[prefix + "valid"][1] = torch.tensor([1.0, 0.0])
+    packed[prefix + "teacher_topk_ids"][1] = torch.zeros(3, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="teacher_topk_ids: samples disagree"):
+        unpack_logit_inputs(packed, LogitLossInputs)

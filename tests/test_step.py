@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gold_plugin.alignment import FlatAlignment, align
+from gold_plugin.alignment import FlatAlignment, align, encode_continuation
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.config import GoldConfig, TeacherConfig
 from gold_plugin.signals.logit import LogitLoss
 from gold_plugin.step import (
+    _without_text,
     align_results,
     build_logit_inputs,
     choose_off_policy,
@@ -238,3 +239,63 @@ def test_flat_alignment_numbers_groups_over_the_batch():
         ValueError, match="Sample 1: the alignment has 2 student tokens but action_mask marks 3"
     ):
         flat.check_actions([3, 3, 2])
+
+
+def test_empty_and_special_only_responses_and_cut_teacher_prompts():
+    """Sample problems, hand-computed: an empty response (EOS at once) and one of only special tokens keep the
+    teacher's verdict on ending right after the prompt (its end-of-turn is scored there) and are counted in
+    ``gold/empty_response``; a sample whose teacher prompt was cut to fit the teacher's context gets no
+    distillation signal and is counted in ``gold/teacher_prompt_truncated``. No sample is dropped."""
+    s, t = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
+    end, start = s.convert_tokens_to_ids("<|im_end|>"), s.convert_tokens_to_ids("<|im_start|>")
+    hello = s("Hello world", add_special_tokens=False)["input_ids"]
+    responses = [hello + [end], [end], [start, end], hello + [end]]
+    requests = teacher_requests(s, responses, ["hi"] * 4)
+    assert [(r.response, r.ends_with_eos) for r in requests] == [
+        ("Hello world", True), ("", True), ("", True), ("Hello world", True)
+    ]  # fmt: skip
+    t_hello = encode_continuation(t, "Hello world")
+    eot = t.eos_token_id
+    results = [
+        _result(t_hello + [eot], [-1.0, -2.0, -3.0]),
+        _result([eot], [-3.0]),
+        _result([eot], [-3.0]),
+        dataclasses.replace(_result(t_hello + [eot], [-1.0, -2.0, -3.0]), num_prompt_truncated=5),
+    ]
+    gold = GoldConfig(signal="both", logit_projection="vocab", teacher=TeacherConfig(topk=2), kl_discount=0.0)
+    aligned = align_results(s, t, responses, results, gold)
+    cut = aligned.alignments[3]
+    assert not cut.aligned and cut.reason == "teacher: prompt cut by 5 tokens to fit the teacher's context"
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    for b, ids in enumerate(responses):
+        mask[b, : len(ids)] = True
+    logprobs = torch.full(mask.shape, -0.5) * mask
+    distill, signal = distill_advantages(aligned, logprobs, mask, gold)
+    # empty: d = -0.5 - (-3) = 2.5 on its EOS; special-only: one group of both tokens, d = -1.0 - (-3) = 2.0
+    torch.testing.assert_close(distill.advantages[1], torch.tensor([-2.5, 0.0, 0.0]))
+    torch.testing.assert_close(distill.advantages[2], torch.tensor([-2.0, -2.0, 0.0]))
+    assert torch.equal(distill.advantages[3], torch.zeros(3)) and not signal[3].any()
+    assert signal[0].all() and signal[1].tolist() == [True, False, False] and signal[2, :2].all()
+    metrics = sample_metrics(
+        aligned, distill, torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    )
+    assert metrics["gold/empty_response"].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert metrics["gold/teacher_prompt_truncated"].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert metrics["gold/unaligned"].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert metrics["gold/teacher_failed"].tolist() == [0.0] * 4
+    inputs = build_logit_inputs(aligned, responses, mask, gold)
+    # every group start of the good sample, the end pair of the empty and the special-only ones, nothing for
+    # the cut one (a group of zero-width tokens only starts at its last token: the EOS)
+    assert inputs.positions.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 1]]
+    assert len(aligned.alignments) == 4
+    # --gold.pair_eos false drops the end pair: an empty response then has no group and no signal (counted).
+    unpaired = align_results(s, t, responses[1:2], results[1:2], dataclasses.replace(gold, pair_eos=False))
+    assert unpaired.alignments[0].num_groups == 0 and unpaired.empty_response.tolist() == [True]
+    # No token at all is an empty response; an id outside the tokenizer is not (the alignment reports it).
+    assert _without_text(s, [[], [end], [start, end], hello, [10**7]]).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]

@@ -104,13 +104,32 @@ def pack_logit_inputs(inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
 
 def unpack_logit_inputs(packed: dict[str, Any], cls: type, device: Any = None) -> Any:
     """The inputs of :func:`pack_logit_inputs` back, for a batch whose rows are the packed samples (after
-    OpenRLHF's batching: a list of per-sample tensors or a batched tensor per key, widths may differ)."""
+    OpenRLHF's batching: a list of per-sample tensors or a batched tensor per key, widths may differ).
+
+    A sample without positions (no ``valid`` slot) may come from a micro-batch that had none at all, whose
+    per-position fields then have other inner sizes (a top-k of width 0): it holds nothing, so it takes the
+    others' sizes. Samples with positions whose inner sizes differ raise ``ValueError``."""
+
+    def per_sample(key: str) -> list[torch.Tensor]:
+        value = packed[LOGIT_INPUTS_PREFIX + key]
+        return [torch.as_tensor(t) for t in (value if isinstance(value, (list, tuple)) else value.unbind(0))]
+
+    holds = [bool((t > 0).any()) for t in per_sample("valid")]
 
     def batched(key: str) -> torch.Tensor:
-        value = packed[LOGIT_INPUTS_PREFIX + key]
-        items = list(value) if isinstance(value, (list, tuple)) else list(value.unbind(0))
+        items = per_sample(key)
         width = max((int(t.shape[-1]) for t in items), default=0)
-        padded = [torch.nn.functional.pad(torch.as_tensor(t), (0, width - int(t.shape[-1]))) for t in items]
+        inner = {tuple(t.shape[:-1]) for t, held in zip(items, holds) if held}
+        if len(inner) > 1:
+            raise ValueError(
+                f"{LOGIT_INPUTS_PREFIX}{key}: samples disagree on the inner sizes {sorted(inner)}."
+            )
+        # without any position in the batch: the widest inner sizes (nothing is read from them)
+        rest = inner.pop() if inner else tuple(max(s) for s in zip(*(t.shape[:-1] for t in items)))
+        padded = [
+            torch.nn.functional.pad(t, (0, width - int(t.shape[-1]))) if held else t.new_zeros((*rest, width))
+            for t, held in zip(items, holds)
+        ]
         return torch.stack(padded).movedim(-1, 1)  # [B, P, *rest]
 
     valid = batched("valid") > 0
