@@ -271,3 +271,27 @@ def test_async_trainer_wires_the_gold_training_actor_to_openrlhfs_generator(monk
     assert gen_kwargs["max_len"] == 64 and gen_kwargs["rollout_queue"] is kwargs["rollout_queue"]
     assert kwargs["rollout_slots"].items == [0, 0] and kwargs["vllm_lock"] == "lock"
     assert strategy.args.eval.steps == float("inf") and strategy.args.ckpt.save_steps == float("inf")
+
+
+@pytest.mark.parametrize("trainer_class", [GoldPPOTrainer, GoldTrainingActor])
+def test_the_off_policy_draw_is_made_at_openrlhfs_global_step(trainer_class):
+    """OpenRLHF's own ``train_step`` (sync and async) makes the batch's experiences after the GOLD trainer set the
+    draw's step to the ``global_step`` it was given: the counter OpenRLHF restores from its checkpoint."""
+
+    class Reached(Exception):
+        pass
+
+    class RecordingMaker:
+        draw_step = 0
+        seen: list[int] = []
+
+        def make_experience_batch(self, rollout_samples):
+            self.seen.append(self.draw_step)
+            raise Reached  # the rest of OpenRLHF's step needs the model groups
+
+    instance = object.__new__(trainer_class.__ray_actor_class__)
+    instance.experience_maker = RecordingMaker()
+    for global_step in (7, 0, 3):  # a resumed job's first step is its checkpoint's global step
+        with pytest.raises(Reached):
+            instance.train_step(["samples"], global_step)
+    assert instance.experience_maker.seen == [7, 0, 3]

@@ -3,7 +3,7 @@
 OpenRLHF's trainers are Ray actor classes; they are subclassed through ``__ray_actor_class__``. The base
 constructors build a plain ``RemoteExperienceMaker`` (cheap: it only stores references); the GOLD subclasses
 replace it with a ``GoldExperienceMaker`` that holds the teacher group, the teacher's tokenizer and the raw-prompt
-lookup for the teacher's chat template.
+lookup for the teacher's chat template; :class:`DrawAtGlobalStep` makes their off-policy draws resume exactly.
 """
 
 from __future__ import annotations
@@ -55,8 +55,27 @@ def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceM
     return trainer.experience_maker
 
 
+class DrawAtGlobalStep:
+    """Mixin for OpenRLHF's trainers: the off-policy draw of a rollout batch is made at OpenRLHF's global step.
+
+    OpenRLHF's ``train_step(rollout_samples, global_step)`` gets the count of training steps before this batch, the
+    ``global_step`` it saves in every checkpoint's client states and restores on ``--ckpt.load_enable`` (sync and
+    async trainers alike). Taking the draw's step from it makes a resumed job draw, at step ``k + 1``, what the
+    uninterrupted job drew there; the plugin keeps no other state across steps (the draw is seeded by
+    ``(--train.seed, step)`` alone and every signal is normalised within its rollout), so nothing of its own goes
+    into the checkpoint.
+    """
+
+    experience_maker: GoldExperienceMaker
+
+    def train_step(self, rollout_samples: list, global_step: int) -> tuple[dict, int]:
+        """OpenRLHF's training step, its experience maker set to draw at ``global_step``."""
+        self.experience_maker.draw_step = global_step
+        return super().train_step(rollout_samples, global_step)  # type: ignore[misc]
+
+
 @ray.remote
-class GoldPPOTrainer(PPOTrainer.__ray_actor_class__):
+class GoldPPOTrainer(DrawAtGlobalStep, PPOTrainer.__ray_actor_class__):
     """OpenRLHF's synchronous PPO trainer (single controller) with GOLD experiences.
 
     Same arguments as OpenRLHF's ``PPOTrainer`` plus ``teacher``: the :class:`~gold_plugin.teacher.TeacherGroup`.
@@ -70,7 +89,7 @@ class GoldPPOTrainer(PPOTrainer.__ray_actor_class__):
 
 
 @ray.remote
-class GoldTrainingActor(TrainingActor.__ray_actor_class__):
+class GoldTrainingActor(DrawAtGlobalStep, TrainingActor.__ray_actor_class__):
     """The training half of OpenRLHF's async trainer, with GOLD experiences."""
 
     def __init__(self, pretrain: str, strategy: Any, *groups: Any, teacher: Any, **kwargs: Any) -> None:
