@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+import torch
 from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor, VLLMLock
 from openrlhf.utils.logging_utils import init_logger
@@ -23,6 +24,18 @@ from .experience_maker import GoldExperienceMaker
 from .prompts import load_prompt_lookup, load_reference_lookup
 
 logger = init_logger(__name__)
+
+
+def seed_prompt_order(args: Any) -> None:
+    """Seed this process's torch RNG with ``--train.seed`` before OpenRLHF builds its prompt data loader.
+
+    OpenRLHF 0.11.2's trainer (and the async trainer's sample generator) shuffles the prompts with a
+    ``StatefulDataLoader`` whose sampler takes its seed from the process's global torch RNG, which nothing seeds
+    there (OpenRLHF seeds only the model actors): two jobs with the same options trained on different prompt
+    orders. Seeded, the order is a function of ``--train.seed``; a resumed job gets the sampler's state back from
+    OpenRLHF's checkpoint (``data_loader_state_dict``) either way.
+    """
+    torch.manual_seed(int(args.train.seed))
 
 
 def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceMaker:
@@ -84,6 +97,7 @@ class GoldPPOTrainer(DrawAtGlobalStep, PPOTrainer.__ray_actor_class__):
     def __init__(
         self, pretrain: str, strategy: Any, *groups: Any, teacher: Any, **generate_kwargs: Any
     ) -> None:
+        seed_prompt_order(strategy.args)
         super().__init__(pretrain, strategy, *groups, **generate_kwargs)
         install_gold_experience_maker(self, teacher)
 
@@ -98,11 +112,22 @@ class GoldTrainingActor(DrawAtGlobalStep, TrainingActor.__ray_actor_class__):
 
 
 @ray.remote
-class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
-    """OpenRLHF's async trainer (rollout and training overlap) whose training actor is :class:`GoldTrainingActor`.
+class GoldGenerateSamplesActor(GenerateSamplesActor.__ray_actor_class__):
+    """The rollout half of OpenRLHF's async trainer, its prompt order seeded by ``--train.seed``
+    (:func:`seed_prompt_order`)."""
 
-    The base constructor would start OpenRLHF's own training actor, so this one builds the same parts
-    (rollout queue, slot tokens, vLLM lock, sample generator) around the GOLD training actor instead.
+    def __init__(self, pretrain: str, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        seed_prompt_order(strategy.args)
+        super().__init__(pretrain, strategy, *args, **kwargs)
+
+
+@ray.remote
+class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
+    """OpenRLHF's async trainer (rollout and training overlap) with :class:`GoldTrainingActor` and
+    :class:`GoldGenerateSamplesActor`.
+
+    The base constructor would start OpenRLHF's own actors, so this one builds the same parts (rollout queue, slot
+    tokens, vLLM lock) around the GOLD ones instead.
     """
 
     def __init__(
@@ -132,7 +157,7 @@ class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
             self.rollout_slots.put(0, block=True)
         vllm_lock = VLLMLock.remote()
         shared = dict(vllm_lock=vllm_lock, rollout_queue=self.rollout_queue, rollout_slots=self.rollout_slots)
-        self.generator_actor = GenerateSamplesActor.remote(
+        self.generator_actor = GoldGenerateSamplesActor.remote(
             pretrain=pretrain, strategy=strategy, vllm_engines=vllm_engines, **shared, **generate_kwargs
         )
         self.trainer_actor = GoldTrainingActor.remote(
