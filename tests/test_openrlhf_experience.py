@@ -268,9 +268,19 @@ def test_lmbda_replaces_a_share_of_the_prompts_by_their_reference_completion(mod
 
 
 def _off_policy_labels(maker, strategy, student_tok, reverse: bool = False) -> set[str]:
-    """The labels of the prompts one rollout batch draws off-policy (the samples in OpenRLHF's order, or reversed)."""
+    """The labels of the prompts one rollout batch draws off-policy (the samples in OpenRLHF's order, or with the
+    prompts in reverse order, each prompt's samples in theirs); the micro-batches do not depend on that order."""
     rollouts = make_rollouts(strategy, student_tok, unknown_prompt=False)
-    maker.split_rollout_samples(rollouts[::-1] if reverse else rollouts)
+    order = [i ^ 1 for i in reversed(range(len(rollouts)))] if reverse else range(len(rollouts))
+    batches = maker.split_rollout_samples([rollouts[i] for i in order])
+    assert [b.prompts for b in batches] == [
+        sorted(s.prompts[0] for s in rollouts)[i : i + 2] for i in (0, 2, 4)
+    ]
+    first_of_each = {}
+    for batch in batches:  # each prompt's samples in their own order (OpenRLHF's group estimators need it)
+        for prompt, sequence in zip(batch.prompts, batch.sequences):
+            first_of_each.setdefault(prompt, sequence)
+    assert all(torch.equal(first_of_each[s.prompts[0]], s.sequences[0]) for s in rollouts[::2])
     return {s.labels[0] for s in rollouts if float(s.info["gold/off_policy"][0]) == 1.0}
 
 

@@ -176,9 +176,16 @@ class GoldExperienceMaker(RemoteExperienceMaker):
     # ── off-policy samples (lmbda) ──
 
     def split_rollout_samples(self, rollout_samples: list[Experience]) -> list[Experience]:
-        """Mark every sample on/off-policy (replacing the drawn prompts' responses) before OpenRLHF batches them."""
+        """Mark every sample on/off-policy (replacing the drawn prompts' responses), then let OpenRLHF batch them
+        in prompt order.
+
+        OpenRLHF's samples generator lists each prompt's samples (together, in their own order) when vLLM finishes
+        them, an order that changes from job to job; a stable sort by prompt keeps each prompt's samples together
+        and in order (OpenRLHF's group estimators need them so) and makes the micro-batches, the replay buffer's
+        order and so the float rounding of the forwards and the training step the same in every job."""
         self._use_reference_completions(rollout_samples)
-        return super().split_rollout_samples(rollout_samples)
+        ordered = sorted(rollout_samples, key=lambda s: s.prompts[0] if s.prompts else "")
+        return super().split_rollout_samples(ordered)
 
     def _use_reference_completions(self, samples: list[Experience]) -> None:
         """Draw the off-policy prompts of this batch at :attr:`draw_step` and put their reference completions in.
