@@ -175,7 +175,11 @@ def test_alpha_zero_reproduces_openrlhf_advantages_exactly(models, teacher_group
     )
     rollouts = make_rollouts(strategy, student_tok)
     gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
-    base_exps = base_maker.make_experience_batch(copy.deepcopy(rollouts))
+    # The GOLD maker hands OpenRLHF the samples stably sorted by prompt: OpenRLHF alone gets them in that order.
+    in_prompt_order = sorted(rollouts, key=lambda s: s.prompts[0])
+    assert [s.prompts for s in in_prompt_order] != [s.prompts for s in rollouts]
+    base_exps = base_maker.make_experience_batch(copy.deepcopy(in_prompt_order))
+    assert len(gold_exps) == len(base_exps)
     for gold_exp, base_exp in zip(gold_exps, base_exps):
         assert torch.equal(gold_exp.sequences, base_exp.sequences)
         assert torch.equal(gold_exp.advantages, base_exp.advantages)
