@@ -345,3 +345,43 @@ def test_off_policy_tokens_get_no_kl_or_entropy_term_unless_the_option_says_so(s
         torch.testing.assert_close(keep_losses[0], plain_strategy.losses[0], atol=1e-6, rtol=0)
         for name, grad in plain_grads.items():
             torch.testing.assert_close(keep_grads[name], grad, atol=1e-7, rtol=1e-5)
+
+
+def test_the_policy_actors_checkpoint_holds_its_rng_state_for_the_replay_buffer_shuffle(monkeypatch):
+    """Saved with OpenRLHF's client states and restored on load: a resumed actor shuffles its replay buffer (OpenRLHF's
+    ``DataLoader(..., shuffle=True)``) at the next steps as the uninterrupted actor does, not as at its first step."""
+    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+    from torch.utils.data import DataLoader
+
+    from gold_plugin.integrations.openrlhf.actor import RNG_STATE_KEY, GoldPolicyModelActor
+
+    saved = {}
+
+    def base_save(self, tag, client_states=None, metric_value=None, metric_key=None):
+        saved.update(tag=tag, states=client_states, metric_key=metric_key)
+
+    monkeypatch.setattr(PolicyModelActor.__ray_actor_class__, "save_checkpoint", base_save)
+    actor_class = GoldPolicyModelActor.__ray_actor_class__
+
+    def shuffles(steps: int) -> list[list[int]]:
+        return [
+            [int(i) for batch in DataLoader(range(8), batch_size=2, shuffle=True) for i in batch]
+            for _ in range(steps)
+        ]
+
+    torch.manual_seed(42)  # OpenRLHF seeds the actor once, at start
+    first_steps = shuffles(2)
+    actor = object.__new__(actor_class)
+    actor_class.save_checkpoint(actor, "global_step2", client_states={"global_step": 2}, metric_key="k")
+    uninterrupted = shuffles(2)  # steps 3 and 4
+
+    torch.manual_seed(42)  # the resumed job's actor, seeded as at start
+    resumed = object.__new__(actor_class)
+    resumed.checkpoint_states = dict(saved["states"])
+    assert actor_class.restore_rng_state(resumed)
+    assert shuffles(2) == uninterrupted != first_steps
+    assert RNG_STATE_KEY not in resumed.checkpoint_states and resumed.checkpoint_states["global_step"] == 2
+    assert saved["tag"] == "global_step2" and saved["metric_key"] == "k"
+    fresh = object.__new__(actor_class)
+    fresh.checkpoint_states = {}
+    assert not actor_class.restore_rng_state(fresh)

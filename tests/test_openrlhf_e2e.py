@@ -255,19 +255,59 @@ def test_prompts_longer_than_the_teachers_context(cluster):
     assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
 
 
+def _with_references(src: Path, dst: Path) -> dict[str, str]:
+    """``src``'s prompts with a short reference completion each (column ``answer``, for ``--gold.lmbda < 1``);
+    returns ``{user message: answer}``."""
+    answers = {}
+    with dst.open("w") as out:
+        for line in src.read_text().splitlines():
+            row = json.loads(line)
+            nums = json.loads(row["label"])["nums"]
+            row["answer"] = f"{nums[0]} + {nums[1]} = {nums[0] + nums[1]}"  # a few tokens: it ends with EOS
+            answers[row["prompt"][-1]["content"]] = row["answer"]
+            out.write(json.dumps(row) + "\n")
+    return answers
+
+
+def _steps_seen_by_the_teacher(calls: list[dict], answers: dict[str, str]) -> list[dict]:
+    """Per teacher call (one per step): the step's prompts (user messages, sorted), the ones drawn off-policy (their
+    responses are the dataset's answer) and the sampled responses of the others."""
+    steps = []
+    for call in calls:
+        prompts, off, sampled = set(), set(), []
+        for request in call["requests"]:
+            prompt = request.prompt[-1]["content"]
+            prompts.add(prompt)
+            if request.response == answers[prompt]:
+                off.add(prompt)
+            else:
+                sampled.append((prompt, request.response))
+        assert not off & {p for p, _ in sampled}, "a prompt with both sampled and reference responses"
+        steps.append({"prompts": sorted(prompts), "off": sorted(off), "sampled": sorted(sampled)})
+    return steps
+
+
 def test_checkpoint_stop_and_resume(cluster):
-    """A job stopped after its first checkpoint, resumed from it: it goes on at the next step, to the same end."""
+    """A job stopped after its first checkpoint and resumed from it goes on at the next step, to the same end, with
+    the uninterrupted job's prompts, off-policy draws and (greedy sampling) responses at every step, its metrics and
+    its final weights."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    options = ("--data.max_samples", "12")  # 12 prompts / 4 per rollout batch = 3 steps
-    proc, save, log = _submit(
-        cluster,
-        "gold_countdown_qwen3_4b_to_llama3_1b.sh",
-        "resume",
-        *options,
-        env={"SAVE_STEPS": "1"},
-        wait=False,
-    )
+    answers = _with_references(Path(cluster["env"]["DATA"]), cluster["root"] / "countdown_answers.jsonl")
+    env = {"SAVE_STEPS": "1", "DATA": str(cluster["root"] / "countdown_answers.jsonl")}
+    options = (
+        "--data.max_samples", "12",  # 12 prompts / 4 per rollout batch = 3 steps
+        "--gold.lmbda", "0.5", "--data.output_key", "answer",  # 2 of each step's 4 prompts off-policy
+        "--rollout.top_p", "1e-6",  # greedy sampling (measured: see docs/openrlhf.md)
+    )  # fmt: skip
+    script = "gold_countdown_qwen3_4b_to_llama3_1b.sh"
+    whole, _ = _submit(cluster, script, "uninterrupted", *options, env=env, record_teacher=True)
+    uninterrupted = _steps_seen_by_the_teacher(teacher_calls(str(_teacher_call_log(whole))), answers)
+    assert len(uninterrupted) == 3
+    assert all(len(step["prompts"]) == 4 and len(step["off"]) == 2 for step in uninterrupted), uninterrupted
+    assert [step["prompts"] for step in uninterrupted] != [uninterrupted[0]["prompts"]] * 3
+
+    proc, save, log = _submit(cluster, script, "resume", *options, env=env, wait=False, record_teacher=True)
     actor_ckpt = save / "ckpt" / "_actor"
     deadline = time.time() + JOB_TIMEOUT_S
     while not (actor_ckpt / "global_step1").exists():
@@ -278,18 +318,19 @@ def test_checkpoint_stop_and_resume(cluster):
         if job.status == JobStatus.RUNNING:
             client.stop_job(job.submission_id)
     proc.wait(timeout=300)
-    first = tensorboard_scalars(save / "runs")["train/gold/aligned_token_share"]
+    first = tensorboard_scalars(save / "runs")
     saved = sorted(int(p.name.removeprefix("global_step")) for p in actor_ckpt.glob("global_step*"))
-    assert saved and max(first) < 3, f"the first job was not stopped before its end: steps {sorted(first)}"
+    assert saved and max(first["train/gold/aligned_token_share"]) < 3, f"not stopped before its end: {saved}"
     stopped_at = saved[-1]
+    before = _steps_seen_by_the_teacher(teacher_calls(str(_teacher_call_log(save))), answers)
     checkpoint_weights = _weight_syncs(save)[stopped_at - 1]  # synced after that step, before its checkpoint
     shutil.rmtree(save / "runs")  # the resumed job's own logs only
 
     save, _ = _submit(
-        cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "resume", *options, "--ckpt.load_enable",
-        env={"SAVE_STEPS": "1"},
+        cluster, script, "resume", *options, "--ckpt.load_enable", env=env, record_teacher=True
     )  # fmt: skip
-    resumed = tensorboard_scalars(save / "runs")["train/gold/aligned_token_share"]
+    scalars = tensorboard_scalars(save / "runs")
+    resumed = scalars["train/gold/aligned_token_share"]
     # Steps stopped_at + 1 .. 3 and no more: the step counter came back from the checkpoint, and so did the data
     # loader's position (had it restarted, 12 prompts would have given three more steps). Read from tensorboard,
     # not from the trainer actor's log lines, which Ray forwards to the job log only when it gets to them.
@@ -297,6 +338,32 @@ def test_checkpoint_stop_and_resume(cluster):
     assert _weights_changed(cluster["student"], save) > 1e-3
     received = _engines_hold_the_trained_weights(save, syncs=1 + 3 - stopped_at)  # + the checkpoint's weights
     assert all(math.isclose(received[0][k], v, rel_tol=1e-6) for k, v in checkpoint_weights.items())
+
+    # The same prompts at every step and the same off-policy draws as the uninterrupted job: the steps the first
+    # job ran (up to the checkpoint, and any it began before it was stopped), then the resumed job's.
+    after = _steps_seen_by_the_teacher(teacher_calls(str(_teacher_call_log(save))), answers)
+    assert len(after) == 3 - stopped_at and len(before) >= stopped_at
+    stitched = before[:stopped_at] + after
+    for key in ("prompts", "off"):
+        assert [step[key] for step in stitched] == [step[key] for step in uninterrupted], key
+    for key in ("prompts", "off"):
+        assert [step[key] for step in before] == [step[key] for step in uninterrupted[: len(before)]], key
+    # Greedy sampling (top_p 1e-6) makes the rollouts a function of the weights: the same responses at every step.
+    assert [step["sampled"] for step in stitched] == [step["sampled"] for step in uninterrupted]
+    # Every logged metric of every step (but wall times) and the final weights, against the uninterrupted job.
+    whole_scalars = tensorboard_scalars(whole / "runs")
+    largest = {}
+    for tag, values in scalars.items():
+        if tag.startswith("train/") and "timing" not in tag and "seconds" not in tag:
+            assert set(values) <= set(whole_scalars[tag]), tag
+            largest[tag] = max(abs(v - whole_scalars[tag][step]) for step, v in values.items())
+    from safetensors.torch import load_file
+
+    w_whole, w_resumed = load_file(whole / "model.safetensors"), load_file(save / "model.safetensors")
+    weight_diff = max((w_whole[k].float() - w_resumed[k].float()).abs().max().item() for k in w_whole)
+    print(f"resume: stopped at {stopped_at}; largest weight difference {weight_diff:.3e}")
+    print(f"resume: largest per-step metric differences {json.dumps(largest, sort_keys=True)}")
+    assert weight_diff <= 1e-5 and all(v <= 1e-2 for v in largest.values()), (weight_diff, largest)
 
 
 def _kill_the_teacher_after_the_first_step(cluster, proc, save: Path, log: Path) -> list[int]:

@@ -177,7 +177,11 @@ def test_alpha_zero_reproduces_openrlhf_advantages_exactly(models, teacher_group
     )
     rollouts = make_rollouts(strategy, student_tok)
     gold_exps = gold_maker.make_experience_batch(copy.deepcopy(rollouts))
-    base_exps = base_maker.make_experience_batch(copy.deepcopy(rollouts))
+    # The GOLD maker hands OpenRLHF the samples stably sorted by prompt: OpenRLHF alone gets them in that order.
+    in_prompt_order = sorted(rollouts, key=lambda s: s.prompts[0])
+    assert [s.prompts for s in in_prompt_order] != [s.prompts for s in rollouts]
+    base_exps = base_maker.make_experience_batch(copy.deepcopy(in_prompt_order))
+    assert len(gold_exps) == len(base_exps)
     for gold_exp, base_exp in zip(gold_exps, base_exps):
         assert torch.equal(gold_exp.sequences, base_exp.sequences)
         assert torch.equal(gold_exp.advantages, base_exp.advantages)
@@ -249,11 +253,12 @@ def test_lmbda_replaces_a_share_of_the_prompts_by_their_reference_completion(mod
             exp.info["gold/on_policy"] + exp.info["gold/off_policy"], torch.ones(len(exp.prompts))
         )
         assert (exp.info["gold/off_policy"][exp.info["gold/missing_reference"] > 0] == 0).all()
-    # 4 distinct prompts (sample 4's prompt was changed), round(0.5 * 4) = 2 drawn: with seed 42 at step 0 the
-    # first (whose reference was removed: trained on-policy, counted) and the last (one sample, off-policy).
+    # 4 distinct prompts (sample 4's prompt was changed), round(0.5 * 4) = 2 drawn from them in sorted order
+    # ("Name a French pastry.", "Please spell ...", "Spell ...", "What is 3 + 4?"): with seed 42 at step 0 the first
+    # (its two samples off-policy) and the last (whose reference was removed: trained on-policy, counted).
     off = sum(float(e.info["gold/off_policy"].sum()) for e in experiences)
     missing = sum(float(e.info["gold/missing_reference"].sum()) for e in experiences)
-    assert (off, missing) == (1.0, 2.0)
+    assert (off, missing) == (2.0, 2.0)
     assert off_keys
     for key in off_keys:
         exp, b = rows[key]
@@ -266,6 +271,42 @@ def test_lmbda_replaces_a_share_of_the_prompts_by_their_reference_completion(mod
         assert float(exp.info["gold/unaligned"][b]) == 0.0
     on_advantages = [rows[k][0].advantages[rows[k][1]] for k in rows if k not in off_keys]
     assert any(a.abs().sum() > 0 for a in on_advantages)
+
+
+def _off_policy_labels(maker, strategy, student_tok, reverse: bool = False) -> set[str]:
+    """The labels of the prompts one rollout batch draws off-policy (the samples in OpenRLHF's order, or with the
+    prompts in reverse order, each prompt's samples in theirs); the micro-batches do not depend on that order."""
+    rollouts = make_rollouts(strategy, student_tok, unknown_prompt=False)
+    order = [i ^ 1 for i in reversed(range(len(rollouts)))] if reverse else range(len(rollouts))
+    batches = maker.split_rollout_samples([rollouts[i] for i in order])
+    assert [b.prompts for b in batches] == [
+        sorted(s.prompts[0] for s in rollouts)[i : i + 2] for i in (0, 2, 4)
+    ]
+    first_of_each = {}
+    for batch in batches:  # each prompt's samples in their own order (OpenRLHF's group estimators need it)
+        for prompt, sequence in zip(batch.prompts, batch.sequences):
+            first_of_each.setdefault(prompt, sequence)
+    assert all(torch.equal(first_of_each[s.prompts[0]], s.sequences[0]) for s in rollouts[::2])
+    return {s.labels[0] for s in rollouts if float(s.info["gold/off_policy"][0]) == 1.0}
+
+
+def test_a_resumed_maker_draws_what_the_uninterrupted_one_drew(models):
+    """Stopped after 3 training steps and resumed at OpenRLHF's restored global step 3 (what the GOLD trainers set),
+    the maker draws for the 4th batch the prompts the uninterrupted maker drew there, whatever the order vLLM
+    returned the samples in."""
+    plan = make_plan(models, alpha=1.0, extra="--algo.advantage.estimator reinforce --gold.lmbda 0.5")
+    uninterrupted, _, strategy, student_tok = make_makers(models, None, plan)
+    draws = [_off_policy_labels(uninterrupted, strategy, student_tok) for _ in range(4)]
+    # 3 prompts, round(0.5 * 3) = 2 drawn, in sorted order (pastry, naïve, 3 + 4), seeded by (42, step).
+    assert draws == [{"croissant", "7"}, {"naïve", "7"}, {"croissant", "7"}, {"croissant", "naïve"}]
+
+    resumed, _, _, _ = make_makers(models, None, plan)
+    resumed.draw_step = 3  # OpenRLHF's global step after 3 training steps, from its checkpoint
+    assert _off_policy_labels(resumed, strategy, student_tok, reverse=True) == draws[3]
+    restarted, _, _, _ = make_makers(
+        models, None, plan
+    )  # a counter that restarts at 0 would draw step 0's prompts
+    assert _off_policy_labels(restarted, strategy, student_tok) == draws[0] != draws[3]
 
 
 def test_teacher_scoring_is_in_flight_while_the_model_forwards_run(models, teacher_group):

@@ -13,7 +13,11 @@ sys.path.append(str(Path(__file__).parent / "stubs"))  # vllm / flash_attn impor
 
 from openrlhf.datasets import PromptDataset  # noqa: E402
 from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
-from openrlhf.trainer.ppo_trainer_async import PPOTrainerAsync, TrainingActor  # noqa: E402
+from openrlhf.trainer.ppo_trainer_async import (  # noqa: E402
+    GenerateSamplesActor,
+    PPOTrainerAsync,
+    TrainingActor,
+)
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
@@ -21,10 +25,12 @@ from gold_plugin.integrations.openrlhf.args import build_parser  # noqa: E402
 from gold_plugin.integrations.openrlhf.experience_maker import GoldExperienceMaker  # noqa: E402
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
 from gold_plugin.integrations.openrlhf.trainer import (  # noqa: E402
+    GoldGenerateSamplesActor,
     GoldPPOTrainer,
     GoldPPOTrainerAsync,
     GoldTrainingActor,
     install_gold_experience_maker,
+    seed_prompt_order,
 )
 from gold_plugin.testing.tokenizers import load_test_tokenizer, tokenizer_dir  # noqa: E402
 
@@ -63,6 +69,7 @@ def strategy(tmp_path):
 
 def test_trainer_classes_subclass_openrlhfs_ray_actor_classes():
     assert issubclass(GoldPPOTrainer.__ray_actor_class__, PPOTrainer.__ray_actor_class__)
+    assert issubclass(GoldGenerateSamplesActor.__ray_actor_class__, GenerateSamplesActor.__ray_actor_class__)
     assert issubclass(GoldTrainingActor.__ray_actor_class__, TrainingActor.__ray_actor_class__)
     assert issubclass(GoldPPOTrainerAsync.__ray_actor_class__, PPOTrainerAsync.__ray_actor_class__)
 
@@ -253,7 +260,7 @@ def test_async_trainer_wires_the_gold_training_actor_to_openrlhfs_generator(monk
 
     monkeypatch.setattr(trainer_module, "Queue", FakeQueue)
     monkeypatch.setattr(trainer_module, "VLLMLock", remote_class("lock"))
-    monkeypatch.setattr(trainer_module, "GenerateSamplesActor", remote_class("generator"))
+    monkeypatch.setattr(trainer_module, "GoldGenerateSamplesActor", remote_class("generator"))
     monkeypatch.setattr(trainer_module, "GoldTrainingActor", remote_class("gold_trainer"))
     strategy.args.train.async_queue_size = 2
     instance = object.__new__(GoldPPOTrainerAsync.__ray_actor_class__)
@@ -271,3 +278,62 @@ def test_async_trainer_wires_the_gold_training_actor_to_openrlhfs_generator(monk
     assert gen_kwargs["max_len"] == 64 and gen_kwargs["rollout_queue"] is kwargs["rollout_queue"]
     assert kwargs["rollout_slots"].items == [0, 0] and kwargs["vllm_lock"] == "lock"
     assert strategy.args.eval.steps == float("inf") and strategy.args.ckpt.save_steps == float("inf")
+
+
+@pytest.mark.parametrize("trainer_class", [GoldPPOTrainer, GoldTrainingActor])
+def test_the_off_policy_draw_is_made_at_openrlhfs_global_step(trainer_class):
+    """OpenRLHF's own ``train_step`` (sync and async) makes the batch's experiences after the GOLD trainer set the
+    draw's step to the ``global_step`` it was given: the counter OpenRLHF restores from its checkpoint."""
+
+    class Reached(Exception):
+        pass
+
+    class RecordingMaker:
+        draw_step = 0
+        seen: list[int] = []
+
+        def make_experience_batch(self, rollout_samples):
+            self.seen.append(self.draw_step)
+            raise Reached  # the rest of OpenRLHF's step needs the model groups
+
+    instance = object.__new__(trainer_class.__ray_actor_class__)
+    instance.experience_maker = RecordingMaker()
+    for global_step in (7, 0, 3):  # a resumed job's first step is its checkpoint's global step
+        with pytest.raises(Reached):
+            instance.train_step(["samples"], global_step)
+    assert instance.experience_maker.seen == [7, 0, 3]
+
+
+def test_the_prompt_order_is_a_function_of_the_train_seed(strategy, tmp_path):
+    """OpenRLHF's own prompt loader (``prepare_datasets``, as its trainer and sample generator build it) shuffles
+    with a seed drawn from the process's torch RNG: after :func:`seed_prompt_order` the order depends on
+    ``--train.seed`` only, not on what the process's RNG held before."""
+    import torch
+    from openrlhf.trainer.ppo_trainer import prepare_datasets
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+    data = tmp_path / "eight.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"}], "label": ""}) for i in range(8)
+        )
+    )
+    strategy.args.data.prompt_dataset = str(data)
+    strategy.setup_dataloader = DeepspeedStrategy.setup_dataloader.__get__(
+        strategy
+    )  # no torch.distributed here
+    student = load_test_tokenizer("qwen")
+
+    def order(seed: int, rng_before: int, seeded: bool = True) -> list[str]:
+        strategy.args.train.seed = seed
+        torch.manual_seed(rng_before)  # whatever the process's RNG held when OpenRLHF built the loader
+        if seeded:
+            seed_prompt_order(strategy.args)
+        loader, _, _ = prepare_datasets(strategy, student)
+        return [prompt for _, prompts, _, _ in loader for prompt in prompts]
+
+    first = order(42, rng_before=1)
+    assert sorted(first) == sorted(order(42, rng_before=1, seeded=False)) and len(set(first)) == 8
+    assert order(42, rng_before=2) == first
+    assert order(7, rng_before=1) != first
+    assert order(42, rng_before=1, seeded=False) != order(42, rng_before=2, seeded=False)  # OpenRLHF alone

@@ -167,7 +167,8 @@ def record_teacher_calls() -> None:
 
 
 def teacher_calls(path: str) -> list[dict[str, Any]]:
-    """The records :func:`record_teacher_calls` wrote to ``path``, in call order."""
+    """The records :func:`record_teacher_calls` wrote to ``path``, in call order (without a last record cut short
+    by a job stopped while writing it)."""
     import pickle
 
     records = []
@@ -175,7 +176,7 @@ def teacher_calls(path: str) -> list[dict[str, Any]]:
         while True:
             try:
                 records.append(pickle.load(log))
-            except EOFError:
+            except (EOFError, pickle.UnpicklingError):
                 return records
 
 

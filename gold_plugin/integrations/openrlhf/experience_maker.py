@@ -185,21 +185,35 @@ class GoldExperienceMaker(RemoteExperienceMaker):
             else None
         )
         """The byte projection's inputs need the byte-sorted student vocabulary (built once, here)."""
-        self.batches_made = 0
-        """Rollout batches seen: the ``step`` of the seeded off-policy draw."""
+        self.draw_step = 0
+        """The ``step`` of the next seeded off-policy draw. The GOLD trainers set it to OpenRLHF's global step before
+        every rollout batch (:class:`~gold_plugin.integrations.openrlhf.trainer.DrawAtGlobalStep`), a counter
+        OpenRLHF saves in its checkpoint and restores on ``--ckpt.load_enable``, so a resumed job draws what the
+        uninterrupted job drew; left alone it counts the batches this maker has made."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-teacher")
 
     # ── off-policy samples (lmbda) ──
 
     def split_rollout_samples(self, rollout_samples: list[Experience]) -> list[Experience]:
-        """Mark every sample on/off-policy (replacing the drawn prompts' responses) before OpenRLHF batches them."""
+        """Mark every sample on/off-policy (replacing the drawn prompts' responses), then let OpenRLHF batch them
+        in prompt order.
+
+        OpenRLHF's samples generator lists each prompt's samples (together, in their own order) when vLLM finishes
+        them, an order that changes from job to job; a stable sort by prompt keeps each prompt's samples together
+        and in order (OpenRLHF's group estimators need them so) and makes the micro-batches, the replay buffer's
+        order and so the float rounding of the forwards and the training step the same in every job."""
         self._use_reference_completions(rollout_samples)
-        return super().split_rollout_samples(rollout_samples)
+        ordered = sorted(rollout_samples, key=lambda s: s.prompts[0] if s.prompts else "")
+        return super().split_rollout_samples(ordered)
 
     def _use_reference_completions(self, samples: list[Experience]) -> None:
-        step, self.batches_made = self.batches_made, self.batches_made + 1
+        """Draw the off-policy prompts of this batch at :attr:`draw_step` and put their reference completions in.
+
+        The draw depends on the batch's set of prompts, not on the order of its samples: OpenRLHF's samples generator
+        appends each prompt's samples when vLLM finishes them, an order that changes from job to job."""
+        step, self.draw_step = self.draw_step, self.draw_step + 1
         prompts = [s.prompts[0] if s.prompts else "" for s in samples]
-        distinct = list(dict.fromkeys(prompts))
+        distinct = sorted(set(prompts))
         off = missing = np.zeros(len(distinct), dtype=bool)
         if self.gold.uses_off_policy:
             references = [self.reference_lookup.get(p) for p in distinct]

@@ -3,7 +3,7 @@
 OpenRLHF's trainers are Ray actor classes; they are subclassed through ``__ray_actor_class__``. The base
 constructors build a plain ``RemoteExperienceMaker`` (cheap: it only stores references); the GOLD subclasses
 replace it with a ``GoldExperienceMaker`` that holds the teacher group, the teacher's tokenizer and the raw-prompt
-lookup for the teacher's chat template.
+lookup for the teacher's chat template; :class:`DrawAtGlobalStep` makes their off-policy draws resume exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+import torch
 from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor, VLLMLock
 from openrlhf.utils.logging_utils import init_logger
@@ -23,6 +24,18 @@ from .experience_maker import GoldExperienceMaker
 from .prompts import load_prompt_lookup, load_reference_lookup
 
 logger = init_logger(__name__)
+
+
+def seed_prompt_order(args: Any) -> None:
+    """Seed this process's torch RNG with ``--train.seed`` before OpenRLHF builds its prompt data loader.
+
+    OpenRLHF 0.11.2's trainer (and the async trainer's sample generator) shuffles the prompts with a
+    ``StatefulDataLoader`` whose sampler takes its seed from the process's global torch RNG, which nothing seeds
+    there (OpenRLHF seeds only the model actors): two jobs with the same options trained on different prompt
+    orders. Seeded, the order is a function of ``--train.seed``; a resumed job gets the sampler's state back from
+    OpenRLHF's checkpoint (``data_loader_state_dict``) either way.
+    """
+    torch.manual_seed(int(args.train.seed))
 
 
 def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceMaker:
@@ -55,8 +68,27 @@ def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceM
     return trainer.experience_maker
 
 
+class DrawAtGlobalStep:
+    """Mixin for OpenRLHF's trainers: the off-policy draw of a rollout batch is made at OpenRLHF's global step.
+
+    OpenRLHF's ``train_step(rollout_samples, global_step)`` gets the count of training steps before this batch, the
+    ``global_step`` it saves in every checkpoint's client states and restores on ``--ckpt.load_enable`` (sync and
+    async trainers alike). Taking the draw's step from it makes a resumed job draw, at step ``k + 1``, what the
+    uninterrupted job drew there; the plugin keeps no other state across steps (the draw is seeded by
+    ``(--train.seed, step)`` alone and every signal is normalised within its rollout), so nothing of its own goes
+    into the checkpoint.
+    """
+
+    experience_maker: GoldExperienceMaker
+
+    def train_step(self, rollout_samples: list, global_step: int) -> tuple[dict, int]:
+        """OpenRLHF's training step, its experience maker set to draw at ``global_step``."""
+        self.experience_maker.draw_step = global_step
+        return super().train_step(rollout_samples, global_step)  # type: ignore[misc]
+
+
 @ray.remote
-class GoldPPOTrainer(PPOTrainer.__ray_actor_class__):
+class GoldPPOTrainer(DrawAtGlobalStep, PPOTrainer.__ray_actor_class__):
     """OpenRLHF's synchronous PPO trainer (single controller) with GOLD experiences.
 
     Same arguments as OpenRLHF's ``PPOTrainer`` plus ``teacher``: the :class:`~gold_plugin.teacher.TeacherGroup`.
@@ -65,12 +97,13 @@ class GoldPPOTrainer(PPOTrainer.__ray_actor_class__):
     def __init__(
         self, pretrain: str, strategy: Any, *groups: Any, teacher: Any, **generate_kwargs: Any
     ) -> None:
+        seed_prompt_order(strategy.args)
         super().__init__(pretrain, strategy, *groups, **generate_kwargs)
         install_gold_experience_maker(self, teacher)
 
 
 @ray.remote
-class GoldTrainingActor(TrainingActor.__ray_actor_class__):
+class GoldTrainingActor(DrawAtGlobalStep, TrainingActor.__ray_actor_class__):
     """The training half of OpenRLHF's async trainer, with GOLD experiences."""
 
     def __init__(self, pretrain: str, strategy: Any, *groups: Any, teacher: Any, **kwargs: Any) -> None:
@@ -79,11 +112,22 @@ class GoldTrainingActor(TrainingActor.__ray_actor_class__):
 
 
 @ray.remote
-class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
-    """OpenRLHF's async trainer (rollout and training overlap) whose training actor is :class:`GoldTrainingActor`.
+class GoldGenerateSamplesActor(GenerateSamplesActor.__ray_actor_class__):
+    """The rollout half of OpenRLHF's async trainer, its prompt order seeded by ``--train.seed``
+    (:func:`seed_prompt_order`)."""
 
-    The base constructor would start OpenRLHF's own training actor, so this one builds the same parts
-    (rollout queue, slot tokens, vLLM lock, sample generator) around the GOLD training actor instead.
+    def __init__(self, pretrain: str, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        seed_prompt_order(strategy.args)
+        super().__init__(pretrain, strategy, *args, **kwargs)
+
+
+@ray.remote
+class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
+    """OpenRLHF's async trainer (rollout and training overlap) with :class:`GoldTrainingActor` and
+    :class:`GoldGenerateSamplesActor`.
+
+    The base constructor would start OpenRLHF's own actors, so this one builds the same parts (rollout queue, slot
+    tokens, vLLM lock) around the GOLD ones instead.
     """
 
     def __init__(
@@ -113,7 +157,7 @@ class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
             self.rollout_slots.put(0, block=True)
         vllm_lock = VLLMLock.remote()
         shared = dict(vllm_lock=vllm_lock, rollout_queue=self.rollout_queue, rollout_slots=self.rollout_slots)
-        self.generator_actor = GenerateSamplesActor.remote(
+        self.generator_actor = GoldGenerateSamplesActor.remote(
             pretrain=pretrain, strategy=strategy, vllm_engines=vllm_engines, **shared, **generate_kwargs
         )
         self.trainer_actor = GoldTrainingActor.remote(
