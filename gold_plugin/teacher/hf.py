@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
 from gold_plugin.teacher.types import TeacherRequest, TeacherResult, TeacherScorer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from gold_plugin.alignment.types import ChatTokenizer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -51,7 +56,7 @@ class HFTeacher(TeacherScorer):
 
     def __init__(
         self,
-        model_name_or_path: str | Any,
+        model_name_or_path: str | PreTrainedModel,
         tokenizer_name_or_path: str | None = None,
         *,
         topk: int = 0,
@@ -61,7 +66,7 @@ class HFTeacher(TeacherScorer):
         dtype: str | torch.dtype = "auto",
         end_of_turn_token: str | None = None,
         logit_chunk_size: int = 2048,
-        tokenizer: Any = None,
+        tokenizer: ChatTokenizer | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -97,7 +102,7 @@ class HFTeacher(TeacherScorer):
         self._lm_head = self.model.get_output_embeddings()
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> ChatTokenizer:
         return self._tokenizer
 
     def _find_decoder(self) -> torch.nn.Module | None:
