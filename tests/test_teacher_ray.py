@@ -9,10 +9,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from gold_plugin.alignment import encode_continuation  # noqa: E402
 from gold_plugin.config import GoldConfig, TeacherConfig  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherReplicaError, TeacherRequest  # noqa: E402
 from gold_plugin.teacher.ray_group import split_balanced  # noqa: E402
-from gold_plugin.alignment import encode_continuation  # noqa: E402
 from gold_plugin.teacher.types import TeacherScorer  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
