@@ -16,7 +16,7 @@ import torch
 from gold_plugin.local.modeling import encode_prompt, response_logits_and_logprobs
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def tiny_llama(
@@ -52,8 +52,8 @@ def tiny_llama(
 
 
 def sft(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     records: Sequence[dict],
     *,
     steps: int,

@@ -72,7 +72,7 @@ def make_teacher(
     return RayTeacher(teacher, device, quiet=quiet)
 
 
-def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) -> list[dict]:
+def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) -> list[dict[str, float]]:
     """Train as ``config`` and ``gold`` say (a checkpoint at the end when ``ckpt_path`` is set); the history.
 
     ``quiet`` (the demo) keeps a Ray teacher's output out of the terminal (:class:`RayTeacher`).

@@ -24,6 +24,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .launch_plan import COLOCATED_GPU_SHARE, LaunchPlan
 
 if TYPE_CHECKING:
+    from types import SimpleNamespace
+
+    from ray.actor import ActorClass
     from ray.util.placement_group import PlacementGroup
 
     from gold_plugin.teacher.ray_group import TeacherGroup
@@ -130,7 +133,9 @@ def train(plan: LaunchPlan) -> None:
             max_images_per_prompt=args.data.max_images_per_prompt,
         )
 
-    def model_group(role, actor_class, pg):
+    def model_group(
+        role: SimpleNamespace, actor_class: ActorClass, pg: PlacementGroup | None
+    ) -> RayActorGroup:
         """A group of ``role.num_nodes x role.num_gpus_per_node`` model actors, sharing GPUs inside ``pg``."""
         share = COLOCATED_GPU_SHARE if pg else 1
         return RayActorGroup(
