@@ -289,7 +289,7 @@ def run_cpu_vllm(args) -> None:
                 flush=True,
             )
     finally:
-        group.shutdown()
+        group.close()
         ray.shutdown()
         local.close()
     print("JSON " + json.dumps({"device": "cpu", "params": params, "rows": rows}))

@@ -14,9 +14,12 @@ import argparse
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from gold_plugin.cli_options import add_options, documented_options, option_values
+
+if TYPE_CHECKING:
+    from types import SimpleNamespace
 
 Signal = Literal["advantage", "logit", "both", "hidden"]
 AlignmentMode = Literal["spans", "positional"]
@@ -290,7 +293,7 @@ class GoldConfig:
         return dataclasses.asdict(self)
 
 
-def _check_choice(name: str, value: Any, literal: Any) -> None:
+def _check_choice(name: str, value: object, literal: object) -> None:
     choices = get_args(literal)
     if value not in choices:
         raise GoldConfigError(f"--gold.{name} must be one of {list(choices)}, got {value!r}.")
@@ -308,7 +311,7 @@ def add_gold_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def gold_config_from_args(args: argparse.Namespace | Any) -> GoldConfig:
+def gold_config_from_args(args: argparse.Namespace | SimpleNamespace) -> GoldConfig:
     """Build and validate a GoldConfig from a flat namespace (``gold.alpha`` keys) or a nested one."""
     flat = vars(args) if isinstance(args, argparse.Namespace) else None
     if flat is not None and any(k.startswith("gold.") for k in flat):

@@ -20,7 +20,7 @@ import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,7 +49,10 @@ from gold_plugin.signals.logit import (
     projected_logit_loss,
     projection_positions,
 )
-from gold_plugin.teacher.types import TeacherRequest, TeacherResult
+from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult
+
+if TYPE_CHECKING:
+    from gold_plugin.alignment.types import TokenIds, Tokenizer
 
 __all__ = [
     "AlignedBatch",
@@ -79,7 +82,7 @@ __all__ = [
 # ── off-policy samples (GKD's lmbda) ──
 
 
-def reference_text(value: Any) -> str | None:
+def reference_text(value: object) -> str | None:
     """A dataset's reference completion (``--data.output_key``) as text, or None if the row has none.
 
     A string is the completion; chat messages give the content of the last one (the assistant's answer).
@@ -113,7 +116,7 @@ def choose_off_policy(
 
 
 def reference_response_ids(
-    student_tokenizer: Any, texts: Sequence[str], max_new_tokens: int | None
+    student_tokenizer: Tokenizer, texts: Sequence[str], max_new_tokens: int | None
 ) -> list[list[int]]:
     """The student's response ids for reference completions: the text as a continuation of the prompt (no
     dummy-prefix space, special-token strings as text), cut at ``max_new_tokens``, then the student's EOS when
@@ -131,7 +134,7 @@ def reference_response_ids(
 # ── teacher requests ──
 
 
-def chat_messages(value: Any) -> list[dict[str, Any]] | None:
+def chat_messages(value: object) -> ChatMessages | None:
     """A dataset's prompt column as chat messages (a string becomes one user turn); None if it is neither."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
@@ -141,8 +144,8 @@ def chat_messages(value: Any) -> list[dict[str, Any]] | None:
 
 
 def teacher_prompt(
-    student_prompt: str, messages: list[dict[str, Any]] | None, gold: GoldConfig, chat_template_applied: bool
-) -> tuple[str | list[dict[str, Any]], bool]:
+    student_prompt: str, messages: ChatMessages | None, gold: GoldConfig, chat_template_applied: bool
+) -> tuple[str | ChatMessages, bool]:
     """The teacher's prompt for one sample, and whether it fell back to the student's text (both backends).
 
     With ``--gold.teacher.chat_template teacher`` and a student prompt rendered from chat messages
@@ -158,7 +161,7 @@ def teacher_prompt(
     return messages, False
 
 
-def response_ends_with_eos(student_tokenizer: Any, response_ids: Sequence[int] | np.ndarray) -> bool:
+def response_ends_with_eos(student_tokenizer: Tokenizer, response_ids: TokenIds) -> bool:
     """True when the response's last token is a zero-width special token (EOS / end of turn): the teacher then
     scores its own end-of-turn token in its place."""
     ids = np.asarray(response_ids)
@@ -171,7 +174,9 @@ def response_ends_with_eos(student_tokenizer: Any, response_ids: Sequence[int] |
 
 
 def teacher_requests(
-    student_tokenizer: Any, response_ids: Sequence[Sequence[int] | np.ndarray], teacher_prompts: Sequence[Any]
+    student_tokenizer: Tokenizer,
+    response_ids: Sequence[TokenIds],
+    teacher_prompts: Sequence[str | ChatMessages],
 ) -> list[TeacherRequest]:
     """One teacher request per response: the teacher prompt (chat messages or text) and the response text rebuilt
     from the student's canonical token bytes (not ``decode``), without a final EOS, which becomes
@@ -240,8 +245,8 @@ class AlignedBatch:
 
 
 def align_results(
-    student_tokenizer: Any,
-    teacher_tokenizer: Any,
+    student_tokenizer: Tokenizer,
+    teacher_tokenizer: Tokenizer,
     response_ids: Sequence[Sequence[int] | np.ndarray],
     results: Sequence[TeacherResult | None],
     gold: GoldConfig,
@@ -308,7 +313,7 @@ def align_results(
     )
 
 
-def _without_text(student_tokenizer: Any, response_ids: Sequence[Sequence[int] | np.ndarray]) -> torch.Tensor:
+def _without_text(student_tokenizer: Tokenizer, response_ids: Sequence[TokenIds]) -> torch.Tensor:
     """``[B]`` bool: responses whose tokens carry no byte (no token, or only zero-width special tokens); an id
     outside the tokenizer counts as text (the alignment reports it)."""
     lengths = token_byte_lengths(student_tokenizer)
@@ -410,7 +415,9 @@ class LogitVocab:
         return self._mapping_on_device[key]
 
     @classmethod
-    def build(cls, student_tokenizer: Any, teacher_tokenizer: Any, gold: GoldConfig) -> LogitVocab:
+    def build(
+        cls, student_tokenizer: Tokenizer, teacher_tokenizer: Tokenizer, gold: GoldConfig
+    ) -> LogitVocab:
         if not gold.uses_logit_loss or gold.alignment == "positional":
             return cls()
         if gold.logit_projection == "bytes":
@@ -445,7 +452,7 @@ def _projects_bytes(gold: GoldConfig) -> bool:
     return gold.alignment == "spans" and gold.logit_projection == "bytes"
 
 
-def logit_inputs_class(gold: GoldConfig) -> type:
+def logit_inputs_class(gold: GoldConfig) -> type[LogitLossInputs] | type[ProjectionPositions]:
     """The inputs dataclass :func:`build_logit_inputs` returns for this configuration (for transport)."""
     return ProjectionPositions if _projects_bytes(gold) else LogitLossInputs
 

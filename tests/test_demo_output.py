@@ -8,6 +8,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,7 +178,9 @@ def test_ray_teacher_keeps_the_replicas_output_out_when_quiet(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(gold_plugin.teacher, "TeacherGroup", lambda teacher, scorer_overrides: None)
+    monkeypatch.setattr(
+        gold_plugin.teacher, "TeacherGroup", lambda teacher, scorer_overrides: SimpleNamespace(topk=0)
+    )
     launch.RayTeacher(None, "cpu", quiet=True)
     launch.RayTeacher(None, "cpu")
     assert [c["log_to_driver"] for c in calls] == [False, True]

@@ -42,7 +42,7 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     unpack_logit_inputs,
 )
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions  # noqa: E402
-from gold_plugin.teacher import TeacherGroup, TeacherRequest  # noqa: E402
+from gold_plugin.teacher import TeacherGroup, TeacherRequest, TeacherScorer  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
@@ -60,7 +60,7 @@ def teacher_group(local_ray, models):
     plan = make_plan(models, alpha=0.5, extra="--gold.signal both --gold.logit_projection vocab")
     group = TeacherGroup(plan.gold, scorer_overrides={"device": "cpu"})
     yield group
-    group.shutdown()
+    group.close()
 
 
 def _by_row(experiences):
@@ -316,7 +316,7 @@ def test_teacher_scoring_is_in_flight_while_the_model_forwards_run(models, teach
     gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan)
     started, overlapped = threading.Event(), []
 
-    class SignallingTeacher:
+    class SignallingTeacher(TeacherScorer):
         def score(self, requests):
             started.set()
             return teacher_group.score(requests)

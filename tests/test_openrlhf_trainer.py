@@ -162,7 +162,7 @@ def _run_train(monkeypatch, argv):
 
     def teacher_group(plan, placement):
         rec.teacher_placement = placement
-        return SimpleNamespace(shutdown=lambda: rec.calls.append("teacher shutdown"))
+        return SimpleNamespace(close=lambda: rec.calls.append("teacher close"))
 
     def vllm_engines(*args, **kwargs):
         rec.vllm_kwargs = kwargs
@@ -201,7 +201,7 @@ def test_reward_free_layout_has_no_reward_group_no_reference_and_no_reward_funct
     assert rec.teacher_placement is None  # own GPUs
     kind, args, kwargs = rec.trainer_args
     assert kind == "sync" and args[4] is None and args[5] is None and "teacher" in kwargs
-    assert rec.calls == ["init", "fit", "save", "teacher shutdown"]
+    assert rec.calls == ["init", "fit", "save", "teacher close"]
 
 
 def test_grpo_mix_colocates_teacher_and_reference_with_the_actor(monkeypatch):

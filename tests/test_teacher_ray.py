@@ -9,10 +9,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from gold_plugin.alignment import encode_continuation  # noqa: E402
 from gold_plugin.config import GoldConfig, TeacherConfig  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherReplicaError, TeacherRequest  # noqa: E402
 from gold_plugin.teacher.ray_group import split_balanced  # noqa: E402
-from gold_plugin.teacher.types import score_counting_retries  # noqa: E402
+from gold_plugin.teacher.types import TeacherScorer  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
 from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
@@ -51,7 +52,7 @@ def reference(teacher_config):
 def group(local_ray, teacher_config):
     group = TeacherGroup(teacher_config, num_replicas=2, max_retries=1)
     yield group
-    group.shutdown()
+    group.close()
 
 
 def assert_same(results, references):
@@ -84,6 +85,10 @@ def test_group_scores_in_order_like_a_local_teacher(group, reference):
     results = group.score(REQUESTS)
     assert_same(results, reference)
     assert results[-1].error and results[-2].num_tokens == 0
+    # The group's own tokenizer (loaded from its config) is the one the replicas' token ids refer to.
+    assert group.topk == TOPK
+    expected = encode_continuation(group.tokenizer, REQUESTS[1].response)
+    assert list(results[1].token_ids) == expected and not REQUESTS[1].ends_with_eos
 
 
 def test_async_scoring_returns_refs(group, reference):
@@ -116,12 +121,12 @@ def test_score_counting_retries_counts_every_resent_share(group, reference):
     results, retries = group.score_counting_retries(REQUESTS)
     assert_same(results, reference)
     assert retries == 2 and group.num_restarts == before + 2
-    results, retries = score_counting_retries(HFTeacherStub(reference), REQUESTS)
+    results, retries = HFTeacherStub(reference).score_counting_retries(REQUESTS)
     assert retries == 0 and results == reference  # an in-process scorer: nothing to retry
 
 
-class HFTeacherStub:
-    """An in-process scorer (no ``score_counting_retries``)."""
+class HFTeacherStub(TeacherScorer):
+    """An in-process scorer that defines only ``score`` (``score_counting_retries`` is the contract's default)."""
 
     def __init__(self, results):
         self.results = results
@@ -142,4 +147,4 @@ def test_replica_that_keeps_dying_is_named_in_the_error(local_ray, teacher_confi
         with pytest.raises(TeacherReplicaError, match="tiny-teacher-0 died 1 times"):
             batch.result(timeout=120)
     finally:
-        group.shutdown()
+        group.close()

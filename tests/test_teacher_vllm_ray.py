@@ -56,7 +56,7 @@ def group(local_ray, teacher_config):
         teacher_config, num_replicas=2, max_retries=1, scorer_overrides=vllm_cpu_engine_kwargs()
     )
     yield group
-    group.shutdown()
+    group.close()
 
 
 @pytest.fixture(scope="module")

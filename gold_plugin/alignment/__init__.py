@@ -28,12 +28,16 @@ from gold_plugin.alignment.token_bytes import (
     token_table,
     tokenizer_kind,
 )
+from gold_plugin.alignment.types import ChatTokenizer, TokenIds, Tokenizer
 from gold_plugin.alignment.vocab_map import VocabMap
 
 __all__ = [
     "Alignment",
+    "ChatTokenizer",
     "FlatAlignment",
+    "TokenIds",
     "TokenTable",
+    "Tokenizer",
     "UnsupportedTokenizerError",
     "VocabMap",
     "adds_prefix_space",

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -27,10 +27,11 @@ from gold_plugin.alignment.token_bytes import (
     text_for_teacher,
     token_table,
 )
+from gold_plugin.alignment.types import Tokenizer
 from gold_plugin.alignment.vocab_map import VocabMap
 
 
-def load_tokenizer(name_or_path: str) -> Any:
+def load_tokenizer(name_or_path: str) -> Tokenizer:
     """A tokenizer folder / hub name, or one of the bundled test tokenizers (``gpt2``, ``qwen``, ``mistral``)."""
     from gold_plugin.testing.tokenizers import TEST_TOKENIZERS, load_test_tokenizer
 
@@ -41,7 +42,9 @@ def load_tokenizer(name_or_path: str) -> Any:
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def response_pair(student: Any, teacher: Any, texts: Sequence[str], add_eos: bool = True):
+def response_pair(
+    student: Tokenizer, teacher: Tokenizer, texts: Sequence[str], add_eos: bool = True
+) -> tuple[list[list[int]], list[list[int]]]:
     """Student ids of each text (as a response: no BOS, EOS appended) and the teacher's ids of the same bytes."""
     student_ids = [list(ids) for ids in student(list(texts), add_special_tokens=False)["input_ids"]]
     if add_eos and student.eos_token_id is not None:
@@ -65,7 +68,11 @@ def vocab_report(vocab: VocabMap) -> list[str]:
 
 
 def group_rows(
-    student: Any, student_ids: Sequence[int], teacher: Any, teacher_ids: Sequence[int], alignment: Alignment
+    student: Tokenizer,
+    student_ids: Sequence[int],
+    teacher: Tokenizer,
+    teacher_ids: Sequence[int],
+    alignment: Alignment,
 ) -> list[tuple[int | str, str, str, str, str]]:
     """One row per group, then one per masked token run: (group, kind, bytes, student pieces, teacher pieces)."""
     s_pieces = student.convert_ids_to_tokens(list(student_ids))
@@ -101,7 +108,7 @@ def _pieces(pieces: Sequence[str | None], index: np.ndarray) -> str:
 
 
 def inspect_text(
-    student: Any, teacher: Any, text: str, pair_eos: bool = True, out: TextIO = sys.stdout
+    student: Tokenizer, teacher: Tokenizer, text: str, pair_eos: bool = True, out: TextIO = sys.stdout
 ) -> Alignment:
     """Print the groups of ``text`` side by side and the vocabulary statistics; return the alignment."""
     (s_ids,), (t_ids,) = response_pair(student, teacher, [text])
@@ -162,7 +169,9 @@ class DatasetStats:
         ]
 
 
-def dataset_stats(student: Any, teacher: Any, texts: Sequence[str], pair_eos: bool = True) -> DatasetStats:
+def dataset_stats(
+    student: Tokenizer, teacher: Tokenizer, texts: Sequence[str], pair_eos: bool = True
+) -> DatasetStats:
     """Alignment statistics over ``texts`` (each treated as a student response)."""
     student_ids, teacher_ids = response_pair(student, teacher, texts)
     alignments = align_batch(student, student_ids, teacher, teacher_ids, pair_eos=pair_eos)
@@ -200,7 +209,7 @@ def read_jsonl_texts(path: str, text_key: str, limit: int | None = None) -> list
     return texts
 
 
-def _print_header(student: Any, teacher: Any, out: TextIO) -> None:
+def _print_header(student: Tokenizer, teacher: Tokenizer, out: TextIO) -> None:
     s, t = token_table(student), token_table(teacher)
     print(
         f"student: {s.name} ({s.kind}, {len(s)} ids)   teacher: {t.name} ({t.kind}, {len(t)} ids)", file=out

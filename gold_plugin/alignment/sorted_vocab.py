@@ -16,11 +16,10 @@ Built once per (student, teacher) tokenizer pair and cached; pure numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from gold_plugin.alignment.token_bytes import TokenTable, token_table
+from gold_plugin.alignment.token_bytes import TokenizerOrTable, TokenTable, token_table
 
 _BEYOND_HEX = b"g"  # sorts after every hex digit: key + "g" bounds all extensions of key
 _CACHE: dict[tuple[int, int], SortedVocab] = {}
@@ -119,7 +118,7 @@ class SortedVocab:
         return np.where(found, self.order[at], -1)
 
 
-def sorted_vocab(student_tokenizer: Any, teacher_tokenizer: Any) -> SortedVocab:
+def sorted_vocab(student_tokenizer: TokenizerOrTable, teacher_tokenizer: TokenizerOrTable) -> SortedVocab:
     """The cached :class:`SortedVocab` of a (student, teacher) pair (tokenizers or :class:`TokenTable` s)."""
     student, teacher = token_table(student_tokenizer), token_table(teacher_tokenizer)
     key = (student.fingerprint, teacher.fingerprint)

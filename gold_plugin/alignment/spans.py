@@ -10,27 +10,29 @@ their own when the whole text is aligned (``pair_eos=True``), otherwise they are
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.alignment.token_bytes import (
+    TokenizerOrTable,
     TokenTable,
     hash_powers,
     incomplete_utf8_tail_length,
     token_table,
 )
+from gold_plugin.alignment.types import TokenIds
 
 AlignMode = Literal["spans", "positional"]
 _CHUNK_TOKENS = 1 << 16
 
 
 def align(
-    student_tokenizer: Any,
-    student_ids: Sequence[int] | np.ndarray | Any,
-    teacher_tokenizer: Any,
-    teacher_ids: Sequence[int] | np.ndarray | Any,
+    student_tokenizer: TokenizerOrTable,
+    student_ids: TokenIds,
+    teacher_tokenizer: TokenizerOrTable,
+    teacher_ids: TokenIds,
     *,
     pair_eos: bool = True,
     mode: AlignMode = "spans",
@@ -63,10 +65,10 @@ def align(
 
 
 def align_batch(
-    student_tokenizer: Any,
-    student_ids: Sequence[Sequence[int] | np.ndarray | Any],
-    teacher_tokenizer: Any,
-    teacher_ids: Sequence[Sequence[int] | np.ndarray | Any],
+    student_tokenizer: TokenizerOrTable,
+    student_ids: Sequence[TokenIds],
+    teacher_tokenizer: TokenizerOrTable,
+    teacher_ids: Sequence[TokenIds],
     *,
     pair_eos: bool = True,
     mode: AlignMode = "spans",
@@ -260,7 +262,7 @@ def _align_spans(
     )
 
 
-def _as_id_array(ids: Any) -> np.ndarray:
+def _as_id_array(ids: TokenIds) -> np.ndarray:
     if isinstance(ids, np.ndarray):
         array = ids.astype(np.int64, copy=False)
     elif hasattr(ids, "detach"):  # torch tensor

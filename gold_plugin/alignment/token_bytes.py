@@ -30,9 +30,14 @@ import re
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import numpy as np
+
+from gold_plugin.alignment.types import TokenIds, Tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as RustTokenizer
 
 SPIECE_SPACE = "\u2581"
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -73,7 +78,8 @@ class TokenTable:
     byte_fallback: np.ndarray  # bool [vocab]: SentencePiece <0xNN> pieces
     adds_prefix_space: bool
     fingerprint: int = 0
-    _continuation_backend: Any = field(default=None, repr=False)
+    _continuation_backend: RustTokenizer | bool | None = field(default=None, repr=False)
+    """The Rust tokenizer that encodes continuations (False: a slow tokenizer; None: not built yet)."""
 
     def __len__(self) -> int:
         return len(self.token_bytes)
@@ -117,7 +123,10 @@ def hash_powers(size: int) -> np.ndarray:
     return powers
 
 
-_TABLES: dict[int, tuple[Any, TokenTable]] = {}
+TokenizerOrTable: TypeAlias = "Tokenizer | TokenTable"
+"""A tokenizer, or the :class:`TokenTable` already built from one (every function that reads only the table)."""
+
+_TABLES: dict[int, tuple[weakref.ref[Tokenizer] | Tokenizer, TokenTable]] = {}
 # Caches of values derived from token tables (the vocabulary maps): cleared with the tables. Modules that build
 # on this one register theirs (:func:`derived_cache`), so this module imports none of them.
 _DERIVED_CACHES: list[dict] = []
@@ -137,11 +146,11 @@ def clear_token_bytes_cache() -> None:
         cache.clear()
 
 
-def tokenizer_name(tokenizer: Any) -> str:
+def tokenizer_name(tokenizer: Tokenizer) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def token_table(tokenizer: Any) -> TokenTable:
+def token_table(tokenizer: TokenizerOrTable) -> TokenTable:
     """The cached :class:`TokenTable` of ``tokenizer`` (built on first use; identity-keyed)."""
     if isinstance(tokenizer, TokenTable):
         return tokenizer
@@ -153,24 +162,26 @@ def token_table(tokenizer: Any) -> TokenTable:
             return table
     table = _build_table(tokenizer)
     try:
-        ref: Any = weakref.ref(tokenizer, lambda _r, k=key: _TABLES.pop(k, None))
+        ref: weakref.ref[Tokenizer] | Tokenizer = weakref.ref(
+            tokenizer, lambda _r, k=key: _TABLES.pop(k, None)
+        )
     except TypeError:  # not weak-referenceable: keep it alive with the table
         ref = tokenizer
     _TABLES[key] = (ref, table)
     return table
 
 
-def token_bytes(tokenizer: Any) -> list[bytes]:
+def token_bytes(tokenizer: TokenizerOrTable) -> list[bytes]:
     """Canonical bytes of every id of ``tokenizer`` (``b""`` for special tokens); cached, do not mutate."""
     return token_table(tokenizer).token_bytes
 
 
-def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+def token_byte_lengths(tokenizer: TokenizerOrTable) -> np.ndarray:
     """``int64`` array: number of canonical bytes of every id (0 for special tokens); cached, read-only."""
     return token_table(tokenizer).byte_lengths
 
 
-def ids_to_bytes(tokenizer: Any, ids: Iterable[int] | np.ndarray | Any) -> bytes:
+def ids_to_bytes(tokenizer: TokenizerOrTable, ids: TokenIds | Iterable[int]) -> bytes:
     """The UTF-8 bytes that ``ids`` contribute to the text (concatenated canonical bytes, not ``decode``).
 
     Raises ``ValueError`` naming the id for an id outside the tokenizer's vocabulary.
@@ -201,7 +212,7 @@ def incomplete_utf8_tail_length(data: bytes) -> int:
     return 0
 
 
-def text_for_teacher(tokenizer: Any, ids: Iterable[int] | np.ndarray | Any) -> str:
+def text_for_teacher(tokenizer: TokenizerOrTable, ids: TokenIds | Iterable[int]) -> str:
     """The response text to send to the teacher for the student's ``ids``.
 
     Built from canonical bytes (so a SentencePiece leading space is kept). A trailing incomplete UTF-8
@@ -216,12 +227,12 @@ def text_for_teacher(tokenizer: Any, ids: Iterable[int] | np.ndarray | Any) -> s
     return data[: len(data) - cut].decode("utf-8", errors="replace")
 
 
-def adds_prefix_space(tokenizer: Any) -> bool:
+def adds_prefix_space(tokenizer: TokenizerOrTable) -> bool:
     """Whether ``tokenizer.encode(text)`` prepends a dummy space to a text that does not start with one."""
     return token_table(tokenizer).adds_prefix_space
 
 
-def encode_continuation(tokenizer: Any, text: str) -> list[int]:
+def encode_continuation(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` as a continuation of earlier text: no dummy-prefix space, and special-token
     strings typed in the text (``"<|im_end|>"``) are read as plain text, never as control tokens.
 
@@ -231,7 +242,7 @@ def encode_continuation(tokenizer: Any, text: str) -> list[int]:
     return encode_continuation_batch(tokenizer, [text])[0]
 
 
-def encode_continuation_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def encode_continuation_batch(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """:func:`encode_continuation` for many texts (one batched call into the Rust tokenizer when available)."""
     table = token_table(tokenizer)
     if table._continuation_backend is None:
@@ -243,7 +254,7 @@ def encode_continuation_batch(tokenizer: Any, texts: Sequence[str]) -> list[list
     return [list(enc.ids) for enc in encode(list(texts), add_special_tokens=False)]
 
 
-def _continuation_slow(tokenizer: Any, table: TokenTable, text: str) -> list[int]:
+def _continuation_slow(tokenizer: Tokenizer, table: TokenTable, text: str) -> list[int]:
     """Slow tokenizer: special-token strings as text; for a dummy-prefix tokenizer, encode after a space and
     drop that space's token."""
 
@@ -261,14 +272,14 @@ def _continuation_slow(tokenizer: Any, table: TokenTable, text: str) -> list[int
     )
 
 
-def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+def _encode_plain(tokenizer: Tokenizer, text: str) -> list[int]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return list(backend.encode(text, add_special_tokens=False).ids)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _continuation_backend(tokenizer: Any, strip_prefix_space: bool) -> Any:
+def _continuation_backend(tokenizer: Tokenizer, strip_prefix_space: bool) -> RustTokenizer | bool:
     """A copy of the tokenizer's Rust backend that reads special-token strings as plain text and, for
     ``strip_prefix_space``, never prepends the dummy-prefix space (False for a slow tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -278,7 +289,7 @@ def _continuation_backend(tokenizer: Any, strip_prefix_space: bool) -> Any:
 
     spec = json.loads(backend.to_str())
 
-    def strip_prefix(node: Any) -> Any:
+    def strip_prefix(node: object) -> object:
         if isinstance(node, dict):
             if node.get("type") == "Metaspace":
                 node = {**node, "prepend_scheme": "never", "add_prefix_space": False}
@@ -302,12 +313,12 @@ def _continuation_backend(tokenizer: Any, strip_prefix_space: bool) -> Any:
     return clone
 
 
-def _keeps(node: Any) -> bool:
+def _keeps(node: object) -> bool:
     """False for a normaliser that prepends the SentencePiece space (legacy Llama tokenizers)."""
     return not (isinstance(node, dict) and node.get("type") == "Prepend")
 
 
-def _as_int_list(ids: Any) -> list[int]:
+def _as_int_list(ids: TokenIds | Iterable[int]) -> list[int]:
     if isinstance(ids, list):
         return ids
     tolist = getattr(ids, "tolist", None)
@@ -316,7 +327,7 @@ def _as_int_list(ids: Any) -> list[int]:
     return list(ids)
 
 
-def _component_json(component: Any) -> str:
+def _component_json(component: object) -> str:
     if component is None:
         return ""
     try:
@@ -326,7 +337,7 @@ def _component_json(component: Any) -> str:
     return state.decode("utf-8", errors="replace") if isinstance(state, bytes) else str(state)
 
 
-def tokenizer_kind(tokenizer: Any) -> str:
+def tokenizer_kind(tokenizer: Tokenizer) -> str:
     """``"byte_level"`` or ``"sentencepiece"``; raises :class:`UnsupportedTokenizerError` for anything else."""
     name = tokenizer_name(tokenizer)
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -359,7 +370,7 @@ def tokenizer_kind(tokenizer: Any) -> str:
     )
 
 
-def _special_ids(tokenizer: Any, vocab_size: int) -> np.ndarray:
+def _special_ids(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     special = np.zeros(vocab_size, dtype=bool)
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
@@ -370,12 +381,13 @@ def _special_ids(tokenizer: Any, vocab_size: int) -> np.ndarray:
     return special
 
 
-def _build_table(tokenizer: Any) -> TokenTable:
+def _build_table(tokenizer: Tokenizer) -> TokenTable:
     kind = tokenizer_kind(tokenizer)
     name = tokenizer_name(tokenizer)
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     vocab_size = max(len(tokenizer), max(added, default=-1) + 1)
-    pieces: Sequence[str | None] = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    # A list for a list of ids; a slow tokenizer may give None for an id it does not know.
+    pieces = cast("Sequence[str | None]", tokenizer.convert_ids_to_tokens(list(range(vocab_size))))
     special = _special_ids(tokenizer, vocab_size)
     added_plain = {i for i, tok in added.items() if not getattr(tok, "special", False)}
     byte_fallback = np.zeros(vocab_size, dtype=bool)
@@ -420,7 +432,7 @@ def _build_table(tokenizer: Any) -> TokenTable:
     return table_obj
 
 
-def _has_byte_fallback(tokenizer: Any) -> bool:
+def _has_byte_fallback(tokenizer: Tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return bool(getattr(backend.model, "byte_fallback", False))

@@ -13,11 +13,17 @@ and cached in-process.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
 from gold_plugin.alignment.token_bytes import TokenTable, derived_cache, token_table
+from gold_plugin.alignment.types import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+IdArray: TypeAlias = "np.ndarray | torch.Tensor"
 
 _MAPS: dict[tuple[int, int], _Maps] = derived_cache()
 _MAX_CACHED_PAIRS = 16
@@ -40,7 +46,7 @@ class VocabMap:
     Special tokens never map (on either side). Arrays are shared through the cache: read-only.
     """
 
-    def __init__(self, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    def __init__(self, student_tokenizer: Tokenizer, teacher_tokenizer: Tokenizer) -> None:
         self._student_tokenizer = student_tokenizer
         self._teacher_tokenizer = teacher_tokenizer
         self.student_table: TokenTable = token_table(student_tokenizer)
@@ -51,7 +57,7 @@ class VocabMap:
         self.matched_fraction = _share(self.teacher_to_student, self.teacher_table.special)
         self.student_matched_fraction = _share(self.student_to_teacher, self.student_table.special)
         self._exact: tuple[float, float] | None = None
-        self._tensors: dict[tuple[str, str], Any] = {}
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
 
     @property
     def exact_string_matched_fraction(self) -> float:
@@ -82,18 +88,20 @@ class VocabMap:
             self._exact = (shares[0], shares[1])
         return self._exact
 
-    def map_teacher_ids(self, teacher_ids: Any) -> Any:
+    def map_teacher_ids(self, teacher_ids: IdArray) -> IdArray:
         """Student ids for ``teacher_ids`` (numpy array or torch tensor, any shape); -1 where unmatched or out of range.
 
         Ids beyond the tokenizer (a model's padded embedding rows) are unmatched.
         """
         return self._lookup("teacher_to_student", teacher_ids)
 
-    def map_student_ids(self, student_ids: Any) -> Any:
+    def map_student_ids(self, student_ids: IdArray) -> IdArray:
         """Teacher ids for ``student_ids`` (numpy array or torch tensor, any shape); -1 where unmatched."""
         return self._lookup("student_to_teacher", student_ids)
 
-    def teacher_to_student_tensor(self, size: int | None = None, device: Any = None) -> Any:
+    def teacher_to_student_tensor(
+        self, size: int | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """``teacher_to_student`` as a torch ``long`` tensor, padded with -1 to ``size`` (e.g. the logits width)."""
         import torch
 
@@ -102,7 +110,7 @@ class VocabMap:
             table = np.concatenate([table, np.full(size - table.size, -1, dtype=np.int64)])
         return torch.from_numpy(table).to(device) if device is not None else torch.from_numpy(table)
 
-    def _lookup(self, name: str, ids: Any) -> Any:
+    def _lookup(self, name: str, ids: IdArray) -> IdArray:
         table: np.ndarray = getattr(self, name)
         if hasattr(ids, "device") and hasattr(
             ids, "clamp"

@@ -9,14 +9,19 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gold_plugin.local.modeling import encode_prompt, response_logits_and_logprobs
 
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-def tiny_llama(vocab_size: int, tokenizer: Any = None, *, seed: int = 0, **config: Any) -> Any:
+
+def tiny_llama(
+    vocab_size: int, tokenizer: PreTrainedTokenizerBase | None = None, *, seed: int = 0, **config: Any
+) -> LlamaForCausalLM:
     """A small randomly initialised ``LlamaForCausalLM`` built from a config (no download): the project's one
     tiny-model builder (the demo's models, the tests' teachers and students).
 
@@ -47,8 +52,8 @@ def tiny_llama(vocab_size: int, tokenizer: Any = None, *, seed: int = 0, **confi
 
 
 def sft(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     records: Sequence[dict],
     *,
     steps: int,

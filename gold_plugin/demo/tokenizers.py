@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gold_plugin.demo.task import AdditionTask
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 TEACHER_EOS = "<|endoftext|>"
 TEACHER_PAD = "<|pad|>"
@@ -51,7 +55,9 @@ def _corpus(task: AdditionTask) -> list[str]:
     return [task.prompt(a, b) + task.answer(a, b) for a, b in task.all_pairs()]
 
 
-def build_tokenizer(kind: str, out_dir: str | Path, task: AdditionTask | None = None, num_merges: int = 60):
+def build_tokenizer(
+    kind: str, out_dir: str | Path, task: AdditionTask | None = None, num_merges: int = 60
+) -> PreTrainedTokenizerFast:
     """Train and save a byte-level BPE tokenizer; returns it as a ``PreTrainedTokenizerFast``.
 
     ``kind="digits"``: one token per digit (no merges can cross digits), EOS ``<|endoftext|>``.

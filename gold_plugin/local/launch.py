@@ -6,14 +6,20 @@ Shared by the command line (:mod:`gold_plugin.local.cli`) and the demo (:mod:`go
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from gold_plugin.config import GoldConfig, TeacherConfig
 from gold_plugin.local.config import LocalTrainConfig
+from gold_plugin.teacher.types import TeacherRequest, TeacherResult, TeacherScorer
+
+if TYPE_CHECKING:
+    from gold_plugin.alignment.types import ChatTokenizer
 
 
-class RayTeacher:
-    """A Ray :class:`~gold_plugin.teacher.TeacherGroup` started on a local Ray instance.
+class RayTeacher(TeacherScorer):
+    """A Ray :class:`~gold_plugin.teacher.TeacherGroup` started on a local Ray instance (which :meth:`close` stops
+    again if it started it).
 
     ``quiet`` (the demo): the replicas' output stays in Ray's log files instead of being copied to this terminal
     (errors still reach the caller with their traceback, through ``ray.get``).
@@ -28,22 +34,29 @@ class RayTeacher:
         if self._started_ray:
             ray.init(include_dashboard=False, log_to_driver=not quiet, configure_logging=False)
         self.group = TeacherGroup(teacher, scorer_overrides={"device": device})
+        self.topk = self.group.topk
 
-    def score(self, requests):
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        return self.group.tokenizer
+
+    def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
         return self.group.score(requests)
 
-    def score_counting_retries(self, requests):
+    def score_counting_retries(self, requests: Sequence[TeacherRequest]) -> tuple[list[TeacherResult], int]:
         return self.group.score_counting_retries(requests)
 
     def close(self) -> None:
         import ray
 
-        self.group.shutdown()
+        self.group.close()
         if self._started_ray:
             ray.shutdown()
 
 
-def make_teacher(teacher: TeacherConfig, in_process: bool, device: str, *, quiet: bool = False) -> Any:
+def make_teacher(
+    teacher: TeacherConfig, in_process: bool, device: str, *, quiet: bool = False
+) -> TeacherScorer:
     """An in-process :class:`~gold_plugin.teacher.HFTeacher`, or a Ray ``TeacherGroup`` on a local Ray
     (``quiet``: see :class:`RayTeacher`).
 
@@ -59,7 +72,7 @@ def make_teacher(teacher: TeacherConfig, in_process: bool, device: str, *, quiet
     return RayTeacher(teacher, device, quiet=quiet)
 
 
-def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) -> list[dict]:
+def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) -> list[dict[str, float]]:
     """Train as ``config`` and ``gold`` say (a checkpoint at the end when ``ckpt_path`` is set); the history.
 
     ``quiet`` (the demo) keeps a Ray teacher's output out of the terminal (:class:`RayTeacher`).
@@ -80,6 +93,6 @@ def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) ->
         if config.ckpt_path:
             trainer.save_checkpoint()
     finally:
-        if teacher is not None and hasattr(teacher, "close"):
+        if teacher is not None:
             teacher.close()
     return history

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -32,7 +36,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -45,8 +51,8 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 
 @torch.no_grad()
 def sample(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Sequence[Sequence[int]],
     *,
     n_samples_per_prompt: int = 1,
@@ -93,7 +99,10 @@ def sample(
 
 
 def pack_right(
-    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int, device
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Right-padded ``[prompt | response]`` rows, their attention mask, and the response (action) mask.
 
@@ -128,7 +137,7 @@ class ResponseForward:
 
 
 def response_forward(
-    model,
+    model: PreTrainedModel,
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     pad_id: int,
@@ -163,7 +172,7 @@ def response_forward(
 
 
 def response_logits_and_logprobs(
-    model,
+    model: PreTrainedModel,
     prompt_ids: Sequence[Sequence[int]],
     response_ids: Sequence[Sequence[int]],
     pad_id: int,
@@ -176,13 +185,13 @@ def response_logits_and_logprobs(
     return out.action_logits, out.logprobs, out.action_mask
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def accuracy(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     records: Sequence[dict],
     check: Callable[[str, str], bool],
     *,

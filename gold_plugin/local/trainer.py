@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,7 +63,10 @@ from gold_plugin.step import (
     teacher_prompt,
     teacher_requests,
 )
-from gold_plugin.teacher.types import score_counting_retries
+from gold_plugin.teacher.types import TeacherScorer
+
+if TYPE_CHECKING:
+    from gold_plugin.alignment.types import Tokenizer
 
 _STEP_DIR = re.compile(r"^global_step(\d+)$")
 
@@ -128,21 +131,24 @@ def latest_checkpoint(ckpt_path: str | os.PathLike | None) -> Path | None:
 
 
 class LocalTrainer:
-    """GOLD on one machine. ``teacher`` is any object with ``score(list[TeacherRequest])`` and ``tokenizer``
-    (an in-process :class:`~gold_plugin.teacher.HFTeacher`) or a Ray ``TeacherGroup`` plus ``teacher_tokenizer``.
+    """GOLD on one machine. ``teacher`` is a :class:`~gold_plugin.teacher.TeacherScorer` (an in-process
+    :class:`~gold_plugin.teacher.HFTeacher` or a Ray ``TeacherGroup``; None only with ``alpha == 0``) and
+    ``teacher_tokenizer`` the tokenizer its token ids refer to.
     """
 
     def __init__(
         self,
         config: LocalTrainConfig,
         gold: GoldConfig,
-        teacher: Any,
-        teacher_tokenizer: Any,
+        teacher: TeacherScorer | None,
+        teacher_tokenizer: Tokenizer,
         *,
         eval_check: Callable[[str, str], bool] | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if teacher is None and gold.alpha > 0:
+            raise ValueError(f"--gold.alpha {gold.alpha} needs a teacher; give one, or set --gold.alpha 0.")
         self.config, self.gold, self.teacher = config, gold, teacher
         self.teacher_tokenizer = teacher_tokenizer
         self.device = resolve_device(config.device)
@@ -298,7 +304,8 @@ class LocalTrainer:
         aligned = None
         if gold.alpha > 0:
             t1 = time.perf_counter()
-            results, retries = score_counting_retries(self.teacher, requests)
+            assert self.teacher is not None  # checked in __init__: alpha > 0 has a teacher
+            results, retries = self.teacher.score_counting_retries(requests)
             metrics["gold/teacher_seconds"] = time.perf_counter() - t1
             metrics["gold/teacher_retries"] = float(retries)  # shares re-sent after a teacher replica died
             if len(results) != len(requests):
@@ -405,7 +412,7 @@ class LocalTrainer:
         metrics["time/train"] = time.perf_counter() - t2
         return metrics
 
-    def _logprobs_in_chunks(self, rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs_in_chunks(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the sampled tokens ``[N, A]`` (0 outside responses) and the action mask ``[N, A]``."""
         n = len(rollout.response_ids)
         width = max(max((len(r) for r in rollout.response_ids), default=0), 1)

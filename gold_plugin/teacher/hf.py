@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
 from gold_plugin.teacher.types import TeacherRequest, TeacherResult, TeacherScorer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from gold_plugin.alignment.types import ChatTokenizer
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -55,7 +60,7 @@ class HFTeacher(TeacherScorer):
 
     def __init__(
         self,
-        model_name_or_path: str | Any,
+        model_name_or_path: str | PreTrainedModel,
         tokenizer_name_or_path: str | None = None,
         *,
         topk: int = 0,
@@ -65,7 +70,7 @@ class HFTeacher(TeacherScorer):
         dtype: str | torch.dtype = "auto",
         end_of_turn_token: str | None = None,
         logit_chunk_size: int = 2048,
-        tokenizer: Any = None,
+        tokenizer: ChatTokenizer | None = None,
         hidden_state_layers: int = 0,
         hidden_state_rank: int = 64,
     ) -> None:
@@ -111,7 +116,7 @@ class HFTeacher(TeacherScorer):
             self._sketch = sketch.to(self.device)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> ChatTokenizer:
         return self._tokenizer
 
     def _find_decoder(self) -> torch.nn.Module | None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gold_plugin.teacher.types import TeacherRequest, TeacherResult
+from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult
+
+if TYPE_CHECKING:
+    from gold_plugin.alignment.types import ChatTokenizer
 
 # Text put before a response and stripped again, for responses that the alignment's continuation
 # encoder cannot reproduce (special-token strings inside the text). Each is tried in turn; a candidate is used only if its tokens stay separate
@@ -88,7 +91,9 @@ class RequestEncoder:
             tokenizer's EOS.
     """
 
-    def __init__(self, tokenizer: Any, max_context: int, end_of_turn_token: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: ChatTokenizer, max_context: int, end_of_turn_token: str | None = None
+    ) -> None:
         from gold_plugin.alignment import token_byte_lengths, token_bytes
 
         if max_context < 2:
@@ -105,15 +110,15 @@ class RequestEncoder:
     # -- prompt -----------------------------------------------------------------------------------
     def _encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
         return list(
-            self.tokenizer(
-                text, add_special_tokens=False, split_special_tokens=split_special_tokens
-            ).input_ids
+            self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)[
+                "input_ids"
+            ]
         )
 
     def _default_prefix_ids(self) -> list[int]:
         """Special tokens the tokenizer puts before a text by default (a BOS for Llama/Mistral)."""
         plain = self._encode("a")
-        full = list(self.tokenizer("a", add_special_tokens=True).input_ids)
+        full = list(self.tokenizer("a", add_special_tokens=True)["input_ids"])
         for start in range(len(full) - len(plain) + 1):
             if full[start : start + len(plain)] == plain:
                 return full[:start]
@@ -142,7 +147,7 @@ class RequestEncoder:
         eos = getattr(tok, "eos_token_id", None)
         return int(eos) if isinstance(eos, int) else None
 
-    def prompt_ids(self, prompt: str | list[dict[str, Any]]) -> np.ndarray:
+    def prompt_ids(self, prompt: str | ChatMessages) -> np.ndarray:
         """Token ids of the prompt: chat messages through the teacher's template (with its
         generation prompt), or text verbatim preceded by the tokenizer's default BOS."""
         if isinstance(prompt, str):

@@ -9,13 +9,19 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
 from gold_plugin.config import GoldConfig, TeacherConfig
-from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult
+from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
+    from gold_plugin.alignment.types import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +41,7 @@ class TeacherReplica:
         self.replica_index = replica_index
         self.scorer = build_teacher(TeacherConfig(**teacher_config), **overrides)
 
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> dict[str, int | str | None]:
         """Identity of the process that serves this replica."""
         device = getattr(self.scorer, "device", None)
         return {"replica": self.replica_index, "pid": os.getpid(), "device": str(device) if device else None}
@@ -83,8 +89,8 @@ class TeacherBatch:
         self._requests = requests
         self._shares = shares
         self._attempts = [0] * len(shares)
-        self._actors: list[Any] = []
-        self.refs: list[Any] = []
+        self._actors: list[ActorHandle] = []
+        self.refs: list[ObjectRef] = []
         for replica, indices in shares:
             actor, ref = group._submit(replica, [requests[i] for i in indices])
             self._actors.append(actor)
@@ -156,14 +162,16 @@ class TeacherBatch:
         self.refs[share] = ref
 
 
-class TeacherGroup:
-    """``num_replicas`` teacher actors scoring one batch together.
+class TeacherGroup(TeacherScorer):
+    """``num_replicas`` teacher actors scoring one batch together: a :class:`TeacherScorer`.
 
     A batch is split over the replicas by size (each share keeps request order); results come back in
     request order. A replica that dies while holding a share is restarted and the share is retried, up
     to ``max_retries`` times per share; then :class:`TeacherReplicaError` names the replica.
     :meth:`score_counting_retries` also says how many shares of the call were re-sent (``num_restarts``
-    counts the group's restarts over its life).
+    counts the group's restarts over its life); :meth:`score_async` starts a batch and returns at once (its
+    :meth:`TeacherBatch.result` takes a timeout). :attr:`tokenizer` is loaded here, on first use, from the config
+    (or is the ``tokenizer`` of ``scorer_overrides``), as the replicas load theirs.
 
     Args:
         config: a :class:`TeacherConfig` (or a :class:`GoldConfig`, whose ``teacher`` is used).
@@ -193,29 +201,40 @@ class TeacherGroup:
         if self.num_replicas < 1 or self.max_retries < 0:
             raise ValueError("TeacherGroup needs num_replicas >= 1 and max_retries >= 0.")
         self.name = name
+        self.topk = int(teacher.topk or 0)  # as build_teacher gives the replicas
         self.start_timeout_s = start_timeout_s
         self.num_restarts = 0
         self._overrides = dict(scorer_overrides or {})
         self._actor_options = dict(actor_options or {})
         self._config_dict = dataclasses.asdict(teacher)
-        self.replicas: list[Any] = [self._create(i) for i in range(self.num_replicas)]
+        self._tokenizer: ChatTokenizer | None = self._overrides.get("tokenizer")
+        self.replicas: list[ActorHandle] = [self._create(i) for i in range(self.num_replicas)]
         try:
             self._wait_ready(range(self.num_replicas))
         except BaseException:
-            self.shutdown()  # no replica left pending, holding or waiting for resources
+            self.close()  # no replica left pending, holding or waiting for resources
             raise
+
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        """The teacher's tokenizer, the one the replicas' token ids refer to (loaded on first use)."""
+        if self._tokenizer is None:
+            from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+
+            self._tokenizer = load_teacher_tokenizer(self.config)
+        return self._tokenizer
 
     # -- replicas ---------------------------------------------------------------------------------
     def replica_name(self, replica: int) -> str:
         return f"{self.name}-{replica}"
 
-    def _resources(self) -> dict[str, Any]:
+    def _resources(self) -> dict[str, float]:
         gpus = self.config.num_gpus_per_replica
         if self.config.backend == "vllm" and self.config.tensor_parallel_size > 1:
             gpus = 0  # vLLM places its tensor-parallel workers itself (distributed_executor_backend="ray")
         return {"num_gpus": gpus, "num_cpus": getattr(self.config, "num_cpus_per_replica", 1.0)}
 
-    def _create(self, replica: int) -> Any:
+    def _create(self, replica: int) -> ActorHandle:
         options = {**self._resources(), "max_restarts": 0, "max_task_retries": 0, **self._actor_options}
         return TeacherActor.options(**options).remote(self._config_dict, replica, self._overrides)
 
@@ -236,7 +255,7 @@ class TeacherGroup:
                     f"Teacher replica {self.replica_name(replica)} failed to start: {exc}"
                 ) from exc
 
-    def _restart(self, replica: int, dead: Any) -> None:
+    def _restart(self, replica: int, dead: ActorHandle) -> None:
         """Replace replica ``replica`` unless another batch already replaced the ``dead`` handle."""
         if self.replicas[replica] is not dead:
             return
@@ -246,7 +265,7 @@ class TeacherGroup:
         self.num_restarts += 1
         self._wait_ready([replica])
 
-    def _submit(self, replica: int, requests: list[TeacherRequest]) -> tuple[Any, Any]:
+    def _submit(self, replica: int, requests: list[TeacherRequest]) -> tuple[ActorHandle, ObjectRef]:
         actor = self.replicas[replica]
         return actor, actor.score.remote(requests)
 
@@ -258,20 +277,18 @@ class TeacherGroup:
         shares = [(replica, indices) for replica, indices in enumerate(parts) if indices]
         return TeacherBatch(self, requests, shares)
 
-    def score(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[TeacherResult]:
+    def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
         """Score ``requests`` over the replicas; one result per request, in order."""
-        return self.score_async(requests).result(timeout=timeout)
+        return self.score_async(requests).result()
 
-    def score_counting_retries(
-        self, requests: Sequence[TeacherRequest], timeout: float | None = None
-    ) -> tuple[list[TeacherResult], int]:
+    def score_counting_retries(self, requests: Sequence[TeacherRequest]) -> tuple[list[TeacherResult], int]:
         """:meth:`score`, and the number of shares re-sent because their replica died (0 when none died)."""
         batch = self.score_async(requests)
-        results = batch.result(timeout=timeout)
+        results = batch.result()
         return results, batch.retries
 
-    def shutdown(self) -> None:
-        """Kill every replica."""
+    def close(self) -> None:
+        """Kill every replica; the group is unusable afterwards."""
         for actor in self.replicas:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)

@@ -6,12 +6,15 @@ code loads the same way in every backend, the dry run and the policy actor.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gold_plugin.config import GoldConfigError, TeacherConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def load_tokenizer(name_or_path: str) -> Any:
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)``."""
     from transformers import AutoTokenizer
 
@@ -29,6 +32,6 @@ def teacher_tokenizer_source(teacher: TeacherConfig) -> str:
     return source
 
 
-def load_teacher_tokenizer(teacher: TeacherConfig) -> Any:
+def load_teacher_tokenizer(teacher: TeacherConfig) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer as :class:`TeacherConfig` names it."""
     return load_tokenizer(teacher_tokenizer_source(teacher))

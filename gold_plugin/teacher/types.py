@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gold_plugin.alignment.types import ChatTokenizer
 
 ChatMessages = list[dict[str, Any]]
 
@@ -91,33 +93,34 @@ class TeacherResult:
         )
 
 
-class TeacherScorer(ABC):
-    """Scores student responses with a teacher model (any backend, no Ray inside)."""
+@runtime_checkable
+class TeacherScorer(Protocol):
+    """What both backends call on a teacher: the in-process scorers (:class:`~gold_plugin.teacher.HFTeacher`,
+    :class:`~gold_plugin.teacher.VLLMTeacher`) and the Ray :class:`~gold_plugin.teacher.TeacherGroup` implement it
+    (``tests/test_teacher_types.py`` checks that their signatures match). No Ray inside the contract.
+
+    A class that subclasses it explicitly inherits :meth:`score_counting_retries` (no retries) and :meth:`close`
+    (nothing to release). ``isinstance`` checks that every member is present (on Python 3.11 by reading it, so a
+    group's :attr:`tokenizer` then loads).
+    """
 
     topk: int
     """Top-k log-probs returned per response position (0 = sampled tokens only)."""
 
     @property
-    @abstractmethod
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> ChatTokenizer:
         """The teacher's tokenizer (the one its token ids refer to)."""
+        ...
 
-    @abstractmethod
     def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
         """One result per request, in order. Failures confined to one request are reported in its
         ``error``; only failures of the model itself raise (:class:`TeacherError`)."""
+        ...
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the model (GPU memory); the scorer is unusable afterwards."""
+    def score_counting_retries(self, requests: Sequence[TeacherRequest]) -> tuple[list[TeacherResult], int]:
+        """:meth:`score`, and how many shares were re-sent because a teacher replica died (a
+        :class:`TeacherGroup` counts them; an in-process scorer has none: 0)."""
+        return list(self.score(requests)), 0
 
-
-def score_counting_retries(
-    scorer: Any, requests: Sequence[TeacherRequest]
-) -> tuple[list[TeacherResult], int]:
-    """``scorer.score(requests)`` and the shares re-sent because a teacher replica died: a :class:`TeacherGroup`
-    (or anything with ``score_counting_retries``) counts them, an in-process scorer has none (0)."""
-    counting = getattr(scorer, "score_counting_retries", None)
-    if counting is not None:
-        results, retries = counting(requests)
-        return list(results), int(retries)
-    return list(scorer.score(requests)), 0
+    def close(self) -> None:
+        """Release the model (GPU memory, replicas); the scorer is unusable afterwards."""

@@ -10,16 +10,22 @@ checks when it is given one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gold_plugin.teacher.prepare import RequestEncoder, build_result
 from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
 
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+    from vllm.logprobs import FlatLogprobs, PromptLogprobs
+
+    from gold_plugin.alignment.types import ChatTokenizer
+
 
 def parse_prompt_logprobs(
-    prompt_logprobs: Any, input_ids: np.ndarray, positions: np.ndarray, topk: int
+    prompt_logprobs: PromptLogprobs | None, input_ids: np.ndarray, positions: np.ndarray, topk: int
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Log-probs of ``input_ids[positions]`` and the top-k at those positions from vLLM prompt log-probs.
 
@@ -46,7 +52,7 @@ def parse_prompt_logprobs(
 
 
 def _parse_flat(
-    flat: Any, targets: np.ndarray, positions: np.ndarray, topk: int
+    flat: FlatLogprobs, targets: np.ndarray, positions: np.ndarray, topk: int
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
     starts = np.asarray(flat.start_indices, dtype=np.int64)[positions]
     ends = np.asarray(flat.end_indices, dtype=np.int64)[positions]
@@ -64,7 +70,7 @@ def _parse_flat(
 
 
 def _parse_dicts(
-    positions_logprobs: Any, targets: np.ndarray, positions: np.ndarray, topk: int
+    positions_logprobs: PromptLogprobs, targets: np.ndarray, positions: np.ndarray, topk: int
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     m = positions.shape[0]
     token_lp = np.empty(m, dtype=np.float32)
@@ -87,7 +93,7 @@ def _parse_dicts(
     return token_lp, (top_ids if topk else None), (top_lp if topk else None)
 
 
-def bounded_step_kwargs(max_tokens: int) -> dict[str, Any]:
+def bounded_step_kwargs(max_tokens: int) -> dict[str, int | bool]:
     """``vllm.LLM`` options that cap the tokens of one engine step at ``max_tokens``.
 
     vLLM's V1 model runner computes prompt log-probs per scheduled chunk
@@ -97,13 +103,13 @@ def bounded_step_kwargs(max_tokens: int) -> dict[str, Any]:
     vLLM requires ``max_num_seqs <= max_num_batched_tokens`` (its defaults go up to 1,024 sequences): below 1,024
     tokens the sequences per step are capped too (no loss: a step never holds more sequences than tokens).
     """
-    kwargs: dict[str, Any] = {"max_num_batched_tokens": max_tokens, "enable_chunked_prefill": True}
+    kwargs: dict[str, int | bool] = {"max_num_batched_tokens": max_tokens, "enable_chunked_prefill": True}
     if max_tokens < 1024:
         kwargs["max_num_seqs"] = min(max_tokens, 256)
     return kwargs
 
 
-def engine_tokens_per_step(llm: Any) -> int | None:
+def engine_tokens_per_step(llm: LLM) -> int | None:
     """The most tokens one step of ``llm`` schedules for a request (None if the engine does not say)."""
     config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
     scheduler = getattr(config, "scheduler_config", None)
@@ -154,8 +160,8 @@ class VLLMTeacher(TeacherScorer):
         end_of_turn_token: str | None = None,
         flat_logprobs: bool = True,
         logprob_chunk_size: int | None = 2048,
-        llm: Any = None,
-        tokenizer: Any = None,
+        llm: LLM | None = None,
+        tokenizer: ChatTokenizer | None = None,
         **llm_kwargs: Any,
     ) -> None:
         from gold_plugin.teacher.tokenizer import load_tokenizer
@@ -202,10 +208,10 @@ class VLLMTeacher(TeacherScorer):
         self.encoder = RequestEncoder(self._tokenizer, self.max_len - 1, end_of_turn_token)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> ChatTokenizer:
         return self._tokenizer
 
-    def _sampling_params(self) -> Any:
+    def _sampling_params(self) -> SamplingParams:
         from vllm import SamplingParams
 
         return SamplingParams(

@@ -23,9 +23,12 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from gold_plugin.teacher.types import TeacherRequest, TeacherResult
 
 CPU = torch.device("cpu")
 
@@ -149,7 +152,9 @@ def record_teacher_calls() -> None:
     if getattr(original, "_gold_cpu", False):
         return
 
-    def _score(self: Any, requests: list) -> Any:
+    def _score(
+        self: GoldExperienceMaker, requests: list[TeacherRequest]
+    ) -> tuple[list[TeacherResult], float, int]:
         results, seconds, retries = original(self, requests)
         record = {
             "pid": os.getpid(),

@@ -25,9 +25,14 @@ from __future__ import annotations
 import types
 from collections.abc import Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from gold_plugin.alignment.types import ChatTokenizer
 
 
 @dataclass
@@ -179,11 +184,11 @@ class StandInLLM:
 
     def __init__(
         self,
-        model: Any,
+        model: PreTrainedModel | str,
         *,
         max_logprobs: int = 20,
         max_model_len: int | None = None,
-        tokenizer: Any = None,
+        tokenizer: ChatTokenizer | None = None,
         **kwargs: Any,
     ) -> None:
         from transformers import AutoModelForCausalLM

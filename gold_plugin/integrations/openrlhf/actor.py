@@ -17,8 +17,8 @@ policy loss ignores them; by default OpenRLHF's KL-to-reference loss and entropy
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -36,26 +36,36 @@ from gold_plugin.step import (
 
 from .experience_maker import OFF_POLICY_KEY, pop_logit_inputs, unpack_logit_inputs
 
+if TYPE_CHECKING:
+    from openrlhf.trainer.ppo_utils.experience import Experience
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+    from ray.actor import ActorHandle
+
+    from gold_plugin.alignment.types import Tokenizer
+    from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
+
 
 class _BackwardAddsLoss:
     """Delegates to the real strategy, but adds one pending loss term to the first ``backward`` it sees."""
 
-    def __init__(self, strategy: Any, extra_loss: Any) -> None:
+    def __init__(self, strategy: DeepspeedStrategy, extra_loss: Callable[[], torch.Tensor]) -> None:
         self._strategy = strategy
         self._extra_loss = extra_loss
         self.added = 0
 
-    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, **kwargs: Any) -> Any:
+    def backward(
+        self, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
+    ) -> None:
         if self.added == 0:
             loss = loss + self._extra_loss()
         self.added += 1
-        return self._strategy.backward(loss, model, optimizer, **kwargs)
+        self._strategy.backward(loss, model, optimizer, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._strategy, name)
 
 
-def off_policy_rows(experience: Any) -> torch.Tensor | None:
+def off_policy_rows(experience: Experience) -> torch.Tensor | None:
     """``[B]`` bool: the micro-batch's samples marked ``gold/off_policy`` (reference completions); None when none is.
 
     After OpenRLHF's replay buffer the per-sample info entry is a list of 0-d tensors, before it a ``[B]`` tensor."""
@@ -71,7 +81,9 @@ def off_policy_rows(experience: Any) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def on_policy_kl_and_entropy(experience: Any, off: torch.Tensor, expected_calls: int) -> Iterator[None]:
+def on_policy_kl_and_entropy(
+    experience: Experience, off: torch.Tensor, expected_calls: int
+) -> Iterator[None]:
     """Inside OpenRLHF's ``ActorPPOTrainer.training_step``, reduce the KL-to-reference loss and the entropy term
     over the on-policy samples' tokens only (the rows of ``off`` are left out).
 
@@ -87,7 +99,9 @@ def on_policy_kl_and_entropy(experience: Any, off: torch.Tensor, expected_calls:
     original = namespace["aggregate_loss"]
     calls = 0
 
-    def aggregate_on_policy_tokens(loss: torch.Tensor, loss_mask: torch.Tensor, *args: Any, **kwargs: Any):
+    def aggregate_on_policy_tokens(
+        loss: torch.Tensor, loss_mask: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         nonlocal calls
         if loss_mask is experience.action_mask:
             calls += 1
@@ -121,7 +135,11 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         self.vocab = vocab
 
     def _logit_loss(
-        self, output: dict, experience: Any, inputs: Any, loss_batch_info: dict
+        self,
+        output: dict[str, torch.Tensor],
+        experience: Experience,
+        inputs: LogitLossInputs | ProjectionPositions,
+        loss_batch_info: dict,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the term to add to the loss, the logit metrics)."""
         logits = output["logits"]
@@ -142,7 +160,7 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         term = logit_loss_term(result.loss, normaliser, self.gold)
         return term, logit_metrics(result, experience.action_mask.shape[0])
 
-    def _off_policy_terms(self, experience: Any) -> contextlib.AbstractContextManager:
+    def _off_policy_terms(self, experience: Experience) -> contextlib.AbstractContextManager[None]:
         """Where the KL-to-reference loss and the entropy term leave off-policy tokens out (the default; see
         :func:`on_policy_kl_and_entropy`), the context to run OpenRLHF's step in; else a no-op."""
         gold, args = self.gold, self.args
@@ -155,13 +173,13 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         return on_policy_kl_and_entropy(experience, off, expected_calls)
 
     def training_step(
-        self, experience: Any, kl_ctl: float, step: int, loss_batch_info: dict | None = None
+        self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: dict | None = None
     ) -> dict:
         with self._off_policy_terms(experience):
             return self._gold_training_step(experience, kl_ctl, step, loss_batch_info)
 
     def _gold_training_step(
-        self, experience: Any, kl_ctl: float, step: int, loss_batch_info: dict | None = None
+        self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: dict | None = None
     ) -> dict:
         packed = pop_logit_inputs(experience)
         gold = self.gold
@@ -177,9 +195,9 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
                 step=step,
                 dynamic_batch=self.args.train.dynamic_batch_enable,
             )
-        captured: dict[str, Any] = {}
+        captured: dict[str, dict[str, torch.Tensor]] = {}
 
-        def keep_output(_module: Any, _inputs: Any, out: Any) -> None:
+        def keep_output(_module: torch.nn.Module, _inputs: tuple[Any, ...], out: Any) -> None:
             if isinstance(out, tuple) and len(out) == 2 and "output" not in captured:
                 captured["output"] = out[1]
 
@@ -213,7 +231,7 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         return status
 
 
-def logit_vocab(student_tokenizer: Any, gold: GoldConfig) -> LogitVocab:
+def logit_vocab(student_tokenizer: Tokenizer, gold: GoldConfig) -> LogitVocab:
     """The logit loss's vocabulary tensors, from the teacher's tokenizer (no teacher weights)."""
     from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
 
@@ -241,8 +259,12 @@ class GoldPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     """
 
     def init_model_from_pretrained(
-        self, strategy: Any, pretrain: str, max_steps: int | None = None, vllm_engines=None
-    ):
+        self,
+        strategy: DeepspeedStrategy,
+        pretrain: str,
+        max_steps: int | None = None,
+        vllm_engines: list[ActorHandle] | None = None,
+    ) -> None:
         super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
         self.restore_rng_state()
         gold = gold_config_from_args(strategy.args)

@@ -26,11 +26,11 @@ REWARD_FREE_DEFAULTS = {"algo.advantage.estimator": "reinforce", "algo.kl.init_c
 """GOLD's defaults of those options for a reward-free run (``--gold.alpha 1``, GOLD's default)."""
 
 
-def fill_gold_defaults(args: argparse.Namespace, alpha: float) -> dict[str, Any]:
+def fill_gold_defaults(args: argparse.Namespace, alpha: float) -> dict[str, str | float]:
     """Fill the options the user left unset: GOLD's reward-free defaults when ``alpha == 1``, OpenRLHF's otherwise
     (an option given on the command line always wins). Returns what was filled."""
     chosen = REWARD_FREE_DEFAULTS if alpha == 1.0 else OPENRLHF_DEFAULTS
-    filled = {}
+    filled: dict[str, str | float] = {}
     for dest, value in chosen.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, value)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from gold_plugin.config import GoldConfig
+from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.step import (
     LogitVocab,
     align_results,
@@ -50,7 +51,10 @@ from gold_plugin.step import (
     teacher_prompt,
     teacher_requests,
 )
-from gold_plugin.teacher.types import TeacherResult, score_counting_retries
+from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult, TeacherScorer
+
+if TYPE_CHECKING:
+    from gold_plugin.alignment.types import Tokenizer
 
 DISTILL_ADVANTAGES_KEY = "gold_distill_advantages"
 """(batch, num_actions) raw distillation advantages, from make_experience to compute_advantages_and_returns."""
@@ -71,7 +75,23 @@ def _response_positions(action_mask_row: torch.Tensor) -> tuple[np.ndarray, bool
     return index, contiguous
 
 
-def pack_logit_inputs(inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
+LogitInputs = TypeVar("LogitInputs", LogitLossInputs, ProjectionPositions)
+PackedInputs = dict[str, "torch.Tensor | list[torch.Tensor]"]
+"""The logit-loss inputs' info entries, a batched tensor or one tensor per sample each (after OpenRLHF's batching)."""
+
+
+class _TeacherBatch(TypedDict):
+    """One micro-batch's share of the teacher call (:meth:`GoldExperienceMaker._samples_for_teacher`)."""
+
+    responses: list[np.ndarray]
+    problems: list[str | None]
+    requests: list[TeacherRequest | None]
+    fallback: torch.Tensor
+
+
+def pack_logit_inputs(
+    inputs: LogitLossInputs | ProjectionPositions, batch_size: int
+) -> dict[str, torch.Tensor]:
     """The logit-loss inputs of a micro-batch as info tensors: row b holds sample b's positions, position axis last.
 
     Every per-position field ``[N, *rest]`` (all fields but ``positions`` and ``sample_index``) becomes
@@ -102,7 +122,9 @@ def pack_logit_inputs(inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
     return packed
 
 
-def unpack_logit_inputs(packed: dict[str, Any], cls: type, device: Any = None) -> Any:
+def unpack_logit_inputs(
+    packed: PackedInputs, cls: type[LogitInputs], device: torch.device | str | None = None
+) -> LogitInputs:
     """The inputs of :func:`pack_logit_inputs` back, for a batch whose rows are the packed samples (after
     OpenRLHF's batching: a list of per-sample tensors or a batched tensor per key, widths may differ).
 
@@ -144,7 +166,7 @@ def unpack_logit_inputs(packed: dict[str, Any], cls: type, device: Any = None) -
     return cls(positions=torch.stack([rows, columns.to(device)], dim=1), sample_index=rows, **values)
 
 
-def pop_logit_inputs(experience: Any) -> dict[str, Any] | None:
+def pop_logit_inputs(experience: Experience) -> PackedInputs | None:
     """Remove the logit-loss inputs from ``experience.info`` (None when there are none)."""
     keys = [k for k in experience.info if k.startswith(LOGIT_INPUTS_PREFIX)]
     return {k: experience.info.pop(k) for k in keys} or None
@@ -154,8 +176,8 @@ class GoldExperienceMaker(RemoteExperienceMaker):
     """OpenRLHF's ``RemoteExperienceMaker`` with GOLD distillation advantages and logit-loss inputs.
 
     Args (beyond the base class's):
-        teacher: anything with ``score(list[TeacherRequest]) -> list[TeacherResult]`` (a ``TeacherGroup`` of Ray
-            actors on a cluster, or an in-process scorer).
+        teacher: a :class:`~gold_plugin.teacher.TeacherScorer` (a ``TeacherGroup`` of Ray actors on a cluster, or an
+            in-process scorer).
         gold_config: the run's :class:`GoldConfig`.
         teacher_tokenizer: the tokenizer the teacher's token ids refer to (default: ``teacher.tokenizer``).
         prompt_lookup: ``{student prompt string: raw chat messages}`` for the teacher's own chat template.
@@ -166,10 +188,10 @@ class GoldExperienceMaker(RemoteExperienceMaker):
     def __init__(
         self,
         *args: Any,
-        teacher: Any,
+        teacher: TeacherScorer,
         gold_config: GoldConfig,
-        teacher_tokenizer: Any = None,
-        prompt_lookup: dict[str, list[dict[str, Any]]] | None = None,
+        teacher_tokenizer: Tokenizer | None = None,
+        prompt_lookup: dict[str, ChatMessages] | None = None,
         reference_lookup: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -260,19 +282,23 @@ class GoldExperienceMaker(RemoteExperienceMaker):
 
     # ── teacher requests ──
 
-    def _score(self, requests: list) -> tuple[list[TeacherResult], float, int]:
+    def _score(self, requests: list[TeacherRequest]) -> tuple[list[TeacherResult], float, int]:
         """(results in request order, scoring seconds, shares re-sent because a teacher replica died)."""
         start = time.perf_counter()
-        results, retries = score_counting_retries(self.teacher, requests) if requests else ([], 0)
+        results, retries = self.teacher.score_counting_retries(requests) if requests else ([], 0)
         if len(results) != len(requests):
             raise RuntimeError(f"The teacher returned {len(results)} results for {len(requests)} requests.")
         return results, time.perf_counter() - start, retries
 
-    def _samples_for_teacher(self, samples_list: list[Experience]) -> list[dict[str, Any]]:
+    def _samples_for_teacher(self, samples_list: list[Experience]) -> list[_TeacherBatch]:
         """Per micro-batch: response ids, teacher requests (None where a response cannot be sent) and reasons."""
-        out = []
+        out: list[_TeacherBatch] = []
         for samples in samples_list:
-            responses, problems, prompts, fallback, sendable = [], [], [], [], []
+            responses: list[np.ndarray] = []
+            problems: list[str | None] = []
+            prompts: list[str | ChatMessages] = []
+            fallback: list[bool] = []
+            sendable: list[bool] = []
             for b in range(samples.sequences.shape[0]):
                 index, contiguous = _response_positions(samples.action_mask[b])
                 responses.append(samples.sequences[b, 1:][torch.as_tensor(index, dtype=torch.long)].numpy())
@@ -306,7 +332,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         start = time.perf_counter()
         batches = self._samples_for_teacher(samples_list)
         requests = [r for batch in batches for r in batch["requests"] if r is not None]
-        future: Future = self._executor.submit(self._score, requests)
+        future: Future[tuple[list[TeacherResult], float, int]] = self._executor.submit(self._score, requests)
         plugin_seconds = time.perf_counter() - start
 
         if not self.gold.needs_reward:
@@ -342,7 +368,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
     def _attach_signal(
         self,
         experience: Experience,
-        batch: dict[str, Any],
+        batch: _TeacherBatch,
         results: list[TeacherResult | None],
         teacher_seconds: float,
         wait_seconds: float,

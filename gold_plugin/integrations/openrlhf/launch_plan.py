@@ -88,7 +88,7 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
         raise GoldConfigError(
             "The hidden-state loss (--gold.signal hidden, --gold.hidden_state_coef > 0) runs in the local backend "
             "only so far: OpenRLHF's actor forward does not return hidden states yet (docs/signals.md, \"Hidden "
-            "states\"). Use --gold.signal logit/advantage here, or the local backend."
+            'states"). Use --gold.signal logit/advantage here, or the local backend.'
         )
     if gold.uses_logit_loss:
         layouts = []

@@ -8,14 +8,21 @@ completion`` (``--data.output_key``), both built from the same dataset rows with
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ChatMessages = list[dict[str, Any]]
+from gold_plugin.teacher.types import ChatMessages
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+    from gold_plugin.alignment.types import ChatTokenizer
 
 
 def build_prompt_lookup(
-    rows: Iterable[Mapping[str, Any]], tokenizer: Any, data_args: Any
+    rows: Iterable[Mapping[str, Any]], tokenizer: ChatTokenizer, data_args: argparse.Namespace
 ) -> dict[str, ChatMessages]:
     """``{student prompt string: raw messages}`` for ``rows``, rendered exactly as OpenRLHF's PromptDataset does.
 
@@ -43,7 +50,10 @@ def build_prompt_lookup(
 
 
 def build_reference_lookup(
-    rows: Iterable[Mapping[str, Any]], tokenizer: Any, data_args: Any, output_key: str
+    rows: Iterable[Mapping[str, Any]],
+    tokenizer: ChatTokenizer,
+    data_args: argparse.Namespace,
+    output_key: str,
 ) -> dict[str, str]:
     """``{student prompt string: reference completion}`` for the rows that have one under ``output_key`` (a string,
     or chat messages whose last content is taken); rows without one are left out (trained on-policy)."""
@@ -66,7 +76,7 @@ def build_reference_lookup(
     return lookup
 
 
-def load_prompt_rows(strategy: Any) -> Any:
+def load_prompt_rows(strategy: DeepspeedStrategy) -> Dataset:
     """The training prompt rows, loaded as OpenRLHF's ``prepare_datasets`` loads them."""
     from openrlhf.datasets.utils import blending_datasets
 
@@ -82,12 +92,12 @@ def load_prompt_rows(strategy: Any) -> Any:
     return data.select(range(min(args.data.max_samples, len(data))))
 
 
-def load_prompt_lookup(strategy: Any, tokenizer: Any) -> dict[str, ChatMessages]:
+def load_prompt_lookup(strategy: DeepspeedStrategy, tokenizer: ChatTokenizer) -> dict[str, ChatMessages]:
     """Load the training prompts as OpenRLHF does and build the raw-messages lookup."""
     return build_prompt_lookup(load_prompt_rows(strategy), tokenizer, strategy.args.data)
 
 
-def load_reference_lookup(strategy: Any, tokenizer: Any) -> dict[str, str]:
+def load_reference_lookup(strategy: DeepspeedStrategy, tokenizer: ChatTokenizer) -> dict[str, str]:
     """Load the training prompts as OpenRLHF does and build the reference-completion lookup."""
     args = strategy.args
     return build_reference_lookup(load_prompt_rows(strategy), tokenizer, args.data, args.data.output_key)

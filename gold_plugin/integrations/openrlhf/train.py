@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .launch_plan import COLOCATED_GPU_SHARE, LaunchPlan
+
+if TYPE_CHECKING:
+    from types import SimpleNamespace
+
+    from ray.actor import ActorClass
+    from ray.util.placement_group import PlacementGroup
+
+    from gold_plugin.teacher.ray_group import TeacherGroup
 
 JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Where ``ray job submit`` hands the job's runtime env to the driver (Ray refuses a ``ray.init`` runtime env that
@@ -56,7 +64,7 @@ def plugin_runtime_env(job_env: dict[str, Any] | None = None) -> dict[str, Any]:
     return env
 
 
-def create_teacher_group(plan: LaunchPlan, placement: Any | None) -> Any:
+def create_teacher_group(plan: LaunchPlan, placement: PlacementGroup | None) -> TeacherGroup:
     """The teacher replicas, in the actor's placement group (``placement``) or on their own GPUs."""
     from gold_plugin.teacher import TeacherGroup
 
@@ -125,7 +133,9 @@ def train(plan: LaunchPlan) -> None:
             max_images_per_prompt=args.data.max_images_per_prompt,
         )
 
-    def model_group(role, actor_class, pg):
+    def model_group(
+        role: SimpleNamespace, actor_class: ActorClass, pg: PlacementGroup | None
+    ) -> RayActorGroup:
         """A group of ``role.num_nodes x role.num_gpus_per_node`` model actors, sharing GPUs inside ``pg``."""
         share = COLOCATED_GPU_SHARE if pg else 1
         return RayActorGroup(
@@ -188,4 +198,4 @@ def train(plan: LaunchPlan) -> None:
     ray.get(actor_group.async_save_model())
     if critic_group is not None and args.critic.save_value_network:
         ray.get(critic_group.async_save_model())
-    teacher.shutdown()
+    teacher.close()

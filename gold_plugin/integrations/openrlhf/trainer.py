@@ -8,7 +8,7 @@ lookup for the teacher's chat template; :class:`DrawAtGlobalStep` makes their of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -22,6 +22,14 @@ from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
 
 from .experience_maker import GoldExperienceMaker
 from .prompts import load_prompt_lookup, load_reference_lookup
+
+if TYPE_CHECKING:
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+    from openrlhf.trainer.ray.launcher import RayActorGroup
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+    from ray.actor import ActorHandle
+
+    from gold_plugin.teacher.types import TeacherScorer
 
 logger = init_logger(__name__)
 
@@ -38,7 +46,7 @@ def seed_prompt_order(args: Any) -> None:
     torch.manual_seed(int(args.train.seed))
 
 
-def install_gold_experience_maker(trainer: Any, teacher: Any) -> GoldExperienceMaker:
+def install_gold_experience_maker(trainer: BasePPOTrainer, teacher: TeacherScorer) -> GoldExperienceMaker:
     """Replace ``trainer.experience_maker`` (built by OpenRLHF's ``BasePPOTrainer``) with the GOLD one."""
     strategy = trainer.strategy
     gold = gold_config_from_args(strategy.args)
@@ -95,7 +103,12 @@ class GoldPPOTrainer(DrawAtGlobalStep, PPOTrainer.__ray_actor_class__):
     """
 
     def __init__(
-        self, pretrain: str, strategy: Any, *groups: Any, teacher: Any, **generate_kwargs: Any
+        self,
+        pretrain: str,
+        strategy: DeepspeedStrategy,
+        *groups: Any,
+        teacher: TeacherScorer,
+        **generate_kwargs: Any,
     ) -> None:
         seed_prompt_order(strategy.args)
         super().__init__(pretrain, strategy, *groups, **generate_kwargs)
@@ -106,7 +119,9 @@ class GoldPPOTrainer(DrawAtGlobalStep, PPOTrainer.__ray_actor_class__):
 class GoldTrainingActor(DrawAtGlobalStep, TrainingActor.__ray_actor_class__):
     """The training half of OpenRLHF's async trainer, with GOLD experiences."""
 
-    def __init__(self, pretrain: str, strategy: Any, *groups: Any, teacher: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, pretrain: str, strategy: DeepspeedStrategy, *groups: Any, teacher: TeacherScorer, **kwargs: Any
+    ) -> None:
         super().__init__(pretrain, strategy, *groups, **kwargs)
         install_gold_experience_maker(self, teacher)
 
@@ -133,14 +148,14 @@ class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
     def __init__(
         self,
         pretrain: str,
-        strategy: Any,
-        actor_model_group: Any,
-        critic_model_group: Any,
-        reward_model_group: Any,
-        reference_model_group: Any,
-        vllm_engines: Any,
+        strategy: DeepspeedStrategy,
+        actor_model_group: RayActorGroup,
+        critic_model_group: RayActorGroup | None,
+        reward_model_group: RayActorGroup | None,
+        reference_model_group: RayActorGroup | None,
+        vllm_engines: list[ActorHandle] | None,
         *,
-        teacher: Any,
+        teacher: TeacherScorer,
         **generate_kwargs: Any,
     ) -> None:
         args = strategy.args
