@@ -55,7 +55,8 @@ class LocalTrainConfig:
     output_key: str | None = option(
         "data.output_key",
         None,
-        "Field holding a reference completion (the off-policy samples of --gold.lmbda < 1).",
+        "Field holding a reference completion (the off-policy samples of --gold.lmbda < 1; not needed with "
+        "--gold.off_policy_source teacher).",
         group=MODEL_AND_DATA,
     )
     apply_chat_template: bool = option("data.apply_chat_template", False, group=MODEL_AND_DATA, switch=True)
