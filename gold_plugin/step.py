@@ -11,7 +11,7 @@ places: :func:`build_logit_inputs` (alignments, teacher results, student ids, ac
 ``positions`` are ``(row, action column)`` pairs and whose ``sample_index`` names each position's sample) and
 :func:`compute_logit_loss` (student logits ``[B, T, V]``, those inputs, config -> per-position loss).
 
-Imports alignment, signals and the teacher's types; never Ray or OpenRLHF.
+Imports alignment, signals and the teacher's types and generation contract; never Ray or OpenRLHF.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,8 +228,6 @@ def off_policy_responses(
     off = draw.off_policy.copy()
     retries, seconds = 0, 0.0
     if teacher_rows:
-        import time
-
         if max_new_tokens is None:
             raise ValueError("Teacher-written completions need a length limit (--rollout.max_new_tokens).")
         params = GenerationParams(
