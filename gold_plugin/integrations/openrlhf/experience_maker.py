@@ -4,8 +4,8 @@ An adapter around :mod:`gold_plugin.step` (the GOLD step both backends share). F
 
 1. with ``--gold.lmbda < 1``, replaces the sampled responses of a drawn ``1 - lmbda`` share of the prompts by
    a tokenised off-policy completion (the dataset's reference, ``--data.output_key``, or one the teacher writes:
-   ``--gold.off_policy_source``) before any model forward, and marks those samples ``gold/off_policy`` (their advantages are set to 0: no policy gradient on text the student did
-   not sample; the logit loss trains on them);
+   ``--gold.off_policy_source``) before any model forward, and marks those samples ``gold/off_policy`` (their
+   advantages are set to 0: no policy gradient on text the student did not sample; the logit loss trains on them);
 2. builds the teacher requests (response text from the student's canonical token bytes; the teacher prompt from
    shared rule :func:`gold_plugin.step.teacher_prompt`: the raw chat messages of the prompt lookup, rendered with
    the teacher's template, else the student's prompt text, counted in ``gold/teacher_prompt_fallback``) and sends them on a background thread, so that teacher
@@ -59,7 +59,8 @@ SIGNAL_MASK_KEY = "gold_signal_mask"
 LOGIT_INPUTS_PREFIX = "gold_logit_inputs."
 """Prefix of the info keys carrying the logit-loss inputs (``<prefix><field>``, ``<prefix>columns``, ``valid``)."""
 OFF_POLICY_KEY = "gold/off_policy"
-"""Per-sample 1.0 for a reference completion (off-policy), 0.0 for a student sample; also a logged metric."""
+"""Per-sample 1.0 for an off-policy completion (the dataset's or the teacher's), 0.0 for a student sample; also a
+logged metric."""
 MISSING_REFERENCE_KEY = "gold/missing_reference"
 OFF_POLICY_TEACHER_KEY = "gold/off_policy_teacher"
 """Per-sample 1.0 for an off-policy completion the teacher wrote (``--gold.off_policy_source``); a logged metric."""
