@@ -28,6 +28,7 @@ TeacherBackend = Literal["hf", "vllm"]
 ChatTemplateSource = Literal["teacher", "student"]
 AdvantageNorm = Literal["none", "mean", "whiten"]
 HiddenStateLoss = Literal["mse", "cosine"]
+OffPolicySource = Literal["reference", "teacher", "reference_or_teacher"]
 
 
 class GoldConfigError(ValueError):
@@ -130,8 +131,13 @@ class GoldConfig:
     beta: float = 0.5
     """Generalised JSD interpolation (TRL/GKD): 0 = KL(T||S) forward, 1 = KL(S||T) reverse."""
     lmbda: float = 1.0
-    """Fraction of each batch's prompts trained on-policy (GKD); the rest use the dataset's reference completion
-    (--data.output_key), trained with the logit loss only."""
+    """Fraction of each batch's prompts trained on-policy (GKD); the rest train on a completion the student did not
+    sample (--gold.off_policy_source), with the logit loss only."""
+    off_policy_source: OffPolicySource = "reference"
+    """Where the off-policy completions of lmbda < 1 come from: ``reference`` (the dataset's, --data.output_key; a
+    row without one is trained on-policy), ``teacher`` (the teacher generates one per drawn prompt with its own
+    chat template, as GKD and TRL's seq_kd; --rollout.max_new_tokens, --rollout.temperature, --rollout.top_p) or
+    ``reference_or_teacher`` (the dataset's where the row has one, else the teacher's)."""
     off_policy_kl_and_entropy: bool = False
     """OpenRLHF backend: apply OpenRLHF's KL-to-reference loss (--algo.kl.use_loss) and entropy term
     (--actor.entropy_coef) to the tokens of off-policy samples too (the reference completions of lmbda < 1).
@@ -186,8 +192,19 @@ class GoldConfig:
 
     @property
     def uses_off_policy(self) -> bool:
-        """Whether some prompts use the dataset's reference completion (GKD's lmbda < 1)."""
+        """Whether some prompts train on a completion the student did not sample (GKD's lmbda < 1)."""
         return self.lmbda < 1.0
+
+    @property
+    def teacher_generates(self) -> bool:
+        """Whether the teacher writes off-policy completions (``--gold.off_policy_source`` teacher or
+        reference_or_teacher, with lmbda < 1)."""
+        return self.uses_off_policy and self.off_policy_source != "reference"
+
+    @property
+    def needs_references(self) -> bool:
+        """Whether the dataset's reference completions (--data.output_key) are read."""
+        return self.uses_off_policy and self.off_policy_source != "teacher"
 
     @property
     def needs_reward(self) -> bool:
@@ -203,6 +220,7 @@ class GoldConfig:
         _check_choice("hidden_state_loss", self.hidden_state_loss, HiddenStateLoss)
         _check_choice("teacher.backend", self.teacher.backend, TeacherBackend)
         _check_choice("teacher.chat_template", self.teacher.chat_template, ChatTemplateSource)
+        _check_choice("off_policy_source", self.off_policy_source, OffPolicySource)
         for name in ("alpha", "kl_discount", "beta", "lmbda"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -221,6 +239,18 @@ class GoldConfig:
             )
         if weights[0] is not None and (weights[0] < 0 or weights[1] < 0):
             raise GoldConfigError(f"Hybrid weights must be >= 0, got {weights}.")
+        if self.off_policy_source != "reference" and self.lmbda == 1.0:
+            raise GoldConfigError(
+                f"--gold.off_policy_source {self.off_policy_source} chooses where off-policy completions come from, "
+                "but --gold.lmbda 1 trains every prompt on-policy: set --gold.lmbda < 1 (for example 0.5), or "
+                "leave --gold.off_policy_source at reference."
+            )
+        if self.teacher_generates and self.alpha == 0.0:
+            raise GoldConfigError(
+                f"--gold.off_policy_source {self.off_policy_source} has the teacher write completions, which train "
+                "only through the logit loss and the teacher, both off at --gold.alpha 0: set --gold.alpha > 0, or "
+                "--gold.off_policy_source reference."
+            )
         if self.kl_length_normalised and self.kl_discount == 0.0:
             raise GoldConfigError(
                 "--gold.kl_length_normalised averages the distillation rewards of the remaining groups, which "

@@ -11,13 +11,15 @@ places: :func:`build_logit_inputs` (alignments, teacher results, student ids, ac
 ``positions`` are ``(row, action column)`` pairs and whose ``sample_index`` names each position's sample) and
 :func:`compute_logit_loss` (student logits ``[B, T, V]``, those inputs, config -> per-position loss).
 
-Imports alignment, signals and the teacher's types; never Ray or OpenRLHF.
+Imports alignment, signals and the teacher's types and generation contract; never Ray or OpenRLHF.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -49,10 +51,13 @@ from gold_plugin.signals.logit import (
     projected_logit_loss,
     projection_positions,
 )
-from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult
+from gold_plugin.teacher.generation import GenerationParams, generate_counting_retries
+from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult, TeacherScorer
 
 if TYPE_CHECKING:
     from gold_plugin.alignment.types import TokenIds, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "AlignedBatch",
@@ -61,6 +66,10 @@ __all__ = [
     "build_logit_inputs",
     "chat_messages",
     "choose_off_policy",
+    "draw_off_policy",
+    "off_policy_responses",
+    "OffPolicyDraw",
+    "OffPolicyResponses",
     "compute_logit_loss",
     "distill_advantages",
     "gold_advantages",
@@ -116,19 +125,148 @@ def choose_off_policy(
 
 
 def reference_response_ids(
-    student_tokenizer: Tokenizer, texts: Sequence[str], max_new_tokens: int | None
+    student_tokenizer: Tokenizer,
+    texts: Sequence[str],
+    max_new_tokens: int | None,
+    ends: Sequence[bool] | None = None,
 ) -> list[list[int]]:
     """The student's response ids for reference completions: the text as a continuation of the prompt (no
     dummy-prefix space, special-token strings as text), cut at ``max_new_tokens``, then the student's EOS when
-    there is room (as a sampled response that ended)."""
+    there is room (as a sampled response that ended). ``ends[i]`` False (a teacher completion cut at its length
+    limit) leaves the EOS out."""
     eos = student_tokenizer.eos_token_id
+    if ends is not None and len(ends) != len(texts):
+        raise ValueError(f"{len(ends)} end flags for {len(texts)} completions.")
     out = []
-    for ids in encode_continuation_batch(student_tokenizer, list(texts)):
+    for i, ids in enumerate(encode_continuation_batch(student_tokenizer, list(texts))):
         if max_new_tokens is not None and len(ids) >= max_new_tokens:
             out.append(list(ids[:max_new_tokens]))
         else:
-            out.append(list(ids) + ([eos] if eos is not None else []))
+            ended = ends is None or bool(ends[i])
+            out.append(list(ids) + ([eos] if eos is not None and ended else []))
     return out
+
+
+@dataclass(frozen=True)
+class OffPolicyDraw:
+    """Which prompts of a batch train on a completion the student did not sample, and where it comes from; every
+    field is ``[P]`` bool."""
+
+    off_policy: np.ndarray
+    """The prompt's samples are an off-policy completion (the dataset's reference or the teacher's)."""
+    teacher: np.ndarray
+    """... written by the teacher (a subset of ``off_policy``)."""
+    missing_reference: np.ndarray
+    """Drawn, but without a completion (no reference, or the teacher could not write one): trained on-policy."""
+
+    @property
+    def reference(self) -> np.ndarray:
+        """Off-policy prompts whose completion is the dataset's reference."""
+        return self.off_policy & ~self.teacher
+
+
+def draw_off_policy(
+    references: Sequence[str | None], gold: GoldConfig, seed: int, step: int
+) -> OffPolicyDraw:
+    """The off-policy prompts of a batch and their source (``--gold.off_policy_source``), both backends.
+
+    The prompts drawn are :func:`choose_off_policy`'s whatever the source (the same seed draws the same prompts).
+    ``reference``: a drawn prompt without reference is trained on-policy (``missing_reference``); ``teacher``:
+    every drawn prompt gets the teacher's completion; ``reference_or_teacher``: the reference where the row has
+    one, else the teacher's.
+    """
+    count = len(references)
+    none = np.zeros(count, dtype=bool)
+    if not gold.uses_off_policy:
+        return OffPolicyDraw(none, none.copy(), none.copy())
+    with_reference, without = choose_off_policy(references, gold.lmbda, seed, step)
+    if gold.off_policy_source == "reference":
+        return OffPolicyDraw(with_reference, none, without)
+    if gold.off_policy_source == "teacher":
+        drawn = with_reference | without
+        return OffPolicyDraw(drawn, drawn.copy(), none)
+    return OffPolicyDraw(with_reference | without, without, none)
+
+
+@dataclass
+class OffPolicyResponses:
+    """The student's response ids of every off-policy prompt (None for on-policy prompts), the draw after
+    teacher failures (a prompt the teacher could not complete is trained on-policy, counted in
+    ``missing_reference``), and the teacher call's retries and seconds."""
+
+    response_ids: list[list[int] | None]
+    draw: OffPolicyDraw
+    teacher_retries: int = 0
+    teacher_seconds: float = 0.0
+
+
+def off_policy_responses(
+    student_tokenizer: Tokenizer,
+    draw: OffPolicyDraw,
+    references: Sequence[str | None],
+    teacher_prompts: Sequence[str | ChatMessages | None],
+    teacher: TeacherScorer,
+    *,
+    max_new_tokens: int | None,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    step: int,
+) -> OffPolicyResponses:
+    """The off-policy completions of a batch as student response ids, one path for both sources (both backends).
+
+    A reference and a teacher-written text go the same way: :func:`reference_response_ids` (re-tokenised by the
+    student as a continuation, cut at ``max_new_tokens``, EOS when the text ended; a teacher text cut at its
+    length limit gets none). The teacher writes one completion per ``draw.teacher`` prompt from
+    ``teacher_prompts[i]`` (:func:`teacher_prompt`'s rule), with the rollout's ``max_new_tokens`` (in teacher
+    tokens), ``temperature`` (0 = greedy) and ``top_p``, seeded by ``(seed, step)``.
+    """
+    count = len(references)
+    if len(teacher_prompts) != count:
+        raise ValueError(f"{len(teacher_prompts)} teacher prompts for {count} prompts.")
+    texts: list[str | None] = [references[i] if draw.reference[i] else None for i in range(count)]
+    ends: list[bool] = [True] * count
+    teacher_rows = np.flatnonzero(draw.teacher).tolist()
+    missing = draw.missing_reference.copy()
+    off = draw.off_policy.copy()
+    retries, seconds = 0, 0.0
+    if teacher_rows:
+        if max_new_tokens is None:
+            raise ValueError("Teacher-written completions need a length limit (--rollout.max_new_tokens).")
+        params = GenerationParams(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            seed=int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), 1]).generate_state(1)[0]),
+        )
+        start = time.perf_counter()
+        generations, retries = generate_counting_retries(
+            teacher, [teacher_prompts[i] for i in teacher_rows], params
+        )
+        seconds = time.perf_counter() - start
+        for i, generation in zip(teacher_rows, generations):
+            if generation.error is not None:
+                logger.warning(
+                    "The teacher could not complete off-policy prompt %d (trained on-policy): %s",
+                    i,
+                    generation.error,
+                )
+                off[i], missing[i] = False, True
+                continue
+            texts[i], ends[i] = generation.text, generation.finished
+    rows = [i for i in range(count) if off[i]]
+    ids = reference_response_ids(
+        student_tokenizer, [texts[i] for i in rows], max_new_tokens, [ends[i] for i in rows]
+    )
+    response_ids: list[list[int] | None] = [None] * count
+    for i, response in zip(rows, ids):
+        response_ids[i] = response
+    return OffPolicyResponses(
+        response_ids=response_ids,
+        draw=OffPolicyDraw(off, draw.teacher & off, missing),
+        teacher_retries=retries,
+        teacher_seconds=seconds,
+    )
 
 
 # ── teacher requests ──
@@ -597,10 +735,17 @@ def sample_metrics(
     off_policy: torch.Tensor,
     missing_reference: torch.Tensor,
     prompt_fallback: torch.Tensor | None = None,
+    off_policy_teacher: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample ``[B]`` float32 metrics of the step; both backends log their mean over the samples."""
+    """Per-sample ``[B]`` float32 metrics of the step; both backends log their mean over the samples.
+    ``off_policy_teacher`` marks the off-policy samples the teacher wrote (the rest are the dataset's)."""
     batch = distill.aligned.shape[0]
     off = off_policy.to(torch.float32).reshape(batch)
+    by_teacher = (
+        torch.zeros(batch)
+        if off_policy_teacher is None
+        else off_policy_teacher.to(torch.float32).reshape(batch)
+    )
     return {
         "gold/sampled_kl": distill.kl_sum.float(),
         "gold/sampled_kl_per_group": distill.kl_mean.float(),
@@ -618,6 +763,8 @@ def sample_metrics(
         ),
         "gold/on_policy": 1.0 - off,
         "gold/off_policy": off,
+        "gold/off_policy_reference": off - by_teacher,
+        "gold/off_policy_teacher": by_teacher,
         "gold/missing_reference": missing_reference.to(torch.float32).reshape(batch),
     }
 

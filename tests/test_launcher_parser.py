@@ -266,6 +266,12 @@ def test_reference_model_only_when_kl_to_reference_is_asked_for():
         ("--algo.advantage.estimator gae", "1.0", "critic-free estimator"),
         ("--algo.kl.init_coef 0.01", "1.0", "--algo.kl.use_loss"),
         ("--gold.lmbda 0.5", "1.0", "--data.output_key"),
+        (
+            "--gold.lmbda 0.5 --gold.off_policy_source reference_or_teacher",
+            "1.0",
+            "--gold.off_policy_source teacher",
+        ),
+        ("--gold.off_policy_source teacher", "1.0", "--gold.lmbda < 1"),
         ("--algo.dynamic_filtering_enable", "1.0", "reward-free"),
         (
             "--algo.advantage.estimator rloo --rollout.n_samples_per_prompt 1",
@@ -279,6 +285,13 @@ def test_impossible_combinations_fail_with_what_to_change(extra, alpha, message)
     with pytest.raises(GoldConfigError) as err:
         _plan(_argv(extra, alpha))
     assert message in str(err.value)
+
+
+def test_teacher_written_off_policy_completions_need_no_dataset_completions():
+    plan = _plan(_argv("--gold.lmbda 0.5 --gold.off_policy_source teacher"))
+    assert (
+        plan.gold.teacher_generates and not plan.gold.needs_references and plan.args.data.output_key is None
+    )
 
 
 def test_the_shortest_command_runs_with_golds_reward_free_defaults_and_given_options_win():

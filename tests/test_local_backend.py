@@ -285,3 +285,93 @@ def test_bad_samples_are_counted_and_the_step_trains_on(models, tmp_path, monkey
     assert experience.advantages[6:].abs().sum() > 0  # the rest of the batch trains as before
     assert math.isfinite(metrics["gold/logit_loss"]) and math.isfinite(metrics["train/policy_loss"])
     assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+
+
+def test_teacher_written_off_policy_completions(models, tmp_path):
+    """``--gold.lmbda 0.5 --gold.off_policy_source teacher``: half the prompts train on a completion the teacher
+    writes (no dataset completions needed); ``reference_or_teacher``: the dataset's where the row has one."""
+    import dataclasses
+
+    import numpy as np
+
+    from gold_plugin.alignment import encode_continuation
+    from gold_plugin.local.cli import build_parser
+    from gold_plugin.local.config import configs_from_args
+    from gold_plugin.local.trainer import LocalTrainer
+    from gold_plugin.step import draw_off_policy
+    from gold_plugin.teacher import build_teacher
+    from gold_plugin.teacher.generation import GenerationParams
+    from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+
+    options = [
+        *FAST,
+        "--gold.lmbda",
+        "0.5",
+        "--gold.off_policy_source",
+        "teacher",
+        "--local.teacher_in_process",
+    ]
+    ckpt = tmp_path / "ckpt"
+    assert (
+        main(
+            demo_argv(
+                models, [*options, "--local.max_steps", "2", "--eval.steps", "0", "--ckpt.path", str(ckpt)]
+            )
+        )
+        == 0
+    )
+    history = [h for h in _metrics(ckpt / "metrics.jsonl") if "gold/off_policy" in h]
+    assert [(h["gold/off_policy_teacher"], h["gold/off_policy_reference"]) for h in history] == [
+        (0.5, 0.0)
+    ] * 2
+    assert all(h["gold/off_policy"] == 0.5 and h["gold/missing_reference"] == 0 for h in history)
+    assert all(h["gold/logit_loss"] > 0 and h["gold/teacher_generation_seconds"] > 0 for h in history)
+
+    # One rollout by hand: the completions are the teacher's (same prompts, parameters and seed), re-tokenised by
+    # the student like a dataset answer.
+    config, gold = configs_from_args(build_parser().parse_args(demo_argv(models, options)))
+    teacher = build_teacher(gold.teacher, device="cpu")
+    trainer = LocalTrainer(config, gold, teacher, load_teacher_tokenizer(gold.teacher))
+    rows = trainer.batch_rows(0)
+    rollout, off, missing = trainer.make_rollout(rows, step=0)
+    drawn = sorted({rollout.prompt_index[i] for i in off.nonzero().flatten().tolist()})
+    assert len(drawn) == 16 and not missing.any() and rollout.teacher_written == off.tolist()
+    seed = int(np.random.SeedSequence([config.seed, 0, 1]).generate_state(1)[0])
+    texts = teacher.generate(
+        [trainer._student_prompt(rows[i]) for i in drawn],
+        GenerationParams(6, config.temperature, config.top_p, seed),
+    )
+    tok = trainer.tokenizer
+    for i, generation in zip(drawn, texts):
+        expected = encode_continuation(tok, generation.text) + (
+            [tok.eos_token_id] if generation.finished else []
+        )
+        samples = [r for j, r in enumerate(rollout.response_ids) if rollout.prompt_index[j] == i]
+        assert samples == [expected[:6]] * 4
+    # The teacher's answers in the task's format (it writes the 3-digit sum and ends its turn), sampled at the
+    # rollout's temperature 1: not always the dataset's answer.
+    assert all(g.finished and len(g.text) == 3 and g.text.isdigit() for g in texts)
+    assert 0 < sum(g.text == rows[i]["output"] for i, g in zip(drawn, texts)) < 16
+    experience = trainer.make_experience(rows, rollout, off, missing)
+    assert experience.metrics["gold/off_policy_teacher"] == experience.metrics["gold/off_policy"] == 0.5
+    assert experience.advantages[off].abs().sum() == 0
+
+    # reference_or_teacher: a drawn row without the dataset's answer gets the teacher's, the others keep theirs.
+    mixed = dataclasses.replace(gold, off_policy_source="reference_or_teacher")
+    config = dataclasses.replace(config, output_key="output")
+    trainer = LocalTrainer(config, mixed, teacher, load_teacher_tokenizer(gold.teacher))
+    rows = [dict(r) for r in rows]
+    del rows[drawn[0]]["output"]
+    assert draw_off_policy([r.get("output") for r in rows], mixed, config.seed, 0).teacher.nonzero()[
+        0
+    ].tolist() == [drawn[0]]
+    rollout, off, missing = trainer.make_rollout(rows, step=0)
+    for j, i in enumerate(rollout.prompt_index):
+        if i in drawn[1:]:
+            assert rollout.response_ids[j] == tok(rows[i]["output"], add_special_tokens=False)[
+                "input_ids"
+            ] + [tok.eos_token_id]
+        assert rollout.teacher_written[j] == (i == drawn[0])
+    experience = trainer.make_experience(rows, rollout, off, missing)
+    assert experience.metrics["gold/off_policy_teacher"] == pytest.approx(4 / 128)
+    assert experience.metrics["gold/off_policy_reference"] == pytest.approx(60 / 128)

@@ -150,6 +150,11 @@ def test_checks_against_the_gold_options():
         config.check_gold(GoldConfig(alpha=0.5))
     with pytest.raises(GoldConfigError, match="--data.output_key"):
         config.check_gold(GoldConfig(lmbda=0.5, signal="logit", teacher=TeacherConfig(topk=4)))
+    mixed = GoldConfig(lmbda=0.5, off_policy_source="reference_or_teacher", teacher=TeacherConfig(topk=4))
+    with pytest.raises(GoldConfigError, match="--data.output_key .* or --gold.off_policy_source teacher"):
+        config.check_gold(mixed)
+    # The teacher writes every off-policy completion: no dataset completions needed.
+    config.check_gold(GoldConfig(lmbda=0.5, off_policy_source="teacher", teacher=TeacherConfig(topk=4)))
     config.check_gold(GoldConfig(alpha=1.0))
 
 

@@ -486,3 +486,64 @@ def test_unpacking_fills_in_samples_without_positions_and_refuses_disagreeing_on
     packed[prefix + "teacher_topk_ids"][1] = torch.zeros(3, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="teacher_topk_ids: samples disagree"):
         unpack_logit_inputs(packed, LogitLossInputs)
+
+
+@pytest.mark.parametrize("source", ["reference_or_teacher", "teacher"])
+def test_teacher_written_off_policy_completions_replace_the_drawn_responses(models, teacher_group, source):
+    """``--gold.off_policy_source``: the drawn prompts (seed 42, step 0: the first, whose reference is removed, and
+    the last) train on the teacher group's completion (its own chat template, the rollout's sampling options, seeded
+    by run and step), re-tokenised by the student; ``reference_or_teacher`` keeps the last prompt's reference."""
+    from gold_plugin.alignment import encode_continuation
+    from gold_plugin.teacher.generation import GenerationParams
+
+    plan = make_plan(
+        models,
+        alpha=1.0,
+        extra="--algo.advantage.estimator reinforce --gold.signal both --gold.logit_projection vocab "
+        f"--gold.lmbda 0.5 --gold.off_policy_source {source} --rollout.max_new_tokens 12",
+    )
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher_group, plan)
+    gold_maker.reference_lookup.pop(next(iter(gold_maker.reference_lookup)))  # the first prompt has none
+    experiences = gold_maker.make_experience_batch(make_rollouts(strategy, student_tok))
+    rows = _by_row(experiences)
+    inputs = _logit_inputs_by_sample(experiences)
+
+    def total(key: str) -> float:
+        return sum(float(e.info[key].sum()) for e in experiences)
+
+    teacher_count = 2.0 if source == "reference_or_teacher" else 3.0
+    assert (total("gold/off_policy"), total("gold/off_policy_teacher")) == (3.0, teacher_count)
+    assert (total("gold/off_policy_reference"), total("gold/missing_reference")) == (3.0 - teacher_count, 0.0)
+    assert all(float(e.info["gold/teacher_generation_seconds"][0]) > 0 for e in experiences)
+
+    # The first prompt's completion, asked of an in-process teacher on the same weights with the same parameters.
+    params = GenerationParams(
+        max_new_tokens=12,
+        temperature=plan.args.rollout.temperature,
+        top_p=plan.args.rollout.top_p,
+        seed=int(np.random.SeedSequence([42, 0, 1]).generate_state(1)[0]),
+    )
+    # One generate call for the step's teacher prompts (sampling depends on the batch): both drawn ones, or the first.
+    drawn = [ROWS[0]] if source == "reference_or_teacher" else [ROWS[0], ROWS[2]]
+    written = models.local_teacher().generate(
+        [[{"role": "user", "content": r["input"]}] for r in drawn], params
+    )[0]
+    assert written.error is None and written.text
+    expected = encode_continuation(student_tok, written.text) + (
+        [student_tok.eos_token_id] if written.finished else []
+    )
+    off_keys = [k for k, (exp, b) in rows.items() if float(exp.info["gold/off_policy"][b]) == 1.0]
+    first = [k for k in off_keys if ROWS[0]["input"] in k[0]]
+    assert len(first) == 1 and list(first[0][1]) == expected[:12]  # both samples of the prompt: one key
+    assert all(float(rows[k][0].info["gold/off_policy_teacher"][rows[k][1]]) == 1.0 for k in first)
+    last = [k for k in off_keys if ROWS[2]["input"] in k[0] and "Please" not in k[0]]
+    if source == "reference_or_teacher":  # the dataset's answer, as with the reference source
+        assert list(last[0][1]) == student_tok("naïve", add_special_tokens=False)["input_ids"] + [
+            student_tok.eos_token_id
+        ]
+    for key in off_keys:
+        exp, b = rows[key]
+        mask = exp.action_mask[b].bool()
+        assert torch.equal(exp.advantages[b][mask], torch.zeros(int(mask.sum())))  # no policy gradient
+        assert inputs[key][0].numel() > 0  # the logit loss trains on it
+        assert float(exp.info["gold/teacher_failed"][b]) == 0.0

@@ -148,3 +148,29 @@ def test_replica_that_keeps_dying_is_named_in_the_error(local_ray, teacher_confi
             batch.result(timeout=120)
     finally:
         group.close()
+
+
+GENERATION_PROMPTS = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(5)] + [
+    "plain",
+    "text",
+]
+
+
+def test_group_generates_in_order_like_a_local_teacher_and_retries_a_dead_replica(group, teacher_config):
+    """``TeacherGroup.generate`` splits the prompts over both replicas; a replica dead before the call is restarted
+    and its share re-sent (the retry handling of ``score``), with the same completions."""
+    from gold_plugin.teacher.generation import GenerationParams, generate_counting_retries
+
+    params = GenerationParams(max_new_tokens=5, temperature=0.0)
+    local = HFTeacher(
+        teacher_config.model_name_or_path, tokenizer=load_test_tokenizer("gpt2"), micro_batch_size=4
+    )
+    expected = local.generate(GENERATION_PROMPTS, params)
+    assert all(g.error is None and g.num_tokens > 0 for g in expected)
+    assert group.generate(GENERATION_PROMPTS, params) == expected
+    before = group.num_restarts
+    ray.kill(group.replicas[0])
+    results, retries = generate_counting_retries(group, GENERATION_PROMPTS, params)
+    assert results == expected
+    assert retries == 1 and group.num_restarts == before + 1
+    assert generate_counting_retries(local, GENERATION_PROMPTS[:2], params) == (expected[:2], 0)

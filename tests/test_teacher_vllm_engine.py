@@ -272,3 +272,39 @@ def test_bounded_steps_score_long_responses_like_one_step(teacher, bounded_teach
     assert_same(bounded, teacher.score(LONG_REQUESTS), atol=1e-5)
     assert all(r.error is None for r in bounded) and bounded[2].num_masked > 0
     assert_same([bounded_teacher.score([r])[0] for r in LONG_REQUESTS], bounded, atol=1e-5)
+
+
+GENERATION_PROMPTS = [CHAT, "Plain text prompt:", [{"role": "user", "content": "Hi"}], "<s>Already with BOS"]
+
+
+def test_greedy_generation_equals_the_hf_teacher(teacher, hf_reference):
+    """``--gold.off_policy_source teacher`` on a real engine: the same prompt ids (the teacher's own chat template),
+    the same greedy tokens and the same decoded text as ``HFTeacher.generate`` on the same weights."""
+    from gold_plugin.teacher.generation import GenerationParams
+
+    params = GenerationParams(max_new_tokens=10, temperature=0.0)
+    got = teacher.generate(GENERATION_PROMPTS, params)
+    expected = hf_reference.generate(GENERATION_PROMPTS, params)
+    assert got == expected
+    assert all(g.error is None and g.num_tokens == 10 and not g.finished and g.text for g in got)
+    # Seeded sampling: the same seed gives the same texts.
+    sampled = GenerationParams(max_new_tokens=10, temperature=1.0, seed=3)
+    assert teacher.generate(GENERATION_PROMPTS, sampled) == teacher.generate(GENERATION_PROMPTS, sampled)
+
+
+def test_generation_stops_at_the_end_of_turn_token(teacher, hf_reference, tokenizer):
+    """The third greedy token made the end-of-turn token: vLLM stops there, the text is the first two tokens."""
+    from gold_plugin.teacher.generation import GenerationParams, TeacherGeneration
+
+    params = GenerationParams(max_new_tokens=10, temperature=0.0)
+    prompt_ids = hf_reference.encoder.prompt_ids(CHAT).tolist()
+    ids = prompt_ids
+    with torch.no_grad():
+        for _ in range(3):  # a hand-run argmax loop on the hf model
+            ids = ids + [int(hf_reference.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+    new = ids[len(prompt_ids) :]
+    stopping = sharing_engine(teacher, end_of_turn_token=tokenizer.convert_ids_to_tokens(new[2]))
+    [generation] = stopping.generate([CHAT], params)
+    assert generation == TeacherGeneration(
+        text=tokenizer.decode(new[:2], skip_special_tokens=True), finished=True, num_tokens=2
+    )

@@ -55,7 +55,8 @@ class LocalTrainConfig:
     output_key: str | None = option(
         "data.output_key",
         None,
-        "Field holding a reference completion (the off-policy samples of --gold.lmbda < 1).",
+        "Field holding a reference completion (the off-policy samples of --gold.lmbda < 1; not needed with "
+        "--gold.off_policy_source teacher).",
         group=MODEL_AND_DATA,
     )
     apply_chat_template: bool = option("data.apply_chat_template", False, group=MODEL_AND_DATA, switch=True)
@@ -209,10 +210,11 @@ class LocalTrainConfig:
                 f"--gold.alpha {gold.alpha} < 1 mixes in a task reward: give --reward.remote_url "
                 "path/to/reward.py (defining reward_func(queries, prompts, labels)), or set --gold.alpha 1."
             )
-        if gold.lmbda < 1.0 and not self.output_key:
+        if gold.needs_references and not self.output_key:
             raise GoldConfigError(
-                f"--gold.lmbda {gold.lmbda} < 1 trains a share of the prompts on the dataset's reference "
-                "completions: set --data.output_key (the completion column), or --gold.lmbda 1."
+                f"--gold.lmbda {gold.lmbda} < 1 with --gold.off_policy_source {gold.off_policy_source} trains a share "
+                "of the prompts on the dataset's reference completions: set --data.output_key (the completion column), "
+                "or --gold.off_policy_source teacher (the teacher writes them), or --gold.lmbda 1."
             )
         if gold.needs_reward and self.advantage_estimator == "rloo" and self.n_samples_per_prompt < 2:
             raise GoldConfigError(

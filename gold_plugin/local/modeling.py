@@ -6,7 +6,7 @@ Everything here is plain torch + transformers (no Ray), so it runs on CPU or one
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +27,8 @@ class Rollout:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     ends_with_eos: list[bool]
+    teacher_written: list[bool] = field(default_factory=list)
+    """Per sample: an off-policy completion the teacher wrote (``--gold.off_policy_source``); empty = none."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -48,14 +48,14 @@ from gold_plugin.step import (
     align_results,
     build_logit_inputs,
     chat_messages,
-    choose_off_policy,
     compute_logit_loss,
     distill_advantages,
+    draw_off_policy,
     gold_advantages,
     logit_loss_term,
     logit_metrics,
     mean_metrics,
-    reference_response_ids,
+    off_policy_responses,
     reference_text,
     response_ends_with_eos,
     sample_metrics,
@@ -183,6 +183,8 @@ class LocalTrainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
+        self.rollout_metrics: dict[str, float] = {}
+        """The last rollout's teacher-generation time and retries (with --gold.off_policy_source teacher)."""
         self.history: list[dict[str, float]] = []
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -240,17 +242,42 @@ class LocalTrainer:
 
     def make_rollout(self, rows: list[dict], step: int) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """The step's responses, prompt-major: student samples, except for the prompts drawn off-policy
-        (``1 - lmbda`` of them), whose ``n`` samples are the dataset's reference completion.
+        (``1 - lmbda`` of them), whose ``n`` samples are one off-policy completion: the dataset's reference or the
+        teacher's (``--gold.off_policy_source``; ``rollout.teacher_written`` marks those).
 
         Returns the rollout and, per sample, ``off_policy`` and ``missing_reference`` (drawn but without a
-        reference completion: trained on-policy).
+        completion: trained on-policy).
         """
         c, gold = self.config, self.gold
         n = c.n_samples_per_prompt
         prompt_ids = [encode_prompt(self.tokenizer, self._student_prompt(r)) for r in rows]
-        off = missing = np.zeros(len(rows), dtype=bool)
-        if gold.uses_off_policy:
-            off, missing = choose_off_policy([self._reference(r) for r in rows], gold.lmbda, c.seed, step)
+        references = [self._reference(r) for r in rows]
+        draw = draw_off_policy(references, gold, c.seed, step)
+        completions = off_policy_responses(
+            self.tokenizer,
+            draw,
+            references,
+            [self._teacher_prompt(r)[0] if draw.teacher[i] else None for i, r in enumerate(rows)],
+            self.teacher,
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            seed=c.seed,
+            step=step,
+        )
+        self.rollout_metrics = (
+            {
+                "gold/teacher_generation_seconds": completions.teacher_seconds,
+                "gold/teacher_generation_retries": float(completions.teacher_retries),
+            }
+            if gold.teacher_generates
+            else {}
+        )
+        off, missing, by_teacher = (
+            completions.draw.off_policy,
+            completions.draw.missing_reference,
+            completions.draw.teacher,
+        )
         on_index = [i for i in range(len(rows)) if not off[i]]
         sampled = sample(
             self.model,
@@ -261,15 +288,12 @@ class LocalTrainer:
             temperature=c.temperature,
             top_p=c.top_p,
         )
-        off_index = [i for i in range(len(rows)) if off[i]]
-        references = reference_response_ids(
-            self.tokenizer, [self._reference(rows[i]) for i in off_index], c.max_new_tokens
-        )
         per_prompt: dict[int, list[list[int]]] = {i: [] for i in range(len(rows))}
         for j, response in enumerate(sampled.response_ids):
             per_prompt[on_index[sampled.prompt_index[j]]].append(response)
-        for i, response in zip(off_index, references):
-            per_prompt[i] = [list(response) for _ in range(n)]
+        for i in range(len(rows)):
+            if off[i]:
+                per_prompt[i] = [list(completions.response_ids[i]) for _ in range(n)]
         rollout = Rollout([], [], [], [])
         for i in range(len(rows)):
             for response in per_prompt[i]:
@@ -277,6 +301,7 @@ class LocalTrainer:
                 rollout.prompt_ids.append(prompt_ids[i])
                 rollout.response_ids.append(response)
                 rollout.ends_with_eos.append(response_ends_with_eos(self.tokenizer, response))
+                rollout.teacher_written.append(bool(by_teacher[i]))
         index = np.asarray(rollout.prompt_index, dtype=np.int64)
         return rollout, torch.from_numpy(off[index]), torch.from_numpy(missing[index])
 
@@ -297,6 +322,9 @@ class LocalTrainer:
         missing = (
             torch.zeros(num_samples, dtype=torch.bool) if missing_reference is None else missing_reference
         )
+        by_teacher = torch.zeros(num_samples, dtype=torch.bool)
+        if rollout.teacher_written:
+            by_teacher = torch.tensor(rollout.teacher_written, dtype=torch.bool) & off
         sample_rows = [rows[i] for i in rollout.prompt_index]
         prompts, fallback = zip(*(self._teacher_prompt(r) for r in sample_rows)) if sample_rows else ((), ())
         requests = teacher_requests(self.tokenizer, rollout.response_ids, list(prompts))
@@ -329,7 +357,9 @@ class LocalTrainer:
         if aligned is not None:
             distill, signal = distill_advantages(aligned, old, mask, gold)
             fell_back = torch.tensor(fallback, dtype=torch.float32)
-            metrics.update(mean_metrics(sample_metrics(aligned, distill, off, missing, fell_back)))
+            metrics.update(
+                mean_metrics(sample_metrics(aligned, distill, off, missing, fell_back, by_teacher))
+            )
             distill_adv = distill.advantages
         else:
             distill_adv, signal = torch.zeros_like(old), torch.zeros_like(mask)
@@ -337,6 +367,8 @@ class LocalTrainer:
                 {
                     "gold/on_policy": float((~off).float().mean()),
                     "gold/off_policy": float(off.float().mean()),
+                    "gold/off_policy_reference": float((off & ~by_teacher).float().mean()),
+                    "gold/off_policy_teacher": float(by_teacher.float().mean()),
                     "gold/missing_reference": float(missing.float().mean()),
                 }
             )
@@ -374,7 +406,7 @@ class LocalTrainer:
         rollout, off, missing = self.make_rollout(rows, self.step)
         generate_seconds = time.perf_counter() - t0
         experience = self.make_experience(rows, rollout, off, missing)
-        metrics = dict(experience.metrics)
+        metrics = {**experience.metrics, **self.rollout_metrics}
 
         t2 = time.perf_counter()
         num_samples = len(rollout.response_ids)

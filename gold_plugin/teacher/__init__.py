@@ -2,6 +2,8 @@
 
 - :class:`TeacherRequest` / :class:`TeacherResult` and the :class:`TeacherScorer` contract (no Ray);
 - backends :class:`HFTeacher` (transformers, CPU or GPU) and :class:`VLLMTeacher` (vLLM prompt log-probs);
+- ``generate(prompts, GenerationParams)`` on every backend and the group: teacher-written completions
+  (:class:`TeacherGeneration`) for off-policy samples (``--gold.off_policy_source teacher``);
 - :func:`build_teacher` from a :class:`~gold_plugin.config.TeacherConfig`;
 - Ray: :data:`TeacherActor` (one replica) and :class:`TeacherGroup` (a batch split over replicas, dead
   replicas restarted). These, and the backends, are imported on first use: ``import gold_plugin.teacher``
@@ -27,6 +29,8 @@ _LAZY = {
     "parse_prompt_logprobs": "gold_plugin.teacher.vllm_backend",
     "build_teacher": "gold_plugin.teacher.factory",
     "RequestEncoder": "gold_plugin.teacher.prepare",
+    "GenerationParams": "gold_plugin.teacher.generation",
+    "TeacherGeneration": "gold_plugin.teacher.generation",
     "TeacherActor": "gold_plugin.teacher.ray_group",
     "TeacherBatch": "gold_plugin.teacher.ray_group",
     "TeacherGroup": "gold_plugin.teacher.ray_group",

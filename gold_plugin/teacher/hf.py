@@ -8,6 +8,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from gold_plugin.teacher.generation import (
+    GenerationParams,
+    PreparedPrompt,
+    Prompt,
+    TeacherGeneration,
+    finish,
+    prepare_prompts,
+    stop_ids,
+)
 from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
 from gold_plugin.teacher.types import TeacherRequest, TeacherResult, TeacherScorer
 
@@ -233,6 +242,65 @@ class HFTeacher(TeacherScorer):
             ids_np = np.pad(ids_np, ((0, 0), (0, pad)), constant_values=-1)
             lps_np = np.pad(lps_np, ((0, 0), (0, pad)), constant_values=-np.inf)
         return list(zip(lp, np.split(ids_np, split), np.split(lps_np, split), per_sequence_states))
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[TeacherGeneration]:
+        """One completion per prompt, in order: ``model.generate`` on the prompt's teacher ids (the scoring rule:
+        chat messages through the teacher's own template), ``micro_batch_size`` prompts at a time, left-padded,
+        stopping at the teacher's end-of-turn or EOS token. Seeded by ``params.seed`` (torch's generator is
+        restored afterwards); greedy at temperature 0. A prompt that cannot be rendered gets ``error``."""
+        prepared = prepare_prompts(self.encoder, prompts, params.max_new_tokens)
+        results: list[TeacherGeneration | None] = [
+            TeacherGeneration("", False, error=p) if isinstance(p, str) else None for p in prepared
+        ]
+        todo = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
+        # Prompts with the same room for new tokens share micro-batches (one max_new_tokens per generate call).
+        todo.sort(key=lambda i: (prepared[i].max_new_tokens, prepared[i].input_ids.shape[0]))
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(params.seed))
+            start = 0
+            while start < len(todo):
+                room = prepared[todo[start]].max_new_tokens
+                batch = [
+                    i
+                    for i in todo[start : start + self.micro_batch_size]
+                    if prepared[i].max_new_tokens == room
+                ]
+                for index, generation in zip(
+                    batch, self._generate_batch([prepared[i] for i in batch], params)
+                ):
+                    results[index] = generation
+                start += len(batch)
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, prompts: list[PreparedPrompt], params: GenerationParams
+    ) -> list[TeacherGeneration]:
+        from transformers import GenerationConfig
+
+        width = max(int(p.input_ids.shape[0]) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every row's next token is at the same column
+            length = int(prompt.input_ids.shape[0])
+            ids[row, width - length :] = torch.from_numpy(prompt.input_ids)
+            attention[row, width - length :] = 1
+        stops = stop_ids(self.encoder)
+        sampling = {"do_sample": False} if params.greedy else {
+            "do_sample": True, "temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": 0
+        }  # fmt: skip
+        config = GenerationConfig(
+            max_new_tokens=prompts[0].max_new_tokens,
+            eos_token_id=stops or None,
+            pad_token_id=self.pad_id,
+            **sampling,
+        )
+        out = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=attention.to(self.device), generation_config=config
+        )
+        new = out[:, width:].cpu().tolist()
+        return [finish(self._tokenizer, row, stops, p.max_new_tokens) for row, p in zip(new, prompts)]
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

@@ -15,6 +15,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
 from gold_plugin.config import GoldConfig, TeacherConfig
+from gold_plugin.teacher.generation import GenerationParams, Prompt, TeacherGeneration
 from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ class TeacherReplica:
     def score(self, requests: Sequence[TeacherRequest]) -> list[TeacherResult]:
         return self.scorer.score(requests)
 
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[TeacherGeneration]:
+        return self.scorer.generate(prompts, params)
+
 
 TeacherActor = ray.remote(TeacherReplica)
 """Ray actor class of one teacher replica; :class:`TeacherGroup` sets its GPUs/CPUs from the config."""
@@ -79,20 +83,28 @@ class TeacherBatch:
 
     ``refs`` are the Ray ``ObjectRef`` of each replica's share (they change when a share is retried);
     :meth:`result` waits, restarts dead replicas, retries their shares and returns the results in
-    request order; :attr:`retries` then counts the shares it re-sent.
+    request order; :attr:`retries` then counts the shares it re-sent. ``method`` is the replica method each share
+    calls (``score``, or ``generate`` with ``extra = (params,)``).
     """
 
     def __init__(
-        self, group: TeacherGroup, requests: list[TeacherRequest], shares: list[tuple[int, list[int]]]
+        self,
+        group: TeacherGroup,
+        requests: list[Any],
+        shares: list[tuple[int, list[int]]],
+        method: str = "score",
+        extra: tuple[Any, ...] = (),
     ):
         self._group = group
         self._requests = requests
         self._shares = shares
+        self._method, self._extra = method, extra
+        self._verb = "scoring" if method == "score" else "generating for"
         self._attempts = [0] * len(shares)
         self._actors: list[ActorHandle] = []
         self.refs: list[ObjectRef] = []
         for replica, indices in shares:
-            actor, ref = group._submit(replica, [requests[i] for i in indices])
+            actor, ref = group._submit(replica, [requests[i] for i in indices], method, extra)
             self._actors.append(actor)
             self.refs.append(ref)
         self._results: list[TeacherResult] | None = None if requests else []
@@ -109,7 +121,7 @@ class TeacherBatch:
         ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
         return len(ready) == len(self.refs)
 
-    def result(self, timeout: float | None = None) -> list[TeacherResult]:
+    def result(self, timeout: float | None = None) -> list[Any]:
         """The results in request order. Raises :class:`TeacherReplicaError` naming the replica when a
         share failed after ``max_retries`` restarts (or its scorer raised), ``TimeoutError`` on timeout."""
         if self._results is not None:
@@ -122,7 +134,7 @@ class TeacherBatch:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(refs, num_returns=1, timeout=left)
             if not ready:
-                raise TimeoutError(f"Teacher batch not scored within {timeout} s.")
+                raise TimeoutError(f"Teacher batch ({self._method}) not done within {timeout} s.")
             share = next(s for s in pending if self.refs[s] == ready[0])
             replica, indices = self._shares[share]
             try:
@@ -132,7 +144,7 @@ class TeacherBatch:
                 continue
             except RayTaskError as exc:
                 raise TeacherReplicaError(
-                    f"Teacher replica {self._group.replica_name(replica)} failed while scoring "
+                    f"Teacher replica {self._group.replica_name(replica)} failed while {self._verb} "
                     f"{len(indices)} requests: {exc.cause if exc.cause is not None else exc}"
                 ) from exc
             if len(out) != len(indices):
@@ -152,12 +164,14 @@ class TeacherBatch:
         name = self._group.replica_name(replica)
         if self._attempts[share] > self._group.max_retries:
             raise TeacherReplicaError(
-                f"Teacher replica {name} died {self._attempts[share]} times while scoring "
+                f"Teacher replica {name} died {self._attempts[share]} times while {self._verb} "
                 f"{len(indices)} requests (max_retries={self._group.max_retries}); last error: {exc}"
             ) from exc
         logger.warning("Teacher replica %s died (%s); restarting it and retrying its share.", name, exc)
         self._group._restart(replica, dead=self._actors[share])
-        actor, ref = self._group._submit(replica, [self._requests[i] for i in indices])
+        actor, ref = self._group._submit(
+            replica, [self._requests[i] for i in indices], self._method, self._extra
+        )
         self._actors[share] = actor
         self.refs[share] = ref
 
@@ -265,9 +279,11 @@ class TeacherGroup(TeacherScorer):
         self.num_restarts += 1
         self._wait_ready([replica])
 
-    def _submit(self, replica: int, requests: list[TeacherRequest]) -> tuple[ActorHandle, ObjectRef]:
+    def _submit(
+        self, replica: int, requests: list[Any], method: str = "score", extra: tuple[Any, ...] = ()
+    ) -> tuple[ActorHandle, ObjectRef]:
         actor = self.replicas[replica]
-        return actor, actor.score.remote(requests)
+        return actor, getattr(actor, method).remote(requests, *extra)
 
     # -- scoring ----------------------------------------------------------------------------------
     def score_async(self, requests: Sequence[TeacherRequest]) -> TeacherBatch:
@@ -285,6 +301,32 @@ class TeacherGroup(TeacherScorer):
         """:meth:`score`, and the number of shares re-sent because their replica died (0 when none died)."""
         batch = self.score_async(requests)
         results = batch.result()
+        return results, batch.retries
+
+    # -- generation (teacher-generated off-policy completions) -------------------------------------
+    def generate_async(self, prompts: Sequence[Prompt], params: GenerationParams) -> TeacherBatch:
+        """Start generating one completion per prompt on all replicas (shares split by prompt size, each replica
+        seeded by ``params.seed``) and return at once; dead replicas are restarted and their shares retried as
+        for scoring."""
+        prompts = list(prompts)
+        sizes = [_request_size(TeacherRequest(p, "")) for p in prompts]
+        parts = split_balanced(sizes, self.num_replicas)
+        shares = [(replica, indices) for replica, indices in enumerate(parts) if indices]
+        return TeacherBatch(self, prompts, shares, method="generate", extra=(params,))
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: GenerationParams, timeout: float | None = None
+    ) -> list[TeacherGeneration]:
+        """One completion per prompt, in order (:meth:`HFTeacher.generate` / :meth:`VLLMTeacher.generate` on the
+        replicas)."""
+        return self.generate_async(prompts, params).result(timeout=timeout)
+
+    def generate_counting_retries(
+        self, prompts: Sequence[Prompt], params: GenerationParams, timeout: float | None = None
+    ) -> tuple[list[TeacherGeneration], int]:
+        """:meth:`generate`, and the number of shares re-sent because their replica died."""
+        batch = self.generate_async(prompts, params)
+        results = batch.result(timeout=timeout)
         return results, batch.retries
 
     def close(self) -> None:

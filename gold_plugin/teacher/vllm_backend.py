@@ -9,11 +9,20 @@ checks when it is given one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gold_plugin.teacher.generation import (
+    GenerationParams,
+    Prompt,
+    TeacherGeneration,
+    finish,
+    prepare_prompts,
+    stop_ids,
+)
 from gold_plugin.teacher.prepare import RequestEncoder, build_result
 from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
 
@@ -235,6 +244,48 @@ class VLLMTeacher(TeacherScorer):
                 positions = seq.prompt_len + np.arange(seq.first_scored, seq.num_fed)
                 scores = parse_prompt_logprobs(output.prompt_logprobs, seq.input_ids, positions, self.topk)
                 results[index] = build_result(seq, self.topk, *scores)
+        return results  # type: ignore[return-value]
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[TeacherGeneration]:
+        """One completion per prompt, in order: the engine's ``generate`` on the prompt's teacher ids (the scoring
+        rule: chat messages through the teacher's own template), stopping at the teacher's end-of-turn or EOS
+        token, decoded by the teacher's tokenizer as :class:`~gold_plugin.teacher.HFTeacher` decodes. Request i
+        is seeded by ``params.seed + i``; greedy at temperature 0. A prompt that cannot be rendered gets
+        ``error``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prepared = prepare_prompts(self.encoder, prompts, params.max_new_tokens)
+        results: list[TeacherGeneration | None] = [
+            TeacherGeneration("", False, error=p) if isinstance(p, str) else None for p in prepared
+        ]
+        todo = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
+        if not todo:
+            return results  # type: ignore[return-value]
+        stops = stop_ids(self.encoder)
+        sampling = [
+            SamplingParams(
+                max_tokens=prepared[i].max_new_tokens,
+                temperature=float(params.temperature),
+                top_p=1.0 if params.greedy else float(params.top_p),
+                seed=int(params.seed) + i,
+                stop_token_ids=stops,
+                detokenize=False,
+            )
+            for i in todo
+        ]
+        requests = [TokensPrompt(prompt_token_ids=prepared[i].input_ids.tolist()) for i in todo]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        if len(outputs) != len(requests):
+            raise TeacherError(f"vLLM returned {len(outputs)} outputs for {len(requests)} prompts.")
+        for i, output in zip(todo, outputs):
+            completion = output.outputs[0]
+            generation = finish(self._tokenizer, completion.token_ids, stops, prepared[i].max_new_tokens)
+            if (
+                not generation.finished and completion.finish_reason == "stop"
+            ):  # stop token left out of the ids
+                generation = dataclasses.replace(generation, finished=True)
+            results[i] = generation
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

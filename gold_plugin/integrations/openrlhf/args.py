@@ -333,7 +333,8 @@ def _add_data_and_logging_options(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help="GOLD (not an OpenRLHF PPO option): reference-completion column, used for the off-policy share of "
-        "the prompts when --gold.lmbda < 1 (as GKD/TRL; OpenRLHF's SFT uses the same name).",
+        "the prompts when --gold.lmbda < 1 (as GKD/TRL; OpenRLHF's SFT uses the same name); not needed with "
+        "--gold.off_policy_source teacher.",
     )
     _flag(g, "--data.apply_chat_template", "Render prompts with the student tokenizer's chat template.")
     g.add_argument("--logger.wandb.key", type=str, default=None)

@@ -3,9 +3,9 @@
 An adapter around :mod:`gold_plugin.step` (the GOLD step both backends share). For every rollout batch it
 
 1. with ``--gold.lmbda < 1``, replaces the sampled responses of a drawn ``1 - lmbda`` share of the prompts by
-   the tokenised reference completion of the dataset (``--data.output_key``) before any model forward, and marks
-   those samples ``gold/off_policy`` (their advantages are set to 0: no policy gradient on text the student did
-   not sample; the logit loss trains on them);
+   a tokenised off-policy completion (the dataset's reference, ``--data.output_key``, or one the teacher writes:
+   ``--gold.off_policy_source``) before any model forward, and marks those samples ``gold/off_policy`` (their
+   advantages are set to 0: no policy gradient on text the student did not sample; the logit loss trains on them);
 2. builds the teacher requests (response text from the student's canonical token bytes; the teacher prompt from
    shared rule :func:`gold_plugin.step.teacher_prompt`: the raw chat messages of the prompt lookup, rendered with
    the teacher's template, else the student's prompt text, counted in ``gold/teacher_prompt_fallback``) and sends them on a background thread, so that teacher
@@ -42,10 +42,10 @@ from gold_plugin.step import (
     LogitVocab,
     align_results,
     build_logit_inputs,
-    choose_off_policy,
     distill_advantages,
+    draw_off_policy,
     gold_advantages,
-    reference_response_ids,
+    off_policy_responses,
     response_ends_with_eos,
     sample_metrics,
     teacher_prompt,
@@ -63,8 +63,11 @@ SIGNAL_MASK_KEY = "gold_signal_mask"
 LOGIT_INPUTS_PREFIX = "gold_logit_inputs."
 """Prefix of the info keys carrying the logit-loss inputs (``<prefix><field>``, ``<prefix>columns``, ``valid``)."""
 OFF_POLICY_KEY = "gold/off_policy"
-"""Per-sample 1.0 for a reference completion (off-policy), 0.0 for a student sample; also a logged metric."""
+"""Per-sample 1.0 for an off-policy completion (the dataset's or the teacher's), 0.0 for a student sample; also a
+logged metric."""
 MISSING_REFERENCE_KEY = "gold/missing_reference"
+OFF_POLICY_TEACHER_KEY = "gold/off_policy_teacher"
+"""Per-sample 1.0 for an off-policy completion the teacher wrote (``--gold.off_policy_source``); a logged metric."""
 TEACHER_RETRIES_KEY = "gold/teacher_retries"
 """Per sample: shares of its rollout's teacher call re-sent after a teacher replica died (``TeacherGroup``)."""
 
@@ -182,7 +185,9 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         teacher_tokenizer: the tokenizer the teacher's token ids refer to (default: ``teacher.tokenizer``).
         prompt_lookup: ``{student prompt string: raw chat messages}`` for the teacher's own chat template.
         reference_lookup: ``{student prompt string: reference completion}`` (``--data.output_key``), for
-            ``--gold.lmbda < 1``.
+            ``--gold.lmbda < 1`` (not needed with ``--gold.off_policy_source teacher``). With a source that
+            involves the teacher, ``teacher`` must also have ``generate`` (``TeacherGroup``, ``HFTeacher``,
+            ``VLLMTeacher``).
     """
 
     def __init__(
@@ -229,28 +234,44 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         return super().split_rollout_samples(ordered)
 
     def _use_reference_completions(self, samples: list[Experience]) -> None:
-        """Draw the off-policy prompts of this batch at :attr:`draw_step` and put their reference completions in.
-
-        The draw depends on the batch's set of prompts, not on the order of its samples: OpenRLHF's samples generator
-        appends each prompt's samples when vLLM finishes them, an order that changes from job to job."""
+        """Replace the responses of the drawn prompts by their off-policy completion (the dataset's reference or
+        the teacher's, :func:`gold_plugin.step.off_policy_responses`) and mark every sample."""
         step, self.draw_step = self.draw_step, self.draw_step + 1
         prompts = [s.prompts[0] if s.prompts else "" for s in samples]
-        distinct = sorted(set(prompts))
-        off = missing = np.zeros(len(distinct), dtype=bool)
-        if self.gold.uses_off_policy:
-            references = [self.reference_lookup.get(p) for p in distinct]
-            off, missing = choose_off_policy(references, self.gold.lmbda, self.args.train.seed, step)
-        chosen = {p: i for i, p in enumerate(distinct) if off[i]}
-        ids = reference_response_ids(
-            self.tokenizer, [self.reference_lookup[p] for p in chosen], self.args.rollout.max_new_tokens
+        distinct = sorted(set(prompts))  # the draw depends on the batch's prompts, not on the samples' order
+        references = [self.reference_lookup.get(p) for p in distinct]
+        draw = draw_off_policy(references, self.gold, self.args.train.seed, step)
+        rollout = self.args.rollout
+        chat = bool(getattr(self.args.data, "apply_chat_template", False))
+        completions = off_policy_responses(
+            self.tokenizer,
+            draw,
+            references,
+            [
+                teacher_prompt(p, self.prompt_lookup.get(p), self.gold, chat)[0] if draw.teacher[i] else None
+                for i, p in enumerate(distinct)
+            ],
+            self.teacher,
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            seed=self.args.train.seed,
+            step=step,
         )
-        response_of = dict(zip(chosen, ids))
+        draw = completions.draw
         index_of = {p: i for i, p in enumerate(distinct)}
         for sample, prompt in zip(samples, prompts):
-            if prompt in response_of:
-                self._replace_response(sample, response_of[prompt])
-            sample.info[OFF_POLICY_KEY] = torch.tensor([float(prompt in response_of)])
-            sample.info[MISSING_REFERENCE_KEY] = torch.tensor([float(missing[index_of[prompt]])])
+            i = index_of[prompt]
+            if draw.off_policy[i]:
+                self._replace_response(sample, completions.response_ids[i])
+            sample.info[OFF_POLICY_KEY] = torch.tensor([float(draw.off_policy[i])])
+            sample.info[MISSING_REFERENCE_KEY] = torch.tensor([float(draw.missing_reference[i])])
+            sample.info[OFF_POLICY_TEACHER_KEY] = torch.tensor([float(draw.teacher[i])])
+            if self.gold.teacher_generates:  # the step's teacher-generation call (every sample carries it)
+                sample.info["gold/teacher_generation_seconds"] = torch.tensor([completions.teacher_seconds])
+                sample.info["gold/teacher_generation_retries"] = torch.tensor(
+                    [float(completions.teacher_retries)]
+                )
 
     def _replace_response(self, sample: Experience, response_ids: list[int]) -> None:
         """Make the single-sample ``sample`` hold ``prompt + response_ids`` (cut at ``--data.max_len``)."""
@@ -409,6 +430,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
             off,
             experience.info[MISSING_REFERENCE_KEY] > 0,
             prompt_fallback=batch["fallback"],
+            off_policy_teacher=experience.info[OFF_POLICY_TEACHER_KEY] > 0,
         )
         metrics["gold/teacher_seconds"] = torch.full((size,), teacher_seconds)
         metrics["gold/teacher_wait_seconds"] = torch.full((size,), wait_seconds)

@@ -74,10 +74,11 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
         raise GoldConfigError("Set --data.prompt_dataset (the prompts the student answers).")
     # A local prompt file is read here, before Ray starts: a bad line stops the job at start, naming it.
     check_local_datasets(args.data.prompt_dataset, args.data.input_key)
-    if gold.uses_off_policy and not args.data.output_key:
+    if gold.needs_references and not args.data.output_key:
         raise GoldConfigError(
-            f"--gold.lmbda={gold.lmbda} < 1 trains a share of the prompts on the dataset's reference completions: "
-            "set --data.output_key (the completion column), or --gold.lmbda 1."
+            f"--gold.lmbda {gold.lmbda} < 1 with --gold.off_policy_source {gold.off_policy_source} trains a share "
+            "of the prompts on the dataset's reference completions: set --data.output_key (the completion column), "
+            "or --gold.off_policy_source teacher (the teacher writes them), or --gold.lmbda 1."
         )
     if args.data.max_images_per_prompt > 0:
         raise GoldConfigError(

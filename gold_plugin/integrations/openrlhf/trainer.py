@@ -55,7 +55,7 @@ def install_gold_experience_maker(trainer: BasePPOTrainer, teacher: TeacherScore
         prompt_lookup = load_prompt_lookup(strategy, trainer.tokenizer)
         logger.info(f"GOLD: raw chat prompts for the teacher's template: {len(prompt_lookup)} prompts")
     reference_lookup = None
-    if gold.uses_off_policy:
+    if gold.needs_references:
         reference_lookup = load_reference_lookup(strategy, trainer.tokenizer)
         logger.info(f"GOLD: reference completions for lmbda={gold.lmbda}: {len(reference_lookup)} prompts")
     base = trainer.experience_maker
