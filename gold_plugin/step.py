@@ -166,11 +166,18 @@ class OffPolicyDraw:
 
 
 def draw_off_policy(
-    references: Sequence[str | None], gold: GoldConfig, seed: int, step: int
+    references: Sequence[str | None],
+    gold: GoldConfig,
+    seed: int,
+    step: int,
+    prompts: Sequence[str] | None = None,
 ) -> OffPolicyDraw:
     """The off-policy prompts of a batch and their source (``--gold.off_policy_source``), both backends.
 
-    The prompts drawn are :func:`choose_off_policy`'s whatever the source (the same seed draws the same prompts).
+    The prompts drawn are :func:`choose_off_policy`'s whatever the source (the same seed draws the same prompts),
+    made over the prompts in the sorted order of their texts ``prompts`` when given (the backends list a batch's
+    prompts in different orders: OpenRLHF in vLLM's completion order, the local backend in the data's), so both
+    backends draw the same prompts of the same batch.
     ``reference``: a drawn prompt without reference is trained on-policy (``missing_reference``); ``teacher``:
     every drawn prompt gets the teacher's completion; ``reference_or_teacher``: the reference where the row has
     one, else the teacher's.
@@ -179,7 +186,14 @@ def draw_off_policy(
     none = np.zeros(count, dtype=bool)
     if not gold.uses_off_policy:
         return OffPolicyDraw(none, none.copy(), none.copy())
-    with_reference, without = choose_off_policy(references, gold.lmbda, seed, step)
+    order = (
+        np.argsort(np.asarray(prompts, dtype=object), kind="stable")
+        if prompts is not None
+        else np.arange(count)
+    )
+    sorted_with, sorted_without = choose_off_policy([references[i] for i in order], gold.lmbda, seed, step)
+    with_reference, without = none.copy(), none.copy()
+    with_reference[order], without[order] = sorted_with, sorted_without
     if gold.off_policy_source == "reference":
         return OffPolicyDraw(with_reference, none, without)
     if gold.off_policy_source == "teacher":

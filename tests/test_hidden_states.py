@@ -152,6 +152,8 @@ def test_group_ends_of_an_aligned_batch():
         results=[_result(states0), failed, _result(states2)],
         teacher_failed=torch.tensor([False, True, False]),
         masked_tokens=torch.zeros(3),
+        prompt_truncated=torch.zeros(3, dtype=torch.bool),
+        empty_response=torch.zeros(3, dtype=torch.bool),
     )
     targets = hidden_state_targets(batch)
     # Sample 0's groups end at student tokens 1, 2, 3 and teacher tokens 0, 2, 3; sample 2's group 0 at student 0

@@ -362,9 +362,9 @@ def test_teacher_written_off_policy_completions(models, tmp_path):
     trainer = LocalTrainer(config, mixed, teacher, load_teacher_tokenizer(gold.teacher))
     rows = [dict(r) for r in rows]
     del rows[drawn[0]]["output"]
-    assert draw_off_policy([r.get("output") for r in rows], mixed, config.seed, 0).teacher.nonzero()[
-        0
-    ].tolist() == [drawn[0]]
+    assert draw_off_policy(
+        [r.get("output") for r in rows], mixed, config.seed, 0, [trainer._student_prompt(r) for r in rows]
+    ).teacher.nonzero()[0].tolist() == [drawn[0]]
     rollout, off, missing = trainer.make_rollout(rows, step=0)
     for j, i in enumerate(rollout.prompt_index):
         if i in drawn[1:]:

@@ -490,9 +490,10 @@ def test_unpacking_fills_in_samples_without_positions_and_refuses_disagreeing_on
 
 @pytest.mark.parametrize("source", ["reference_or_teacher", "teacher"])
 def test_teacher_written_off_policy_completions_replace_the_drawn_responses(models, teacher_group, source):
-    """``--gold.off_policy_source``: the drawn prompts (seed 42, step 0: the first, whose reference is removed, and
-    the last) train on the teacher group's completion (its own chat template, the rollout's sampling options, seeded
-    by run and step), re-tokenised by the student; ``reference_or_teacher`` keeps the last prompt's reference."""
+    """``--gold.off_policy_source``: the drawn prompts (seed 42, step 0, drawn over the batch's four distinct prompts
+    in text order: the first row's, whose reference is removed, and the second's) train on the teacher group's
+    completion (its own chat template, the rollout's sampling options, seeded by run and step), re-tokenised by the
+    student; ``reference_or_teacher`` keeps the second prompt's reference."""
     from gold_plugin.alignment import encode_continuation
     from gold_plugin.teacher.generation import GenerationParams
 
@@ -511,9 +512,9 @@ def test_teacher_written_off_policy_completions_replace_the_drawn_responses(mode
     def total(key: str) -> float:
         return sum(float(e.info[key].sum()) for e in experiences)
 
-    teacher_count = 2.0 if source == "reference_or_teacher" else 3.0
-    assert (total("gold/off_policy"), total("gold/off_policy_teacher")) == (3.0, teacher_count)
-    assert (total("gold/off_policy_reference"), total("gold/missing_reference")) == (3.0 - teacher_count, 0.0)
+    teacher_count = 2.0 if source == "reference_or_teacher" else 4.0
+    assert (total("gold/off_policy"), total("gold/off_policy_teacher")) == (4.0, teacher_count)
+    assert (total("gold/off_policy_reference"), total("gold/missing_reference")) == (4.0 - teacher_count, 0.0)
     assert all(float(e.info["gold/teacher_generation_seconds"][0]) > 0 for e in experiences)
 
     # The first prompt's completion, asked of an in-process teacher on the same weights with the same parameters.
@@ -523,11 +524,12 @@ def test_teacher_written_off_policy_completions_replace_the_drawn_responses(mode
         top_p=plan.args.rollout.top_p,
         seed=int(np.random.SeedSequence([42, 0, 1]).generate_state(1)[0]),
     )
-    # One generate call for the step's teacher prompts (sampling depends on the batch): both drawn ones, or the first.
-    drawn = [ROWS[0]] if source == "reference_or_teacher" else [ROWS[0], ROWS[2]]
+    # One generate call for the step's teacher prompts in text order (sampling depends on the batch): both drawn
+    # ones ("Name ..." before "What ..."), or the first row's alone.
+    drawn = [ROWS[0]] if source == "reference_or_teacher" else [ROWS[1], ROWS[0]]
     written = models.local_teacher().generate(
         [[{"role": "user", "content": r["input"]}] for r in drawn], params
-    )[0]
+    )[-1]
     assert written.error is None and written.text
     expected = encode_continuation(student_tok, written.text) + (
         [student_tok.eos_token_id] if written.finished else []
@@ -536,9 +538,10 @@ def test_teacher_written_off_policy_completions_replace_the_drawn_responses(mode
     first = [k for k in off_keys if ROWS[0]["input"] in k[0]]
     assert len(first) == 1 and list(first[0][1]) == expected[:12]  # both samples of the prompt: one key
     assert all(float(rows[k][0].info["gold/off_policy_teacher"][rows[k][1]]) == 1.0 for k in first)
-    last = [k for k in off_keys if ROWS[2]["input"] in k[0] and "Please" not in k[0]]
+    second = [k for k in off_keys if ROWS[1]["input"] in k[0]]
+    assert len(second) == 1 and not any(ROWS[2]["input"] in k[0] for k in off_keys)
     if source == "reference_or_teacher":  # the dataset's answer, as with the reference source
-        assert list(last[0][1]) == student_tok("naïve", add_special_tokens=False)["input_ids"] + [
+        assert list(second[0][1]) == student_tok("croissant", add_special_tokens=False)["input_ids"] + [
             student_tok.eos_token_id
         ]
     for key in off_keys:

@@ -304,7 +304,7 @@ def test_the_off_policy_draw_is_made_at_openrlhfs_global_step(trainer_class):
     assert instance.experience_maker.seen == [7, 0, 3]
 
 
-def test_the_prompt_order_is_a_function_of_the_train_seed(strategy, tmp_path):
+def test_the_prompt_order_is_a_function_of_the_train_seed(strategy, tmp_path, monkeypatch):
     """OpenRLHF's own prompt loader (``prepare_datasets``, as its trainer and sample generator build it) shuffles
     with a seed drawn from the process's torch RNG: after :func:`seed_prompt_order` the order depends on
     ``--train.seed`` only, not on what the process's RNG held before."""
@@ -319,9 +319,9 @@ def test_the_prompt_order_is_a_function_of_the_train_seed(strategy, tmp_path):
         )
     )
     strategy.args.data.prompt_dataset = str(data)
-    strategy.setup_dataloader = DeepspeedStrategy.setup_dataloader.__get__(
-        strategy
-    )  # no torch.distributed here
+    # The single-process loader (the trainer's): another test of this process may have set up torch.distributed.
+    monkeypatch.setattr("openrlhf.utils.deepspeed.deepspeed.dist.is_initialized", lambda: False)
+    strategy.setup_dataloader = DeepspeedStrategy.setup_dataloader.__get__(strategy)
     student = load_test_tokenizer("qwen")
 
     def order(seed: int, rng_before: int, seeded: bool = True) -> list[str]:

@@ -252,7 +252,7 @@ class LocalTrainer:
         n = c.n_samples_per_prompt
         prompt_ids = [encode_prompt(self.tokenizer, self._student_prompt(r)) for r in rows]
         references = [self._reference(r) for r in rows]
-        draw = draw_off_policy(references, gold, c.seed, step)
+        draw = draw_off_policy(references, gold, c.seed, step, [self._student_prompt(r) for r in rows])
         completions = off_policy_responses(
             self.tokenizer,
             draw,

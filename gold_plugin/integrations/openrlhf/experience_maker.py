@@ -240,7 +240,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         prompts = [s.prompts[0] if s.prompts else "" for s in samples]
         distinct = sorted(set(prompts))  # the draw depends on the batch's prompts, not on the samples' order
         references = [self.reference_lookup.get(p) for p in distinct]
-        draw = draw_off_policy(references, self.gold, self.args.train.seed, step)
+        draw = draw_off_policy(references, self.gold, self.args.train.seed, step, distinct)
         rollout = self.args.rollout
         chat = bool(getattr(self.args.data, "apply_chat_template", False))
         completions = off_policy_responses(
