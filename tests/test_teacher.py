@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gold_plugin.alignment import encode_continuation, ids_to_bytes
@@ -148,11 +148,22 @@ def test_response_bytes_are_exactly_the_response_text(name):
     text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=24)
     | st.text(alphabet=" \n\tab<>|/sé😀漢_", max_size=16)
 )
+@example(text="x ▁▁y")  # SentencePiece reads a literal U+2581 as a space (found by Hypothesis)
 def test_any_text_round_trips_through_every_test_tokenizer(text):
     for name in ("gpt2", "qwen", "mistral"):
         encoder = _encoder(name)
         ids = encoder.response_ids(text)  # raises RequestRejected if no tokenisation reproduces the bytes
         assert ids_to_bytes(encoder.tokenizer, ids) == text.encode("utf-8")
+
+
+def test_a_character_the_tokenizer_reads_as_another_is_spelled_in_byte_pieces():
+    """SentencePiece reads a literal ``▁`` (U+2581) as a space, so no usual encoding reproduces it: it is spelled by
+    the byte-fallback pieces of its UTF-8 bytes (E2 96 81), the text around it encoded as usual."""
+    encoder = _encoder("mistral")
+    tok = encoder.tokenizer
+    ids = encoder.response_ids("a▁b").tolist()
+    assert tok.convert_ids_to_tokens(ids) == ["a", "<0xE2>", "<0x96>", "<0x81>", "b"]
+    assert ids_to_bytes(tok, ids) == "a▁b".encode()
 
 
 _ENCODERS: dict[str, RequestEncoder] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -210,10 +210,45 @@ class RequestEncoder:
             both = self._encode(separator + text, split_special_tokens=True)
             if both[: len(sep_ids)] == sep_ids and self._bytes_of(both[len(sep_ids) :]) == target:
                 return np.asarray(both[len(sep_ids) :], dtype=np.int64)
+        spelled = self._spelled_in_bytes(text)
+        if spelled is not None and self._bytes_of(spelled) == target:
+            return np.asarray(spelled, dtype=np.int64)
         raise RequestRejected(
             "the teacher tokenizer does not reproduce the response bytes "
             "(it normalises the text or has no token for some characters)"
         )
+
+    def _spelled_in_bytes(self, text: str) -> list[int] | None:
+        """``text`` with each character the tokenizer cannot reproduce (a literal ``▁`` for SentencePiece, which
+        reads it as a space) spelled by its byte-fallback pieces, the rest encoded as usual; None when the
+        tokenizer has no byte pieces for them. Runs only for the rare texts the usual encodings change."""
+        from gold_plugin.alignment import encode_continuation
+        from gold_plugin.alignment.token_bytes import token_table
+
+        table = token_table(self.tokenizer)
+        byte_piece = {table.token_bytes[i][0]: int(i) for i in np.flatnonzero(table.byte_fallback)}
+        if not byte_piece:
+            return None
+        unreproduced = {
+            c
+            for c in set(text)
+            if self._bytes_of(encode_continuation(self.tokenizer, c)) != c.encode("utf-8")
+        }
+        ids: list[int] = []
+        start = 0
+        for end, char in enumerate(text):
+            if char not in unreproduced:
+                continue
+            if end > start:
+                ids += encode_continuation(self.tokenizer, text[start:end])
+            spelled = [byte_piece.get(b) for b in char.encode("utf-8")]
+            if None in spelled:
+                return None
+            ids += cast("list[int]", spelled)
+            start = end + 1
+        if start < len(text):
+            ids += encode_continuation(self.tokenizer, text[start:])
+        return ids
 
     # -- whole request ----------------------------------------------------------------------------
     def prepare(self, request: TeacherRequest) -> PreparedSequence:
