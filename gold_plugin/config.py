@@ -119,7 +119,7 @@ class GoldConfig:
     """Weight of the hidden-state loss (OPRD across tokenizers: the student's and the teacher's hidden states where
     both have read the same text, through a frozen low-rank bridge fitted on the first batch; docs/signals.md,
     "Hidden states"): loss += alpha * hidden_state_coef * L, L the mean over aligned groups. Adds to any signal.
-    Unset: 1 with --gold.signal hidden, else 0 (off). Local backend only for now."""
+    Unset: 1 with --gold.signal hidden, else 0 (off). Both backends, hf teacher only."""
     hidden_state_loss: HiddenStateLoss = "mse"
     """Distance in the bridge's space: ``mse`` (mean squared difference of the standardised states) or ``cosine``."""
     alignment: AlignmentMode = "spans"

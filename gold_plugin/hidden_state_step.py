@@ -8,8 +8,8 @@ student's forward and gathers its states at the targets' ``(sample, action)`` pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 from gold_plugin.config import GoldConfig
 from gold_plugin.signals.hidden_states import (
     HiddenStateBridge,
-    explained_variance,
+    bridge_statistics,
     hidden_state_loss,
     layers_at_depths,
 )
@@ -56,6 +56,16 @@ class HiddenStateTargets:
         keep = torch.nonzero(mapped >= 0).flatten()
         keep = keep[torch.argsort(mapped[keep], stable=True)]
         return HiddenStateTargets(mapped[keep], self.action[keep], self.teacher_states[keep])
+
+    def in_action_columns(self, action_mask: torch.Tensor) -> HiddenStateTargets:
+        """The same groups with ``action`` the column of ``action_mask`` (``[B, A]``, row = sample) that holds the
+        sample's action token ``action`` (the identity where every row's actions start at column 0)."""
+        mask = action_mask.to(torch.bool).cpu()
+        _, columns = mask.nonzero(as_tuple=True)
+        counts = mask.sum(1)
+        starts = torch.cumsum(counts, 0) - counts
+        index = starts[self.sample.cpu()] + self.action.cpu()
+        return replace(self, action=columns[index].to(self.action.device))
 
 
 def _group_last(groups: np.ndarray, num_groups: int) -> np.ndarray:
@@ -121,14 +131,37 @@ class HiddenStateSignal:
     def fitted(self) -> bool:
         return self.bridge is not None
 
-    def fit(self, student_states: torch.Tensor, targets: HiddenStateTargets) -> dict[str, float]:
+    def fit(
+        self,
+        student_states: torch.Tensor,
+        targets: HiddenStateTargets,
+        all_reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, float]:
         """Fit the bridge on the student's states ``[G, L, d_s]`` at ``targets``' group ends; returns
-        ``gold/hidden_bridge_fit`` (the share of the teacher's standardised states the fitted map explains)."""
-        teacher = targets.teacher_states.to(student_states.device)
-        bridge = HiddenStateBridge.fit(student_states, teacher)
-        self.bridge = bridge.to(student_states.device)
-        fit = explained_variance(self.bridge.project(student_states.float()), self.bridge.targets(teacher))
-        return {"gold/hidden_bridge_fit": fit, "gold/hidden_bridge_groups": float(targets.num_groups)}
+        ``gold/hidden_bridge_fit`` (the share of the teacher's standardised states the fitted map explains) and
+        ``gold/hidden_bridge_groups``. ``all_reduce`` sums a dict of tensors over the data-parallel ranks, each of
+        which passes its own group ends: the bridge is fitted from the summed statistics, the same on every rank
+        (None: these are all the step's group ends)."""
+        reduce = all_reduce if all_reduce is not None else (lambda sums: sums)
+        device = student_states.device
+        teacher = targets.teacher_states.to(device)
+        stats = reduce(bridge_statistics(student_states, teacher))
+        self.bridge = HiddenStateBridge.from_statistics({k: v.to(device) for k, v in stats.items()}).to(
+            device
+        )
+        residual = self.bridge.project(student_states.detach().float()) - self.bridge.targets(teacher)
+        standardised = self.bridge.targets(teacher).double()
+        sums = reduce(
+            {
+                "residual": residual.double().pow(2).sum(),
+                "sum": standardised.sum(0),
+                "square": standardised.pow(2).sum(),
+            }
+        )
+        count = float(stats["count"])
+        total = float(sums["square"]) - float(sums["sum"].pow(2).sum()) / count
+        fit = 1.0 - float(sums["residual"]) / max(total, 1e-12)
+        return {"gold/hidden_bridge_fit": fit, "gold/hidden_bridge_groups": count}
 
     def term(
         self, student_states: torch.Tensor, targets: HiddenStateTargets, batch_groups: float
@@ -142,7 +175,8 @@ class HiddenStateSignal:
         per_group = hidden_state_loss(
             projected, self.bridge.targets(targets.teacher_states), self.gold.hidden_state_loss
         )
-        scale = self.gold.alpha * float(self.gold.hidden_state_coef or 0.0) / max(float(batch_groups), 1.0)
+        normaliser = float(batch_groups) if float(batch_groups) > 0 else 1.0
+        scale = self.gold.alpha * float(self.gold.hidden_state_coef or 0.0) / normaliser
         mean = float(per_group.detach().mean()) if per_group.numel() else 0.0
         return scale * per_group.sum(), {"gold/hidden_state_loss": mean}
 

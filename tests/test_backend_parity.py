@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ class _FixedSampler:
         return rollout
 
 
-def _local_side(models, teacher, plan, monkeypatch):
+def _local_side(models, teacher, plan, monkeypatch) -> tuple[LocalTrainer, Any]:
     tok = load_test_tokenizer("qwen")
     sampled: dict[tuple, list[list[int]]] = {}
     rewards: dict[tuple, float] = {}
@@ -138,6 +139,20 @@ def _local_side(models, teacher, plan, monkeypatch):
     return trainer, experience
 
 
+def _assert_same_step_metrics(experiences: list, local) -> dict[str, float]:
+    """Step metrics: the same names, and the same values (OpenRLHF logs each per-sample info entry's mean)."""
+    logged = {
+        key: float(torch.cat([exp.info[key] for exp in experiences]).double().mean())
+        for key in experiences[0].info
+        if key.startswith("gold/") and key not in TIMING
+    }
+    local_logged = {k: v for k, v in local.metrics.items() if k.startswith("gold/") and k not in TIMING}
+    assert set(logged) == set(local_logged) and "gold/missing_reference" in logged
+    for key, value in logged.items():
+        assert local_logged[key] == pytest.approx(value, abs=1e-5), key
+    return logged
+
+
 def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     models, teacher, openrlhf_side, monkeypatch
 ):
@@ -159,16 +174,7 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     off_policy = [k for k in ours if ours[k].abs().sum() == 0]
     assert len(off_policy) == 1 and tok.decode(list(off_policy[0][1])) == "croissant<|im_end|>"
 
-    # Step metrics: the same names, and the same values (OpenRLHF logs each per-sample info entry's mean).
-    logged = {
-        key: float(torch.cat([exp.info[key] for exp in experiences]).double().mean())
-        for key in experiences[0].info
-        if key.startswith("gold/") and key not in TIMING
-    }
-    local_logged = {k: v for k, v in local.metrics.items() if k.startswith("gold/") and k not in TIMING}
-    assert set(logged) == set(local_logged) and "gold/missing_reference" in logged
-    for key, value in logged.items():
-        assert local_logged[key] == pytest.approx(value, abs=1e-5), key
+    logged = _assert_same_step_metrics(experiences, local)
     assert logged["gold/off_policy"] == pytest.approx(2 / 6) and logged[
         "gold/missing_reference"
     ] == pytest.approx(2 / 6)
@@ -205,3 +211,76 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     for key in ("gold/logit_loss", "gold/logit_positions", "gold/projection_remainder"):
         assert local_metrics[key] == pytest.approx(float(status["metrics"][key]), rel=1e-4), key
     assert 0.0 < local_metrics["gold/projection_remainder"] < 1.0  # the byte projection (the default)
+
+
+HIDDEN_RANK = 8
+HIDDEN_OPTIONS = (
+    f"{OPTIONS} --gold.hidden_state_coef 1 --gold.teacher.hidden_state_layers 2 "
+    f"--gold.teacher.hidden_state_rank {HIDDEN_RANK}"
+)
+
+
+def test_both_backends_give_the_same_hidden_state_loss_bridge_and_metrics(models, monkeypatch):
+    """The hidden-state loss on top of the logit loss: the same per-sample metrics, the same bridge fitted on the
+    first step's group ends (OpenRLHF: on the actor's replay buffer, before any update), the same loss term
+    (logit + hidden) and the same hidden-state metrics."""
+    teacher = HFTeacher(
+        str(models.teacher_dir),
+        device="cpu",
+        tokenizer=load_test_tokenizer("mistral"),
+        topk=TOPK,
+        hidden_state_layers=2,
+        hidden_state_rank=HIDDEN_RANK,
+    )
+    plan = make_plan(models, alpha=0.5, extra=HIDDEN_OPTIONS)
+    assert plan.gold.uses_hidden_states
+    maker, _, strategy, tok = make_makers(models, teacher, plan, rows=PARITY_ROWS)
+    experiences = maker.make_experience_batch(make_rollouts(strategy, tok, unknown_prompt=False))
+    trainer, local = _local_side(models, teacher, plan, monkeypatch)
+    logged = _assert_same_step_metrics(experiences, local)
+    assert logged["gold/hidden_state_groups"] > 1
+
+    setup = SimpleNamespace(
+        plan=plan,
+        student_dir=models.student_dir,
+        tok=trainer.tokenizer,
+        mapping=trainer.vocab.teacher_to_student,
+        vocab=trainer.vocab,
+    )
+    plain, plain_strategy, _ = make_trainer(setup, monkeypatch, gold=False)
+    gold, gold_strategy, _ = make_trainer(setup, monkeypatch, gold=True)
+    assert gold.hidden is not None and gold.hidden.layers == trainer.hidden.layers
+    for exp in copy.deepcopy(experiences):
+        gold.replay_buffer.append(exp)
+    items = [gold.replay_buffer[i] for i in range(len(gold.replay_buffer))]
+    batch = gold.replay_buffer.collate_fn(items)
+    plain_batch = copy.deepcopy(batch)
+    for key in [k for k in plain_batch.info if k.startswith(("gold_logit_inputs.", "gold_hidden_targets."))]:
+        plain_batch.info.pop(key)
+
+    # The bridge: fitted on the step's group ends by both, before any update.
+    fitted = gold.fit_hidden_bridge()
+    local_fitted = trainer._fit_hidden_bridge(local)
+    assert gold.fit_hidden_bridge() == {}  # once
+    ours, theirs = gold.hidden.state_dict(), trainer.hidden.state_dict()
+    assert set(ours) == set(theirs) and ours["student_map"].shape[-1] == HIDDEN_RANK
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3, msg=key)
+    for key in ("gold/hidden_bridge_fit", "gold/hidden_bridge_groups"):
+        assert fitted[key] == pytest.approx(local_fitted[key], rel=1e-4, abs=1e-5), key
+    assert fitted["gold/hidden_bridge_groups"] == pytest.approx(
+        logged["gold/hidden_state_groups"] * len(items)
+    )
+
+    # One optimiser step holding the whole batch: the GOLD terms (logit + hidden) and the hidden-state metric.
+    plain.training_step(plain_batch, 0.0, 0)
+    status = gold.training_step(batch, 0.0, 0)
+    openrlhf_term = float(gold_strategy.losses[0] - plain_strategy.losses[0])
+    everything = list(range(len(local.rollout.response_ids)))
+    groups = float(local.hidden_targets.num_groups)
+    loss, local_metrics = trainer.micro_batch_loss(local, everything, float(local.mask.sum()), groups)
+    local_term = float(loss.detach()) - local_metrics["train/policy_loss"]
+    assert local_metrics["gold/hidden_state_loss"] > 0
+    assert local_term == pytest.approx(openrlhf_term, rel=1e-4, abs=1e-6)
+    for key in ("gold/hidden_state_loss", "gold/logit_loss", "gold/logit_positions"):
+        assert local_metrics[key] == pytest.approx(float(status["metrics"][key]), rel=1e-4), key

@@ -502,8 +502,12 @@ def test_dry_run_reports_the_vocabulary_map_shares():
     assert run_dry_run(_plan(argv), io.StringIO()).same_vocabulary is True
 
 
-def test_the_hidden_state_loss_is_refused_in_the_openrlhf_backend_naming_the_alternatives():
-    with pytest.raises(GoldConfigError, match="local backend only.*--gold.signal logit/advantage"):
-        _plan(_argv("--gold.signal hidden"))
-    with pytest.raises(GoldConfigError, match="local backend only"):
-        _plan(_argv("--gold.hidden_state_coef 0.5"))
+def test_the_hidden_state_loss_runs_with_the_hf_teacher_and_is_refused_with_the_vllm_teacher():
+    plan = _plan(_argv("--gold.signal hidden"))
+    assert plan.gold.uses_hidden_states and plan.gold.teacher.backend == "hf"
+    assert plan.gold.teacher.hidden_state_layers == 2
+    assert _plan(_argv("--gold.signal logit --gold.hidden_state_coef 0.5")).gold.uses_hidden_states
+    with pytest.raises(GoldConfigError, match="needs --gold.teacher.backend hf"):
+        _plan(_argv("--gold.signal hidden --gold.teacher.backend vllm"))
+    with pytest.raises(GoldConfigError, match="hidden-state loss.*packs samples into one row"):
+        _plan(_argv("--gold.signal hidden --ds.packing_samples"))

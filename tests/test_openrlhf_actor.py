@@ -385,3 +385,93 @@ def test_the_policy_actors_checkpoint_holds_its_rng_state_for_the_replay_buffer_
     fresh = object.__new__(actor_class)
     fresh.checkpoint_states = {}
     assert not actor_class.restore_rng_state(fresh)
+
+
+def test_the_policy_actors_checkpoint_holds_the_fitted_hidden_state_bridge(setup, monkeypatch, tmp_path):
+    """Saved with OpenRLHF's client states (through torch.save, as DeepSpeed writes them) and restored on load:
+    the resumed actor's bridge is the saved one, and its first step does not fit another."""
+    import dataclasses
+
+    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+
+    from gold_plugin.hidden_state_step import HiddenStateTargets
+    from gold_plugin.integrations.openrlhf.actor import HIDDEN_BRIDGE_KEY, GoldPolicyModelActor
+
+    saved = {}
+
+    def base_save(self, tag, client_states=None, metric_value=None, metric_key=None):
+        torch.save(client_states, tmp_path / "client_states.pt")
+        saved.update(tag=tag)
+
+    monkeypatch.setattr(PolicyModelActor.__ray_actor_class__, "save_checkpoint", base_save)
+    actor_class = GoldPolicyModelActor.__ray_actor_class__
+    gold = setup.plan.gold
+    hidden_gold = dataclasses.replace(
+        gold, hidden_state_coef=1.0, teacher=dataclasses.replace(gold.teacher, hidden_state_layers=2)
+    )
+    hidden_setup = SimpleNamespace(
+        plan=SimpleNamespace(args=setup.plan.args, gold=hidden_gold),
+        student_dir=setup.student_dir,
+        mapping=setup.mapping,
+        tok=setup.tok,
+    )
+    trainer, _, _ = make_trainer(hidden_setup, monkeypatch, gold=True)
+    assert trainer.hidden is not None and not trainer.hidden.fitted
+    width = trainer.actor.model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(20, 2, width, generator=g), torch.randn(20, 2, 4, generator=g)
+    index = torch.zeros(20, dtype=torch.int64)
+    trainer.hidden.fit(student, HiddenStateTargets(index, index, teacher))
+
+    actor = object.__new__(actor_class)
+    actor.trainer = trainer
+    actor_class.save_checkpoint(actor, "global_step1", client_states={"global_step": 1})
+    states = torch.load(tmp_path / "client_states.pt", weights_only=False)
+    assert saved["tag"] == "global_step1" and HIDDEN_BRIDGE_KEY in states
+
+    resumed = object.__new__(actor_class)
+    resumed.trainer, _, _ = make_trainer(hidden_setup, monkeypatch, gold=True)
+    resumed.checkpoint_states = states
+    assert actor_class.restore_hidden_bridge(resumed)
+    assert (
+        HIDDEN_BRIDGE_KEY not in resumed.checkpoint_states and resumed.checkpoint_states["global_step"] == 1
+    )
+    restored = resumed.trainer.hidden.state_dict()
+    for key, value in trainer.hidden.state_dict().items():
+        torch.testing.assert_close(restored[key], value, atol=0, rtol=0)
+    # Not refitted: the first step keeps it (its replay buffer is empty here; a fit would raise).
+    assert len(resumed.trainer.replay_buffer) == 0 and resumed.trainer.fit_hidden_bridge() == {}
+    assert resumed.trainer.hidden.state_dict()["student_map"].equal(restored["student_map"])
+
+    fresh = object.__new__(actor_class)
+    fresh.trainer, _, _ = make_trainer(hidden_setup, monkeypatch, gold=True)
+    fresh.checkpoint_states = {}
+    assert not actor_class.restore_hidden_bridge(fresh) and not fresh.trainer.hidden.fitted
+
+
+def test_every_optimiser_step_window_gets_its_hidden_state_group_count(process_group):
+    """Inside ``ppo_train`` (:func:`optimiser_step_groups`), OpenRLHF's window iterator gives every micro-batch of an
+    optimiser step the step's group count divided by the accumulation steps, as it does for its token count."""
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
+
+    from gold_plugin.integrations.openrlhf.actor import BATCH_GROUPS_KEY, optimiser_step_groups
+    from gold_plugin.integrations.openrlhf.experience_maker import HIDDEN_TARGETS_PREFIX
+
+    def micro_batch(groups: list[int]) -> SimpleNamespace:
+        width = max(groups)
+        valid = [torch.arange(width).lt(g).float() for g in groups]  # per sample, as after the replay buffer
+        return SimpleNamespace(
+            action_mask=torch.ones(len(groups), 3), info={HIDDEN_TARGETS_PREFIX + "valid": valid}
+        )
+
+    batches = [micro_batch([2, 1]), micro_batch([0, 3]), micro_batch([4, 4]), micro_batch([1, 0])]
+    strategy = SimpleNamespace()
+    namespace = ActorPPOTrainer.ppo_train.__globals__
+    original = namespace["iter_grad_accum_global_norm"]
+    with optimiser_step_groups(strategy):
+        windows = list(
+            namespace["iter_grad_accum_global_norm"](iter(batches), strategy, 2, lambda e: e.action_mask)
+        )
+    assert namespace["iter_grad_accum_global_norm"] is original
+    assert [float(info[BATCH_GROUPS_KEY]) for _, info in windows] == [3.0, 3.0, 4.5, 4.5]  # (3+3)/2, (8+1)/2
+    assert [float(info["batch_num_tokens"]) for _, info in windows] == [6.0, 6.0, 6.0, 6.0]

@@ -550,3 +550,58 @@ def test_teacher_written_off_policy_completions_replace_the_drawn_responses(mode
         assert torch.equal(exp.advantages[b][mask], torch.zeros(int(mask.sum())))  # no policy gradient
         assert inputs[key][0].numel() > 0  # the logit loss trains on it
         assert float(exp.info["gold/teacher_failed"][b]) == 0.0
+
+
+def test_hidden_state_targets_survive_openrlhf_batching_and_replay_buffer(models, monkeypatch):
+    """With the hidden-state loss (hf teacher returning sketched states), every micro-batch carries its group ends
+    (action columns inside the response) and the teacher's float16 states, packed like the logit inputs; they come
+    out of OpenRLHF's balancing, replay buffer and collate unchanged, and ``gold/hidden_state_groups`` counts them."""
+    from gold_plugin.integrations.openrlhf.experience_maker import (
+        HIDDEN_GROUPS_KEY,
+        HIDDEN_TARGETS_PREFIX,
+        unpack_hidden_targets,
+    )
+    from gold_plugin.teacher import HFTeacher
+
+    teacher = HFTeacher(
+        str(models.teacher_dir),
+        device="cpu",
+        tokenizer=load_test_tokenizer("mistral"),
+        topk=4,
+        hidden_state_layers=2,
+        hidden_state_rank=8,
+    )
+    plan = make_plan(models, alpha=0.5, extra="--gold.signal logit --gold.hidden_state_coef 1")
+    gold_maker, _, strategy, student_tok = make_makers(models, teacher, plan)
+    experiences = gold_maker.make_experience_batch(make_rollouts(strategy, student_tok))
+
+    def by_sample(batches) -> dict:
+        out = {}
+        for exp in batches:
+            packed = {k: v for k, v in exp.info.items() if k.startswith(HIDDEN_TARGETS_PREFIX)}
+            targets = unpack_hidden_targets(packed)
+            for key, (_, b) in _by_row([exp]).items():
+                mine = targets.sample == b
+                out[key] = (targets.action[mine], targets.teacher_states[mine])
+        return out
+
+    before = by_sample(experiences)
+    for key, (exp, b) in _by_row(experiences).items():
+        columns, states = before[key]
+        assert columns.numel() > 0 and exp.action_mask[b][columns].all()
+        assert states.shape == (columns.numel(), 2, 8) and torch.isfinite(states).all()
+        assert torch.equal(states, states.half().float())  # float16 on the way: exact
+        assert float(exp.info[HIDDEN_GROUPS_KEY][b]) == columns.numel()
+        assert (columns.diff() > 0).all()  # group ends in text order
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # NaiveReplayBuffer only names a device
+    buffer = NaiveReplayBuffer(sample_batch_size=3, cpu_offload=False)
+    for exp in balance_experiences(experiences, plan.args):
+        buffer.append(exp)
+    batch = buffer.collate_fn([buffer[i] for i in range(len(buffer))])
+    after = by_sample([batch])
+    assert set(after) == set(before)
+    for key, (columns, states) in after.items():
+        assert torch.equal(columns, before[key][0]) and torch.equal(states, before[key][1])
+    assert pop_logit_inputs(batch, HIDDEN_TARGETS_PREFIX) is not None
+    assert not any(k.startswith(HIDDEN_TARGETS_PREFIX) for k in batch.info)

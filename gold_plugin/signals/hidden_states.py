@@ -73,25 +73,30 @@ class HiddenStateBridge:
 
         Per layer: the map minimises ``|(S - mean_S) W - Z|^2 + lam |W|^2`` with ``Z`` the standardised teacher
         states and ``lam = ridge * trace(Sc^T Sc) / d_s`` (ridge relative to the mean eigenvalue, so it does not
-        depend on the states' scale). Computed in float64.
+        depend on the states' scale). Computed in float64 from :func:`bridge_statistics` (sums: several
+        processes' statistics add up, then :meth:`from_statistics` gives every one the same bridge).
         """
-        if student.ndim != 3 or teacher.ndim != 3 or student.shape[:2] != teacher.shape[:2]:
-            raise ValueError(
-                f"Paired states [N, L, width] expected, got {tuple(student.shape)} and {tuple(teacher.shape)}."
-            )
-        if student.shape[0] < 2:
-            raise ValueError(f"Fitting the bridge needs at least 2 group ends, got {student.shape[0]}.")
-        s, t = student.detach().double(), teacher.detach().double()
-        teacher_mean = t.mean(0)
-        teacher_scale = t.std(0, unbiased=False).clamp_min(1e-6)
-        z = (t - teacher_mean) / teacher_scale
-        student_mean = s.mean(0)
-        centred = (s - student_mean).transpose(0, 1)  # [L, N, d_s]
-        gram = centred.transpose(1, 2) @ centred  # [L, d_s, d_s]
+        return cls.from_statistics(bridge_statistics(student, teacher), ridge)
+
+    @classmethod
+    def from_statistics(cls, stats: dict[str, torch.Tensor], ridge: float = 1e-3) -> HiddenStateBridge:
+        """The bridge :meth:`fit` gives on the paired states whose :func:`bridge_statistics` (summed over any
+        number of parts) are ``stats``."""
+        n = float(stats["count"])
+        if n < 2:
+            raise ValueError(f"Fitting the bridge needs at least 2 group ends, got {int(n)}.")
+        student_mean = stats["student_sum"] / n  # [L, d_s]
+        teacher_mean = stats["teacher_sum"] / n  # [L, r]
+        variance = (stats["teacher_square"] / n - teacher_mean**2).clamp_min(0.0)
+        teacher_scale = variance.sqrt().clamp_min(1e-6)
+        gram = (
+            stats["student_outer"] - n * student_mean[:, :, None] * student_mean[:, None, :]
+        )  # [L, d_s, d_s]
+        cross = stats["cross"] - n * student_mean[:, :, None] * teacher_mean[:, None, :]  # [L, d_s, r]
         width = gram.shape[-1]
         lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / width  # [L]
-        regularised = gram + lam[:, None, None] * torch.eye(width, dtype=gram.dtype)
-        student_map = torch.linalg.solve(regularised, centred.transpose(1, 2) @ z.transpose(0, 1))
+        eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
+        student_map = torch.linalg.solve(gram + lam[:, None, None] * eye, cross / teacher_scale[:, None, :])
         return cls(student_mean.float(), student_map.float(), teacher_mean.float(), teacher_scale.float())
 
     @property
@@ -121,6 +126,27 @@ class HiddenStateBridge:
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> HiddenStateBridge:
         return cls(**{name: state[name] for name in cls.__dataclass_fields__})
+
+
+def bridge_statistics(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sums the bridge is fitted from (float64, on the states' device), for paired states ``student
+    [N, L, d_s]`` and ``teacher [N, L, r]``: ``count``, ``student_sum [L, d_s]``, ``student_outer [L, d_s, d_s]``,
+    ``teacher_sum [L, r]``, ``teacher_square [L, r]``, ``cross [L, d_s, r]`` (sum of ``s t^T``). Statistics of
+    disjoint parts add up (an all-reduce across data-parallel ranks)."""
+    if student.ndim != 3 or teacher.ndim != 3 or student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(
+            f"Paired states [N, L, width] expected, got {tuple(student.shape)} and {tuple(teacher.shape)}."
+        )
+    s = student.detach().double().transpose(0, 1)  # [L, N, d_s]
+    t = teacher.detach().to(s.device).double().transpose(0, 1)  # [L, N, r]
+    return {
+        "count": torch.tensor(float(student.shape[0]), dtype=torch.float64, device=s.device),
+        "student_sum": s.sum(1),
+        "student_outer": s.transpose(1, 2) @ s,
+        "teacher_sum": t.sum(1),
+        "teacher_square": t.pow(2).sum(1),
+        "cross": s.transpose(1, 2) @ t,
+    }
 
 
 def hidden_state_loss(projected: torch.Tensor, targets: torch.Tensor, kind: HiddenStateLoss) -> torch.Tensor:

@@ -9,6 +9,12 @@ forward that OpenRLHF's step already runs (a forward hook), so no second forward
 every key of :func:`gold_plugin.step.logit_metrics`: ``gold/logit_loss`` (mean per position),
 ``gold/logit_positions`` (positions per sample) and, with the byte projection, ``gold/projection_remainder``.
 
+With the hidden-state loss (docs/signals.md, "Hidden states") the same backward also gets
+:meth:`gold_plugin.hidden_state_step.HiddenStateSignal.term`, from the student's states at the paired layers read
+off the same forward (:func:`student_hidden_states`), normalised by the optimiser step's group count
+(:func:`optimiser_step_groups`); the bridge is fitted once in :meth:`GoldActorPPOTrainer.ppo_train` before the first
+update, from statistics summed over the data-parallel ranks, and kept in the actor's checkpoint.
+
 Off-policy samples (``gold/off_policy``: reference completions, ``--gold.lmbda < 1``) have advantage 0, so the
 policy loss ignores them; by default OpenRLHF's KL-to-reference loss and entropy term leave their tokens out too
 (:func:`on_policy_kl_and_entropy`), unless ``--gold.off_policy_kl_and_entropy``.
@@ -22,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
+import torch.distributed as dist
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
-from openrlhf.utils.loss_utils import get_loss_batch_info
+from openrlhf.utils.loss_utils import _get_dp_group, get_loss_batch_info
 
 from gold_plugin.config import GoldConfig, gold_config_from_args
+from gold_plugin.hidden_state_step import HiddenStateSignal, HiddenStateTargets
 from gold_plugin.step import (
     LogitVocab,
     compute_logit_loss,
@@ -34,7 +42,14 @@ from gold_plugin.step import (
     logit_metrics,
 )
 
-from .experience_maker import OFF_POLICY_KEY, pop_logit_inputs, unpack_logit_inputs
+from .experience_maker import (
+    HIDDEN_TARGETS_PREFIX,
+    OFF_POLICY_KEY,
+    hidden_group_count,
+    pop_logit_inputs,
+    unpack_hidden_targets,
+    unpack_logit_inputs,
+)
 
 if TYPE_CHECKING:
     from openrlhf.trainer.ppo_utils.experience import Experience
@@ -63,6 +78,14 @@ class _BackwardAddsLoss:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._strategy, name)
+
+
+@contextlib.contextmanager
+def _removing(handle: torch.utils.hooks.RemovableHandle) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def off_policy_rows(experience: Experience) -> torch.Tensor | None:
@@ -122,17 +145,170 @@ def on_policy_kl_and_entropy(
         )
 
 
+BATCH_GROUPS_KEY = "gold_batch_groups"
+"""In OpenRLHF's per-window ``loss_batch_info``: the optimiser step's hidden-state groups (all micro-batches and
+data-parallel ranks) divided by the gradient-accumulation steps, as its ``batch_num_tokens`` is."""
+
+
+def dp_sum(strategy: Any, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sums`` summed over the data-parallel ranks (OpenRLHF's data-parallel group; in place); as given without
+    a process group."""
+    if dist.is_available() and dist.is_initialized():
+        group = _get_dp_group(strategy)
+        for value in sums.values():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return sums
+
+
+@contextlib.contextmanager
+def optimiser_step_groups(strategy: Any) -> Iterator[None]:
+    """Inside OpenRLHF's ``ActorPPOTrainer.ppo_train``, give every optimiser-step window's ``loss_batch_info`` the
+    window's hidden-state group count (:data:`BATCH_GROUPS_KEY`), reduced as OpenRLHF reduces its token count.
+
+    ``ppo_train`` pairs micro-batches with their window's normalisers through ``iter_grad_accum_global_norm``,
+    which reads every micro-batch of a window (its ``mask_fn``) before it yields the first; for the duration of
+    the call that name is a wrapper that counts the groups as the masks are read."""
+    namespace = ActorPPOTrainer.ppo_train.__globals__
+    original = namespace["iter_grad_accum_global_norm"]
+
+    def with_groups(
+        data_iter: Any, strategy: Any, accumulated_gradient: int, mask_fn: Callable[[Any], torch.Tensor]
+    ) -> Iterator[tuple[Any, dict]]:
+        counts: list[int] = []
+
+        def counting(item: Any) -> torch.Tensor:
+            counts.append(hidden_group_count(item.info))
+            return mask_fn(item)
+
+        last = None
+        for item, info in original(data_iter, strategy, accumulated_gradient, counting):
+            if info is not last:
+                device = info["batch_num_tokens"].device
+                total = torch.tensor(float(sum(counts)), device=device)
+                counts.clear()
+                (total,) = dp_sum(strategy, {"groups": total}).values()
+                info[BATCH_GROUPS_KEY] = total / max(int(accumulated_gradient), 1)
+                last = info
+            yield item, info
+
+    namespace["iter_grad_accum_global_norm"] = with_groups
+    try:
+        yield
+    finally:
+        namespace["iter_grad_accum_global_norm"] = original
+
+
+def transformers_model(actor: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside OpenRLHF's ``Actor`` (``actor.model``, unwrapped from a DeepSpeed engine)."""
+    model = actor.model
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def student_hidden_states(model: torch.nn.Module, layers: tuple[int, ...]) -> Iterator[list[torch.Tensor]]:
+    """Within: the next forward of the transformers ``model`` also returns the states of ``layers``
+    (``output_hidden_states`` numbering, 1..num_layers) and no other layer's (transformers' list form of
+    ``output_hidden_states``, whose entry ``i - 1`` is state ``i`` of the boolean form); the yielded list receives
+    them as one ``[B, T, L, d]`` tensor. Later forwards are left alone."""
+    captured: list[torch.Tensor] = []
+    request = [int(layer) - 1 for layer in layers]
+    num_layers = int(model.config.num_hidden_layers)
+
+    def ask(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if captured:
+            return None
+        return args, {**kwargs, "output_hidden_states": request}
+
+    def keep(_module: torch.nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
+        if captured:
+            return
+        states = out.get("hidden_states") if hasattr(out, "get") else None
+        if states is None or len(states) != num_layers or any(states[i] is None for i in request):
+            raise RuntimeError(
+                "The actor's transformers model did not return the asked hidden states (output_hidden_states as a "
+                "list of layers, transformers >= 5): cannot compute the hidden-state loss."
+            )
+        captured.append(torch.stack([states[i] for i in request], dim=2))
+
+    handles = [
+        model.register_forward_pre_hook(ask, with_kwargs=True),
+        model.register_forward_hook(keep, with_kwargs=True),
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def states_at_targets(
+    states: torch.Tensor, experience: Experience, targets: HiddenStateTargets
+) -> torch.Tensor:
+    """``[G, L, d]``: the student's states (``[B, T, L, d]`` over the sequences) after the targets' action tokens
+    (action column j is sequence token ``T - num_actions + j``)."""
+    offset = experience.sequences.shape[1] - experience.action_mask.shape[1]
+    return states[targets.sample, offset + targets.action]
+
+
 class GoldActorPPOTrainer(ActorPPOTrainer):
     """OpenRLHF's actor trainer with the GOLD logit loss. Call :meth:`setup_gold` after construction."""
 
     gold: GoldConfig | None = None
     vocab: LogitVocab | None = None
+    hidden: HiddenStateSignal | None = None
 
     def setup_gold(self, gold_config: GoldConfig, vocab: LogitVocab) -> None:
-        """Attach the GOLD options and the logit loss's vocabulary tensors (:meth:`LogitVocab.build`)."""
+        """Attach the GOLD options and the logit loss's vocabulary tensors (:meth:`LogitVocab.build`); with the
+        hidden-state loss, its signal (the student's layers; the bridge, fitted at the first step)."""
         vocab.check(gold_config)
         self.gold = gold_config
         self.vocab = vocab
+        self.hidden = None
+        if gold_config.uses_hidden_states:
+            model = transformers_model(self.actor)
+            self.hidden = HiddenStateSignal(gold_config, int(model.config.num_hidden_layers))
+
+    def ppo_train(self, kl_ctl: float) -> dict:
+        """OpenRLHF's ``ppo_train``; with the hidden-state loss, the bridge fitted first (the first step only, before
+        any update: :meth:`fit_hidden_bridge`) and every optimiser step's group count given to its micro-batches."""
+        if self.hidden is None:
+            return super().ppo_train(kl_ctl)
+        fitted = self.fit_hidden_bridge()
+        with optimiser_step_groups(self.strategy):
+            status = super().ppo_train(kl_ctl)
+        return {**status, **fitted}
+
+    def fit_hidden_bridge(self) -> dict[str, float]:
+        """Fit the hidden-state bridge on the replay buffer (this step's samples of this rank), the statistics
+        summed over the data-parallel ranks so that every rank gets the same bridge; its metrics. Nothing (``{}``)
+        when there is no hidden-state loss or the bridge is fitted (restored from a checkpoint)."""
+        if self.hidden is None or self.hidden.fitted:
+            return {}
+        buffer = self.replay_buffer
+        size = max(int(buffer.sample_batch_size), 1)
+        device = next(self.actor.parameters()).device
+        model = transformers_model(self.actor)
+        states, teacher = [], []
+        with torch.no_grad():
+            for start in range(0, len(buffer), size):
+                batch = buffer.collate_fn([buffer[i] for i in range(start, min(start + size, len(buffer)))])
+                packed = {k: v for k, v in batch.info.items() if k.startswith(HIDDEN_TARGETS_PREFIX)}
+                targets = unpack_hidden_targets(packed, device)
+                sequences, attention_mask = batch.sequences.to(device), batch.attention_mask.to(device)
+                action_mask = batch.action_mask.to(device)
+                with student_hidden_states(model, self.hidden.layers) as captured:
+                    self.actor(sequences, action_mask, attention_mask)
+                states.append(states_at_targets(captured[0], batch, targets))
+                teacher.append(targets.teacher_states)
+        if not states:
+            raise RuntimeError("The replay buffer is empty: no group ends to fit the hidden-state bridge on.")
+        student = torch.cat(states)
+        targets = HiddenStateTargets(
+            torch.zeros(student.shape[0], dtype=torch.int64),
+            torch.zeros(student.shape[0], dtype=torch.int64),
+            torch.cat(teacher),
+        )
+        return self.hidden.fit(student, targets, lambda sums: dp_sum(self.strategy, sums))
 
     def _logit_loss(
         self,
@@ -175,17 +351,34 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
     def training_step(
         self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: dict | None = None
     ) -> dict:
+        batch_groups = None
+        if loss_batch_info is not None and BATCH_GROUPS_KEY in loss_batch_info:
+            # the window's dict (shared by its micro-batches) is left as it is; OpenRLHF gets its own keys only
+            batch_groups = loss_batch_info[BATCH_GROUPS_KEY]
+            loss_batch_info = {k: v for k, v in loss_batch_info.items() if k != BATCH_GROUPS_KEY}
         with self._off_policy_terms(experience):
-            return self._gold_training_step(experience, kl_ctl, step, loss_batch_info)
+            return self._gold_training_step(experience, kl_ctl, step, loss_batch_info, batch_groups)
 
     def _gold_training_step(
-        self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: dict | None = None
+        self,
+        experience: Experience,
+        kl_ctl: float,
+        step: int,
+        loss_batch_info: dict | None = None,
+        batch_groups: torch.Tensor | None = None,
     ) -> dict:
         packed = pop_logit_inputs(experience)
+        packed_hidden = pop_logit_inputs(experience, HIDDEN_TARGETS_PREFIX)
         gold = self.gold
-        if gold is None or not gold.uses_logit_loss or gold.alpha == 0 or packed is None:
+        logit_on = gold is not None and gold.uses_logit_loss and gold.alpha > 0 and packed is not None
+        hidden_on = (
+            gold is not None and self.hidden is not None and gold.alpha > 0 and packed_hidden is not None
+        )
+        if not (logit_on or hidden_on):
             return super().training_step(experience, kl_ctl, step, loss_batch_info)
-        inputs = unpack_logit_inputs(packed, logit_inputs_class(gold), experience.action_mask.device)
+        device = experience.action_mask.device
+        inputs = unpack_logit_inputs(packed, logit_inputs_class(gold), device) if logit_on else None
+        targets = unpack_hidden_targets(packed_hidden, device) if hidden_on else None
 
         if loss_batch_info is None:
             loss_batch_info = get_loss_batch_info(
@@ -201,34 +394,76 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
             if isinstance(out, tuple) and len(out) == 2 and "output" not in captured:
                 captured["output"] = out[1]
 
-        logged: dict[str, torch.Tensor] = {}
+        logged: dict[str, torch.Tensor | float] = {}
 
         def extra_loss() -> torch.Tensor:
-            if "output" not in captured:
-                raise RuntimeError(
-                    "The actor forward of the training step was not seen; cannot add the logit loss."
+            term = torch.zeros((), device=device)
+            if inputs is not None:
+                if "output" not in captured:
+                    raise RuntimeError(
+                        "The actor forward of the training step was not seen; cannot add the logit loss."
+                    )
+                logit_term, metrics = self._logit_loss(
+                    captured["output"], experience, inputs, loss_batch_info
                 )
-            term, metrics = self._logit_loss(captured["output"], experience, inputs, loss_batch_info)
-            logged.update(metrics)
+                term = term + logit_term
+                logged.update(metrics)
+            if targets is not None:
+                if not states:
+                    raise RuntimeError(
+                        "The actor forward of the training step was not seen; cannot add the hidden-state loss."
+                    )
+                hidden_term, metrics = self._hidden_loss(
+                    states[0], experience, targets, loss_batch_info, batch_groups
+                )
+                term = term + hidden_term
+                logged.update(metrics)
             return term
 
         real_strategy = self.strategy
         proxy = _BackwardAddsLoss(real_strategy, extra_loss)
-        handle = self.actor.register_forward_hook(keep_output)
-        self.strategy = proxy
-        try:
-            status = super().training_step(experience, kl_ctl, step, loss_batch_info)
-        finally:
-            self.strategy = real_strategy
-            handle.remove()
+        states: list[torch.Tensor] = []
+        with contextlib.ExitStack() as stack:
+            if targets is not None:
+                assert self.hidden is not None
+                model = transformers_model(self.actor)
+                states = stack.enter_context(student_hidden_states(model, self.hidden.layers))
+            stack.enter_context(_removing(self.actor.register_forward_hook(keep_output)))
+            self.strategy = proxy
+            try:
+                status = super().training_step(experience, kl_ctl, step, loss_batch_info)
+            finally:
+                self.strategy = real_strategy
         if proxy.added != 1:
             raise RuntimeError(
-                f"The training step ran {proxy.added} backward passes; the logit loss needs one."
+                f"The training step ran {proxy.added} backward passes; the GOLD loss terms need one."
             )
         for key, value in logged.items():
             status["metrics"][key] = value
             status["weights"][key] = "sample"
         return status
+
+    def _hidden_loss(
+        self,
+        states: torch.Tensor,
+        experience: Experience,
+        targets: HiddenStateTargets,
+        loss_batch_info: dict,
+        batch_groups: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(the hidden-state term to add to the loss, its metric): :meth:`HiddenStateSignal.term` with the optimiser
+        step's group count (``batch_groups``, from :func:`optimiser_step_groups`), divided by the data-parallel size
+        as the logit loss's token count is (DeepSpeed averages the ranks' gradients)."""
+        assert self.hidden is not None
+        if not self.hidden.fitted:
+            raise RuntimeError(
+                "The hidden-state bridge is not fitted: ppo_train fits it before the first update (fit_hidden_bridge)."
+            )
+        if batch_groups is None:  # a micro-batch outside ppo_train's windows: its own groups, over the ranks
+            count = torch.tensor(float(targets.num_groups), device=experience.action_mask.device)
+            (batch_groups,) = dp_sum(self.strategy, {"groups": count}).values()
+        normaliser = float(batch_groups) / float(loss_batch_info.get("dp_size", 1))
+        return self.hidden.term(states_at_targets(states, experience, targets), targets, normaliser)
 
 
 def logit_vocab(student_tokenizer: Tokenizer, gold: GoldConfig) -> LogitVocab:
@@ -243,12 +478,14 @@ def logit_vocab(student_tokenizer: Tokenizer, gold: GoldConfig) -> LogitVocab:
 
 RNG_STATE_KEY = "gold_policy_actor_torch_rng_state"
 """The policy actor's torch RNG state in OpenRLHF's checkpoint (``client_states``)."""
+HIDDEN_BRIDGE_KEY = "gold_hidden_state_bridge"
+"""The fitted hidden-state bridge (:meth:`HiddenStateSignal.state_dict`, CPU tensors) in OpenRLHF's checkpoint."""
 
 
 @ray.remote(num_gpus=1)
 class GoldPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     """OpenRLHF's policy actor whose trainer adds the GOLD logit loss (options from ``strategy.args.gold``), and
-    whose checkpoint holds its torch RNG state.
+    whose checkpoint holds its torch RNG state and the fitted hidden-state bridge.
 
     The RNG state: OpenRLHF's actor shuffles its replay buffer into micro-batches at every step with the process's
     torch RNG, seeded once at start and not saved, so a resumed job's step ``k + 1`` would group the micro-batches
@@ -256,6 +493,9 @@ class GoldPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     micro-batches differing). Saved with every checkpoint and restored on load, the resumed step shuffles as the
     uninterrupted one. DeepSpeed keeps the client states of data-parallel rank 0, which every rank restores:
     exact where the ranks' RNGs move in step (the same seed and draws, as without dropout).
+
+    The bridge (with the hidden-state loss): fitted once at the first step, the same on every rank, saved with every
+    checkpoint and restored on load, so a resumed job keeps it instead of fitting a new one on its first step.
     """
 
     def init_model_from_pretrained(
@@ -271,11 +511,26 @@ class GoldPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         # The base class builds its ActorPPOTrainer (and the vLLM sync group) itself; extend that instance.
         self.trainer.__class__ = GoldActorPPOTrainer
         self.trainer.setup_gold(gold, logit_vocab(self.tokenizer, gold))
+        self.restore_hidden_bridge()
 
     def save_checkpoint(self, tag: str, client_states: dict | None = None, **kwargs: Any) -> None:
-        """OpenRLHF's checkpoint, its client states extended by this process's torch RNG state."""
+        """OpenRLHF's checkpoint, its client states extended by this process's torch RNG state and the fitted
+        hidden-state bridge (when there is one)."""
         states = {**(client_states or {}), RNG_STATE_KEY: torch.get_rng_state()}
+        hidden = getattr(getattr(self, "trainer", None), "hidden", None)
+        if hidden is not None and hidden.fitted:
+            states[HIDDEN_BRIDGE_KEY] = hidden.state_dict()
         super().save_checkpoint(tag, states, **kwargs)
+
+    def restore_hidden_bridge(self) -> bool:
+        """Load the fitted hidden-state bridge from the loaded checkpoint's client states into the trainer (removed
+        from them, so the trainer does not log it): its first step then keeps it. False when there is none."""
+        state = (getattr(self, "checkpoint_states", None) or {}).pop(HIDDEN_BRIDGE_KEY, None)
+        hidden = getattr(getattr(self, "trainer", None), "hidden", None)
+        if state is None or hidden is None:
+            return False
+        hidden.load_state_dict(state, next(self.trainer.actor.parameters()).device)
+        return True
 
     def restore_rng_state(self) -> bool:
         """Restore the torch RNG state from the loaded checkpoint's client states (removed from them, so the trainer

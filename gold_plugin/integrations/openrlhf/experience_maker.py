@@ -21,7 +21,9 @@ called and no reward is read. The logit-loss inputs travel to the policy actor i
 per field, per sample, with the **position axis last** (so OpenRLHF's right-padding of info tensors in
 ``concat_experiences``, the replay buffer and ``balance_experiences`` pads positions); the policy actor pops them
 (:func:`pop_logit_inputs`) before OpenRLHF turns ``info`` into logged metrics. Everything else left in ``info`` is
-a per-sample metric.
+a per-sample metric. With the hidden-state loss the micro-batch's group ends and the teacher's sketched states
+there (:func:`gold_plugin.hidden_state_step.hidden_state_targets`) travel the same way, through the same packing
+under :data:`HIDDEN_TARGETS_PREFIX` (:func:`pack_hidden_targets`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from gold_plugin.config import GoldConfig
+from gold_plugin.hidden_state_step import HiddenStateTargets, hidden_state_targets
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.step import (
+    AlignedBatch,
     LogitVocab,
     align_results,
     build_logit_inputs,
@@ -62,6 +66,10 @@ SIGNAL_MASK_KEY = "gold_signal_mask"
 """(batch, num_actions) bool: tokens of scored groups (the normalisation's statistics), popped with the above."""
 LOGIT_INPUTS_PREFIX = "gold_logit_inputs."
 """Prefix of the info keys carrying the logit-loss inputs (``<prefix><field>``, ``<prefix>columns``, ``valid``)."""
+HIDDEN_TARGETS_PREFIX = "gold_hidden_targets."
+"""Prefix of the info keys carrying the hidden-state targets (:func:`pack_hidden_targets`)."""
+HIDDEN_GROUPS_KEY = "gold/hidden_state_groups"
+"""Per sample: its aligned groups with hidden-state targets; a logged metric (the local backend's, per sample)."""
 OFF_POLICY_KEY = "gold/off_policy"
 """Per-sample 1.0 for an off-policy completion (the dataset's or the teacher's), 0.0 for a student sample; also a
 logged metric."""
@@ -78,7 +86,7 @@ def _response_positions(action_mask_row: torch.Tensor) -> tuple[np.ndarray, bool
     return index, contiguous
 
 
-LogitInputs = TypeVar("LogitInputs", LogitLossInputs, ProjectionPositions)
+LogitInputs = TypeVar("LogitInputs", LogitLossInputs, ProjectionPositions, "HiddenPositions")
 PackedInputs = dict[str, "torch.Tensor | list[torch.Tensor]"]
 """The logit-loss inputs' info entries, a batched tensor or one tensor per sample each (after OpenRLHF's batching)."""
 
@@ -93,13 +101,16 @@ class _TeacherBatch(TypedDict):
 
 
 def pack_logit_inputs(
-    inputs: LogitLossInputs | ProjectionPositions, batch_size: int
+    inputs: LogitLossInputs | ProjectionPositions | HiddenPositions,
+    batch_size: int,
+    prefix: str = LOGIT_INPUTS_PREFIX,
 ) -> dict[str, torch.Tensor]:
     """The logit-loss inputs of a micro-batch as info tensors: row b holds sample b's positions, position axis last.
 
     Every per-position field ``[N, *rest]`` (all fields but ``positions`` and ``sample_index``) becomes
     ``[B, *rest, P]`` (P = the most positions of one sample, zero-padded, dtypes kept), plus ``columns``
-    ``[B, P]`` (int32 action columns) and ``valid`` ``[B, P]`` (1.0 = a real position). :func:`unpack_logit_inputs` inverts it.
+    ``[B, P]`` (int32 action columns) and ``valid`` ``[B, P]`` (1.0 = a real position), each under ``prefix``.
+    :func:`unpack_logit_inputs` inverts it. The hidden-state targets travel the same way (:class:`HiddenPositions`).
     """
     rows = inputs.sample_index.to(torch.int64).cpu()
     order = torch.argsort(rows, stable=True)
@@ -113,20 +124,23 @@ def pack_logit_inputs(
     columns[rows, slot] = inputs.positions[:, 1].cpu()[order].to(torch.int32)
     valid = torch.zeros(batch_size, width)
     valid[rows, slot] = 1.0
-    packed[LOGIT_INPUTS_PREFIX + "columns"] = columns
-    packed[LOGIT_INPUTS_PREFIX + "valid"] = valid
+    packed[prefix + "columns"] = columns
+    packed[prefix + "valid"] = valid
     for f in dataclasses.fields(inputs):
         if f.name in ("positions", "sample_index"):
             continue
         values = getattr(inputs, f.name).cpu()[order]
         out = torch.zeros((batch_size, width, *values.shape[1:]), dtype=values.dtype)
         out[rows, slot] = values
-        packed[LOGIT_INPUTS_PREFIX + f.name] = out.movedim(1, -1).contiguous()
+        packed[prefix + f.name] = out.movedim(1, -1).contiguous()
     return packed
 
 
 def unpack_logit_inputs(
-    packed: PackedInputs, cls: type[LogitInputs], device: torch.device | str | None = None
+    packed: PackedInputs,
+    cls: type[LogitInputs],
+    device: torch.device | str | None = None,
+    prefix: str = LOGIT_INPUTS_PREFIX,
 ) -> LogitInputs:
     """The inputs of :func:`pack_logit_inputs` back, for a batch whose rows are the packed samples (after
     OpenRLHF's batching: a list of per-sample tensors or a batched tensor per key, widths may differ).
@@ -136,7 +150,7 @@ def unpack_logit_inputs(
     others' sizes. Samples with positions whose inner sizes differ raise ``ValueError``."""
 
     def per_sample(key: str) -> list[torch.Tensor]:
-        value = packed[LOGIT_INPUTS_PREFIX + key]
+        value = packed[prefix + key]
         return [torch.as_tensor(t) for t in (value if isinstance(value, (list, tuple)) else value.unbind(0))]
 
     holds = [bool((t > 0).any()) for t in per_sample("valid")]
@@ -146,9 +160,7 @@ def unpack_logit_inputs(
         width = max((int(t.shape[-1]) for t in items), default=0)
         inner = {tuple(t.shape[:-1]) for t, held in zip(items, holds) if held}
         if len(inner) > 1:
-            raise ValueError(
-                f"{LOGIT_INPUTS_PREFIX}{key}: samples disagree on the inner sizes {sorted(inner)}."
-            )
+            raise ValueError(f"{prefix}{key}: samples disagree on the inner sizes {sorted(inner)}.")
         # without any position in the batch: the widest inner sizes (nothing is read from them)
         rest = inner.pop() if inner else tuple(max(s) for s in zip(*(t.shape[:-1] for t in items)))
         padded = [
@@ -169,10 +181,59 @@ def unpack_logit_inputs(
     return cls(positions=torch.stack([rows, columns.to(device)], dim=1), sample_index=rows, **values)
 
 
-def pop_logit_inputs(experience: Experience) -> PackedInputs | None:
-    """Remove the logit-loss inputs from ``experience.info`` (None when there are none)."""
-    keys = [k for k in experience.info if k.startswith(LOGIT_INPUTS_PREFIX)]
+def pop_logit_inputs(experience: Experience, prefix: str = LOGIT_INPUTS_PREFIX) -> PackedInputs | None:
+    """Remove the logit-loss inputs (or what else was packed under ``prefix``) from ``experience.info`` (None when
+    there are none)."""
+    keys = [k for k in experience.info if k.startswith(prefix)]
     return {k: experience.info.pop(k) for k in keys} or None
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenPositions:
+    """:class:`~gold_plugin.hidden_state_step.HiddenStateTargets` in the layout :func:`pack_logit_inputs` ships:
+    ``positions`` = (sample, action column of the group's last student token), the teacher's states float16
+    (lossless: the teacher sends float16)."""
+
+    positions: torch.Tensor
+    sample_index: torch.Tensor
+    teacher_states: torch.Tensor
+
+    @classmethod
+    def of(cls, targets: HiddenStateTargets) -> HiddenPositions:
+        return cls(
+            torch.stack([targets.sample, targets.action], dim=1),
+            targets.sample,
+            targets.teacher_states.to(torch.float16),
+        )
+
+    def targets(self) -> HiddenStateTargets:
+        return HiddenStateTargets(
+            self.positions[:, 0].to(torch.int64),
+            self.positions[:, 1].to(torch.int64),
+            self.teacher_states.float(),
+        )
+
+
+def pack_hidden_targets(targets: HiddenStateTargets, batch_size: int) -> dict[str, torch.Tensor]:
+    """The hidden-state targets of a micro-batch (``action`` = action columns) as info tensors under
+    :data:`HIDDEN_TARGETS_PREFIX`, as :func:`pack_logit_inputs` packs the logit-loss inputs."""
+    return pack_logit_inputs(HiddenPositions.of(targets), batch_size, HIDDEN_TARGETS_PREFIX)
+
+
+def unpack_hidden_targets(
+    packed: PackedInputs, device: torch.device | str | None = None
+) -> HiddenStateTargets:
+    """:func:`pack_hidden_targets` inverted, for the batch OpenRLHF hands to the training step."""
+    return unpack_logit_inputs(packed, HiddenPositions, device, HIDDEN_TARGETS_PREFIX).targets()
+
+
+def hidden_group_count(info: dict) -> int:
+    """The aligned groups a (possibly collated) experience carries hidden-state targets for (0 without)."""
+    valid = info.get(HIDDEN_TARGETS_PREFIX + "valid")
+    if valid is None:
+        return 0
+    items = valid if isinstance(valid, (list, tuple)) else [valid]
+    return int(sum(int((torch.as_tensor(v) > 0).sum()) for v in items))
 
 
 class GoldExperienceMaker(RemoteExperienceMaker):
@@ -217,6 +278,12 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         every rollout batch (:class:`~gold_plugin.integrations.openrlhf.trainer.DrawAtGlobalStep`), a counter
         OpenRLHF saves in its checkpoint and restores on ``--ckpt.load_enable``, so a resumed job draws what the
         uninterrupted job drew; left alone it counts the batches this maker has made."""
+        teacher_options = gold_config.teacher
+        self._hidden_width: tuple[int, ...] = (
+            int(teacher_options.hidden_state_layers or 0),
+            int(teacher_options.hidden_state_rank),
+        )
+        """Inner sizes ``(L, r)`` of the teacher's shipped states (the last seen; the options until then)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-teacher")
 
     # ── off-policy samples (lmbda) ──
@@ -424,6 +491,8 @@ class GoldExperienceMaker(RemoteExperienceMaker):
                 self.logit_vocab,
             )
             experience.info.update(pack_logit_inputs(inputs, size))
+        if gold.uses_hidden_states:
+            self._attach_hidden_targets(experience, aligned)
         metrics = sample_metrics(
             aligned,
             distill,
@@ -435,6 +504,18 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         metrics["gold/teacher_seconds"] = torch.full((size,), teacher_seconds)
         metrics["gold/teacher_wait_seconds"] = torch.full((size,), wait_seconds)
         experience.info.update(metrics)
+
+    def _attach_hidden_targets(self, experience: Experience, aligned: AlignedBatch) -> None:
+        """The micro-batch's hidden-state targets (group ends in action columns, the teacher's states) packed into
+        ``info``, and the per-sample group count ``gold/hidden_state_groups``."""
+        size = experience.action_mask.shape[0]
+        targets = hidden_state_targets(aligned).in_action_columns(experience.action_mask)
+        if targets.num_groups:
+            self._hidden_width = tuple(targets.teacher_states.shape[1:])
+        else:  # the inner sizes of the other micro-batches, so that OpenRLHF can concatenate them
+            targets = dataclasses.replace(targets, teacher_states=torch.zeros(0, *self._hidden_width))
+        experience.info.update(pack_hidden_targets(targets, size))
+        experience.info[HIDDEN_GROUPS_KEY] = torch.bincount(targets.sample, minlength=size).float()
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences: list[Experience]) -> list[Experience]:

@@ -85,13 +85,7 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
             "GOLD distils text: the teacher scores text only. Set --data.max_images_per_prompt 0."
         )
 
-    if gold.uses_hidden_states:
-        raise GoldConfigError(
-            "The hidden-state loss (--gold.signal hidden, --gold.hidden_state_coef > 0) runs in the local backend "
-            "only so far: OpenRLHF's actor forward does not return hidden states yet (docs/signals.md, \"Hidden "
-            'states"). Use --gold.signal logit/advantage here, or the local backend.'
-        )
-    if gold.uses_logit_loss:
+    if gold.uses_logit_loss or gold.uses_hidden_states:
         layouts = []
         if args.ds.packing_samples:
             layouts.append("--ds.packing_samples")
@@ -100,8 +94,9 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
         if args.ds.ring_attn_size > 1:
             layouts.append("--ds.ring_attn_size > 1 (implies packing)")
         if layouts:
+            loss = "aligned logit loss" if gold.uses_logit_loss else "hidden-state loss"
             raise GoldConfigError(
-                f"--gold.signal={gold.signal} (aligned logit loss) needs padded [batch, time, vocab] logits, but "
+                f"--gold.signal={gold.signal} ({loss}) needs padded [batch, time, ...] logits and states, but "
                 f"{', '.join(layouts)} packs samples into one row. Drop those options, or use "
                 "--gold.signal advantage (works with every batch layout)."
             )
