@@ -222,6 +222,22 @@ def test_gold_mixed_with_grpo_and_the_hf_teacher(cluster):
     assert all(0.0 <= v <= 1.0 for v in scalars["train/gold/projection_remainder"].values())
 
 
+def test_the_hidden_state_loss_with_the_hf_teacher(cluster):
+    """OPRD's hidden-state loss alone beside GRPO (the mix example, hf teacher): the bridge is fitted at step 1
+    before any update (its fit logged once), the loss is logged and finite at every step, and the job trains."""
+    save, text = _submit(
+        cluster, "gold_grpo_countdown_mix.sh", "hidden", "--data.max_samples", "8",
+        "--gold.signal", "hidden", "--gold.teacher.hidden_state_rank", "16",
+    )  # fmt: skip
+    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=False, teacher="hf")
+    assert sorted(scalars["train/gold/hidden_state_loss"]) == [1, 2]
+    assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/hidden_state_loss"].values())
+    assert all(v > 0 for v in scalars["train/gold/hidden_state_groups"].values())
+    assert list(scalars["train/gold/hidden_bridge_fit"]) == [1]  # fitted once, then frozen
+    assert math.isfinite(scalars["train/gold/hidden_bridge_fit"][1])
+    assert "train/gold/logit_loss" not in scalars  # the hidden-state loss alone: no logit loss
+
+
 def test_same_tokenizer_example(cluster):
     save, text = _submit(
         cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same", "--data.max_samples", "8",
