@@ -40,6 +40,39 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "ULD (positional + sorted)": ("uld", [*LOGIT, "--gold.alignment", "positional"]),
     "sampled-KL advantages": ("advantages", ["--gold.signal", "advantage", "--gold.teacher.topk", "0"]),
     "GRPO (task reward only)": ("grpo", ["--gold.alpha", "0"]),
+    # OPRD across tokenizers: the hidden-state loss alone (no teacher top-k), and added to the byte projection.
+    "hidden-state loss alone": ("hidden", ["--gold.signal", "hidden", "--gold.teacher.topk", "0"]),
+    "byte projection + hidden-state loss": (
+        "bytes_hidden",
+        [*LOGIT, "--gold.logit_projection", "bytes", "--gold.hidden_state_coef", "1"],
+    ),
+    # GKD's lmbda with the off-policy half written by the teacher (TRL's seq_kd).
+    "byte projection, lmbda 0.5, teacher-written": (
+        "bytes_teacher_lmbda",
+        [
+            *LOGIT,
+            "--gold.logit_projection",
+            "bytes",
+            "--gold.lmbda",
+            "0.5",
+            "--gold.off_policy_source",
+            "teacher",
+        ],
+    ),
+    # MiniLLM's length-normalised long-term reward: the mean of the remaining groups' d (needs kl_discount > 0).
+    "sampled-KL advantages, length-normalised (discount 1)": (
+        "advantages_lennorm",
+        [
+            "--gold.signal",
+            "advantage",
+            "--gold.teacher.topk",
+            "0",
+            "--gold.kl_discount",
+            "1",
+            "--gold.kl_length_normalised",
+            "true",
+        ],
+    ),
     REFERENCE: ("reference", [*LOGIT, "--gold.logit_projection", "bytes"]),
 }
 LEARNING_RATE = {"digits": "2e-4", "merged_student": "1e-3", "merged_teacher": "2e-4"}
@@ -96,6 +129,10 @@ def main() -> None:
         todo = [job for job in jobs if args.rerun or not _finished(job[3] / "metrics.jsonl", args.steps)]
         if args.methods:
             todo = [job for job in todo if METHODS[job[1]][0] in args.methods]
+        # Whole methods first (every seed of a method, each seed on all pairs), so that a run cut short still
+        # leaves complete rows for the methods it reached.
+        order = list(METHODS)
+        todo.sort(key=lambda job: (order.index(job[1]), job[2], list(PAIRS).index(job[0])))
         for *_, out, _argv in todo:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         with ThreadPoolExecutor(args.workers) as pool:

@@ -1,0 +1,48 @@
+"""The local experiments' method options (examples/local/compare_pairs.py, compare_methods.py) parse and validate as
+GOLD configs, and mean what their names say: a renamed or newly refused option fails here, not after an hour of runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "local"))
+
+import compare_methods  # noqa: E402
+import compare_pairs  # noqa: E402
+
+from gold_plugin.config import gold_config_from_args  # noqa: E402
+from gold_plugin.local.cli import build_parser  # noqa: E402
+
+ALL = {
+    **{f"pairs:{slug}": extra for slug, extra in compare_pairs.METHODS.values()},
+    **{f"methods:{slug}": extra for slug, extra in compare_methods.METHODS.values()},
+    **{f"normalisation:{slug}": extra for slug, extra in compare_methods.NORMALISATION.values()},
+}
+
+
+def _gold(extra: list[str]):
+    return gold_config_from_args(build_parser().parse_args([*compare_pairs.SHARED, *extra]))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_method_options_are_accepted(name: str) -> None:
+    _gold(ALL[name])
+
+
+def test_pairs_methods_mean_what_they_say() -> None:
+    methods = {slug: _gold(extra) for slug, extra in compare_pairs.METHODS.values()}
+    hidden, both = methods["hidden"], methods["bytes_hidden"]
+    assert hidden.uses_hidden_states and not hidden.uses_logit_loss and hidden.teacher.topk == 0
+    assert both.uses_hidden_states and both.uses_logit_loss and both.logit_projection == "bytes"
+    teacher_written = methods["bytes_teacher_lmbda"]
+    assert teacher_written.lmbda == 0.5 and teacher_written.teacher_generates
+    assert teacher_written.logit_projection == "bytes" and not teacher_written.uses_hidden_states
+    lennorm, plain = methods["advantages_lennorm"], methods["advantages"]
+    assert lennorm.kl_length_normalised and lennorm.kl_discount == 1.0 and lennorm.signal == "advantage"
+    assert not plain.kl_length_normalised and plain.kl_discount == 0.0
+    for slug in ("bytes", "vocab", "uld", "advantages", "grpo", "reference"):
+        assert not methods[slug].uses_hidden_states and methods[slug].lmbda == 1.0
