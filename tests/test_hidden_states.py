@@ -216,3 +216,19 @@ def test_options():
         GoldConfig(hidden_state_coef=1.0, teacher=TeacherConfig(hidden_state_layers=0))
     with pytest.raises(GoldConfigError, match="spans"):
         GoldConfig(signal="hidden", alignment="positional")
+
+
+def test_a_rank_above_the_teachers_width_ships_the_whole_state_and_consumers_know_it_at_start(tmp_path):
+    """hidden size 32, rank 100: the teacher ships 32 dimensions (nothing to reduce), and
+    ``shipped_state_width`` (what the OpenRLHF experience maker gives micro-batches without a group, before any
+    state was seen) says 32 from the model's config alone; 8 at rank 8; the rank when no teacher path is set."""
+    from gold_plugin.teacher import HFTeacher
+    from gold_plugin.teacher.hf import shipped_state_width
+    from gold_plugin.testing.tiny_teacher import save_tiny_teacher
+
+    folder = save_tiny_teacher(tmp_path / "teacher", "qwen", num_hidden_layers=2)
+    teacher = HFTeacher(str(folder), device="cpu", hidden_state_layers=1, hidden_state_rank=100)
+    [result] = teacher.score([TeacherRequest("Hi", " ok", True)])
+    assert result.hidden_states.shape[1:] == (1, 32) == (1, shipped_state_width(str(folder), 100))
+    assert shipped_state_width(str(folder), 8) == 8
+    assert shipped_state_width(None, 8) == 8

@@ -308,3 +308,18 @@ class HFTeacher(TeacherScorer):
         self._lm_head = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def shipped_state_width(model_name_or_path: str | None, rank: int) -> int:
+    """Dimensions of each hidden state an hf teacher of this model ships: ``min(hidden size, rank)``, as its sketch
+    (:func:`~gold_plugin.signals.hidden_states.teacher_sketch`) gives; ``rank`` when the config cannot be read."""
+    from transformers import AutoConfig
+
+    if not model_name_or_path:
+        return int(rank)
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+        hidden = int(config.get_text_config().hidden_size)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return int(rank)
+    return min(hidden, int(rank))

@@ -55,6 +55,7 @@ from gold_plugin.step import (
     teacher_prompt,
     teacher_requests,
 )
+from gold_plugin.teacher.hf import shipped_state_width
 from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult, TeacherScorer
 
 if TYPE_CHECKING:
@@ -281,9 +282,12 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         teacher_options = gold_config.teacher
         self._hidden_width: tuple[int, ...] = (
             int(teacher_options.hidden_state_layers or 0),
-            int(teacher_options.hidden_state_rank),
+            shipped_state_width(teacher_options.model_name_or_path, teacher_options.hidden_state_rank)
+            if gold_config.uses_hidden_states
+            else int(teacher_options.hidden_state_rank),
         )
-        """Inner sizes ``(L, r)`` of the teacher's shipped states (the last seen; the options until then)."""
+        """Inner sizes ``(L, r)`` of the teacher's shipped states (the last seen; until then the options', ``r``
+        capped at the teacher's hidden size as its sketch is), given to micro-batches without a group."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-teacher")
 
     # ── off-policy samples (lmbda) ──
