@@ -38,6 +38,7 @@ def test_pairs_methods_mean_what_they_say() -> None:
     hidden, both = methods["hidden"], methods["bytes_hidden"]
     assert hidden.uses_hidden_states and not hidden.uses_logit_loss and hidden.teacher.topk == 0
     assert both.uses_hidden_states and both.uses_logit_loss and both.logit_projection == "bytes"
+    assert both.hidden_state_coef == 1.0 and methods["bytes_hidden01"].hidden_state_coef == 0.1
     teacher_written = methods["bytes_teacher_lmbda"]
     assert teacher_written.lmbda == 0.5 and teacher_written.teacher_generates
     assert teacher_written.logit_projection == "bytes" and not teacher_written.uses_hidden_states

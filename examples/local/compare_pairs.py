@@ -46,6 +46,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         "bytes_hidden",
         [*LOGIT, "--gold.logit_projection", "bytes", "--gold.hidden_state_coef", "1"],
     ),
+    "byte projection + hidden-state loss (coef 0.1)": (
+        "bytes_hidden01",
+        [*LOGIT, "--gold.logit_projection", "bytes", "--gold.hidden_state_coef", "0.1"],
+    ),
     # GKD's lmbda with the off-policy half written by the teacher (TRL's seq_kd).
     "byte projection, lmbda 0.5, teacher-written": (
         "bytes_teacher_lmbda",
