@@ -134,17 +134,18 @@ class HiddenStateSignal:
     def fit(
         self,
         student_states: torch.Tensor,
-        targets: HiddenStateTargets,
+        teacher_states: torch.Tensor,
         all_reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, float]:
-        """Fit the bridge on the student's states ``[G, L, d_s]`` at ``targets``' group ends; returns
+        """Fit the bridge on the student's states ``[G, L, d_s]`` and the teacher's ``[G, L, r]`` at the same group
+        ends (:attr:`HiddenStateTargets.teacher_states`); returns
         ``gold/hidden_bridge_fit`` (the share of the teacher's standardised states the fitted map explains) and
         ``gold/hidden_bridge_groups``. ``all_reduce`` sums a dict of tensors over the data-parallel ranks, each of
         which passes its own group ends: the bridge is fitted from the summed statistics, the same on every rank
         (None: these are all the step's group ends)."""
         reduce = all_reduce if all_reduce is not None else (lambda sums: sums)
         device = student_states.device
-        teacher = targets.teacher_states.to(device)
+        teacher = teacher_states.to(device)
         stats = reduce(bridge_statistics(student_states, teacher))
         self.bridge = HiddenStateBridge.from_statistics({k: v.to(device) for k, v in stats.items()}).to(
             device

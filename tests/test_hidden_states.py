@@ -97,7 +97,7 @@ def test_the_signal_term_is_alpha_coef_times_the_group_mean_and_flows_through_th
     student = torch.randn(10, 1, 3, generator=generator)
     teacher = torch.randn(10, 1, 2, generator=generator)
     targets = _targets(torch.arange(10), teacher)
-    metrics = signal.fit(student, targets)
+    metrics = signal.fit(student, teacher)
     assert 0.0 < metrics["gold/hidden_bridge_fit"] < 1.0 and metrics["gold/hidden_bridge_groups"] == 10
     states = student.clone().requires_grad_(True)
     term, part = signal.term(states, targets, batch_groups=20.0)

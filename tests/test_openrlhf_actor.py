@@ -394,7 +394,6 @@ def test_the_policy_actors_checkpoint_holds_the_fitted_hidden_state_bridge(setup
 
     from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
-    from gold_plugin.hidden_state_step import HiddenStateTargets
     from gold_plugin.integrations.openrlhf.actor import HIDDEN_BRIDGE_KEY, GoldPolicyModelActor
 
     saved = {}
@@ -420,8 +419,7 @@ def test_the_policy_actors_checkpoint_holds_the_fitted_hidden_state_bridge(setup
     width = trainer.actor.model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(20, 2, width, generator=g), torch.randn(20, 2, 4, generator=g)
-    index = torch.zeros(20, dtype=torch.int64)
-    trainer.hidden.fit(student, HiddenStateTargets(index, index, teacher))
+    trainer.hidden.fit(student, teacher)
 
     actor = object.__new__(actor_class)
     actor.trainer = trainer

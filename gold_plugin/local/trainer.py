@@ -474,7 +474,7 @@ class LocalTrainer:
                     range(start, min(start + self.config.micro_batch_size, len(rollout.response_ids)))
                 )
                 states.append(self._student_states(rollout, micro, targets.select(micro)))
-        return self.hidden.fit(torch.cat(states), targets)
+        return self.hidden.fit(torch.cat(states), targets.teacher_states)
 
     def _student_states(
         self,

@@ -302,13 +302,9 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
                 teacher.append(targets.teacher_states)
         if not states:
             raise RuntimeError("The replay buffer is empty: no group ends to fit the hidden-state bridge on.")
-        student = torch.cat(states)
-        targets = HiddenStateTargets(
-            torch.zeros(student.shape[0], dtype=torch.int64),
-            torch.zeros(student.shape[0], dtype=torch.int64),
-            torch.cat(teacher),
+        return self.hidden.fit(
+            torch.cat(states), torch.cat(teacher), lambda sums: dp_sum(self.strategy, sums)
         )
-        return self.hidden.fit(student, targets, lambda sums: dp_sum(self.strategy, sums))
 
     def _logit_loss(
         self,
