@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gold_plugin.local.modeling import encode_prompt, response_logits_and_logprobs
+from gold_plugin.local.modeling import encode_prompt, response_forward
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -91,7 +91,8 @@ def sft(
     for step in range(steps):
         batch = rng.sample(encoded, min(batch_size, len(encoded)))
         prompts, answers = [b[0] for b in batch], [b[1] for b in batch]
-        _, logprobs, mask = response_logits_and_logprobs(model, prompts, answers, pad_id)
+        out = response_forward(model, prompts, answers, pad_id)
+        logprobs, mask = out.logprobs, out.action_mask
         loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -173,20 +173,6 @@ def response_forward(
     return ResponseForward(action_logits, logprobs, action_mask, states)
 
 
-def response_logits_and_logprobs(
-    model: PreTrainedModel,
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    pad_id: int,
-    *,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-response-token logits ``[B, A, V]``, their log-probs of the taken tokens ``[B, A]``, action mask
-    (:func:`response_forward` without hidden states)."""
-    out = response_forward(model, prompt_ids, response_ids, pad_id, temperature=temperature)
-    return out.action_logits, out.logprobs, out.action_mask
-
-
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

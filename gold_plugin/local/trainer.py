@@ -36,7 +36,6 @@ from gold_plugin.local.modeling import (
     encode_prompt,
     resolve_device,
     response_forward,
-    response_logits_and_logprobs,
     sample,
 )
 from gold_plugin.signals.estimators import reward_advantages
@@ -452,13 +451,14 @@ class LocalTrainer:
         mask = torch.zeros(n, width, dtype=torch.bool, device=self.device)
         for start in range(0, n, self.config.micro_batch_size):
             sl = slice(start, start + self.config.micro_batch_size)
-            _, lp, m = response_logits_and_logprobs(
+            out = response_forward(
                 self.model,
                 rollout.prompt_ids[sl],
                 rollout.response_ids[sl],
                 self.tokenizer.pad_token_id,
                 temperature=self.config.temperature,
             )
+            lp, m = out.logprobs, out.action_mask
             logprobs[sl, : lp.shape[1]] = lp
             mask[sl, : m.shape[1]] = m
         return logprobs, mask
