@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -214,6 +215,10 @@ class OffPolicyResponses:
     teacher_seconds: float = 0.0
 
 
+def _sort_key(prompt: str | ChatMessages | None) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
 def off_policy_responses(
     student_tokenizer: Tokenizer,
     draw: OffPolicyDraw,
@@ -233,14 +238,16 @@ def off_policy_responses(
     student as a continuation, cut at ``max_new_tokens``, EOS when the text ended; a teacher text cut at its
     length limit gets none). The teacher writes one completion per ``draw.teacher`` prompt from
     ``teacher_prompts[i]`` (:func:`teacher_prompt`'s rule), with the rollout's ``max_new_tokens`` (in teacher
-    tokens), ``temperature`` (0 = greedy) and ``top_p``, seeded by ``(seed, step)``.
+    tokens), ``temperature`` (0 = greedy) and ``top_p``, seeded by ``(seed, step)``, in one call that lists the
+    prompts in the sorted order of their texts: a sampled batch depends on its order, and the backends list a
+    batch's prompts in different orders, so both get the same completions for the same batch.
     """
     count = len(references)
     if len(teacher_prompts) != count:
         raise ValueError(f"{len(teacher_prompts)} teacher prompts for {count} prompts.")
     texts: list[str | None] = [references[i] if draw.reference[i] else None for i in range(count)]
     ends: list[bool] = [True] * count
-    teacher_rows = np.flatnonzero(draw.teacher).tolist()
+    teacher_rows = sorted(np.flatnonzero(draw.teacher).tolist(), key=lambda i: _sort_key(teacher_prompts[i]))
     missing = draw.missing_reference.copy()
     off = draw.off_policy.copy()
     retries, seconds = 0, 0.0

@@ -131,6 +131,37 @@ def test_teacher_and_reference_completions_become_student_ids_the_same_way():
     assert teacher.calls[1][1].seed == expected_seed and teacher.calls[2][1].seed != expected_seed
 
 
+def test_the_teacher_gets_the_drawn_prompts_in_text_order_whatever_the_row_order():
+    """A sampled batch depends on its order; OpenRLHF lists a batch's prompts in vLLM's completion order, the local
+    backend in the data's, so the teacher is asked in the texts' order and each completion lands on its own row."""
+    tok = load_test_tokenizer("qwen")
+    texts = {"q1": "one", "q2": "two", "q4": "four"}
+    teacher = RecordingTeacher(
+        {q: TeacherGeneration(t, finished=True, num_tokens=1) for q, t in texts.items()}
+    )
+    draw = draw_off_policy(REFERENCES, gold("teacher"), SEED, STEP)
+    options = dict(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=SEED, step=STEP)
+    # The rows of the test above (drawn: 1, 2, 4), with texts whose order is not the rows': q4 < q1 < q2.
+    prompts = ["q3", "zz q1", "zz q2", "q0", "a q4", "q5"]
+    teacher.outputs = {p: teacher.outputs[p.split()[-1]] for p in ("zz q1", "zz q2", "a q4")}
+    out = off_policy_responses(tok, draw, REFERENCES, prompts, teacher, **options)
+    assert teacher.calls[-1][0] == ["a q4", "zz q1", "zz q2"]
+    for row, text in ((1, "one"), (2, "two"), (4, "four")):
+        assert out.response_ids[row] == encode_continuation(tok, text) + [tok.eos_token_id]
+    # The same batch in another row order asks the same call; chat messages are ordered by their content too.
+    permutation = [4, 0, 2, 5, 1, 3]
+    draw_permuted = OffPolicyDraw(*(mask[permutation] for mask in (draw.off_policy, draw.teacher,
+                                                                   draw.missing_reference)))  # fmt: skip
+    off_policy_responses(tok, draw_permuted, [REFERENCES[i] for i in permutation],
+                         [prompts[i] for i in permutation], teacher, **options)  # fmt: skip
+    assert teacher.calls[-1][0] == teacher.calls[-2][0]
+    teacher.outputs = {t: TeacherGeneration(t, finished=True, num_tokens=1) for t in ("b", "a", "c")}
+    chats = [None, [{"role": "user", "content": "b"}], [{"role": "user", "content": "a"}], None,
+             [{"role": "user", "content": "c"}], None]  # fmt: skip
+    off_policy_responses(tok, draw, REFERENCES, chats, teacher, **options)
+    assert [m[-1]["content"] for m in teacher.calls[-1][0]] == ["a", "b", "c"]
+
+
 def test_mixed_source_uses_references_where_rows_have_them():
     tok = load_test_tokenizer("qwen")
     prompts = [f"q{i}" for i in range(len(REFERENCES))]
