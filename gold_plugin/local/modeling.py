@@ -146,20 +146,26 @@ def response_forward(
     *,
     temperature: float = 1.0,
     hidden_layers: Sequence[int] = (),
+    response_logits_only: bool = False,
 ) -> ResponseForward:
     """One forward of the rows; gradients flow when called under grad. ``hidden_layers`` are indices into
-    ``transformers``' ``output_hidden_states`` (0 = the embeddings)."""
+    ``transformers``' ``output_hidden_states`` (0 = the embeddings). ``response_logits_only``: the output layer
+    runs only from the shortest prompt's last token on (``logits_to_keep``), which saves most of a large
+    vocabulary's cost on short answers; the values are the same up to float rounding."""
     device = next(model.parameters()).device
     ids, attn, action_mask, num_actions = pack_right(prompt_ids, response_ids, pad_id, device)
-    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=bool(hidden_layers))
+    width = ids.shape[1]
+    first_kept = max(min(len(p) for p in prompt_ids) - 1, 0) if response_logits_only else 0
+    keep = {"logits_to_keep": width - first_kept} if response_logits_only else {}
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=bool(hidden_layers), **keep)
     logits = out.logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     prompt_len = torch.tensor([len(p) for p in prompt_ids], device=device)
     offsets = torch.arange(num_actions, device=device)
     # logits at position t predict token t+1: response token j sits at prompt_len + j.
-    gather_pos = (prompt_len[:, None] + offsets[None, :] - 1).clamp(0, ids.shape[1] - 1)
-    token_pos = (prompt_len[:, None] + offsets[None, :]).clamp(0, ids.shape[1] - 1)
+    gather_pos = (prompt_len[:, None] + offsets[None, :] - 1).clamp(first_kept, width - 1) - first_kept
+    token_pos = (prompt_len[:, None] + offsets[None, :]).clamp(0, width - 1)
     batch_index = torch.arange(len(prompt_ids), device=device)[:, None]
     action_logits = logits[batch_index, gather_pos]
     taken = ids[batch_index, token_pos]
