@@ -47,3 +47,16 @@ def test_pairs_methods_mean_what_they_say() -> None:
     assert not plain.kl_length_normalised and plain.kl_discount == 0.0
     for slug in ("bytes", "vocab", "uld", "advantages", "grpo", "reference"):
         assert not methods[slug].uses_hidden_states and methods[slug].lmbda == 1.0
+
+
+def test_the_real_pair_uses_the_default_top_k_and_each_pair_its_learning_rate() -> None:
+    def parsed(pair: str, slug: str):
+        [extra] = [extra for key, extra in compare_pairs.METHODS.values() if key == slug]
+        return build_parser().parse_args(compare_pairs.pair_options(pair, extra))
+
+    assert vars(parsed("real", "bytes"))["gold.teacher.topk"] == 64  # the default k
+    assert vars(parsed("real", "vocab"))["gold.teacher.topk"] == 64
+    assert vars(parsed("real", "advantages"))["gold.teacher.topk"] == 0  # no logit loss: no top-k asked
+    assert vars(parsed("merged_student", "bytes"))["gold.teacher.topk"] == 8
+    assert vars(parsed("real", "bytes"))["actor.adam.lr"] == 1e-3
+    assert vars(parsed("digits", "bytes"))["actor.adam.lr"] == 2e-4

@@ -89,6 +89,16 @@ TEACHER_TOPK = {"real": "64"}
 """The teacher's top-k of the logit losses where it is not the toy pairs' 8: the real pair uses the default, 64."""
 
 
+def pair_options(pair: str, method: list[str]) -> list[str]:
+    """The shared options and a method's, with the pair's learning rate and, for a logit loss, its teacher top-k."""
+    options = [*SHARED, *method]
+    options[options.index("--actor.adam.lr") + 1] = LEARNING_RATE[pair]
+    if pair in TEACHER_TOPK and "--gold.teacher.topk" in options:
+        at = options.index("--gold.teacher.topk") + 1
+        options[at] = options[at] if options[at] == "0" else TEACHER_TOPK[pair]
+    return options
+
+
 def _finished(metrics: Path, steps: int) -> bool:
     return metrics.exists() and max(accuracy_curve(metrics), default=-1) == steps
 
@@ -122,16 +132,11 @@ def main() -> None:
         models = prepare_models(run_dir, pair=pair)
         reference, reference_accuracy = same_tokenizer_teacher(models)
         setups[pair] = (models, reference_accuracy)
-        shared = list(SHARED)
-        shared[shared.index("--actor.adam.lr") + 1] = LEARNING_RATE[pair]
         for name, (slug, extra) in METHODS.items():
             for seed in args.seeds:
                 out = run_dir / "runs" / pair / f"{slug}_seed{seed}"
                 out.mkdir(parents=True, exist_ok=True)
-                argv = demo_argv(models, [*shared, *extra])
-                if pair in TEACHER_TOPK and "--gold.teacher.topk" in argv:
-                    at = argv.index("--gold.teacher.topk") + 1
-                    argv[at] = argv[at] if argv[at] == "0" else TEACHER_TOPK[pair]
+                argv = demo_argv(models, pair_options(pair, extra))
                 if name == REFERENCE:
                     argv[argv.index("--gold.teacher.model_name_or_path") + 1] = str(reference)
                 argv += [
