@@ -390,12 +390,13 @@ def test_teacher_written_off_policy_completions(models, tmp_path):
     drawn = sorted({rollout.prompt_index[i] for i in off.nonzero().flatten().tolist()})
     assert len(drawn) == 16 and not missing.any() and rollout.teacher_written == off.tolist()
     seed = int(np.random.SeedSequence([config.seed, 0, 1]).generate_state(1)[0])
+    in_text_order = sorted(drawn, key=lambda i: trainer._student_prompt(rows[i]))  # one call, in that order
     texts = teacher.generate(
-        [trainer._student_prompt(rows[i]) for i in drawn],
+        [trainer._student_prompt(rows[i]) for i in in_text_order],
         GenerationParams(6, config.temperature, config.top_p, seed),
     )
     tok = trainer.tokenizer
-    for i, generation in zip(drawn, texts):
+    for i, generation in zip(in_text_order, texts):
         expected = encode_continuation(tok, generation.text) + (
             [tok.eos_token_id] if generation.finished else []
         )
@@ -404,7 +405,7 @@ def test_teacher_written_off_policy_completions(models, tmp_path):
     # The teacher's answers in the task's format (it writes the 3-digit sum and ends its turn), sampled at the
     # rollout's temperature 1: not always the dataset's answer.
     assert all(g.finished and len(g.text) == 3 and g.text.isdigit() for g in texts)
-    assert 0 < sum(g.text == rows[i]["output"] for i, g in zip(drawn, texts)) < 16
+    assert 0 < sum(g.text == rows[i]["output"] for i, g in zip(in_text_order, texts)) < 16
     experience = trainer.make_experience(rows, rollout, off, missing)
     assert experience.metrics["gold/off_policy_teacher"] == experience.metrics["gold/off_policy"] == 0.5
     assert experience.advantages[off].abs().sum() == 0
