@@ -39,6 +39,11 @@ def test_pairs_methods_mean_what_they_say() -> None:
     assert hidden.uses_hidden_states and not hidden.uses_logit_loss and hidden.teacher.topk == 0
     assert both.uses_hidden_states and both.uses_logit_loss and both.logit_projection == "bytes"
     assert both.hidden_state_coef == 1.0 and methods["bytes_hidden01"].hidden_state_coef == 0.1
+    assert both.hidden_state_loss == hidden.hidden_state_loss == "mse"
+    cosine, cosine_added = methods["hidden_cos"], methods["bytes_hidden01_cos"]
+    assert cosine.hidden_state_loss == cosine_added.hidden_state_loss == "cosine"
+    assert cosine.uses_hidden_states and not cosine.uses_logit_loss and cosine.hidden_state_coef == 1.0
+    assert cosine_added.uses_logit_loss and cosine_added.hidden_state_coef == 0.1
     teacher_written = methods["bytes_teacher_lmbda"]
     assert teacher_written.lmbda == 0.5 and teacher_written.teacher_generates
     assert teacher_written.logit_projection == "bytes" and not teacher_written.uses_hidden_states

@@ -53,6 +53,23 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         "bytes_hidden01",
         [*LOGIT, "--gold.logit_projection", "bytes", "--gold.hidden_state_coef", "0.1"],
     ),
+    # The same two with the cosine form of the hidden-state loss (--gold.hidden_state_loss cosine).
+    "hidden-state loss alone, cosine": (
+        "hidden_cos",
+        ["--gold.signal", "hidden", "--gold.teacher.topk", "0", "--gold.hidden_state_loss", "cosine"],
+    ),
+    "byte projection + hidden-state loss (coef 0.1), cosine": (
+        "bytes_hidden01_cos",
+        [
+            *LOGIT,
+            "--gold.logit_projection",
+            "bytes",
+            "--gold.hidden_state_coef",
+            "0.1",
+            "--gold.hidden_state_loss",
+            "cosine",
+        ],
+    ),
     # GKD's lmbda with the off-policy half written by the teacher (TRL's seq_kd).
     "byte projection, lmbda 0.5, teacher-written": (
         "bytes_teacher_lmbda",
