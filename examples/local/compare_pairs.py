@@ -35,6 +35,7 @@ from gold_plugin.demo.run import demo_argv  # noqa: E402
 from gold_plugin.demo.tokenizers import PAIRS  # noqa: E402
 
 LOGIT = ["--gold.signal", "logit", "--gold.teacher.topk", "8"]
+HIDDEN = ["--gold.signal", "hidden", "--gold.teacher.topk", "0"]
 REFERENCE = "same-tokenizer reference"
 # name -> (run folder prefix, options)
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -44,7 +45,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "sampled-KL advantages": ("advantages", ["--gold.signal", "advantage", "--gold.teacher.topk", "0"]),
     "GRPO (task reward only)": ("grpo", ["--gold.alpha", "0"]),
     # OPRD across tokenizers: the hidden-state loss alone (no teacher top-k), and added to the byte projection.
-    "hidden-state loss alone": ("hidden", ["--gold.signal", "hidden", "--gold.teacher.topk", "0"]),
+    "hidden-state loss alone": ("hidden", HIDDEN),
     "byte projection + hidden-state loss": (
         "bytes_hidden",
         [*LOGIT, "--gold.logit_projection", "bytes", "--gold.hidden_state_coef", "1"],
@@ -56,7 +57,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     # The same two with the cosine form of the hidden-state loss (--gold.hidden_state_loss cosine).
     "hidden-state loss alone, cosine": (
         "hidden_cos",
-        ["--gold.signal", "hidden", "--gold.teacher.topk", "0", "--gold.hidden_state_loss", "cosine"],
+        [*HIDDEN, "--gold.hidden_state_loss", "cosine"],
     ),
     "byte projection + hidden-state loss (coef 0.1), cosine": (
         "bytes_hidden01_cos",
@@ -69,6 +70,22 @@ METHODS: dict[str, tuple[str, list[str]]] = {
             "--gold.hidden_state_loss",
             "cosine",
         ],
+    ),
+    # The hidden-state loss alone with other bridges than the default (2 layer pairs, the teacher's states sketched to
+    # rank 64 of its 128 dimensions, a ridge map fitted on the first batch and frozen): rank 16; rank 128, the
+    # teacher's whole state (the sketch is the identity: what any teacher-side basis, PCA included, can at most
+    # keep); the last layers only; the map refitted on every step's states (what a learned map tends to).
+    "hidden-state loss alone, rank 16": (
+        "hidden_rank16",
+        [*HIDDEN, "--gold.teacher.hidden_state_rank", "16"],
+    ),
+    "hidden-state loss alone, rank 128 (no sketch)": (
+        "hidden_rank128",
+        [*HIDDEN, "--gold.teacher.hidden_state_rank", "128"],
+    ),
+    "hidden-state loss alone, last layers only": (
+        "hidden_last",
+        [*HIDDEN, "--gold.teacher.hidden_state_layers", "1"],
     ),
     # GKD's lmbda with the off-policy half written by the teacher (TRL's seq_kd).
     "byte projection, lmbda 0.5, teacher-written": (
