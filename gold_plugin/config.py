@@ -28,6 +28,7 @@ TeacherBackend = Literal["hf", "vllm"]
 ChatTemplateSource = Literal["teacher", "student"]
 AdvantageNorm = Literal["none", "mean", "whiten"]
 HiddenStateLoss = Literal["mse", "cosine"]
+HiddenStateBridgeFit = Literal["frozen", "refit"]
 OffPolicySource = Literal["reference", "teacher", "reference_or_teacher"]
 
 
@@ -122,6 +123,10 @@ class GoldConfig:
     Unset: 1 with --gold.signal hidden, else 0 (off). Both backends, hf teacher only."""
     hidden_state_loss: HiddenStateLoss = "mse"
     """Distance in the bridge's space: ``mse`` (mean squared difference of the standardised states) or ``cosine``."""
+    hidden_state_bridge: HiddenStateBridgeFit = "frozen"
+    """When the hidden-state bridge is fitted: ``frozen`` (on the first step's group ends, then kept) or ``refit``
+    (again on every step's group ends before its update: the map a learned linear map would tend to; measured
+    worse, docs/signals.md "Hidden states")."""
     alignment: AlignmentMode = "spans"
     """``spans`` (byte-span groups, GOLD) or ``positional`` (ULD's truncate-and-pair-by-index baseline)."""
     logit_projection: LogitProjection = "bytes"
@@ -218,6 +223,7 @@ class GoldConfig:
         _check_choice("logit_projection", self.logit_projection, LogitProjection)
         _check_choice("advantage_norm", self.advantage_norm, AdvantageNorm)
         _check_choice("hidden_state_loss", self.hidden_state_loss, HiddenStateLoss)
+        _check_choice("hidden_state_bridge", self.hidden_state_bridge, HiddenStateBridgeFit)
         _check_choice("teacher.backend", self.teacher.backend, TeacherBackend)
         _check_choice("teacher.chat_template", self.teacher.chat_template, ChatTemplateSource)
         _check_choice("off_policy_source", self.off_policy_source, OffPolicySource)

@@ -119,8 +119,9 @@ def hidden_state_targets(aligned: AlignedBatch) -> HiddenStateTargets:
 
 
 class HiddenStateSignal:
-    """The hidden-state loss of one run: the student's layers paired with the teacher's, the bridge (fitted once on
-    the first batch's group ends, then frozen; :meth:`state_dict` goes into the checkpoint) and the loss term."""
+    """The hidden-state loss of one run: the student's layers paired with the teacher's, the bridge (fitted on the
+    first batch's group ends, then frozen, or refitted every step: :attr:`needs_fit`; :meth:`state_dict` goes into
+    the checkpoint) and the loss term."""
 
     def __init__(self, gold: GoldConfig, student_num_layers: int) -> None:
         self.gold = gold
@@ -130,6 +131,12 @@ class HiddenStateSignal:
     @property
     def fitted(self) -> bool:
         return self.bridge is not None
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether the bridge is to be fitted on this step's group ends before its update: no bridge yet, or
+        ``--gold.hidden_state_bridge refit``."""
+        return self.bridge is None or self.gold.hidden_state_bridge == "refit"
 
     def fit(
         self,

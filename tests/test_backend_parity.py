@@ -12,6 +12,7 @@ whitened distillation advantages, and ``lmbda`` 0.5 with one drawn prompt that h
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
@@ -262,6 +263,13 @@ def test_both_backends_give_the_same_hidden_state_loss_bridge_and_metrics(models
     fitted = gold.fit_hidden_bridge()
     local_fitted = trainer._fit_hidden_bridge(local)
     assert gold.fit_hidden_bridge() == {}  # once
+    refit = copy.copy(
+        gold.hidden
+    )  # --gold.hidden_state_bridge refit: fitted again (the same states, the same map)
+    refit.gold = dataclasses.replace(refit.gold, hidden_state_bridge="refit")
+    gold.hidden, frozen = refit, gold.hidden
+    assert gold.fit_hidden_bridge() == pytest.approx(fitted, rel=1e-6)
+    gold.hidden = frozen
     ours, theirs = gold.hidden.state_dict(), trainer.hidden.state_dict()
     assert set(ours) == set(theirs) and ours["student_map"].shape[-1] == HIDDEN_RANK
     for key in ours:

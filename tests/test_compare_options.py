@@ -44,6 +44,13 @@ def test_pairs_methods_mean_what_they_say() -> None:
     assert cosine.hidden_state_loss == cosine_added.hidden_state_loss == "cosine"
     assert cosine.uses_hidden_states and not cosine.uses_logit_loss and cosine.hidden_state_coef == 1.0
     assert cosine_added.uses_logit_loss and cosine_added.hidden_state_coef == 0.1
+    bridges = {
+        slug: methods[slug] for slug in ("hidden_rank16", "hidden_rank128", "hidden_last", "hidden_refit")
+    }
+    assert all(b.uses_hidden_states and not b.uses_logit_loss for b in bridges.values())
+    assert [b.teacher.hidden_state_rank for b in bridges.values()] == [16, 128, 64, 64]
+    assert [b.teacher.hidden_state_layers for b in bridges.values()] == [2, 2, 1, 2]
+    assert [b.hidden_state_bridge for b in bridges.values()] == ["frozen", "frozen", "frozen", "refit"]
     teacher_written = methods["bytes_teacher_lmbda"]
     assert teacher_written.lmbda == 0.5 and teacher_written.teacher_generates
     assert teacher_written.logit_projection == "bytes" and not teacher_written.uses_hidden_states

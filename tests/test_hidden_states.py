@@ -118,6 +118,32 @@ def test_the_signal_term_is_alpha_coef_times_the_group_mean_and_flows_through_th
     assert not bridge.student_map.requires_grad
 
 
+def test_a_frozen_bridge_is_fitted_once_and_a_refitted_one_every_step():
+    def signal(fit: str) -> HiddenStateSignal:
+        gold = GoldConfig(
+            signal="hidden", hidden_state_bridge=fit, teacher=TeacherConfig(hidden_state_layers=1)
+        )
+        return HiddenStateSignal(gold, student_num_layers=2)
+
+    generator = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(12, 1, 3, generator=generator), torch.randn(12, 1, 2, generator=generator)
+    frozen, refit = signal("frozen"), signal("refit")
+    assert frozen.needs_fit and refit.needs_fit
+    frozen.fit(student, teacher)
+    refit.fit(student, teacher)
+    assert not frozen.needs_fit and refit.needs_fit
+    # A refit on other states replaces the map (the same sums give the same bridge as a fresh fit on them).
+    moved = 2.0 * student + 1.0
+    refit.fit(moved, teacher)
+    torch.testing.assert_close(refit.bridge.student_map, HiddenStateBridge.fit(moved, teacher).student_map)
+    assert not torch.allclose(refit.bridge.student_map, frozen.bridge.student_map)
+    restored = signal("frozen")
+    restored.load_state_dict(frozen.state_dict())
+    assert not restored.needs_fit  # a resumed run keeps its frozen bridge
+    with pytest.raises(GoldConfigError, match="hidden_state_bridge"):
+        GoldConfig(signal="hidden", hidden_state_bridge="learned")
+
+
 def _targets(samples: torch.Tensor, teacher: torch.Tensor):
     from gold_plugin.hidden_state_step import HiddenStateTargets
 

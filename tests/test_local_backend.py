@@ -223,6 +223,40 @@ def test_lmbda_trains_a_share_of_the_prompts_on_their_reference_completions(mode
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
 
 
+def test_a_refitted_hidden_state_bridge_is_fitted_on_every_step(models, tmp_path):
+    """``--gold.hidden_state_bridge refit``: the fit is logged at both steps, and the map saved after step 2 is not
+    the one saved after step 1 (the student moved in between; a frozen bridge would be the same)."""
+    ckpt = tmp_path / "ckpt"
+    options = [
+        *FAST,
+        "--gold.signal",
+        "hidden",
+        "--gold.hidden_state_bridge",
+        "refit",
+        "--local.teacher_in_process",
+    ]
+    steps = [
+        "--eval.steps",
+        "0",
+        "--local.max_steps",
+        "2",
+        "--ckpt.path",
+        str(ckpt),
+        "--ckpt.save_steps",
+        "1",
+    ]
+    assert main(demo_argv(models, [*options, *steps])) == 0
+    history = [h for h in _metrics(ckpt / "metrics.jsonl") if "gold/hidden_state_loss" in h]
+    assert len(history) == 2 and all(0.0 < h["gold/hidden_bridge_fit"] <= 1.0 for h in history)
+    maps = [
+        torch.load(ckpt / f"global_step{step}" / "trainer_state.pt", weights_only=False)[
+            "hidden_state_bridge"
+        ]
+        for step in (1, 2)
+    ]
+    assert not torch.allclose(maps[0]["student_map"], maps[1]["student_map"])
+
+
 def test_the_hidden_state_loss_alone_fits_its_bridge_once_and_trains_the_student(models, tmp_path):
     """``--gold.signal hidden``: the bridge is fitted on the first step only, saved with the checkpoint and loaded
     back; one update on a fixed batch lowers the hidden-state loss (the only term: no advantages, no logit loss)."""

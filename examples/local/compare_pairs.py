@@ -87,6 +87,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         "hidden_last",
         [*HIDDEN, "--gold.teacher.hidden_state_layers", "1"],
     ),
+    "hidden-state loss alone, bridge refitted every step": (
+        "hidden_refit",
+        [*HIDDEN, "--gold.hidden_state_bridge", "refit"],
+    ),
     # GKD's lmbda with the off-policy half written by the teacher (TRL's seq_kd).
     "byte projection, lmbda 0.5, teacher-written": (
         "bytes_teacher_lmbda",

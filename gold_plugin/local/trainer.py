@@ -409,7 +409,7 @@ class LocalTrainer:
 
         t2 = time.perf_counter()
         num_samples = len(rollout.response_ids)
-        if self.hidden is not None and not self.hidden.fitted and experience.hidden_targets is not None:
+        if self.hidden is not None and self.hidden.needs_fit and experience.hidden_targets is not None:
             metrics.update(self._fit_hidden_bridge(experience))
         train_batch = min(c.train_batch_size or num_samples, num_samples)
         self.model.train()
@@ -464,7 +464,7 @@ class LocalTrainer:
         return logprobs, mask
 
     def _fit_hidden_bridge(self, experience: LocalExperience) -> dict[str, float]:
-        """Fit the hidden-state bridge on this (the first) step's group ends, before any update."""
+        """Fit the hidden-state bridge on this step's group ends (the first, or every one to refit), before its update."""
         assert self.hidden is not None and experience.hidden_targets is not None
         rollout, targets = experience.rollout, experience.hidden_targets
         states = []

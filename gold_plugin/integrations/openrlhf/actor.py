@@ -12,8 +12,8 @@ every key of :func:`gold_plugin.step.logit_metrics`: ``gold/logit_loss`` (mean p
 With the hidden-state loss (docs/signals.md, "Hidden states") the same backward also gets
 :meth:`gold_plugin.hidden_state_step.HiddenStateSignal.term`, from the student's states at the paired layers read
 off the same forward (:func:`student_hidden_states`), normalised by the optimiser step's group count
-(:func:`optimiser_step_groups`); the bridge is fitted once in :meth:`GoldActorPPOTrainer.ppo_train` before the first
-update, from statistics summed over the data-parallel ranks, and kept in the actor's checkpoint.
+(:func:`optimiser_step_groups`); the bridge is fitted in :meth:`GoldActorPPOTrainer.ppo_train` before the first
+update (and before every update with ``--gold.hidden_state_bridge refit``), from statistics summed over the data-parallel ranks, and kept in the actor's checkpoint.
 
 Off-policy samples (``gold/off_policy``: reference completions, ``--gold.lmbda < 1``) have advantage 0, so the
 policy loss ignores them; by default OpenRLHF's KL-to-reference loss and entropy term leave their tokens out too
@@ -269,8 +269,8 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
             self.hidden = HiddenStateSignal(gold_config, int(model.config.num_hidden_layers))
 
     def ppo_train(self, kl_ctl: float) -> dict:
-        """OpenRLHF's ``ppo_train``; with the hidden-state loss, the bridge fitted first (the first step only, before
-        any update: :meth:`fit_hidden_bridge`) and every optimiser step's group count given to its micro-batches."""
+        """OpenRLHF's ``ppo_train``; with the hidden-state loss, the bridge fitted first (before the first update,
+        or every update to refit: :meth:`fit_hidden_bridge`) and every optimiser step's group count given to its micro-batches."""
         if self.hidden is None:
             return super().ppo_train(kl_ctl)
         fitted = self.fit_hidden_bridge()
@@ -281,8 +281,9 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
     def fit_hidden_bridge(self) -> dict[str, float]:
         """Fit the hidden-state bridge on the replay buffer (this step's samples of this rank), the statistics
         summed over the data-parallel ranks so that every rank gets the same bridge; its metrics. Nothing (``{}``)
-        when there is no hidden-state loss or the bridge is fitted (restored from a checkpoint)."""
-        if self.hidden is None or self.hidden.fitted:
+        when there is no hidden-state loss or the bridge is fitted and frozen (``--gold.hidden_state_bridge frozen``:
+        fitted at an earlier step, or restored from a checkpoint)."""
+        if self.hidden is None or not self.hidden.needs_fit:
             return {}
         buffer = self.replay_buffer
         size = max(int(buffer.sample_batch_size), 1)
@@ -490,8 +491,9 @@ class GoldPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     uninterrupted one. DeepSpeed keeps the client states of data-parallel rank 0, which every rank restores:
     exact where the ranks' RNGs move in step (the same seed and draws, as without dropout).
 
-    The bridge (with the hidden-state loss): fitted once at the first step, the same on every rank, saved with every
-    checkpoint and restored on load, so a resumed job keeps it instead of fitting a new one on its first step.
+    The bridge (with the hidden-state loss): fitted at the first step (every step to refit), the same on every rank,
+    saved with every checkpoint and restored on load, so a resumed job keeps a frozen bridge instead of fitting a new
+    one on its first step.
     """
 
     def init_model_from_pretrained(
