@@ -13,7 +13,8 @@ teacher that uses the student's own tokenizer, with held-out accuracy within 3 p
 teacher (:func:`gold_plugin.demo.prepare.same_tokenizer_teacher`). Writes ``results_pairs.md`` (other pairs than the
 three toy ones: ``results_pairs_<pairs>.md``; held-out accuracy,
 mean ± std over seeds; the share of the reference's start→end gain each method closes; the lowest accuracy seen
-during training relative to the start) and ``accuracy_<pair>.png`` into ``--run_dir``.
+during training relative to the start) and ``accuracy_<pair>.png`` into ``--run_dir``; ``--report_name NAME``
+writes a report of the ``--methods`` given to ``results_pairs_NAME.md`` and ``accuracy_<pair>_NAME.png`` instead.
 """
 
 from __future__ import annotations
@@ -164,6 +165,12 @@ def main() -> None:
         default=None,
         help="Run only these methods (folder prefixes, e.g. bytes vocab).",
     )
+    p.add_argument(
+        "--report_name",
+        default=None,
+        help="Write the report (only the --methods given, or every finished one) to results_pairs_<name>.md and "
+        "accuracy_<pair>_<name>.png instead of the default files.",
+    )
     args = p.parse_args()
     run_dir = Path(args.run_dir).resolve()
     start = time.perf_counter()
@@ -205,12 +212,17 @@ def main() -> None:
     ]
     for pair in args.pairs:
         models, reference_accuracy = setups[pair]
-        by_seed: dict[str, dict[int, dict[int, float]]] = {}  # method -> seed -> curve; finished runs only
+        finished: dict[str, dict[int, dict[int, float]]] = {}  # method -> seed -> curve
         for job_pair, name, seed, out, _argv in jobs:
             if job_pair == pair and _finished(out / "metrics.jsonl", args.steps):
-                by_seed.setdefault(name, {})[seed] = accuracy_curve(out / "metrics.jsonl")
+                finished.setdefault(name, {})[seed] = accuracy_curve(out / "metrics.jsonl")
+        reference_gain = {seed: c[max(c)] - c[0] for seed, c in finished.get(REFERENCE, {}).items()}
+        by_seed = {  # the reported methods
+            name: runs
+            for name, runs in finished.items()
+            if args.report_name is None or not args.methods or METHODS[name][0] in args.methods
+        }
         curves = {name: list(runs.values()) for name, runs in by_seed.items()}
-        reference_gain = {seed: c[max(c)] - c[0] for seed, c in by_seed.get(REFERENCE, {}).items()}
         lines += [
             "",
             f"**{pair}**: {PAIRS[pair].description}; teacher {models.teacher_accuracy:.3f}, same-tokenizer "
@@ -233,13 +245,19 @@ def main() -> None:
             lines.append(
                 f"| {name} | {mean_std(before)} | {mean_std(after)} | {mean_std(closed)} | {mean_std(lowest)} |"
             )
+        suffix = f"_{args.report_name}" if args.report_name else ""
         plot(
-            curves, models.teacher_accuracy, run_dir / f"accuracy_{pair}.png", title=f"tokenizer pair {pair}"
+            curves,
+            models.teacher_accuracy,
+            run_dir / f"accuracy_{pair}{suffix}.png",
+            title=f"tokenizer pair {pair}",
         )
     if not args.report_only:
         lines += ["", f"Total time {time.perf_counter() - start:.0f} s."]
     toy = set(args.pairs) == set(TOY_PAIRS)
     results = "results_pairs.md" if toy else f"results_pairs_{'_'.join(args.pairs)}.md"
+    if args.report_name:
+        results = f"{results.removesuffix('.md')}_{args.report_name}.md"
     (run_dir / results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
