@@ -51,6 +51,12 @@ def test_pairs_methods_mean_what_they_say() -> None:
     assert [b.teacher.hidden_state_rank for b in bridges.values()] == [16, 128, 64, 64]
     assert [b.teacher.hidden_state_layers for b in bridges.values()] == [2, 2, 1, 2]
     assert [b.hidden_state_bridge for b in bridges.values()] == ["frozen", "frozen", "frozen", "refit"]
+    summed, normalised = methods["advantages_discount1"], methods["advantages_lennorm"]
+    assert (
+        summed.kl_discount == normalised.kl_discount == 1.0
+        and summed.signal == normalised.signal == "advantage"
+    )
+    assert not summed.kl_length_normalised and normalised.kl_length_normalised
     teacher_written = methods["bytes_teacher_lmbda"]
     assert teacher_written.lmbda == 0.5 and teacher_written.teacher_generates
     assert teacher_written.logit_projection == "bytes" and not teacher_written.uses_hidden_states

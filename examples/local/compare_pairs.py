@@ -105,6 +105,11 @@ METHODS: dict[str, tuple[str, list[str]]] = {
             "teacher",
         ],
     ),
+    # The discount alone (the sum of the remaining groups' d): separates the normalisation from the discount below.
+    "sampled-KL advantages, discount 1": (
+        "advantages_discount1",
+        ["--gold.signal", "advantage", "--gold.teacher.topk", "0", "--gold.kl_discount", "1"],
+    ),
     # MiniLLM's length-normalised long-term reward: the mean of the remaining groups' d (needs kl_discount > 0).
     "sampled-KL advantages, length-normalised (discount 1)": (
         "advantages_lennorm",
