@@ -464,7 +464,8 @@ class LocalTrainer:
         return logprobs, mask
 
     def _fit_hidden_bridge(self, experience: LocalExperience) -> dict[str, float]:
-        """Fit the hidden-state bridge on this step's group ends (the first, or every one to refit), before its update."""
+        """Fit the hidden-state bridge on this step's group ends (the first step's, or every step's to refit), before
+        its update."""
         assert self.hidden is not None and experience.hidden_targets is not None
         rollout, targets = experience.rollout, experience.hidden_targets
         states = []

@@ -13,7 +13,8 @@ With the hidden-state loss (docs/signals.md, "Hidden states") the same backward 
 :meth:`gold_plugin.hidden_state_step.HiddenStateSignal.term`, from the student's states at the paired layers read
 off the same forward (:func:`student_hidden_states`), normalised by the optimiser step's group count
 (:func:`optimiser_step_groups`); the bridge is fitted in :meth:`GoldActorPPOTrainer.ppo_train` before the first
-update (and before every update with ``--gold.hidden_state_bridge refit``), from statistics summed over the data-parallel ranks, and kept in the actor's checkpoint.
+update (and before every update with ``--gold.hidden_state_bridge refit``), from statistics summed over the
+data-parallel ranks, and kept in the actor's checkpoint.
 
 Off-policy samples (``gold/off_policy``: reference completions, ``--gold.lmbda < 1``) have advantage 0, so the
 policy loss ignores them; by default OpenRLHF's KL-to-reference loss and entropy term leave their tokens out too
@@ -270,7 +271,8 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
 
     def ppo_train(self, kl_ctl: float) -> dict:
         """OpenRLHF's ``ppo_train``; with the hidden-state loss, the bridge fitted first (before the first update,
-        or every update to refit: :meth:`fit_hidden_bridge`) and every optimiser step's group count given to its micro-batches."""
+        or every update to refit: :meth:`fit_hidden_bridge`) and every optimiser step's group count given to its
+        micro-batches."""
         if self.hidden is None:
             return super().ppo_train(kl_ctl)
         fitted = self.fit_hidden_bridge()
