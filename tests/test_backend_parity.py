@@ -6,7 +6,8 @@ the CPU scaffolding of ``test_openrlhf_experience.py`` / ``test_openrlhf_actor.p
 ``LocalTrainer.make_rollout`` / ``make_experience`` / ``micro_batch_loss`` on the same student weights, the same
 teacher and the same responses (its sampler is replaced by one that returns them). The configuration exercises
 every part of the GOLD step: alpha 0.5 with group_norm rewards, ``--gold.signal both``, ``kl_discount`` 0.5,
-whitened distillation advantages, and ``lmbda`` 0.5 with one drawn prompt that has no reference completion.
+whitened distillation advantages, and ``lmbda`` 0.5 with one drawn prompt that has no reference completion; then
+the same with the off-policy completions written by the teacher, and with the hidden-state loss.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ OPTIONS = (
     "--gold.signal both --gold.advantage_norm whiten --gold.lmbda 0.5 --data.output_key output "
     "--rollout.max_new_tokens 32"
 )
-TIMING = ("gold/teacher_seconds", "gold/teacher_wait_seconds", "gold/plugin_seconds")
+TIMING = (
+    "gold/teacher_seconds",
+    "gold/teacher_wait_seconds",
+    "gold/plugin_seconds",
+    "gold/teacher_generation_seconds",
+)
 
 
 def _split(sequence: torch.Tensor, action_mask: torch.Tensor) -> tuple[tuple, tuple]:
@@ -212,6 +218,40 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     for key in ("gold/logit_loss", "gold/logit_positions", "gold/projection_remainder"):
         assert local_metrics[key] == pytest.approx(float(status["metrics"][key]), rel=1e-4), key
     assert 0.0 < local_metrics["gold/projection_remainder"] < 1.0  # the byte projection (the default)
+
+
+def test_both_backends_train_the_same_teacher_written_off_policy_samples(models, teacher, monkeypatch):
+    """``--gold.off_policy_source teacher``: both backends ask the teacher for the drawn prompts' completions in one
+    seeded call, in the same order, so they train on the same completions (re-tokenised by the student), with the
+    same advantages (0 on those samples) and the same metrics."""
+    plan = make_plan(models, alpha=0.5, extra=f"{OPTIONS} --gold.off_policy_source teacher")
+    maker, _, strategy, tok = make_makers(models, teacher, plan, rows=PARITY_ROWS)
+    experiences = maker.make_experience_batch(make_rollouts(strategy, tok, unknown_prompt=False))
+    trainer, local = _local_side(models, teacher, plan, monkeypatch)
+
+    ours = {}
+    for exp in experiences:
+        for b in range(exp.sequences.shape[0]):
+            ours[_split(exp.sequences[b], exp.action_mask[b])] = exp.advantages[b][exp.action_mask[b].bool()]
+    theirs = {
+        (tuple(prompt_ids), tuple(response)): local.advantages[i][local.mask[i]]
+        for i, (prompt_ids, response) in enumerate(zip(local.rollout.prompt_ids, local.rollout.response_ids))
+    }
+    assert set(ours) == set(theirs)
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], atol=2e-5, rtol=1e-4)
+    # Two drawn prompts, each trained on one teacher completion (both of its samples: one key), none a reference.
+    written = [key for key, value in ours.items() if value.abs().sum() == 0]
+    assert len(written) == 2 and len({prompt for prompt, _ in written}) == 2
+    assert all(tok.decode(list(response)) != "croissant<|im_end|>" for _, response in written)
+    # The local backend logs the teacher's generation call with the rollout (OpenRLHF: on every sample).
+    step_metrics = SimpleNamespace(metrics={**local.metrics, **trainer.rollout_metrics})
+    logged = _assert_same_step_metrics(experiences, step_metrics)
+    assert logged["gold/teacher_generation_retries"] == 0.0
+    assert logged["gold/off_policy_teacher"] == pytest.approx(4 / 6) and logged[
+        "gold/off_policy"
+    ] == pytest.approx(4 / 6)
+    assert logged["gold/off_policy_reference"] == 0.0
 
 
 HIDDEN_RANK = 8
