@@ -146,6 +146,23 @@ def _local_side(models, teacher, plan, monkeypatch) -> tuple[LocalTrainer, Any]:
     return trainer, experience
 
 
+def _assert_same_advantages(experiences: list, local) -> dict[tuple, torch.Tensor]:
+    """Advantages, sample by sample, keyed by (prompt ids, response ids) since the backends order samples
+    differently: the same samples and values in both; OpenRLHF's, by key."""
+    ours = {}
+    for exp in experiences:
+        for b in range(exp.sequences.shape[0]):
+            ours[_split(exp.sequences[b], exp.action_mask[b])] = exp.advantages[b][exp.action_mask[b].bool()]
+    theirs = {
+        (tuple(prompt_ids), tuple(response)): local.advantages[i][local.mask[i]]
+        for i, (prompt_ids, response) in enumerate(zip(local.rollout.prompt_ids, local.rollout.response_ids))
+    }
+    assert set(ours) == set(theirs)
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], atol=2e-5, rtol=1e-4)
+    return ours
+
+
 def _assert_same_step_metrics(experiences: list, local) -> dict[str, float]:
     """Step metrics: the same names, and the same values (OpenRLHF logs each per-sample info entry's mean)."""
     logged = {
@@ -167,17 +184,8 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     trainer, local = _local_side(models, teacher, plan, monkeypatch)
     tok = trainer.tokenizer
 
-    # Advantages, sample by sample (keyed by prompt and response ids: the backends order samples differently).
-    ours = {}
-    for exp in experiences:
-        for b in range(exp.sequences.shape[0]):
-            ours[_split(exp.sequences[b], exp.action_mask[b])] = exp.advantages[b][exp.action_mask[b].bool()]
-    theirs = {}
-    for i, (prompt_ids, response) in enumerate(zip(local.rollout.prompt_ids, local.rollout.response_ids)):
-        theirs[(tuple(prompt_ids), tuple(response))] = local.advantages[i][local.mask[i]]
-    assert set(ours) == set(theirs) and len(ours) == 5  # ROWS[1]'s two samples are one reference completion
-    for key, value in ours.items():
-        torch.testing.assert_close(value, theirs[key], atol=2e-5, rtol=1e-4)
+    ours = _assert_same_advantages(experiences, local)
+    assert len(ours) == 5  # ROWS[1]'s two samples are one reference completion
     off_policy = [k for k in ours if ours[k].abs().sum() == 0]
     assert len(off_policy) == 1 and tok.decode(list(off_policy[0][1])) == "croissant<|im_end|>"
 
@@ -229,17 +237,7 @@ def test_both_backends_train_the_same_teacher_written_off_policy_samples(models,
     experiences = maker.make_experience_batch(make_rollouts(strategy, tok, unknown_prompt=False))
     trainer, local = _local_side(models, teacher, plan, monkeypatch)
 
-    ours = {}
-    for exp in experiences:
-        for b in range(exp.sequences.shape[0]):
-            ours[_split(exp.sequences[b], exp.action_mask[b])] = exp.advantages[b][exp.action_mask[b].bool()]
-    theirs = {
-        (tuple(prompt_ids), tuple(response)): local.advantages[i][local.mask[i]]
-        for i, (prompt_ids, response) in enumerate(zip(local.rollout.prompt_ids, local.rollout.response_ids))
-    }
-    assert set(ours) == set(theirs)
-    for key, value in ours.items():
-        torch.testing.assert_close(value, theirs[key], atol=2e-5, rtol=1e-4)
+    ours = _assert_same_advantages(experiences, local)
     # Two drawn prompts, each trained on one teacher completion (both of its samples: one key), none a reference.
     written = [key for key, value in ours.items() if value.abs().sum() == 0]
     assert len(written) == 2 and len({prompt for prompt, _ in written}) == 2
@@ -303,9 +301,8 @@ def test_both_backends_give_the_same_hidden_state_loss_bridge_and_metrics(models
     fitted = gold.fit_hidden_bridge()
     local_fitted = trainer._fit_hidden_bridge(local)
     assert gold.fit_hidden_bridge() == {}  # once
-    refit = copy.copy(
-        gold.hidden
-    )  # --gold.hidden_state_bridge refit: fitted again (the same states, the same map)
+    # --gold.hidden_state_bridge refit: fitted again (the same states, the same map).
+    refit = copy.copy(gold.hidden)
     refit.gold = dataclasses.replace(refit.gold, hidden_state_bridge="refit")
     gold.hidden, frozen = refit, gold.hidden
     assert gold.fit_hidden_bridge() == pytest.approx(fitted, rel=1e-6)

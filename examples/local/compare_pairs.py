@@ -36,41 +36,29 @@ from gold_plugin.demo.run import demo_argv  # noqa: E402
 from gold_plugin.demo.tokenizers import PAIRS  # noqa: E402
 
 LOGIT = ["--gold.signal", "logit", "--gold.teacher.topk", "8"]
+BYTES = [*LOGIT, "--gold.logit_projection", "bytes"]
+ADVANTAGE = ["--gold.signal", "advantage", "--gold.teacher.topk", "0"]
 HIDDEN = ["--gold.signal", "hidden", "--gold.teacher.topk", "0"]
 REFERENCE = "same-tokenizer reference"
 # name -> (run folder prefix, options)
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "byte projection": ("bytes", [*LOGIT, "--gold.logit_projection", "bytes"]),
+    "byte projection": ("bytes", BYTES),
     "GOLD hybrid (vocabulary map, TRL)": ("vocab", [*LOGIT, "--gold.logit_projection", "vocab"]),
     "ULD (positional + sorted)": ("uld", [*LOGIT, "--gold.alignment", "positional"]),
-    "sampled-KL advantages": ("advantages", ["--gold.signal", "advantage", "--gold.teacher.topk", "0"]),
+    "sampled-KL advantages": ("advantages", ADVANTAGE),
     "GRPO (task reward only)": ("grpo", ["--gold.alpha", "0"]),
     # OPRD across tokenizers: the hidden-state loss alone (no teacher top-k), and added to the byte projection.
     "hidden-state loss alone": ("hidden", HIDDEN),
-    "byte projection + hidden-state loss": (
-        "bytes_hidden",
-        [*LOGIT, "--gold.logit_projection", "bytes", "--gold.hidden_state_coef", "1"],
-    ),
+    "byte projection + hidden-state loss": ("bytes_hidden", [*BYTES, "--gold.hidden_state_coef", "1"]),
     "byte projection + hidden-state loss (coef 0.1)": (
         "bytes_hidden01",
-        [*LOGIT, "--gold.logit_projection", "bytes", "--gold.hidden_state_coef", "0.1"],
+        [*BYTES, "--gold.hidden_state_coef", "0.1"],
     ),
     # The same two with the cosine form of the hidden-state loss (--gold.hidden_state_loss cosine).
-    "hidden-state loss alone, cosine": (
-        "hidden_cos",
-        [*HIDDEN, "--gold.hidden_state_loss", "cosine"],
-    ),
+    "hidden-state loss alone, cosine": ("hidden_cos", [*HIDDEN, "--gold.hidden_state_loss", "cosine"]),
     "byte projection + hidden-state loss (coef 0.1), cosine": (
         "bytes_hidden01_cos",
-        [
-            *LOGIT,
-            "--gold.logit_projection",
-            "bytes",
-            "--gold.hidden_state_coef",
-            "0.1",
-            "--gold.hidden_state_loss",
-            "cosine",
-        ],
+        [*BYTES, "--gold.hidden_state_coef", "0.1", "--gold.hidden_state_loss", "cosine"],
     ),
     # The hidden-state loss alone with other bridges than the default (2 layer pairs, the teacher's states sketched to
     # rank 64 of its 128 dimensions, a ridge map fitted on the first batch and frozen): rank 16; rank 128, the
@@ -95,36 +83,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     # GKD's lmbda with the off-policy half written by the teacher (TRL's seq_kd).
     "byte projection, lmbda 0.5, teacher-written": (
         "bytes_teacher_lmbda",
-        [
-            *LOGIT,
-            "--gold.logit_projection",
-            "bytes",
-            "--gold.lmbda",
-            "0.5",
-            "--gold.off_policy_source",
-            "teacher",
-        ],
+        [*BYTES, "--gold.lmbda", "0.5", "--gold.off_policy_source", "teacher"],
     ),
     # The discount alone (the sum of the remaining groups' d): separates the normalisation from the discount below.
-    "sampled-KL advantages, discount 1": (
-        "advantages_discount1",
-        ["--gold.signal", "advantage", "--gold.teacher.topk", "0", "--gold.kl_discount", "1"],
-    ),
+    "sampled-KL advantages, discount 1": ("advantages_discount1", [*ADVANTAGE, "--gold.kl_discount", "1"]),
     # MiniLLM's length-normalised long-term reward: the mean of the remaining groups' d (needs kl_discount > 0).
     "sampled-KL advantages, length-normalised (discount 1)": (
         "advantages_lennorm",
-        [
-            "--gold.signal",
-            "advantage",
-            "--gold.teacher.topk",
-            "0",
-            "--gold.kl_discount",
-            "1",
-            "--gold.kl_length_normalised",
-            "true",
-        ],
+        [*ADVANTAGE, "--gold.kl_discount", "1", "--gold.kl_length_normalised", "true"],
     ),
-    REFERENCE: ("reference", [*LOGIT, "--gold.logit_projection", "bytes"]),
+    REFERENCE: ("reference", BYTES),
 }
 LEARNING_RATE = {"digits": "2e-4", "merged_student": "1e-3", "merged_teacher": "2e-4", "real": "1e-3"}
 """The demo's 2e-4, except where the student merges digit runs: there every signal, the same-tokenizer reference
