@@ -160,6 +160,10 @@ class GoldConfig:
     """Pair the student's final EOS with the teacher's end-of-turn as a group of its own (else drop it)."""
     logit_chunk_size: int = 1024
     """Aligned positions per chunk in the logit loss: extra memory is bounded by chunk x vocabulary."""
+    max_steps_without_signal: int = 3
+    """Stop the run when this many steps in a row gave no sample a distillation signal (every request rejected by
+    the teacher, prompts cut to its context, nothing alignable), with the reasons counted; each such step is also
+    reported on the console. 0 = report only, never stop."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self) -> None:
@@ -265,6 +269,10 @@ class GoldConfig:
         self._validate_hidden_states()
         if self.logit_chunk_size < 1:
             raise GoldConfigError(f"--gold.logit_chunk_size must be >= 1, got {self.logit_chunk_size}.")
+        if self.max_steps_without_signal < 0:
+            raise GoldConfigError(
+                f"--gold.max_steps_without_signal must be >= 0 (0 = never stop), got {self.max_steps_without_signal}."
+            )
         if self.uses_logit_loss and self.teacher.topk < 1:
             raise GoldConfigError(
                 f"--gold.signal={self.signal} needs the teacher's top-k log-probs: set --gold.teacher.topk "

@@ -463,3 +463,27 @@ def test_teacher_written_off_policy_completions(models, tmp_path):
     experience = trainer.make_experience(rows, rollout, off, missing)
     assert experience.metrics["gold/off_policy_teacher"] == pytest.approx(4 / 128)
     assert experience.metrics["gold/off_policy_reference"] == pytest.approx(60 / 128)
+
+
+def test_a_run_without_distillation_signal_says_why_and_stops(models, tmp_path, capsys):
+    """Every teacher prompt cut to a 4-token context: each step says on the console that no sample got a
+    signal, with the reason counted, and the run stops at --gold.max_steps_without_signal (2) instead of training on
+    nothing; chat prompts for a teacher without a chat template are refused before anything loads."""
+    from gold_plugin.no_signal import NoDistillationSignalError
+
+    options = [*FAST, "--gold.teacher.max_len", "4", "--gold.max_steps_without_signal", "2",
+               "--local.teacher_in_process", "--local.max_steps", "5", "--eval.steps", "0",
+               "--ckpt.path", str(tmp_path)]  # fmt: skip
+    with pytest.raises(
+        NoDistillationSignalError, match=r"GOLD step 2: none of the 128 samples .* Stopping"
+    ) as err:
+        main(demo_argv(models, options))
+    assert "128 x the teacher's prompt was cut to fit its context" in str(err.value)
+    assert (
+        "WARNING: GOLD step 1: none of the 128 samples got a distillation signal" in capsys.readouterr().err
+    )
+    assert not AutoTokenizer.from_pretrained(models.teacher).chat_template
+    with pytest.raises(SystemExit) as exit_:
+        main(demo_argv(models, [*FAST, "--data.apply_chat_template"]))
+    assert exit_.value.code == 2
+    assert "has no chat template, but the prompts are chat messages" in capsys.readouterr().err

@@ -79,11 +79,13 @@ def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) ->
     """
     from gold_plugin.local.modeling import resolve_device
     from gold_plugin.local.trainer import LocalTrainer
-    from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+    from gold_plugin.teacher.tokenizer import check_teacher_chat_template, load_teacher_tokenizer
 
     config.check_gold(gold)
     device = str(resolve_device(config.device))
     teacher_tokenizer = load_teacher_tokenizer(gold.teacher)
+    if gold.alpha > 0:
+        check_teacher_chat_template(gold.teacher, teacher_tokenizer, config.apply_chat_template)
     teacher = (
         make_teacher(gold.teacher, config.teacher_in_process, device, quiet=quiet) if gold.alpha > 0 else None
     )

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from gold_plugin.local.modeling import (
     response_forward,
     sample,
 )
+from gold_plugin.no_signal import NoSignalWatch
 from gold_plugin.signals.estimators import reward_advantages
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.signals.policy_loss import clipped_policy_loss
@@ -91,6 +93,8 @@ class LocalExperience:
     """[N, A] bool action mask."""
     advantages: torch.Tensor
     """[N, A] the advantages of :func:`gold_plugin.step.gold_advantages`."""
+    signal: torch.Tensor
+    """[N, A] bool: the tokens that carry a distillation signal (in a group the teacher scored)."""
     metrics: dict[str, float]
 
 
@@ -185,6 +189,7 @@ class LocalTrainer:
         self.rollout_metrics: dict[str, float] = {}
         """The last rollout's teacher-generation time and retries (with --gold.off_policy_source teacher)."""
         self.history: list[dict[str, float]] = []
+        self.no_signal = NoSignalWatch(gold.max_steps_without_signal)
         random.seed(config.seed)
         np.random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -394,6 +399,7 @@ class LocalTrainer:
             old_logprobs=old,
             mask=mask,
             advantages=advantages.detach(),
+            signal=signal,
             metrics=metrics,
         )
 
@@ -405,6 +411,12 @@ class LocalTrainer:
         rollout, off, missing = self.make_rollout(rows, self.step)
         generate_seconds = time.perf_counter() - t0
         experience = self.make_experience(rows, rollout, off, missing)
+        if experience.aligned is not None:
+            message = self.no_signal.observe(self.step + 1, [(experience.aligned, experience.signal)])
+            if message is not None:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"WARNING: {message}", file=sys.stderr)
         metrics = {**experience.metrics, **self.rollout_metrics}
 
         t2 = time.perf_counter()

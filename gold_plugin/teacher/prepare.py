@@ -125,6 +125,8 @@ class RequestEncoder:
         return []
 
     def _end_of_turn_id(self, token: str | None) -> int | None:
+        from gold_plugin.alignment.token_bytes import token_table
+
         tok = self.tokenizer
         if token is not None:
             token_id = tok.convert_tokens_to_ids(token)
@@ -138,9 +140,11 @@ class RequestEncoder:
                     tokenize=False,
                 )
                 after = text[text.index(_EOT_SENTINEL) + len(_EOT_SENTINEL) :]
-                special = set(tok.all_special_ids)
+                # Added tokens flagged special count too: transformers 5 leaves Gemma's <end_of_turn> and
+                # Llama-3's <|eot_id|> out of ``all_special_ids``.
+                special = token_table(tok).special
                 for token_id in self._encode(after):
-                    if token_id in special:
+                    if 0 <= token_id < special.shape[0] and special[token_id]:
                         return int(token_id)
             except Exception:  # a template that rejects this conversation: fall back to EOS
                 pass

@@ -35,3 +35,26 @@ def teacher_tokenizer_source(teacher: TeacherConfig) -> str:
 def load_teacher_tokenizer(teacher: TeacherConfig) -> PreTrainedTokenizerBase:
     """The teacher's tokenizer as :class:`TeacherConfig` names it."""
     return load_tokenizer(teacher_tokenizer_source(teacher))
+
+
+def check_teacher_chat_template(
+    teacher: TeacherConfig, teacher_tokenizer: PreTrainedTokenizerBase, chat_prompts: bool
+) -> None:
+    """Refuse a run whose chat prompts would reach a teacher tokenizer that has no chat template to render them.
+
+    ``chat_prompts``: the dataset's prompts are chat messages (``--data.apply_chat_template``). With
+    ``--gold.teacher.chat_template teacher`` such a teacher would reject every request and the run would distil
+    nothing; a base model (no template) is the usual case. Raises :class:`GoldConfigError` naming both ways out.
+    """
+    if not chat_prompts or teacher.chat_template != "teacher":
+        return
+    if getattr(teacher_tokenizer, "chat_template", None):
+        return
+    raise GoldConfigError(
+        f"The teacher tokenizer {teacher_tokenizer_source(teacher)!r} has no chat template, but the prompts are chat "
+        "messages (--data.apply_chat_template) that --gold.teacher.chat_template teacher renders with the "
+        "teacher's own template: every teacher request would be rejected and nothing distilled. Either send the "
+        "student's rendered prompt as plain text (--gold.teacher.chat_template student, what a base teacher reads "
+        "in TRL's GOLD), or give the teacher a tokenizer with a chat template (--gold.teacher.tokenizer_name_or_path "
+        "pointing at a tokenizer folder that holds a chat_template.jinja)."
+    )

@@ -48,7 +48,7 @@ def check_tokenizers(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
         return report
 
     from gold_plugin.alignment import UnsupportedTokenizerError, VocabMap, token_bytes
-    from gold_plugin.teacher.tokenizer import load_tokenizer
+    from gold_plugin.teacher.tokenizer import check_teacher_chat_template, load_tokenizer
 
     loaded = {}
     for role, path, found in (
@@ -69,6 +69,9 @@ def check_tokenizers(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
             f"{role} tokenizer {path}: {type(tokenizer).__name__}, {len(tokenizer)} tokens, byte-mappable",
             file=out,
         )
+        if role == "teacher" and plan.gold.alpha > 0:
+            chat_prompts = bool(getattr(plan.args.data, "apply_chat_template", False))
+            check_teacher_chat_template(teacher, tokenizer, chat_prompts)
         loaded[role] = tokenizer
 
     if len(loaded) == 2:

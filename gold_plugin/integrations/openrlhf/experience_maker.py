@@ -29,6 +29,7 @@ under :data:`HIDDEN_TARGETS_PREFIX` (:func:`pack_hidden_targets`).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
@@ -40,6 +41,7 @@ from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from gold_plugin.config import GoldConfig
 from gold_plugin.hidden_state_step import HiddenStateTargets, hidden_state_targets
+from gold_plugin.no_signal import NoSignalWatch
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.step import (
     AlignedBatch,
@@ -289,6 +291,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         """Inner sizes ``(L, r)`` of the teacher's shipped states (the last seen; until then the options', ``r``
         capped at the teacher's hidden size as its sketch is), given to micro-batches without a group."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-teacher")
+        self.no_signal = NoSignalWatch(gold_config.max_steps_without_signal)
 
     # ── off-policy samples (lmbda) ──
 
@@ -442,9 +445,15 @@ class GoldExperienceMaker(RemoteExperienceMaker):
 
         start = time.perf_counter()
         result_iter = iter(results)
+        signals = []
         for experience, batch in zip(experiences, batches):
             batch_results = [next(result_iter) if r is not None else None for r in batch["requests"]]
-            self._attach_signal(experience, batch, batch_results, teacher_seconds, wait_seconds)
+            signals.append(
+                self._attach_signal(experience, batch, batch_results, teacher_seconds, wait_seconds)
+            )
+        message = self.no_signal.observe(self.draw_step, signals)  # raises after too many such steps in a row
+        if message is not None:
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
         plugin_seconds += time.perf_counter() - start
         for experience in experiences:  # the plugin's own work: requests, alignment, signal (not the teacher)
             experience.info["gold/plugin_seconds"] = torch.full(
@@ -464,7 +473,8 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         results: list[TeacherResult | None],
         teacher_seconds: float,
         wait_seconds: float,
-    ) -> None:
+    ) -> tuple[AlignedBatch, torch.Tensor]:
+        """Attach the micro-batch's GOLD signal to ``experience``; its aligned batch and signal mask."""
         gold = self.gold
         size = experience.action_mask.shape[0]
         off = experience.info[OFF_POLICY_KEY] > 0
@@ -508,6 +518,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         metrics["gold/teacher_seconds"] = torch.full((size,), teacher_seconds)
         metrics["gold/teacher_wait_seconds"] = torch.full((size,), wait_seconds)
         experience.info.update(metrics)
+        return aligned, signal
 
     def _attach_hidden_targets(self, experience: Experience, aligned: AlignedBatch) -> None:
         """The micro-batch's hidden-state targets (group ends in action columns, the teacher's states) packed into

@@ -18,7 +18,7 @@ from openrlhf.utils.logging_utils import init_logger
 from ray.util.queue import Queue
 
 from gold_plugin.config import gold_config_from_args
-from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
+from gold_plugin.teacher.tokenizer import check_teacher_chat_template, load_teacher_tokenizer
 
 from .experience_maker import GoldExperienceMaker
 from .prompts import load_prompt_lookup, load_reference_lookup
@@ -58,6 +58,9 @@ def install_gold_experience_maker(trainer: BasePPOTrainer, teacher: TeacherScore
     if gold.needs_references:
         reference_lookup = load_reference_lookup(strategy, trainer.tokenizer)
         logger.info(f"GOLD: reference completions for lmbda={gold.lmbda}: {len(reference_lookup)} prompts")
+    teacher_tokenizer = load_teacher_tokenizer(gold.teacher)
+    chat_prompts = bool(getattr(strategy.args.data, "apply_chat_template", False))
+    check_teacher_chat_template(gold.teacher, teacher_tokenizer, chat_prompts)
     base = trainer.experience_maker
     trainer.experience_maker = GoldExperienceMaker(
         base.actor_model_group,
@@ -69,7 +72,7 @@ def install_gold_experience_maker(trainer: BasePPOTrainer, teacher: TeacherScore
         trainer.tokenizer,
         teacher=teacher,
         gold_config=gold,
-        teacher_tokenizer=load_teacher_tokenizer(gold.teacher),
+        teacher_tokenizer=teacher_tokenizer,
         prompt_lookup=prompt_lookup,
         reference_lookup=reference_lookup,
     )
