@@ -22,3 +22,12 @@ def local_ray():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pretrained_pair():
+    """SmolLM2-135M-Instruct (student) and Gemma-3-270M base (teacher) from their PyPI packages, prepared once per
+    machine into the user cache (``gold_plugin.pretrained``: about 2 minutes the first time, a checksum pass after)."""
+    from gold_plugin.pretrained import prepare_pretrained_pair
+
+    return prepare_pretrained_pair()
