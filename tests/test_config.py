@@ -86,16 +86,21 @@ def test_help_groups_gold_options():
         ({"uld_teacher_temperature": 0.0}, "--gold.uld_teacher_temperature"),
         ({"logit_chunk_size": 0}, "--gold.logit_chunk_size"),
         (
-            {"teacher": TeacherConfig(backend="vllm", num_gpus_per_replica=0, tensor_parallel_size=2)},
+            {"teacher": {"backend": "vllm", "num_gpus_per_replica": 0, "tensor_parallel_size": 2}},
             "tensor_parallel_size must be 1",
         ),
-        ({"teacher": TeacherConfig(backend="vllm", num_gpus_per_replica=1, tensor_parallel_size=2)}, ">= 2"),
-        ({"teacher": TeacherConfig(num_replicas=0)}, "num_replicas"),
+        ({"teacher": {"backend": "vllm", "num_gpus_per_replica": 1, "tensor_parallel_size": 2}}, ">= 2"),
+        ({"teacher": {"num_replicas": 0}}, "num_replicas"),
+        ({"teacher": {"dtype": "fp8"}}, "--gold.teacher.dtype"),
+        ({"teacher": {"hidden_state_rank": 0}}, "--gold.teacher.hidden_state_rank"),
     ],
 )
 def test_invalid_values_name_the_option(kwargs, message):
     with pytest.raises(GoldConfigError, match=message.replace(".", r"\.").replace("*", r"\*")):
         GoldConfig(**kwargs)
+    if isinstance(kwargs.get("teacher"), dict):  # the teacher's own options: refused by TeacherConfig itself
+        with pytest.raises(GoldConfigError, match=message.replace(".", r"\.")):
+            TeacherConfig(**kwargs["teacher"])
 
 
 def test_cli_rejects_bad_choice_before_building():

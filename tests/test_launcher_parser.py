@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import importlib.util
 import io
 import json
@@ -511,3 +512,34 @@ def test_the_hidden_state_loss_runs_with_the_hf_teacher_and_is_refused_with_the_
         _plan(_argv("--gold.signal hidden --gold.teacher.backend vllm"))
     with pytest.raises(GoldConfigError, match="hidden-state loss.*packs samples into one row"):
         _plan(_argv("--gold.signal hidden --ds.packing_samples"))
+
+
+def test_dry_run_refuses_chat_prompts_for_a_teacher_without_a_chat_template(tmp_path, capsys):
+    """A base teacher (no chat template) with chat prompts would reject every request: the dry run says so and
+    names both ways out; text prompts, or --gold.teacher.chat_template student, pass."""
+    from gold_plugin.testing.tokenizers import load_test_tokenizer, tokenizer_dir
+
+    base = copy.deepcopy(load_test_tokenizer("gpt2"))  # the loaded tokenizer is shared: change a copy
+    base.chat_template = None
+    base.save_pretrained(tmp_path / "base_teacher")
+    argv = _argv()
+    argv[argv.index("/nonexistent/student")] = str(tokenizer_dir("mistral"))
+    argv[argv.index("/nonexistent/teacher")] = str(tmp_path / "base_teacher")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--data.apply_chat_template", "--dry_run"])
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"The teacher tokenizer '{tmp_path / 'base_teacher'}' has no chat template" in err
+    assert "--gold.teacher.chat_template student" in err and "--gold.teacher.tokenizer_name_or_path" in err
+    for fine in ([], ["--data.apply_chat_template", "--gold.teacher.chat_template", "student"]):
+        assert cli.main([*argv, *fine, "--dry_run"]) == 0
+
+
+def test_the_console_script_is_the_launcher():
+    script = Path(sys.executable).parent / "gold-train"
+    ours = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    launcher = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert ours.returncode == 0 and "--gold.teacher.model_name_or_path" in ours.stdout
+    assert ours.stdout.replace("gold-train", "train_gold.py") == launcher.stdout

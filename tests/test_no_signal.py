@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -89,7 +91,7 @@ def test_the_watch_reports_each_empty_step_and_stops_after_several_in_a_row():
 
 def test_chat_prompts_need_a_teacher_template():
     qwen = load_test_tokenizer("qwen")  # has a chat template
-    base = load_test_tokenizer("gpt2")
+    base = copy.deepcopy(load_test_tokenizer("gpt2"))  # the loaded tokenizer is shared: change a copy
     base.chat_template = None
     teacher = TeacherConfig(model_name_or_path="/models/base-teacher")
     with pytest.raises(

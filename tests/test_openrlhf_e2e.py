@@ -162,15 +162,27 @@ def _engines_hold_the_trained_weights(save: Path, syncs: int) -> list[dict[str, 
 
 
 def _weights_changed(student: Path, save: Path) -> float:
+    """The largest change of a saved weight, the start's weights rounded to the saved dtype (bf16)."""
     from safetensors.torch import load_file
 
     before, after = load_file(student / "model.safetensors"), load_file(save / "model.safetensors")
     assert before.keys() == after.keys()
-    return max((after[k].float() - before[k].float()).abs().max().item() for k in before)
+    return max((after[k].float() - before[k].to(after[k].dtype).float()).abs().max().item() for k in before)
 
 
-def _check_gold_run(cluster, save: Path, text: str, *, steps: int, reward_free: bool, teacher: str) -> dict:
-    assert _weights_changed(cluster["student"], save) > 1e-3, "the student's saved weights did not change"
+def _check_gold_run(
+    cluster,
+    save: Path,
+    text: str,
+    *,
+    steps: int,
+    reward_free: bool,
+    teacher: str,
+    student: Path | None = None,
+    min_weight_change: float = 1e-3,
+) -> dict:
+    moved = _weights_changed(student or cluster["student"], save)
+    assert moved > min_weight_change, f"the student's saved weights moved by {moved} only"
     _engines_hold_the_trained_weights(save, syncs=steps)
     scalars = tensorboard_scalars(save / "runs")
     assert sorted(scalars["train/gold/aligned_token_share"]) == list(range(1, steps + 1))
@@ -192,15 +204,6 @@ def test_every_cpu_patch_still_applies_to_the_installed_openrlhf():
     assert check() == []
 
 
-def test_reward_free_advantages_with_the_vllm_teacher(cluster):
-    save, text = _submit(
-        cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "advantage", "--data.max_samples", "8",
-        "--gold.signal", "advantage",
-    )  # fmt: skip
-    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="vllm")
-    assert any(v != 0 for v in scalars["train/gold/sampled_kl"].values())
-
-
 def test_reward_free_logit_loss_and_the_async_trainer(cluster):
     save, text = _submit(
         cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "logit_async", "--data.max_samples", "8",
@@ -209,17 +212,6 @@ def test_reward_free_logit_loss_and_the_async_trainer(cluster):
     scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="vllm")
     assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
     assert "GoldTrainingActor" in _actor_classes(cluster, text) or "GoldPPOTrainerAsync" in text
-
-
-def test_gold_mixed_with_grpo_and_the_hf_teacher(cluster):
-    save, text = _submit(cluster, "gold_grpo_countdown_mix.sh", "mix", "--data.max_samples", "8")
-    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=False, teacher="hf")
-    classes = _actor_classes(cluster, text)
-    assert "ReferenceModelActor" in classes and "RewardModelActor" not in classes  # reward: a .py function
-    assert all(math.isfinite(v) for v in scalars["train/reward"].values())
-    # The example's signal: the byte-projected logit loss, with the task reward's advantages at alpha 0.5.
-    assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
-    assert all(0.0 <= v <= 1.0 for v in scalars["train/gold/projection_remainder"].values())
 
 
 def test_the_hidden_state_loss_with_the_hf_teacher(cluster):
@@ -250,25 +242,56 @@ def test_same_tokenizer_example(cluster):
     assert all(math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
 
 
-def test_prompts_longer_than_the_teachers_context(cluster):
-    """A dataset one of whose prompts does not fit the teacher's context (``--gold.teacher.max_len 128``; the
-    Countdown prompts take 77 teacher tokens, the long one about 180), GOLD + GRPO with the hf teacher, one step:
-    the job trains; the long prompt's 2 of 8 samples get no distillation signal and are counted in
-    ``gold/teacher_prompt_truncated`` (OpenRLHF's own logs), the others train as usual."""
-    rows = [json.loads(line) for line in Path(cluster["env"]["DATA"]).read_text().splitlines()[:4]]
+def _with_a_long_prompt(cluster) -> Path:
+    """The first 8 Countdown prompts, the first of them too long for a teacher context of 128 tokens (the Countdown
+    prompts take 77 teacher tokens, the long one about 180)."""
+    rows = [json.loads(line) for line in Path(cluster["env"]["DATA"]).read_text().splitlines()[:8]]
     filler = "Some background that you may ignore. " * 15
     rows[0]["prompt"] = [{**rows[0]["prompt"][0], "content": filler + rows[0]["prompt"][0]["content"]}]
     data = cluster["root"] / "long_prompt.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data
+
+
+def test_the_pretrained_pair_through_the_whole_loop(cluster, pretrained_pair):
+    """SmolLM2-135M-Instruct as OpenRLHF's actor (vLLM rollouts, DeepSpeed) and Gemma-3-270M as the hf teacher group,
+    each with its own chat template, the byte-projected logit loss over the teacher's top-64 of 262,144 ids, 2 steps:
+    every sample scored and aligned, teacher positions in the loss, a finite loss that moved the weights, the
+    projection's remainder logged."""
+    words = [
+        "the house",
+        "the small dog",
+        "good morning",
+        "the river",
+        "my friend",
+        "the old tree",
+        "thank you",
+        "a cat",
+    ]
+    data = cluster["root"] / "translate.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": [{"role": "user", "content": f"Translate into German: {w}"}], "label": w})
+            + "\n"
+            for w in words
+        )
+    )
     save, text = _submit(
-        cluster, "gold_grpo_countdown_mix.sh", "long_prompt", "--data.max_samples", "4",
-        "--gold.teacher.max_len", "128", env={"DATA": str(data)},
+        cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "pretrained", "--data.max_samples", "8",
+        "--gold.teacher.backend", "hf",
+        "--gold.teacher.tokenizer_name_or_path", str(pretrained_pair.teacher_chat_tokenizer), "--actor.adam.lr", "1e-5",
+        env={"STUDENT": str(pretrained_pair.student), "TEACHER": str(pretrained_pair.teacher), "DATA": str(data)},
     )  # fmt: skip
-    scalars = _check_gold_run(cluster, save, text, steps=1, reward_free=False, teacher="hf")
-    assert scalars["train/gold/teacher_prompt_truncated"] == {1: 0.25}
-    assert scalars["train/gold/unaligned"][1] >= 0.25
-    assert 0.0 <= scalars["train/gold/empty_response"][1] <= 1.0
+    scalars = _check_gold_run(
+        cluster, save, text, steps=2, reward_free=True, teacher="hf", student=pretrained_pair.student,
+        min_weight_change=0.0,
+    )  # fmt: skip
+    for tag in ("unaligned", "teacher_prompt_truncated", "teacher_prompt_fallback"):
+        assert all(v == 0 for v in scalars[f"train/gold/{tag}"].values()), (tag, scalars[f"train/gold/{tag}"])
+    assert all(v > 0 for v in scalars["train/gold/logit_positions"].values())
     assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
+    assert all(0.0 < v < 1.0 for v in scalars["train/gold/projection_remainder"].values())
+    assert all(0.0 < v < 1.0 for v in scalars["train/gold/one_to_one_group_share"].values())
 
 
 def _with_references(src: Path, dst: Path) -> dict[str, str]:
@@ -409,8 +432,13 @@ def _kill_the_teacher_after_the_first_step(cluster, proc, save: Path, log: Path)
         time.sleep(0.05 if pid else 0.5)
 
 
-KILLED_TEACHER_RUNS = {  # the GOLD + GRPO and the reward-free advantages runs above: (script, options, teacher)
-    "hf_teacher": ("gold_grpo_countdown_mix.sh", ("--data.max_samples", "8"), "hf"),
+KILLED_TEACHER_RUNS = {  # the mix example (GOLD + GRPO, hf teacher) and reward-free advantages (vllm teacher)
+    # with one prompt longer than the teacher's context (_with_a_long_prompt)
+    "hf_teacher": (
+        "gold_grpo_countdown_mix.sh",
+        ("--data.max_samples", "8", "--gold.teacher.max_len", "128"),
+        "hf",
+    ),
     "vllm_teacher": (
         "gold_countdown_qwen3_4b_to_llama3_1b.sh",
         ("--data.max_samples", "8", "--gold.signal", "advantage"),
@@ -438,10 +466,17 @@ def _rescore(teacher_config: dict, requests: list) -> list:
 def test_a_teacher_replica_killed_mid_job(cluster, run):
     """The job's only teacher replica is killed between step 1 and step 2: step 2's teacher call restarts it and
     re-sends its share (``gold/teacher_retries`` 1 at step 2), the job finishes, and what the job got from the
-    teacher at every step equals a fresh teacher's scoring of the same requests."""
+    teacher at every step equals a fresh teacher's scoring of the same requests.
+
+    The hf run (the mix example: GOLD + GRPO) also has one prompt too long for the teacher's context
+    (``--gold.teacher.max_len 128``): its 2 of 8 samples get no distillation signal and are counted in
+    ``gold/teacher_prompt_truncated`` (OpenRLHF's own logs), the others train as usual."""
     script, options, teacher = KILLED_TEACHER_RUNS[run]
+    env = {"DATA": str(_with_a_long_prompt(cluster))} if teacher == "hf" else None
     start = time.time()
-    proc, save, log = _submit(cluster, script, f"killed_{run}", *options, wait=False, record_teacher=True)
+    proc, save, log = _submit(
+        cluster, script, f"killed_{run}", *options, env=env, wait=False, record_teacher=True
+    )
     children = _kill_the_teacher_after_the_first_step(cluster, proc, save, log)
     try:
         proc.wait(timeout=JOB_TIMEOUT_S)
@@ -454,6 +489,22 @@ def test_a_teacher_replica_killed_mid_job(cluster, run):
     job_seconds = time.time() - start
 
     scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=teacher == "vllm", teacher=teacher)
+    if (
+        teacher == "hf"
+    ):  # the mix example: GRPO's reward function and reference beside the byte-projected loss
+        classes = _actor_classes(cluster, text)
+        assert (
+            "ReferenceModelActor" in classes and "RewardModelActor" not in classes
+        )  # reward: a .py function
+        assert all(math.isfinite(v) for v in scalars["train/reward"].values())
+        assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
+        assert all(0.0 <= v <= 1.0 for v in scalars["train/gold/projection_remainder"].values())
+        truncated = scalars["train/gold/teacher_prompt_truncated"]
+        assert sorted(truncated.values()) == [0.0, 0.25], truncated  # the long prompt's step, and the other
+        long_step = max(truncated, key=truncated.get)
+        assert scalars["train/gold/unaligned"][long_step] >= 0.25
+    else:  # reward-free sampled-KL advantages
+        assert any(v != 0 for v in scalars["train/gold/sampled_kl"].values())
     assert scalars["train/gold/teacher_retries"] == {1: 0.0, 2: 1.0}, (
         "step 2's teacher call did not find its replica dead (killed too late?)",
         scalars["train/gold/teacher_retries"],
@@ -462,10 +513,13 @@ def test_a_teacher_replica_killed_mid_job(cluster, run):
     assert [call["retries"] for call in calls] == [0, 1]  # one call per step
     # hf: fp32, as in the job (threads may differ: float rounding); vllm: bf16 weights, as the job's "auto" dtype
     atol = 1e-5 if teacher == "hf" else 0.1
+    assert calls[0]["teacher"] == calls[1]["teacher"]
+    # One fresh teacher re-scores both steps' requests (a vLLM engine start costs half a minute here).
+    fresh_all = iter(_rescore(calls[0]["teacher"], [r for call in calls for r in call["requests"]]))
     for step, call in enumerate(calls, start=1):
         requests, results = call["requests"], call["results"]
         assert len(results) == len(requests) > 0
-        fresh = _rescore(call["teacher"], requests)
+        fresh = [next(fresh_all) for _ in requests]
         largest = 0.0
         for got, ref in zip(results, fresh):
             assert (got.error, got.num_masked, got.num_prompt_truncated) == (
