@@ -9,7 +9,7 @@
 # teacher their own GPUs (then actor 2 + reference 2 + teacher 2 + vLLM 2).
 #
 # Signal: --gold.signal logit (the default), the byte-projected logit loss on the teacher's top-64 at every teacher
-# position. Measured (README, "Figures"): on tokenizer pairs that cut numbers differently it closed 1.34x and 1.04x
+# position. Measured (docs/results.md): on tokenizer pairs that cut numbers differently it closed 1.34x and 1.04x
 # of same-tokenizer distillation's gain where sampled-KL advantages (--gold.signal advantage) closed -0.02x and
 # 0.81x (examples/local/compare_pairs.py, 5 seeds); its inputs cost OpenRLHF's experience maker 1-3 us per teacher
 # position and ship about 600 bytes per position to the actors (benchmarks/bench_gold_step.py).

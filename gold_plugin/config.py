@@ -188,7 +188,7 @@ class GoldConfig:
     ``reference_or_teacher`` (the dataset's where the row has one, else the teacher's)."""
     off_policy_kl_and_entropy: bool = False
     """OpenRLHF backend: apply OpenRLHF's KL-to-reference loss (--algo.kl.use_loss) and entropy term
-    (--actor.entropy_coef) to the tokens of off-policy samples too (the reference completions of lmbda < 1).
+    (--actor.entropy_coef) to the tokens of off-policy samples too (the off-policy completions of lmbda < 1).
     Default: those tokens get neither, as they get no policy gradient (the student did not sample them); the
     logit loss trains on them either way. The local backend has neither term."""
     uld_hybrid_matched_weight: float | None = None

@@ -496,7 +496,7 @@ def test_dry_run_reports_the_vocabulary_map_shares():
     expected = VocabMap(load_test_tokenizer("mistral"), load_test_tokenizer("gpt2"))
     assert report.student_checked and report.teacher_checked and report.same_vocabulary is False
     assert report.student_matched_fraction == pytest.approx(expected.student_matched_fraction)
-    assert 0.6 < report.student_matched_fraction < 0.7  # docs/alignment.md: bytes match ~66% of Mistral-v1
+    assert 0.6 < report.student_matched_fraction < 0.7  # docs/results.md: bytes match ~66% of Mistral-v1
     assert f"student {expected.student_matched_fraction:.1%}" in out.getvalue()
 
     argv[argv.index(str(tokenizer_dir("gpt2")))] = str(tokenizer_dir("mistral"))

@@ -81,7 +81,7 @@ def test_byte_fallback_duplicates_prefer_the_regular_piece():
 def test_matched_shares_canonical_bytes_vs_exact_string():
     gpt2, mistral = load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
     vocab = VocabMap(gpt2, mistral)  # mistral teacher: shares are of Mistral's vocabulary
-    # docs/design.md: exact strings match about a quarter of Mistral's vocabulary, canonical bytes about two thirds.
+    # docs/results.md, "Vocabulary map shares": exact strings match about a quarter of Mistral's vocabulary, canonical bytes about two thirds.
     assert 0.20 < vocab.exact_string_matched_fraction < 0.30
     assert 0.60 < vocab.matched_fraction < 0.72
     for s, t in CROSS_PAIRS:
