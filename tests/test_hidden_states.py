@@ -15,6 +15,7 @@ from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 from gold_plugin.hidden_state_step import HiddenStateSignal, hidden_state_targets
 from gold_plugin.signals.hidden_states import (
     HiddenStateBridge,
+    bridge_statistics,
     explained_variance,
     hidden_state_loss,
     layers_at_depths,
@@ -258,3 +259,28 @@ def test_a_rank_above_the_teachers_width_ships_the_whole_state_and_consumers_kno
     assert result.hidden_states.shape[1:] == (1, 32) == (1, shipped_state_width(str(folder), 100))
     assert shipped_state_width(str(folder), 8) == 8
     assert shipped_state_width(None, 8) == 8
+
+
+def test_the_bridge_fit_solves_wide_students_with_few_group_ends():
+    """SmolLM2's 576-wide states at 35 group ends, two layers, two threads: torch 2.13's batched LU solve on CPU
+    fails on this system (MKL: "Parameter 6 was incorrect on entry to DLASWP", then a pivot error or NaN); the
+    bridge's Cholesky solve gives the map numpy's solver gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        student = torch.randn(35, 2, 576, dtype=torch.float64) * 30
+        teacher = torch.randn(35, 2, 64, dtype=torch.float64) * 200
+        bridge = HiddenStateBridge.fit(student.float(), teacher.float())
+    finally:
+        torch.set_num_threads(threads)
+    stats = bridge_statistics(student, teacher)
+    n = float(stats["count"])
+    mean = stats["student_sum"] / n
+    gram = stats["student_outer"] - n * mean[:, :, None] * mean[:, None, :]
+    cross = stats["cross"] - n * mean[:, :, None] * (stats["teacher_sum"] / n)[:, None, :]
+    lam = 1e-3 * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / 576
+    system = (gram + lam[:, None, None] * torch.eye(576, dtype=torch.float64)).numpy()
+    expected = np.linalg.solve(system, (cross / bridge.teacher_scale.double()[:, None, :]).numpy())
+    assert torch.isfinite(bridge.student_map).all()
+    np.testing.assert_allclose(bridge.student_map.numpy(), expected, rtol=1e-4, atol=1e-6)

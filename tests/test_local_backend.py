@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gold_plugin.demo.prepare import prepare_models, with_teacher_tokenizer
+from gold_plugin.demo.prepare import with_teacher_tokenizer
 from gold_plugin.demo.run import demo_argv
 from gold_plugin.local.cli import main
 
@@ -25,9 +25,8 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    torch.set_num_threads(2)
-    return prepare_models(tmp_path_factory.mktemp("demo"))
+def models(demo_models):
+    return demo_models
 
 
 def _metrics(path: Path) -> list[dict]:

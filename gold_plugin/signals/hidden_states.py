@@ -96,7 +96,10 @@ class HiddenStateBridge:
         width = gram.shape[-1]
         lam = ridge * torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1) / width  # [L]
         eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
-        student_map = torch.linalg.solve(gram + lam[:, None, None] * eye, cross / teacher_scale[:, None, :])
+        # gram + lam I is symmetric positive definite: a Cholesky solve (torch 2.13's batched LU solve on CPU failed
+        # here on such float64 systems with 2 threads, raising a pivot error or returning NaN).
+        factor = torch.linalg.cholesky(gram + lam[:, None, None] * eye)
+        student_map = torch.cholesky_solve(cross / teacher_scale[:, None, :], factor)
         return cls(student_mean.float(), student_map.float(), teacher_mean.float(), teacher_scale.float())
 
     @property
