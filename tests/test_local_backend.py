@@ -144,7 +144,7 @@ def test_gold_lifts_a_weak_student_through_a_ray_teacher(models, tmp_path):
     ).convert_tokens_to_ids("</s>")
 
 
-def test_resume_continues_the_same_run(models, tmp_path):
+def test_resume_continues_the_same_run(models, tmp_path, capsys):
     common = [*FAST, "--actor.adam.lr", "2e-4", "--local.max_steps", "4", "--ckpt.save_steps", "2",
               "--eval.steps", "0", "--local.teacher_in_process", "--train.seed", "3"]  # fmt: skip
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -163,6 +163,17 @@ def test_resume_continues_the_same_run(models, tmp_path):
     resumed = [{k: h[k] for k in keys} for h in _metrics(split / "metrics.jsonl") if h["step"] > 2]
     reference = [{k: h[k] for k in keys} for h in _metrics(straight / "metrics.jsonl") if h["step"] > 2]
     assert resumed == reference and len(resumed) == 2
+    assert "GOLD options differ" not in capsys.readouterr().err
+    # Resumed with another GOLD option: the run says which, against the checkpoint's saved config.
+    assert (
+        main(
+            demo_argv(
+                models, [*common, "--ckpt.path", str(split), "--ckpt.load_enable", "--gold.beta", "0.3"]
+            )
+        )
+        == 0
+    )
+    assert "GOLD options differ from the checkpoint's" in capsys.readouterr().err
 
 
 def test_clear_errors(models, tmp_path):

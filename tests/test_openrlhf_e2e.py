@@ -164,11 +164,16 @@ def _engines_hold_the_trained_weights(save: Path, syncs: int) -> list[dict[str, 
 
 
 def _weights_changed(student: Path, save: Path) -> float:
-    """The largest change of a saved weight, the start's weights rounded to the saved dtype (bf16)."""
+    """The largest change of a saved weight against the start's weights rounded to the saved dtype: OpenRLHF saves
+    bf16, and the rounding of float32 weights to bf16 alone moves them by up to about 3e-3 here, while two steps at
+    lr 1e-6 move the bf16 weights by about 2e-6. 0 = nothing trained. A tied output layer saved only by OpenRLHF
+    is compared through the embeddings it equals."""
     from safetensors.torch import load_file
 
     before, after = load_file(student / "model.safetensors"), load_file(save / "model.safetensors")
-    assert before.keys() == after.keys()
+    assert set(after) - set(before) <= {"lm_head.weight"} and set(before) <= set(after), set(before) ^ set(
+        after
+    )
     return max((after[k].float() - before[k].to(after[k].dtype).float()).abs().max().item() for k in before)
 
 
@@ -181,10 +186,10 @@ def _check_gold_run(
     reward_free: bool,
     teacher: str,
     student: Path | None = None,
-    min_weight_change: float = 1e-3,
 ) -> dict:
-    moved = _weights_changed(student or cluster["student"], save)
-    assert moved > min_weight_change, f"the student's saved weights moved by {moved} only"
+    assert _weights_changed(student or cluster["student"], save) > 0, (
+        "the student's saved weights did not change"
+    )
     _engines_hold_the_trained_weights(save, syncs=steps)
     scalars = tensorboard_scalars(save / "runs")
     assert sorted(scalars["train/gold/aligned_token_share"]) == list(range(1, steps + 1))
@@ -288,8 +293,7 @@ def test_the_pretrained_pair_through_the_whole_loop(cluster, pretrained_pair):
              "ROLLOUT_BATCH": "2", "TRAIN_BATCH": "4", "TRAIN_MICRO": "4", "MAX_NEW_TOKENS": "12"},
     )  # fmt: skip
     scalars = _check_gold_run(
-        cluster, save, text, steps=2, reward_free=True, teacher="hf", student=pretrained_pair.student,
-        min_weight_change=0.0,
+        cluster, save, text, steps=2, reward_free=True, teacher="hf", student=pretrained_pair.student
     )  # fmt: skip
     for tag in ("unaligned", "teacher_prompt_truncated", "teacher_prompt_fallback"):
         assert all(v == 0 for v in scalars[f"train/gold/{tag}"].values()), (tag, scalars[f"train/gold/{tag}"])
@@ -379,7 +383,7 @@ def test_checkpoint_stop_and_resume(cluster):
     # loader's position (had it restarted, 12 prompts would have given three more steps). Read from tensorboard,
     # not from the trainer actor's log lines, which Ray forwards to the job log only when it gets to them.
     assert sorted(resumed) == list(range(stopped_at + 1, 4)), (stopped_at, sorted(resumed))
-    assert _weights_changed(cluster["student"], save) > 1e-3
+    assert _weights_changed(cluster["student"], save) > 0
     received = _engines_hold_the_trained_weights(save, syncs=1 + 3 - stopped_at)  # + the checkpoint's weights
     assert all(math.isclose(received[0][k], v, rel_tol=1e-6) for k, v in checkpoint_weights.items())
 

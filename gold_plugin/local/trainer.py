@@ -609,6 +609,13 @@ class LocalTrainer:
         if self.hidden is not None:
             self.hidden.load_state_dict(state.get("hidden_state_bridge", {}), self.device)
         print(f"Resumed from {folder} at step {self.step}.")
+        changed = self.gold.changes_from(state.get("gold", {}))
+        if changed:
+            print(
+                f"WARNING: GOLD options differ from the checkpoint's ({folder}); the run goes on with the new ones: "
+                + "; ".join(changed),
+                file=sys.stderr,
+            )
 
     def _log(self, metrics: dict[str, float]) -> None:
         record = {"step": self.step, **metrics}
