@@ -456,9 +456,10 @@ KILLED_TEACHER_RUNS = {  # the mix example (GOLD + GRPO, hf teacher) and reward-
 }
 
 
-def _rescore(teacher_config: dict, requests: list) -> list:
-    """The recorded requests scored again by a fresh teacher with the job's own teacher settings, in this process
-    (a vLLM engine with a small fixed KV cache: its size does not change the log-probs)."""
+def _rescore(teacher_config: dict, calls: list[list]) -> list[list]:
+    """Each call's recorded requests scored again, call by call as the job sent them, by one fresh teacher with the
+    job's own teacher settings, in this process (a vLLM engine with a small fixed KV cache: its size does not change
+    the log-probs)."""
     from gold_plugin.config import TeacherConfig
     from gold_plugin.teacher import build_teacher
 
@@ -466,7 +467,7 @@ def _rescore(teacher_config: dict, requests: list) -> list:
     overrides = {"device": "cpu"} if config.backend == "hf" else {"kv_cache_memory_bytes": 256 << 20}
     scorer = build_teacher(config, **overrides)
     try:
-        return scorer.score(requests)
+        return [scorer.score(requests) for requests in calls]
     finally:
         scorer.close()
 
@@ -523,12 +524,12 @@ def test_a_teacher_replica_killed_mid_job(cluster, run):
     # hf: fp32, as in the job (threads may differ: float rounding); vllm: bf16 weights, as the job's "auto" dtype
     atol = 1e-5 if teacher == "hf" else 0.1
     assert calls[0]["teacher"] == calls[1]["teacher"]
-    # One fresh teacher re-scores both steps' requests (a vLLM engine start costs half a minute here).
-    fresh_all = iter(_rescore(calls[0]["teacher"], [r for call in calls for r in call["requests"]]))
-    for step, call in enumerate(calls, start=1):
+    # One fresh teacher re-scores both steps (a vLLM engine start costs half a minute here), each step's requests
+    # in one call as the job sent them (the same batches: padding changes float rounding).
+    rescored = _rescore(calls[0]["teacher"], [call["requests"] for call in calls])
+    for step, (call, fresh) in enumerate(zip(calls, rescored), start=1):
         requests, results = call["requests"], call["results"]
         assert len(results) == len(requests) > 0
-        fresh = [next(fresh_all) for _ in requests]
         largest = 0.0
         for got, ref in zip(results, fresh):
             assert (got.error, got.num_masked, got.num_prompt_truncated) == (
