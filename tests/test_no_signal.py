@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -93,11 +94,15 @@ def test_chat_prompts_need_a_teacher_template():
     qwen = load_test_tokenizer("qwen")  # has a chat template
     base = copy.deepcopy(load_test_tokenizer("gpt2"))  # the loaded tokenizer is shared: change a copy
     base.chat_template = None
-    teacher = TeacherConfig(model_name_or_path="/models/base-teacher")
+    gold = GoldConfig(teacher=TeacherConfig(model_name_or_path="/models/base-teacher"))
     with pytest.raises(
         GoldConfigError, match=r"'/models/base-teacher' has no chat template.*chat_template student"
     ):
-        check_teacher_chat_template(teacher, base, chat_prompts=True)
-    check_teacher_chat_template(teacher, base, chat_prompts=False)  # text prompts reach it verbatim
-    check_teacher_chat_template(TeacherConfig(chat_template="student"), base, chat_prompts=True)
-    check_teacher_chat_template(teacher, qwen, chat_prompts=True)
+        check_teacher_chat_template(gold, base, chat_prompts=True)
+    check_teacher_chat_template(gold, base, chat_prompts=False)  # text prompts reach it verbatim
+    student_text = GoldConfig(teacher=TeacherConfig(chat_template="student"))
+    check_teacher_chat_template(student_text, base, chat_prompts=True)
+    check_teacher_chat_template(gold, qwen, chat_prompts=True)
+    check_teacher_chat_template(
+        dataclasses.replace(gold, alpha=0.0), base, chat_prompts=True
+    )  # no teacher asked

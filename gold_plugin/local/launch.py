@@ -84,8 +84,7 @@ def train(config: LocalTrainConfig, gold: GoldConfig, *, quiet: bool = False) ->
     config.check_gold(gold)
     device = str(resolve_device(config.device))
     teacher_tokenizer = load_teacher_tokenizer(gold.teacher)
-    if gold.alpha > 0:
-        check_teacher_chat_template(gold.teacher, teacher_tokenizer, config.apply_chat_template)
+    check_teacher_chat_template(gold, teacher_tokenizer, config.apply_chat_template)
     teacher = (
         make_teacher(gold.teacher, config.teacher_in_process, device, quiet=quiet) if gold.alpha > 0 else None
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gold_plugin.config import GoldConfigError, TeacherConfig
+from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,15 +38,17 @@ def load_teacher_tokenizer(teacher: TeacherConfig) -> PreTrainedTokenizerBase:
 
 
 def check_teacher_chat_template(
-    teacher: TeacherConfig, teacher_tokenizer: PreTrainedTokenizerBase, chat_prompts: bool
+    gold: GoldConfig, teacher_tokenizer: PreTrainedTokenizerBase, chat_prompts: bool
 ) -> None:
     """Refuse a run whose chat prompts would reach a teacher tokenizer that has no chat template to render them.
 
     ``chat_prompts``: the dataset's prompts are chat messages (``--data.apply_chat_template``). With
     ``--gold.teacher.chat_template teacher`` such a teacher would reject every request and the run would distil
     nothing; a base model (no template) is the usual case. Raises :class:`GoldConfigError` naming both ways out.
+    Nothing to check at ``--gold.alpha 0`` (no teacher is asked).
     """
-    if not chat_prompts or teacher.chat_template != "teacher":
+    teacher = gold.teacher
+    if gold.alpha == 0 or not chat_prompts or teacher.chat_template != "teacher":
         return
     if getattr(teacher_tokenizer, "chat_template", None):
         return

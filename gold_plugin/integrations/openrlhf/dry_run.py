@@ -69,9 +69,9 @@ def check_tokenizers(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
             f"{role} tokenizer {path}: {type(tokenizer).__name__}, {len(tokenizer)} tokens, byte-mappable",
             file=out,
         )
-        if role == "teacher" and plan.gold.alpha > 0:
+        if role == "teacher":
             chat_prompts = bool(getattr(plan.args.data, "apply_chat_template", False))
-            check_teacher_chat_template(teacher, tokenizer, chat_prompts)
+            check_teacher_chat_template(plan.gold, tokenizer, chat_prompts)
         loaded[role] = tokenizer
 
     if len(loaded) == 2:

@@ -60,7 +60,7 @@ def install_gold_experience_maker(trainer: BasePPOTrainer, teacher: TeacherScore
         logger.info(f"GOLD: reference completions for lmbda={gold.lmbda}: {len(reference_lookup)} prompts")
     teacher_tokenizer = load_teacher_tokenizer(gold.teacher)
     chat_prompts = bool(getattr(strategy.args.data, "apply_chat_template", False))
-    check_teacher_chat_template(gold.teacher, teacher_tokenizer, chat_prompts)
+    check_teacher_chat_template(gold, teacher_tokenizer, chat_prompts)
     base = trainer.experience_maker
     trainer.experience_maker = GoldExperienceMaker(
         base.actor_model_group,
