@@ -73,6 +73,41 @@ class PretrainedPair:
     """Gemma-3-270M's tokenizer with the Gemma 3 chat template (:data:`GEMMA3_CHAT_TEMPLATE`)."""
 
 
+TRANSLATION_WORDS = (
+    "the house", "the small dog", "good morning", "the river", "my friend", "the old tree", "thank you", "a cat",
+)  # fmt: skip
+"""English phrases the pair's tests and probe ask the student to translate into German (the student writes the
+German that the two vocabularies cut very differently)."""
+
+
+def translation_messages(word: str) -> list[dict[str, str]]:
+    """The chat prompt asking for ``word`` in German."""
+    return [{"role": "user", "content": f"Translate into German: {word}"}]
+
+
+def write_translation_prompts(
+    path: Path,
+    words: tuple[str, ...] = TRANSLATION_WORDS,
+    input_key: str = "input",
+    label_key: str | None = None,
+) -> Path:
+    """A jsonl of :func:`translation_messages` rows (``--data.input_key``; the word under ``label_key`` if given)."""
+    rows = [{input_key: translation_messages(w), **({label_key: w} if label_key else {})} for w in words]
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return Path(path)
+
+
+def local_pair_options(pair: PretrainedPair, prompt_dataset: Path) -> list[str]:
+    """The local backend's model and data options for the pair: SmolLM2 the student, Gemma the teacher with its
+    chat-template tokenizer, chat prompts from ``prompt_dataset``."""
+    return [
+        "--actor.model_name_or_path", str(pair.student),
+        "--gold.teacher.model_name_or_path", str(pair.teacher),
+        "--gold.teacher.tokenizer_name_or_path", str(pair.teacher_chat_tokenizer),
+        "--data.prompt_dataset", str(prompt_dataset), "--data.apply_chat_template",
+    ]  # fmt: skip
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gold_plugin" / "pretrained")
 

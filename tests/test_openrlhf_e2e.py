@@ -265,23 +265,10 @@ def test_the_pretrained_pair_through_the_whole_loop(cluster, pretrained_pair):
     each with its own chat template, the byte-projected logit loss over the teacher's top-64 of 262,144 ids, 2 steps:
     every sample scored and aligned, teacher positions in the loss, a finite loss that moved the weights, the
     projection's remainder logged."""
-    words = [
-        "the house",
-        "the small dog",
-        "good morning",
-        "the river",
-        "my friend",
-        "the old tree",
-        "thank you",
-        "a cat",
-    ]
-    data = cluster["root"] / "translate.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"prompt": [{"role": "user", "content": f"Translate into German: {w}"}], "label": w})
-            + "\n"
-            for w in words
-        )
+    from gold_plugin.pretrained import write_translation_prompts
+
+    data = write_translation_prompts(
+        cluster["root"] / "translate.jsonl", input_key="prompt", label_key="label"
     )
     save, text = _submit(
         cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "pretrained", "--data.max_samples", "4",

@@ -13,7 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gold_plugin.alignment import VocabMap, align, encode_continuation, token_bytes
-from gold_plugin.pretrained import GEMMA3_CHAT_TEMPLATE, _finish, _verified, prepare_pretrained_pair
+from gold_plugin.pretrained import (
+    GEMMA3_CHAT_TEMPLATE,
+    TRANSLATION_WORDS,
+    _finish,
+    _verified,
+    local_pair_options,
+    prepare_pretrained_pair,
+    write_translation_prompts,
+)
 from gold_plugin.teacher import HFTeacher, TeacherRequest
 
 pytestmark = pytest.mark.slow
@@ -135,19 +143,9 @@ def test_one_gold_step_per_signal_with_the_pair(pretrained_pair, tmp_path, signa
     from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
 
     torch.manual_seed(0)
-    data = tmp_path / "prompts.jsonl"
-    words = ["the house", "the small dog", "good morning", "the river"]
-    data.write_text(
-        "".join(
-            json.dumps({"input": [{"role": "user", "content": f"Translate into German: {w}"}]}) + "\n"
-            for w in words
-        )
-    )
+    data = write_translation_prompts(tmp_path / "prompts.jsonl", TRANSLATION_WORDS[:4])
     argv = [
-        "--actor.model_name_or_path", str(pretrained_pair.student),
-        "--gold.teacher.model_name_or_path", str(pretrained_pair.teacher),
-        "--gold.teacher.tokenizer_name_or_path", str(pretrained_pair.teacher_chat_tokenizer),
-        "--data.prompt_dataset", str(data), "--data.apply_chat_template",
+        *local_pair_options(pretrained_pair, data),
         "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--rollout.max_new_tokens", "12",
         "--actor.adam.lr", "1e-5", "--actor.lr_warmup_ratio", "0", "--actor.min_lr_ratio", "1",
         "--local.teacher_in_process", "--local.max_steps", "1", "--eval.steps", "0", "--local.no_progress",

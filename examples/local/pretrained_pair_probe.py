@@ -18,7 +18,6 @@ is not measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,16 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-WORDS = [
-    "the house",
-    "the small dog",
-    "good morning",
-    "the river",
-    "my friend",
-    "the old tree",
-    "thank you",
-    "a cat",
-]
+from gold_plugin.pretrained import (
+    TRANSLATION_WORDS,
+    local_pair_options,
+    translation_messages,
+    write_translation_prompts,
+)
+
 SIGNALS = {
     "byte projection": ["--gold.signal", "logit"],
     "vocabulary-map hybrid": ["--gold.signal", "logit", "--gold.logit_projection", "vocab"],
@@ -55,10 +51,6 @@ SHOWN = (
 )
 
 
-def messages(word: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"Translate into German: {word}"}]
-
-
 def gold_steps(pair, work: Path, steps: int = 2) -> None:
     from gold_plugin.local.cli import build_parser
     from gold_plugin.local.config import configs_from_args
@@ -66,16 +58,12 @@ def gold_steps(pair, work: Path, steps: int = 2) -> None:
     from gold_plugin.teacher import build_teacher
     from gold_plugin.teacher.tokenizer import load_teacher_tokenizer
 
-    data = work / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"input": messages(w)}) + "\n" for w in WORDS))
+    data = write_translation_prompts(work / "prompts.jsonl")
     print("| signal | step | " + " | ".join(SHOWN) + " | step wall (s) |")
     print("|---" * (len(SHOWN) + 3) + "|")
     for name, options in SIGNALS.items():
         argv = [
-            "--actor.model_name_or_path", str(pair.student),
-            "--gold.teacher.model_name_or_path", str(pair.teacher),
-            "--gold.teacher.tokenizer_name_or_path", str(pair.teacher_chat_tokenizer),
-            "--data.prompt_dataset", str(data), "--data.apply_chat_template",
+            *local_pair_options(pair, data),
             "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4", "--rollout.max_new_tokens", "16",
             "--actor.adam.lr", "1e-5", "--actor.lr_warmup_ratio", "0", "--actor.min_lr_ratio", "1",
             "--local.teacher_in_process", "--local.max_steps", str(steps), "--eval.steps", "0", "--local.no_progress",
@@ -105,16 +93,16 @@ def teacher_mass_outside_topk(pair, ks=(1, 8, 64, 256, 1024), samples_per_prompt
     teacher = AutoModelForCausalLM.from_pretrained(pair.teacher).eval()
     encoder = RequestEncoder(chat, 512)
     outside: dict[int, list[float]] = {k: [] for k in ks}
-    for word in WORDS:
+    for word in TRANSLATION_WORDS:
         prompt = student_tok.apply_chat_template(
-            messages(word), add_generation_prompt=True, return_tensors="pt", return_dict=True
+            translation_messages(word), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
         for _ in range(samples_per_prompt):
             out = student.generate(
                 prompt, do_sample=True, max_new_tokens=16, pad_token_id=student_tok.eos_token_id
             )
             text = student_tok.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
-            prepared = encoder.prepare(TeacherRequest(messages(word), text))
+            prepared = encoder.prepare(TeacherRequest(translation_messages(word), text))
             with torch.no_grad():
                 logits = teacher(torch.as_tensor(prepared.input_ids)[None]).logits[
                     0, prepared.prompt_len - 1 : -1
