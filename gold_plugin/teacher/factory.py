@@ -9,13 +9,17 @@ from gold_plugin.teacher.types import TeacherScorer
 
 
 def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherScorer:
-    """The scorer that ``teacher_config`` describes (``hf`` or ``vllm`` backend).
+    """The scorer that ``teacher_config`` describes (``hf``, ``vllm`` or ``server`` backend).
 
     ``overrides`` go to the backend's constructor (e.g. ``device="cpu"`` for :class:`HFTeacher`,
     ``llm=...`` for :class:`VLLMTeacher`).
     """
     if isinstance(teacher_config, dict):
         teacher_config = TeacherConfig(**teacher_config)
+    if teacher_config.backend == "server":
+        from gold_plugin.teacher.server import ServedTeacher
+
+        return ServedTeacher.from_config(teacher_config, **overrides)
     if not teacher_config.model_name_or_path:
         raise GoldConfigError("Set --gold.teacher.model_name_or_path (the teacher model folder or hub name).")
     common: dict[str, Any] = {
@@ -49,4 +53,6 @@ def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherSco
             "dtype": teacher_config.dtype,
         }
         return VLLMTeacher(teacher_config.model_name_or_path, **{**kwargs, **overrides})
-    raise GoldConfigError(f"--gold.teacher.backend must be 'hf' or 'vllm', got {teacher_config.backend!r}.")
+    raise GoldConfigError(
+        f"--gold.teacher.backend must be 'hf', 'vllm' or 'server', got {teacher_config.backend!r}."
+    )

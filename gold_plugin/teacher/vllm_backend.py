@@ -10,7 +10,7 @@ checks when it is given one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,6 +81,21 @@ def _parse_flat(
 def _parse_dicts(
     positions_logprobs: PromptLogprobs, targets: np.ndarray, positions: np.ndarray, topk: int
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    return parse_position_dicts(
+        positions_logprobs, targets, positions, topk, lambda entry: (entry.logprob, entry.rank)
+    )
+
+
+def parse_position_dicts(
+    positions_logprobs: Sequence[Mapping[int, Any] | None],
+    targets: np.ndarray,
+    positions: np.ndarray,
+    topk: int,
+    read: Callable[[Any], tuple[float, int | None]],
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Log-probs of ``targets`` and the top-k from vLLM's per-position ``{token_id: entry}`` dicts (the engine's
+    ``Logprob`` objects, or the served JSON's entries: ``read`` gives an entry's ``(logprob, rank)``). The top-k
+    are the entries ranked best first (rank, then log-prob); the scored token is among them only by its rank."""
     m = positions.shape[0]
     token_lp = np.empty(m, dtype=np.float32)
     top_ids = np.full((m, topk), -1, dtype=np.int64)
@@ -91,14 +106,14 @@ def _parse_dicts(
             raise TeacherError(
                 f"vLLM prompt log-probs at position {pos} do not include the prompt token {target}."
             )
-        token_lp[row] = entries[target].logprob
+        token_lp[row] = read(entries[target])[0]
         if topk:
-            ranked = sorted(
-                entries.items(),
-                key=lambda item: (item[1].rank if item[1].rank is not None else np.inf, -item[1].logprob),
-            )[:topk]
-            top_ids[row, : len(ranked)] = [token_id for token_id, _ in ranked]
-            top_lp[row, : len(ranked)] = [entry.logprob for _, entry in ranked]
+            scored = [(token_id, *read(entry)) for token_id, entry in entries.items()]
+            ranked = sorted(scored, key=lambda item: (item[2] if item[2] is not None else np.inf, -item[1]))[
+                :topk
+            ]
+            top_ids[row, : len(ranked)] = [token_id for token_id, _, _ in ranked]
+            top_lp[row, : len(ranked)] = [logprob for _, logprob, _ in ranked]
     return token_lp, (top_ids if topk else None), (top_lp if topk else None)
 
 

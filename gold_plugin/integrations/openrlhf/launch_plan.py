@@ -68,8 +68,13 @@ def _check_gold_rules(args: SimpleNamespace, gold: GoldConfig, warnings: list[st
     """GOLD-specific start-time checks, before OpenRLHF's rules rewrite packing options."""
     if not args.actor.model_name_or_path:
         raise GoldConfigError("Set --actor.model_name_or_path (the student model).")
-    if not gold.teacher.model_name_or_path:
-        raise GoldConfigError("Set --gold.teacher.model_name_or_path (the teacher model).")
+    if not gold.teacher.model_name_or_path and not (
+        gold.teacher.backend == "server" and gold.teacher.tokenizer_name_or_path
+    ):
+        raise GoldConfigError(
+            "Set --gold.teacher.model_name_or_path (the teacher model; for a served teacher, where its tokenizer "
+            "is, or --gold.teacher.tokenizer_name_or_path)."
+        )
     if not args.data.prompt_dataset:
         raise GoldConfigError("Set --data.prompt_dataset (the prompts the student answers).")
     # A local prompt file is read here, before Ray starts: a bad line stops the job at start, naming it.
@@ -287,7 +292,9 @@ def _plan_groups(args: SimpleNamespace, gold: GoldConfig, plan: LaunchPlan) -> N
                 )
             )
     t = gold.teacher
-    if plan.teacher_colocated:
+    if t.backend == "server":
+        groups.append(GroupPlan("teacher", len(t.urls), 0.0, f"served at {', '.join(t.urls)}; none started"))
+    elif plan.teacher_colocated:
         groups.append(GroupPlan("teacher", t.num_replicas, COLOCATED_GPU_SHARE, "actor placement group"))
     else:
         groups.append(GroupPlan("teacher", t.num_replicas, t.num_gpus_per_replica, "own GPUs"))
@@ -305,7 +312,7 @@ def resolve_launch(args: argparse.Namespace) -> LaunchPlan:
     _apply_openrlhf_rules(nested, gold, warnings)
 
     colocate_actor = nested.train.colocate_actor_ref or nested.train.colocate_all
-    teacher_colocated = bool(colocate_actor)
+    teacher_colocated = bool(colocate_actor) and gold.teacher.backend != "server"
     if teacher_colocated:
         bundles = nested.actor.num_nodes * nested.actor.num_gpus_per_node
         if gold.teacher.num_replicas > bundles:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ray.actor import ActorClass
     from ray.util.placement_group import PlacementGroup
 
-    from gold_plugin.teacher.ray_group import TeacherGroup
+    from gold_plugin.teacher.types import TeacherScorer
 
 JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Where ``ray job submit`` hands the job's runtime env to the driver (Ray refuses a ``ray.init`` runtime env that
@@ -64,10 +64,13 @@ def plugin_runtime_env(job_env: dict[str, Any] | None = None) -> dict[str, Any]:
     return env
 
 
-def create_teacher_group(plan: LaunchPlan, placement: PlacementGroup | None) -> TeacherGroup:
-    """The teacher replicas, in the actor's placement group (``placement``) or on their own GPUs."""
-    from gold_plugin.teacher import TeacherGroup
+def create_teacher_group(plan: LaunchPlan, placement: PlacementGroup | None) -> TeacherScorer:
+    """The teacher replicas, in the actor's placement group (``placement``) or on their own GPUs; for a served
+    teacher only its client (checked against the server here, before any model loads)."""
+    from gold_plugin.teacher import TeacherGroup, build_teacher
 
+    if plan.gold.teacher.backend == "server":
+        return build_teacher(plan.gold.teacher)
     actor_options: dict[str, Any] = {}
     scorer_overrides: dict[str, Any] = {}
     if placement is not None:
