@@ -37,6 +37,7 @@ from gold_plugin.testing.ray_head import (  # noqa: E402
     tensorboard_scalars,
 )
 from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher  # noqa: E402
+from gold_plugin.testing.vllm_server import SERVED_NAME, VLLMServer  # noqa: E402
 
 # A job starts Ray actors, vLLM engines and DeepSpeed on 2 cores. `pytest -m "not e2e"` runs the rest.
 pytestmark = [pytest.mark.timeout(1800), pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
@@ -199,7 +200,10 @@ def _check_gold_run(
     assert all(v > 0 for v in scalars["train/gold/teacher_seconds"].values())
     assert all(v == 0 for v in scalars["train/gold/teacher_failed"].values())
     classes = _actor_classes(cluster, text)
-    assert {"GoldPolicyModelActor", "RolloutRayActor", "TeacherReplica"} <= classes, classes
+    assert {"GoldPolicyModelActor", "RolloutRayActor"} <= classes, classes
+    assert ("TeacherReplica" in classes) == (teacher != "server"), (
+        classes
+    )  # a served teacher: no replica started
     if reward_free:
         assert not {"RewardModelActor", "ReferenceModelActor"} & classes, classes
         assert all(v == 0 for v in scalars["train/reward"].values())
@@ -237,12 +241,19 @@ def test_the_hidden_state_loss_with_the_hf_teacher(cluster):
     assert "train/gold/logit_loss" not in scalars  # the hidden-state loss alone: no logit loss
 
 
-def test_same_tokenizer_example(cluster):
-    save, text = _submit(
-        cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same", "--data.max_samples", "8",
-        env={"TEACHER": str(cluster["same"])},
-    )  # fmt: skip
-    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="vllm")
+def test_same_tokenizer_example_with_a_served_teacher(cluster):
+    """The same-tokenizer example with its teacher served by a real ``vllm serve`` on 127.0.0.1, which the job only
+    calls (from OpenRLHF's trainer actor): no teacher replica is started."""
+    with VLLMServer(
+        cluster["same"], max_logprobs=64, log_path=cluster["root"] / "served_teacher.log"
+    ) as server:
+        save, text = _submit(
+            cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same", "--data.max_samples", "8",
+            "--gold.teacher.backend", "server", "--gold.teacher.url", server.url,
+            "--gold.teacher.served_model_name", SERVED_NAME, "--gold.teacher.num_replicas", "1",
+            env={"TEACHER": str(cluster["same"])},
+        )  # fmt: skip
+    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="server")
     # One vocabulary, yet not every group is 1:1: the teacher scores its own (canonical) encoding of the text, and a
     # random student samples non-canonical token sequences (measured: 0.82-0.83 of the groups are 1:1).
     assert all(0.5 <= v <= 1.0 for v in scalars["train/gold/one_to_one_group_share"].values())

@@ -189,3 +189,22 @@ def test_a_server_killed_and_restarted_mid_call_gives_what_a_fresh_call_gives(se
         assert short.last_call.failed == 3
     finally:
         server.start()
+
+
+def test_dry_run_checks_the_served_teacher(server, teacher_dir, key_env, capsys):
+    from gold_plugin import cli
+
+    argv = (
+        f"--actor.model_name_or_path {teacher_dir} --gold.teacher.model_name_or_path {teacher_dir} "
+        f"--gold.teacher.backend server --gold.teacher.url {server.url} --gold.teacher.served_model_name "
+        f"{SERVED_NAME} --gold.teacher.api_key_env {KEY_ENV} --gold.teacher.topk {TOPK} "
+        "--data.prompt_dataset /nonexistent/prompts.jsonl --algo.kl.init_coef 0 --vllm.num_engines 1 --dry_run"
+    ).split()
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"served at {server.url}; none started" in out  # the layout: no teacher replica, no GPU
+    assert f"served teacher '{SERVED_NAME}' at {server.url}: reachable, context {MAX_LEN} tokens" in out
+    argv[argv.index(SERVED_NAME)] = "another-model"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and "does not serve 'another-model'" in capsys.readouterr().err

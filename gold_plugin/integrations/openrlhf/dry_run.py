@@ -120,4 +120,24 @@ def run_dry_run(plan: LaunchPlan, out: TextIO) -> TokenizerReport:
         print("  (no reference model: --algo.kl.init_coef 0)", file=out)
     print("Resolved configuration:", file=out)
     print(json.dumps(resolved_configuration(plan), indent=2, default=str), file=out)
-    return check_tokenizers(plan, out)
+    report = check_tokenizers(plan, out)
+    if plan.gold.teacher.backend == "server" and plan.gold.alpha > 0:
+        check_served_teacher(plan, out)
+    return report
+
+
+def check_served_teacher(plan: LaunchPlan, out: TextIO) -> None:
+    """Run the served teacher's start-up checks from here (reachable, model name, top-k, tokenizer, key), as the
+    job will; a failure is a :class:`GoldConfigError` with the check's message."""
+    from gold_plugin.teacher import TeacherServerError, build_teacher
+
+    try:
+        teacher = build_teacher(plan.gold.teacher)
+    except TeacherServerError as err:
+        raise GoldConfigError(str(err)) from err
+    print(
+        f"served teacher {teacher.served_model_name!r} at {', '.join(teacher.client.urls)}: reachable, context "
+        f"{teacher.max_len} tokens, top-{teacher.topk} log-probs allowed, tokenizer matches",
+        file=out,
+    )
+    teacher.close()
