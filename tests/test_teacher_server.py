@@ -208,3 +208,39 @@ def test_dry_run_checks_the_served_teacher(server, teacher_dir, key_env, capsys)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2 and "does not serve 'another-model'" in capsys.readouterr().err
+
+
+def test_the_local_backend_trains_with_the_served_teacher_as_with_its_in_process_one(
+    server, teacher_dir, key_env, tmp_path
+):
+    """One seeded step of the local backend: the served teacher's metrics equal the in-process hf teacher's on the
+    same weights (their log-probs agree to about 1e-5), with no Ray started for the served one."""
+    import ray
+
+    from gold_plugin.local.cli import configs_from_args, parse_args
+    from gold_plugin.local.launch import train
+
+    student = save_tiny_teacher(tmp_path / "student", "gpt2", seed=1, **VLLM_CPU_SHAPE)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(f'{{"input": "Tell me about the number {i}:"}}\n' for i in range(8)))
+    common = (
+        f"--actor.model_name_or_path {student} --gold.teacher.model_name_or_path {teacher_dir} "
+        f"--data.prompt_dataset {data} --data.input_key input --rollout.batch_size 4 "
+        "--rollout.n_samples_per_prompt 2 --rollout.max_new_tokens 8 --local.max_steps 1 --eval.steps 0 "
+        f"--gold.signal both --gold.teacher.topk {TOPK} --gold.teacher.max_len {MAX_LEN - 1} --train.seed 0 "
+        "--local.no_progress --local.device cpu"
+    ).split()
+    server_options = (
+        f"--gold.teacher.backend server --gold.teacher.url {server.url} --gold.teacher.served_model_name "
+        f"{SERVED_NAME} --gold.teacher.api_key_env {KEY_ENV} --gold.teacher.max_len {MAX_LEN}"
+    ).split()
+    [served_step] = [h for h in train(*configs_from_args(parse_args(common + server_options))) if "step" in h]
+    assert not ray.is_initialized()
+    [local_step] = [
+        h
+        for h in train(*configs_from_args(parse_args([*common, "--local.teacher_in_process"])))
+        if "step" in h
+    ]
+    assert served_step["gold/teacher_failed"] == 0 and served_step["gold/aligned_token_share"] > 0.5
+    for name in ("gold/sampled_kl", "gold/logit_loss", "gold/aligned_token_share"):
+        assert served_step[name] == pytest.approx(local_step[name], rel=1e-3, abs=1e-4), name
