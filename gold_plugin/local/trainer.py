@@ -339,7 +339,9 @@ class LocalTrainer:
             assert self.teacher is not None  # checked in __init__: alpha > 0 has a teacher
             results, retries = self.teacher.score_counting_retries(requests)
             metrics["gold/teacher_seconds"] = time.perf_counter() - t1
-            metrics["gold/teacher_retries"] = float(retries)  # shares re-sent after a teacher replica died
+            metrics["gold/teacher_retries"] = float(
+                retries
+            )  # parts of the call re-sent (score_counting_retries)
             if len(results) != len(requests):
                 raise RuntimeError(
                     f"The teacher returned {len(results)} results for {len(requests)} requests."

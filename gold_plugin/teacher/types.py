@@ -118,8 +118,9 @@ class TeacherScorer(Protocol):
         ...
 
     def score_counting_retries(self, requests: Sequence[TeacherRequest]) -> tuple[list[TeacherResult], int]:
-        """:meth:`score`, and how many shares were re-sent because a teacher replica died (a
-        :class:`TeacherGroup` counts them; an in-process scorer has none: 0)."""
+        """:meth:`score`, and how many parts of the call were re-sent: shares whose teacher replica died (a
+        :class:`TeacherGroup`), requests a served teacher did not answer at first (``ServedTeacher``); an in-process
+        scorer has none: 0."""
         return list(self.score(requests)), 0
 
     def close(self) -> None:

@@ -80,7 +80,8 @@ MISSING_REFERENCE_KEY = "gold/missing_reference"
 OFF_POLICY_TEACHER_KEY = "gold/off_policy_teacher"
 """Per-sample 1.0 for an off-policy completion the teacher wrote (``--gold.off_policy_source``); a logged metric."""
 TEACHER_RETRIES_KEY = "gold/teacher_retries"
-"""Per sample: shares of its rollout's teacher call re-sent after a teacher replica died (``TeacherGroup``)."""
+"""Per sample: parts of its rollout's teacher call re-sent (a share whose ``TeacherGroup`` replica died, a request
+to a served teacher that failed for a while)."""
 
 
 def _response_positions(action_mask_row: torch.Tensor) -> tuple[np.ndarray, bool]:
@@ -378,7 +379,7 @@ class GoldExperienceMaker(RemoteExperienceMaker):
     # ── teacher requests ──
 
     def _score(self, requests: list[TeacherRequest]) -> tuple[list[TeacherResult], float, int]:
-        """(results in request order, scoring seconds, shares re-sent because a teacher replica died)."""
+        """(results in request order, scoring seconds, parts of the call re-sent: :meth:`TeacherScorer.score_counting_retries`)."""
         start = time.perf_counter()
         results, retries = self.teacher.score_counting_retries(requests) if requests else ([], 0)
         if len(results) != len(requests):
