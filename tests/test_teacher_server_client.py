@@ -138,3 +138,18 @@ def test_served_prompt_logprobs_are_ranked_as_the_in_cluster_backend_ranks_them(
         parse_served_prompt_logprobs(answer[:2], input_ids, np.array([1]), topk=2)
     with pytest.raises(RequestFailed, match="do not include the prompt token 9"):
         parse_served_prompt_logprobs([None, answer[1], answer[1]], input_ids, np.array([2]), topk=2)
+
+
+def test_an_unreadable_answer_fails_its_sample_only(scripted):
+    from gold_plugin.teacher import ServedTeacher, TeacherRequest
+    from gold_plugin.teacher.prepare import RequestEncoder
+    from gold_plugin.testing.tokenizers import load_test_tokenizer
+
+    server = scripted([(200, {"choices": []})])
+    teacher = ServedTeacher([server.url], "m", load_test_tokenizer("gpt2"), topk=2, check=False)
+    teacher.encoder = RequestEncoder(teacher.tokenizer, 63)  # what check() sets from the server's context
+    results, retries = teacher.score_counting_retries(
+        [TeacherRequest("A prompt", " a response"), TeacherRequest("B", "")]
+    )
+    assert "unreadable answer" in results[0].error and results[0].num_tokens == 0
+    assert results[1].error is None and retries == 0 and teacher.last_call.failed == 1

@@ -429,6 +429,13 @@ class ServedTeacher(TeacherScorer):
                 )
             except RequestFailed as exc:
                 return TeacherResult.failed(str(exc), self.topk)
+            except (
+                KeyError,
+                IndexError,
+                TypeError,
+                ValueError,
+            ) as exc:  # a 200 answer without the expected fields
+                return TeacherResult.failed(f"unreadable answer from the served teacher: {exc!r}", self.topk)
             return build_result(seq, self.topk, *scores)
 
         scored = self.client.map(score_one, sequences)
@@ -470,6 +477,10 @@ class ServedTeacher(TeacherScorer):
                 choice = self.client.post("/v1/completions", payload, index, stats)["choices"][0]
             except RequestFailed as exc:
                 return TeacherGeneration("", False, error=str(exc))
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                return TeacherGeneration(
+                    "", False, error=f"unreadable answer from the served teacher: {exc!r}"
+                )
             generation = finish(self._tokenizer, choice.get("token_ids") or [], stops, item.max_new_tokens)
             if not generation.finished and choice.get("finish_reason") == "stop":  # stop token left out
                 generation = dataclasses.replace(generation, finished=True)
