@@ -14,6 +14,7 @@ from gold_plugin.alignment.types import ChatTokenizer, Tokenizer
 from gold_plugin.local.launch import RayTeacher
 from gold_plugin.teacher import (
     HFTeacher,
+    ServedTeacher,
     TeacherGroup,
     TeacherRequest,
     TeacherResult,
@@ -22,7 +23,7 @@ from gold_plugin.teacher import (
 )
 from gold_plugin.testing.tokenizers import TEST_TOKENIZERS, load_test_tokenizer
 
-SCORERS = [HFTeacher, VLLMTeacher, TeacherGroup, RayTeacher]
+SCORERS = [HFTeacher, VLLMTeacher, ServedTeacher, TeacherGroup, RayTeacher]
 NAMES = {"ChatTokenizer": ChatTokenizer, "Tokenizer": Tokenizer}  # imported under TYPE_CHECKING where used
 
 
