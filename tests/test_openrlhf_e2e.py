@@ -241,23 +241,36 @@ def test_the_hidden_state_loss_with_the_hf_teacher(cluster):
     assert "train/gold/logit_loss" not in scalars  # the hidden-state loss alone: no logit loss
 
 
-def test_same_tokenizer_example_with_a_served_teacher(cluster):
-    """The same-tokenizer example with its teacher served by a real ``vllm serve`` on 127.0.0.1, which the job only
-    calls (from OpenRLHF's trainer actor): no teacher replica is started."""
-    with VLLMServer(
-        cluster["same"], max_logprobs=64, log_path=cluster["root"] / "served_teacher.log"
-    ) as server:
+def test_same_tokenizer_example_served_and_on_two_actor_ranks(cluster):
+    """The same-tokenizer example twice:
+
+    - one actor rank, its teacher served by a real ``vllm serve`` on 127.0.0.1 that the job only calls (from
+      OpenRLHF's trainer actor): no teacher replica is started;
+    - two actor ranks (two DeepSpeed processes over gloo) with an in-cluster vllm teacher: both ranks train and the
+      engines get the saved weights. Not compared with a one-rank job: with two ranks the first step's rollout
+      differs from run to run (first-step sampled KL 82.3 and 85.4 in two jobs with ``--train.seed 0``, where one
+      rank gave 82.3 both times), so equal updates cannot be asserted from the jobs' metrics.
+    """
+    served_log = cluster["root"] / "served_teacher.log"
+    with VLLMServer(cluster["same"], max_logprobs=64, log_path=served_log) as server:
         save, text = _submit(
             cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same", "--data.max_samples", "8",
             "--gold.teacher.backend", "server", "--gold.teacher.url", server.url,
             "--gold.teacher.served_model_name", SERVED_NAME, "--gold.teacher.num_replicas", "1",
             env={"TEACHER": str(cluster["same"])},
         )  # fmt: skip
-    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="server")
+    served = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="server")
     # One vocabulary, yet not every group is 1:1: the teacher scores its own (canonical) encoding of the text, and a
     # random student samples non-canonical token sequences (measured: 0.82-0.83 of the groups are 1:1).
-    assert all(0.5 <= v <= 1.0 for v in scalars["train/gold/one_to_one_group_share"].values())
-    assert all(math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
+    assert all(0.5 <= v <= 1.0 for v in served["train/gold/one_to_one_group_share"].values())
+    assert all(math.isfinite(v) for v in served["train/gold/logit_loss"].values())
+
+    save, text = _submit(
+        cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same_two_ranks", "--data.max_samples", "8",
+        env={"TEACHER": str(cluster["same"]), "ACTOR_GPUS": "2"},
+    )  # fmt: skip
+    _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="vllm")
+    assert len(set(re.findall(r"GoldPolicyModelActor pid=(\d+)", text))) == 2
 
 
 def _with_a_long_prompt(cluster) -> Path:
