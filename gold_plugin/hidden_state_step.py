@@ -21,7 +21,7 @@ from gold_plugin.signals.hidden_states import (
     hidden_state_loss,
     layers_at_depths,
 )
-from gold_plugin.step import AlignedBatch
+from gold_plugin.step import AlignedBatch, sum_per_sample_key
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,17 @@ class HiddenStateSignal:
         return {"gold/hidden_bridge_fit": fit, "gold/hidden_bridge_groups": count}
 
     def term(
-        self, student_states: torch.Tensor, targets: HiddenStateTargets, batch_groups: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self,
+        student_states: torch.Tensor,
+        targets: HiddenStateTargets,
+        batch_groups: float,
+        batch_size: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``alpha * hidden_state_coef * sum(per-group loss) / batch_groups`` (differentiable in the student's
-        states ``[G, L, d_s]``) and ``gold/hidden_state_loss`` (mean over these groups). ``batch_groups`` is the
-        optimiser step's group count, so micro-batches add up to one step's loss."""
+        states ``[G, L, d_s]``) and the micro-batch's ``gold/hidden_state_loss`` as a sum per sample of its
+        ``batch_size`` (:func:`~gold_plugin.step.sum_per_sample_key`; :func:`~gold_plugin.step.per_unit_means` gives
+        the step's mean per group). ``batch_groups`` is the optimiser step's group count, so micro-batches add up to
+        one step's loss."""
         if self.bridge is None:
             raise RuntimeError("Fit the hidden-state bridge (HiddenStateSignal.fit) before the first loss.")
         projected = self.bridge.project(student_states.float())
@@ -185,8 +191,8 @@ class HiddenStateSignal:
         )
         normaliser = float(batch_groups) if float(batch_groups) > 0 else 1.0
         scale = self.gold.alpha * float(self.gold.hidden_state_coef or 0.0) / normaliser
-        mean = float(per_group.detach().mean()) if per_group.numel() else 0.0
-        return scale * per_group.sum(), {"gold/hidden_state_loss": mean}
+        total = per_group.detach().sum() / max(int(batch_size), 1)
+        return scale * per_group.sum(), {sum_per_sample_key("gold/hidden_state_loss"): total}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.bridge is None else {k: v.cpu() for k, v in self.bridge.state_dict().items()}

@@ -79,10 +79,12 @@ __all__ = [
     "logit_metrics",
     "mask_unscored_groups",
     "mean_metrics",
+    "per_unit_means",
     "reference_response_ids",
     "reference_text",
     "response_ends_with_eos",
     "sample_metrics",
+    "sum_per_sample_key",
     "select_samples",
     "teacher_prompt",
     "teacher_requests",
@@ -790,18 +792,48 @@ def sample_metrics(
     }
 
 
+PER_UNIT_MEANS = {
+    "gold/logit_loss": "gold/logit_positions",
+    "gold/projection_remainder": "gold/logit_positions",
+    "gold/hidden_state_loss": "gold/hidden_state_groups",
+}
+"""The metrics that are means per teacher position or per group, each with the per-sample count it is a mean over.
+A micro-batch logs such a metric as its sum per sample (:func:`sum_per_sample_key`), which a sample-weighted mean
+over micro-batches and data-parallel ranks (OpenRLHF's reduction) turns into the step's sum per sample whatever the
+grouping; :func:`per_unit_means` divides it by the step's count per sample. A mean of per-micro-batch means would
+depend on how samples fall into micro-batches and ranks."""
+
+
+def sum_per_sample_key(name: str) -> str:
+    """The key under which a micro-batch logs the metric ``name`` of :data:`PER_UNIT_MEANS` as a sum per sample."""
+    return f"{name}/sum_per_sample"
+
+
+def per_unit_means(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` (a step's sample-weighted means) with each :func:`sum_per_sample_key` entry replaced by its mean
+    per position or group (the sum per sample over the count per sample; 0 where the count is 0)."""
+    means = dict(metrics)
+    for name, count_key in PER_UNIT_MEANS.items():
+        total = means.pop(sum_per_sample_key(name), None)
+        if total is not None:
+            count = float(means.get(count_key, 0.0))
+            means[name] = float(total) / count if count > 0 else 0.0
+    return means
+
+
 def logit_metrics(loss: LogitLoss, batch_size: int) -> dict[str, torch.Tensor]:
-    """``gold/logit_loss`` (mean over the computed positions), ``gold/logit_positions`` (per sample) and, for the
-    byte projection, ``gold/projection_remainder`` (the teacher's remainder-bucket probability, mean over the
-    computed positions; 0 without positions)."""
-    count = loss.valid.sum()
+    """A micro-batch's logit metrics, per sample of its ``batch_size``: ``gold/logit_positions`` (the computed
+    positions), and the sums of ``gold/logit_loss`` and, for the byte projection, ``gold/projection_remainder`` (the
+    teacher's remainder-bucket probability) under their :func:`sum_per_sample_key`; :func:`per_unit_means` gives
+    their means per position over a step."""
+    per_sample = 1.0 / max(int(batch_size), 1)
     metrics = {
-        "gold/logit_loss": loss.loss.detach().sum() / count.clamp(min=1),
-        "gold/logit_positions": count.to(torch.float32) / max(int(batch_size), 1),
+        "gold/logit_positions": loss.valid.sum().to(torch.float32) * per_sample,
+        sum_per_sample_key("gold/logit_loss"): loss.loss.detach().sum() * per_sample,
     }
     if loss.teacher_remainder is not None:
         remainder = torch.where(loss.valid, loss.teacher_remainder.detach(), 0.0)
-        metrics["gold/projection_remainder"] = remainder.sum() / count.clamp(min=1)
+        metrics[sum_per_sample_key("gold/projection_remainder")] = remainder.sum() * per_sample
     return metrics
 
 

@@ -34,7 +34,7 @@ from openrlhf_helpers import (
 from gold_plugin.local.config import LocalTrainConfig
 from gold_plugin.local.modeling import Rollout
 from gold_plugin.local.trainer import LocalTrainer
-from gold_plugin.step import teacher_requests
+from gold_plugin.step import per_unit_means, sum_per_sample_key, teacher_requests
 from gold_plugin.teacher import HFTeacher
 from gold_plugin.testing.tokenizers import load_test_tokenizer
 
@@ -224,8 +224,10 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
     assert openrlhf_term > 0
     assert local_term == pytest.approx(openrlhf_term, rel=1e-4, abs=1e-6)
     for key in ("gold/logit_loss", "gold/logit_positions", "gold/projection_remainder"):
+        key = key if key == "gold/logit_positions" else sum_per_sample_key(key)
         assert local_metrics[key] == pytest.approx(float(status["metrics"][key]), rel=1e-4), key
-    assert 0.0 < local_metrics["gold/projection_remainder"] < 1.0  # the byte projection (the default)
+    remainder = per_unit_means(local_metrics)["gold/projection_remainder"]
+    assert 0.0 < remainder < 1.0  # the byte projection (the default)
 
 
 def test_both_backends_train_the_same_teacher_written_off_policy_samples(models, teacher, monkeypatch):
@@ -325,7 +327,10 @@ def test_both_backends_give_the_same_hidden_state_loss_bridge_and_metrics(models
     groups = float(local.hidden_targets.num_groups)
     loss, local_metrics = trainer.micro_batch_loss(local, everything, float(local.mask.sum()), groups)
     local_term = float(loss.detach()) - local_metrics["train/policy_loss"]
-    assert local_metrics["gold/hidden_state_loss"] > 0
+    assert local_metrics[sum_per_sample_key("gold/hidden_state_loss")] > 0
     assert local_term == pytest.approx(openrlhf_term, rel=1e-4, abs=1e-6)
-    for key in ("gold/hidden_state_loss", "gold/logit_loss", "gold/logit_positions"):
+    for key in (
+        *map(sum_per_sample_key, ("gold/hidden_state_loss", "gold/logit_loss")),
+        "gold/logit_positions",
+    ):
         assert local_metrics[key] == pytest.approx(float(status["metrics"][key]), rel=1e-4), key

@@ -21,7 +21,7 @@ from gold_plugin.signals.hidden_states import (
     layers_at_depths,
     teacher_sketch,
 )
-from gold_plugin.step import AlignedBatch
+from gold_plugin.step import AlignedBatch, per_unit_means
 from gold_plugin.teacher.types import TeacherRequest, TeacherResult
 
 
@@ -101,12 +101,18 @@ def test_the_signal_term_is_alpha_coef_times_the_group_mean_and_flows_through_th
     metrics = signal.fit(student, teacher)
     assert 0.0 < metrics["gold/hidden_bridge_fit"] < 1.0 and metrics["gold/hidden_bridge_groups"] == 10
     states = student.clone().requires_grad_(True)
-    term, part = signal.term(states, targets, batch_groups=20.0)
+    term, part = signal.term(states, targets, batch_groups=20.0, batch_size=4)
     bridge = signal.bridge
     projected = bridge.project(student)
     per_group = (projected - bridge.targets(teacher)).pow(2).mean(-1).mean(-1)
     assert float(term.detach()) == pytest.approx(0.5 * 2.0 * float(per_group.sum()) / 20.0, rel=1e-5)
-    assert part["gold/hidden_state_loss"] == pytest.approx(float(per_group.mean()), rel=1e-5)
+    logged = float(part["gold/hidden_state_loss/sum_per_sample"])  # 10 groups in 4 samples
+    assert logged == pytest.approx(float(per_group.sum()) / 4, rel=1e-5)
+    mean = per_unit_means({"gold/hidden_state_loss/sum_per_sample": logged, "gold/hidden_state_groups": 2.5})
+    assert mean == {
+        "gold/hidden_state_loss": pytest.approx(float(per_group.mean()), rel=1e-5),
+        "gold/hidden_state_groups": 2.5,
+    }
     term.backward()
     # d term / d s = scale * W (2 (p - z) / r), with W [d, r] the frozen map (it gets no gradient: a buffer).
     expected = (

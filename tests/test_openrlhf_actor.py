@@ -169,12 +169,17 @@ def test_logit_loss_is_added_once_and_its_gradient_reaches_the_actor(setup, monk
         torch.testing.assert_close(gold_grads[name] - plain_grads[name], grad, atol=1e-5, rtol=1e-3)
 
     metrics = status["metrics"]
-    torch.testing.assert_close(
-        metrics["gold/logit_loss"], expected_per_position.detach().mean(), atol=1e-5, rtol=1e-4
+    torch.testing.assert_close(  # a sum per sample (the step's mean per position: per_unit_means)
+        metrics["gold/logit_loss/sum_per_sample"],
+        expected_per_position.detach().sum() / 2,
+        atol=1e-5,
+        rtol=1e-4,
     )
     assert float(metrics["gold/logit_positions"]) == 2.0  # 4 positions in 2 samples
-    assert "gold/projection_remainder" not in metrics  # the vocabulary-map loss has no remainder bucket
-    assert "gold/sampled_kl" in metrics and "gold/logit_loss" not in plain_status["metrics"]
+    assert (
+        "gold/projection_remainder/sum_per_sample" not in metrics
+    )  # the vocabulary-map loss has no remainder
+    assert "gold/sampled_kl" in metrics and "gold/logit_loss/sum_per_sample" not in plain_status["metrics"]
 
 
 def test_advantage_only_signal_leaves_openrlhf_training_step_unchanged(setup, monkeypatch):

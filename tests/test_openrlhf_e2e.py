@@ -241,36 +241,23 @@ def test_the_hidden_state_loss_with_the_hf_teacher(cluster):
     assert "train/gold/logit_loss" not in scalars  # the hidden-state loss alone: no logit loss
 
 
-def test_same_tokenizer_example_served_and_on_two_actor_ranks(cluster):
-    """The same-tokenizer example twice:
-
-    - one actor rank, its teacher served by a real ``vllm serve`` on 127.0.0.1 that the job only calls (from
-      OpenRLHF's trainer actor): no teacher replica is started;
-    - two actor ranks (two DeepSpeed processes over gloo) with an in-cluster vllm teacher: both ranks train and the
-      engines get the saved weights. Not compared with a one-rank job: with two ranks the first step's rollout
-      differs from run to run (first-step sampled KL 82.3 and 85.4 in two jobs with ``--train.seed 0``, where one
-      rank gave 82.3 both times), so equal updates cannot be asserted from the jobs' metrics.
-    """
-    served_log = cluster["root"] / "served_teacher.log"
-    with VLLMServer(cluster["same"], max_logprobs=64, log_path=served_log) as server:
+def test_same_tokenizer_example_with_a_served_teacher(cluster):
+    """The same-tokenizer example with its teacher served by a real ``vllm serve`` on 127.0.0.1, which the job only
+    calls (from OpenRLHF's trainer actor): no teacher replica is started."""
+    with VLLMServer(
+        cluster["same"], max_logprobs=64, log_path=cluster["root"] / "served_teacher.log"
+    ) as server:
         save, text = _submit(
             cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same", "--data.max_samples", "8",
             "--gold.teacher.backend", "server", "--gold.teacher.url", server.url,
             "--gold.teacher.served_model_name", SERVED_NAME, "--gold.teacher.num_replicas", "1",
             env={"TEACHER": str(cluster["same"])},
         )  # fmt: skip
-    served = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="server")
+    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="server")
     # One vocabulary, yet not every group is 1:1: the teacher scores its own (canonical) encoding of the text, and a
     # random student samples non-canonical token sequences (measured: 0.82-0.83 of the groups are 1:1).
-    assert all(0.5 <= v <= 1.0 for v in served["train/gold/one_to_one_group_share"].values())
-    assert all(math.isfinite(v) for v in served["train/gold/logit_loss"].values())
-
-    save, text = _submit(
-        cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same_two_ranks", "--data.max_samples", "8",
-        env={"TEACHER": str(cluster["same"]), "ACTOR_GPUS": "2"},
-    )  # fmt: skip
-    _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="vllm")
-    assert len(set(re.findall(r"GoldPolicyModelActor pid=(\d+)", text))) == 2
+    assert all(0.5 <= v <= 1.0 for v in scalars["train/gold/one_to_one_group_share"].values())
+    assert all(math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
 
 
 def _with_a_long_prompt(cluster) -> Path:
@@ -346,10 +333,12 @@ def _steps_seen_by_the_teacher(calls: list[dict], answers: dict[str, str]) -> li
     return steps
 
 
-def test_checkpoint_stop_and_resume(cluster):
-    """A job stopped after its first checkpoint and resumed from it goes on at the next step, to the same end, with
-    the uninterrupted job's prompts, off-policy draws and (greedy sampling) responses at every step, its metrics and
-    its final weights."""
+def test_checkpoint_stop_and_resume_on_two_actor_ranks(cluster):
+    """A job on two data-parallel actor ranks (two DeepSpeed processes over gloo), stopped after its first checkpoint
+    and resumed from it, against one uninterrupted job on one rank with the same global batch: the two-rank job goes
+    on at the next step, to the same end, with the one-rank job's prompts, off-policy draws and (greedy sampling)
+    responses at every step, its metrics before and after the stop, and its final weights. Equal updates on one and
+    two ranks need the loss normalised by the global count of positions (each rank's samples differ in length)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     answers = _with_references(Path(cluster["env"]["DATA"]), cluster["root"] / "countdown_answers.jsonl")
@@ -366,6 +355,7 @@ def test_checkpoint_stop_and_resume(cluster):
     assert all(len(step["prompts"]) == 4 and len(step["off"]) == 2 for step in uninterrupted), uninterrupted
     assert [step["prompts"] for step in uninterrupted] != [uninterrupted[0]["prompts"]] * 3
 
+    env["ACTOR_GPUS"] = "2"
     proc, save, log = _submit(cluster, script, "resume", *options, env=env, wait=False, record_teacher=True)
     actor_ckpt = save / "ckpt" / "_actor"
     deadline = time.time() + JOB_TIMEOUT_S
@@ -381,6 +371,8 @@ def test_checkpoint_stop_and_resume(cluster):
     saved = sorted(int(p.name.removeprefix("global_step")) for p in actor_ckpt.glob("global_step*"))
     assert saved and max(first["train/gold/aligned_token_share"]) < 3, f"not stopped before its end: {saved}"
     stopped_at = saved[-1]
+    first_text = log.read_text(errors="replace")
+    assert len(set(re.findall(r"GoldPolicyModelActor pid=(\d+)", first_text))) == 2, "not two actor ranks"
     before = _steps_seen_by_the_teacher(teacher_calls(str(_teacher_call_log(save))), answers)
     checkpoint_weights = _weight_syncs(save)[stopped_at - 1]  # synced after that step, before its checkpoint
     shutil.rmtree(save / "runs")  # the resumed job's own logs only
@@ -409,20 +401,32 @@ def test_checkpoint_stop_and_resume(cluster):
         assert [step[key] for step in before] == [step[key] for step in uninterrupted[: len(before)]], key
     # Greedy sampling (top_p 1e-6) makes the rollouts a function of the weights: the same responses at every step.
     assert [step["sampled"] for step in stitched] == [step["sampled"] for step in uninterrupted]
-    # Every logged metric of every step (but wall times) and the final weights, against the uninterrupted job.
+    # Every logged metric of every step (but wall times), of the stopped and of the resumed two-rank job, and the
+    # final weights, against the uninterrupted one-rank job.
     whole_scalars = tensorboard_scalars(whole / "runs")
-    largest = {}
-    for tag, values in scalars.items():
-        if tag.startswith("train/") and "timing" not in tag and "seconds" not in tag:
-            assert set(values) <= set(whole_scalars[tag]), tag
-            largest[tag] = max(abs(v - whole_scalars[tag][step]) for step, v in values.items())
+    largest: dict[str, float] = {}
+    apart = []  # (tag, step, one rank, two ranks) beyond float rounding
+    for logged in (first, scalars):
+        for tag, values in logged.items():
+            if tag.startswith("train/") and "timing" not in tag and "seconds" not in tag:
+                assert set(values) <= set(whole_scalars[tag]), tag
+                gap = max(abs(v - whole_scalars[tag][step]) for step, v in values.items())
+                largest[tag] = max(largest.get(tag, 0.0), gap)
+                apart += [
+                    (tag, step, whole_scalars[tag][step], v)
+                    for step, v in values.items()
+                    if not math.isclose(v, whole_scalars[tag][step], rel_tol=1e-5, abs_tol=1e-5)
+                ]
+    assert sorted(first["train/gold/aligned_token_share"])[0] == 1 and len(largest) > 10, largest
     from safetensors.torch import load_file
 
     w_whole, w_resumed = load_file(whole / "model.safetensors"), load_file(save / "model.safetensors")
     weight_diff = max((w_whole[k].float() - w_resumed[k].float()).abs().max().item() for k in w_whole)
     print(f"resume: stopped at {stopped_at}; largest weight difference {weight_diff:.3e}")
     print(f"resume: largest per-step metric differences {json.dumps(largest, sort_keys=True)}")
-    assert weight_diff <= 1e-5 and all(v <= 1e-2 for v in largest.values()), (weight_diff, largest)
+    # Measured: 9.5e-7 for the weights (bf16), 2.3e-7 for the gradient norm, 1e-6 or less for every metric; the
+    # per-position means taken as means of per-micro-batch means differed by up to 0.015.
+    assert weight_diff <= 1e-5 and not apart, (weight_diff, apart)
 
 
 def _kill_the_teacher_after_the_first_step(cluster, proc, save: Path, log: Path) -> list[int]:

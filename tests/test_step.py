@@ -23,6 +23,7 @@ from gold_plugin.step import (
     logit_metrics,
     mask_unscored_groups,
     mean_metrics,
+    per_unit_means,
     reference_response_ids,
     reference_text,
     sample_metrics,
@@ -187,18 +188,43 @@ def test_logit_loss_reduction_is_a_token_mean_over_the_step():
         float(term.detach())
     )  # micro-batches add up to the step's term
     loss = LogitLoss(per_position, per_position, per_position, torch.tensor([True, True, False]), 0.5, 0.5)
-    logged = logit_metrics(loss, batch_size=4)
-    assert (
-        float(logged["gold/logit_loss"]) == pytest.approx(3.0)
-        and float(logged["gold/logit_positions"]) == 0.5
-    )
-    assert "gold/projection_remainder" not in logged  # the vocabulary-map loss has no remainder bucket
+    logged = {k: float(v) for k, v in logit_metrics(loss, batch_size=4).items()}
+    assert logged == {"gold/logit_positions": 0.5, "gold/logit_loss/sum_per_sample": pytest.approx(6.0 / 4)}
+    assert per_unit_means(logged)["gold/logit_loss"] == pytest.approx(3.0)  # the mean per position
     # The byte projection's teacher remainder: mean over the computed positions, 0 without positions.
     remainder = torch.tensor([0.25, 0.75, 0.9])
     projected = dataclasses.replace(loss, teacher_remainder=remainder)
-    assert float(logit_metrics(projected, 4)["gold/projection_remainder"]) == pytest.approx(0.5)
+    means = per_unit_means({k: float(v) for k, v in logit_metrics(projected, 4).items()})
+    assert means["gold/projection_remainder"] == pytest.approx(0.5)
     none = LogitLoss(*(torch.zeros(0),) * 3, torch.zeros(0, dtype=torch.bool), 1.0, 0.0, torch.zeros(0))
-    assert float(logit_metrics(none, 4)["gold/projection_remainder"]) == 0.0
+    means = per_unit_means({k: float(v) for k, v in logit_metrics(none, 4).items()})
+    assert means["gold/projection_remainder"] == 0.0 and means["gold/logit_loss"] == 0.0
+
+
+def test_per_position_means_do_not_depend_on_how_samples_fall_into_micro_batches():
+    """Per-position metrics reduced as OpenRLHF reduces a step's micro-batches over ranks (sample-weighted means):
+    the mean over all positions, however the samples are grouped. Means of per-micro-batch means are not."""
+    g = torch.Generator().manual_seed(0)
+    per_position = torch.rand(6, 5, generator=g)  # 6 samples x 5 slots, some positions not computed
+    valid = torch.rand(6, 5, generator=g) < torch.tensor([0.9, 0.2, 0.6, 1.0, 0.1, 0.5])[:, None]
+    valid[:, 0] = True
+    expected = float(per_position[valid].mean())
+
+    def logged(groups: list[list[int]]) -> tuple[float, float]:
+        parts = []
+        for rows in groups:
+            values = (per_position[rows] * valid[rows]).flatten()  # 0 where not computed, as the losses give
+            loss = LogitLoss(values, values, torch.zeros_like(values), valid[rows].flatten(), 1.0, 0.0)
+            parts.append(({k: float(v) for k, v in logit_metrics(loss, len(rows)).items()}, len(rows)))
+        total = sum(n for _, n in parts)
+        reduced = {k: sum(p[k] * n for p, n in parts) / total for k in parts[0][0]}
+        naive = sum(float(p["gold/logit_loss/sum_per_sample"] / p["gold/logit_positions"]) for p, _ in parts)
+        return per_unit_means(reduced)["gold/logit_loss"], naive / len(parts)
+
+    one_rank, naive_one = logged([[0, 1], [2, 3], [4, 5]])
+    two_ranks, naive_two = logged([[0, 3, 4], [1, 2, 5]])
+    assert one_rank == pytest.approx(expected) and two_ranks == pytest.approx(expected)
+    assert abs(naive_one - naive_two) > 1e-3  # the reduction the check guards against differs
 
 
 def test_the_action_offset_shift_stays_on_the_positions_device():

@@ -57,6 +57,7 @@ from gold_plugin.step import (
     logit_metrics,
     mean_metrics,
     off_policy_responses,
+    per_unit_means,
     reference_text,
     response_ends_with_eos,
     sample_metrics,
@@ -428,6 +429,7 @@ class LocalTrainer:
         train_batch = min(c.train_batch_size or num_samples, num_samples)
         self.model.train()
         stats: dict[str, list[float]] = {}
+        per_sample: dict[str, list[tuple[float, int]]] = {}  # the GOLD metrics: (value, micro-batch size)
         for _epoch in range(c.max_epochs):
             for start in range(0, num_samples, train_batch):
                 batch = list(range(start, min(start + train_batch, num_samples)))
@@ -440,8 +442,9 @@ class LocalTrainer:
                     micro = batch[micro_start : micro_start + c.micro_batch_size]
                     loss, part = self.micro_batch_loss(experience, micro, batch_tokens, batch_groups)
                     loss.backward()
+                    stats.setdefault("train/policy_loss", []).append(part.pop("train/policy_loss"))
                     for key, value in part.items():
-                        stats.setdefault(key, []).append(value)
+                        per_sample.setdefault(key, []).append((value, len(micro)))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_norm)
                 stats.setdefault("train/grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
@@ -450,6 +453,10 @@ class LocalTrainer:
         metrics.update(
             {k: float(np.sum(v)) if k == "train/policy_loss" else float(np.mean(v)) for k, v in stats.items()}
         )
+        # Sample-weighted, as OpenRLHF reduces them: per-position means over the step, whatever the micro-batches.
+        for key, pairs in per_sample.items():
+            metrics[key] = sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1)
+        metrics = per_unit_means(metrics)
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         metrics["rollout/response_length"] = float(np.mean([len(r) for r in rollout.response_ids]))
         metrics["rollout/ends_with_eos"] = float(np.mean(rollout.ends_with_eos))
@@ -545,10 +552,10 @@ class LocalTrainer:
         if experience.hidden_targets is not None and self.hidden is not None:
             targets = experience.hidden_targets.select(micro)
             term, part = self.hidden.term(
-                self._student_states(rollout, micro, targets, forward), targets, batch_groups
+                self._student_states(rollout, micro, targets, forward), targets, batch_groups, len(micro)
             )
             loss = loss + term
-            metrics.update(part)
+            metrics.update({k: float(v) for k, v in part.items()})
         return loss, metrics
 
     # -- evaluation, checkpoints, logging --------------------------------------------------------------

@@ -5,9 +5,10 @@ otherwise try to log them), runs OpenRLHF's own ``training_step`` and, at its si
 :func:`gold_plugin.step.logit_loss_term`: ``alpha * logit_coef * sum(L) / (action tokens of the optimiser step)``,
 the reduction of OpenRLHF's token-mean policy loss, with ``L`` the per-position loss of
 :func:`gold_plugin.step.compute_logit_loss` (docs/signals.md). The student's logits are read from the actor
-forward that OpenRLHF's step already runs (a forward hook), so no second forward is made. Logged as
-every key of :func:`gold_plugin.step.logit_metrics`: ``gold/logit_loss`` (mean per position),
-``gold/logit_positions`` (positions per sample) and, with the byte projection, ``gold/projection_remainder``.
+forward that OpenRLHF's step already runs (a forward hook), so no second forward is made. Logged:
+``gold/logit_loss`` (mean per position), ``gold/logit_positions`` (positions per sample) and, with the byte
+projection, ``gold/projection_remainder``; the means are taken over the whole step (every micro-batch and rank:
+:func:`gold_plugin.step.per_unit_means`).
 
 With the hidden-state loss (docs/signals.md, "Hidden states") the same backward also gets
 :meth:`gold_plugin.hidden_state_step.HiddenStateSignal.term`, from the student's states at the paired layers read
@@ -41,6 +42,7 @@ from gold_plugin.step import (
     logit_inputs_class,
     logit_loss_term,
     logit_metrics,
+    per_unit_means,
 )
 
 from .experience_maker import (
@@ -270,15 +272,16 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
             self.hidden = HiddenStateSignal(gold_config, int(model.config.num_hidden_layers))
 
     def ppo_train(self, kl_ctl: float) -> dict:
-        """OpenRLHF's ``ppo_train``; with the hidden-state loss, the bridge fitted first (before the first update,
-        or every update to refit: :meth:`fit_hidden_bridge`) and every optimiser step's group count given to its
-        micro-batches."""
+        """OpenRLHF's ``ppo_train``, its GOLD means per position or group taken over the whole step
+        (:func:`per_unit_means`: the same on any number of ranks and micro-batches); with the hidden-state loss, the
+        bridge fitted first (before the first update, or every update to refit: :meth:`fit_hidden_bridge`) and every
+        optimiser step's group count given to its micro-batches."""
         if self.hidden is None:
-            return super().ppo_train(kl_ctl)
+            return per_unit_means(super().ppo_train(kl_ctl))
         fitted = self.fit_hidden_bridge()
         with optimiser_step_groups(self.strategy):
             status = super().ppo_train(kl_ctl)
-        return {**status, **fitted}
+        return {**per_unit_means(status), **fitted}
 
     def fit_hidden_bridge(self) -> dict[str, float]:
         """Fit the hidden-state bridge on the replay buffer (this step's samples of this rank), the statistics
@@ -462,7 +465,8 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
             count = torch.tensor(float(targets.num_groups), device=experience.action_mask.device)
             (batch_groups,) = dp_sum(self.strategy, {"groups": count}).values()
         normaliser = float(batch_groups) / float(loss_batch_info.get("dp_size", 1))
-        return self.hidden.term(states_at_targets(states, experience, targets), targets, normaliser)
+        at_targets = states_at_targets(states, experience, targets)
+        return self.hidden.term(at_targets, targets, normaliser, experience.action_mask.shape[0])
 
 
 def logit_vocab(student_tokenizer: Tokenizer, gold: GoldConfig) -> LogitVocab:
