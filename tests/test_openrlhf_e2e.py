@@ -225,14 +225,17 @@ def test_reward_free_logit_loss_and_the_async_trainer(cluster):
     assert "GoldTrainingActor" in _actor_classes(cluster, text) or "GoldPPOTrainerAsync" in text
 
 
-def test_the_hidden_state_loss_with_the_hf_teacher(cluster):
-    """OPRD's hidden-state loss alone beside GRPO (the mix example, hf teacher): the bridge is fitted at step 1
-    before any update (its fit logged once), the loss is logged and finite at every step, and the job trains."""
+def test_the_hidden_state_loss_with_the_hf_teacher_on_two_actor_ranks(cluster):
+    """OPRD's hidden-state loss alone beside GRPO (the mix example, hf teacher) on two actor ranks (two DeepSpeed
+    processes, each with its colocated reference): the bridge is fitted at step 1 before any update from statistics
+    all-reduced over OpenRLHF's data-parallel group (its fit logged once), the loss is logged and finite at every
+    step, and the job trains."""
     save, text = _submit(
         cluster, "gold_grpo_countdown_mix.sh", "hidden", "--data.max_samples", "8",
-        "--gold.signal", "hidden", "--gold.teacher.hidden_state_rank", "16",
+        "--gold.signal", "hidden", "--gold.teacher.hidden_state_rank", "16", env={"ACTOR_GPUS": "2"},
     )  # fmt: skip
     scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=False, teacher="hf")
+    assert len(set(re.findall(r"GoldPolicyModelActor pid=(\d+)", text))) == 2, "not two actor ranks"
     assert sorted(scalars["train/gold/hidden_state_loss"]) == [1, 2]
     assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/hidden_state_loss"].values())
     assert all(v > 0 for v in scalars["train/gold/hidden_state_groups"].values())
