@@ -118,7 +118,8 @@ def _submission_id(text: str) -> str:
     return re.findall(r"raysubmit_[A-Za-z0-9]+", text)[-1]
 
 
-def _actor_classes(cluster, text: str) -> set[str]:
+def _job_actors(cluster, text: str) -> list[str]:
+    """The class names of every Ray actor the job started (one entry per actor)."""
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
@@ -126,7 +127,11 @@ def _actor_classes(cluster, text: str) -> set[str]:
     actors = list_actors(
         address=cluster["address"], filters=[("job_id", "=", job_id)], limit=1000, detail=True
     )
-    return {actor.class_name for actor in actors}
+    return [actor.class_name for actor in actors]
+
+
+def _actor_classes(cluster, text: str) -> set[str]:
+    return set(_job_actors(cluster, text))
 
 
 def _weight_sync_log(save: Path) -> Path:
@@ -227,15 +232,17 @@ def test_reward_free_logit_loss_and_the_async_trainer(cluster):
 
 def test_the_hidden_state_loss_with_the_hf_teacher_on_two_actor_ranks(cluster):
     """OPRD's hidden-state loss alone beside GRPO (the mix example, hf teacher) on two actor ranks (two DeepSpeed
-    processes, each with its colocated reference): the bridge is fitted at step 1 before any update from statistics
-    all-reduced over OpenRLHF's data-parallel group (its fit logged once), the loss is logged and finite at every
-    step, and the job trains."""
+    processes, each with its colocated reference) and two teacher replicas: the bridge is fitted at step 1 before
+    any update from statistics all-reduced over OpenRLHF's data-parallel group (its fit logged once), the loss is
+    logged and finite at every step, and the job trains."""
     save, text = _submit(
         cluster, "gold_grpo_countdown_mix.sh", "hidden", "--data.max_samples", "8",
-        "--gold.signal", "hidden", "--gold.teacher.hidden_state_rank", "16", env={"ACTOR_GPUS": "2"},
+        "--gold.signal", "hidden", "--gold.teacher.hidden_state_rank", "16",
+        env={"ACTOR_GPUS": "2", "TEACHER_REPLICAS": "2"},
     )  # fmt: skip
     scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=False, teacher="hf")
-    assert len(set(re.findall(r"GoldPolicyModelActor pid=(\d+)", text))) == 2, "not two actor ranks"
+    actors = _job_actors(cluster, text)
+    assert actors.count("GoldPolicyModelActor") == 2 and actors.count("TeacherReplica") == 2, sorted(actors)
     assert sorted(scalars["train/gold/hidden_state_loss"]) == [1, 2]
     assert all(v > 0 and math.isfinite(v) for v in scalars["train/gold/hidden_state_loss"].values())
     assert all(v > 0 for v in scalars["train/gold/hidden_state_groups"].values())
