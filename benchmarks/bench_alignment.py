@@ -41,7 +41,7 @@ from gold_plugin.alignment import (  # noqa: E402
     text_for_teacher,
     token_table,
 )
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 
 SNIPPETS = [
     "你好，世界！今天的天气很好。",
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:  # pragma: no cover
         pass
 
-    student, teacher = load_test_tokenizer("mistral"), load_test_tokenizer("qwen")
+    student, teacher = load_packaged_tokenizer("mistral"), load_packaged_tokenizer("qwen")
     t0 = time.perf_counter()
     token_table(student), token_table(teacher)
     table_s = time.perf_counter() - t0

@@ -72,6 +72,7 @@ from gold_plugin.alignment import (  # noqa: E402
     token_table,
 )
 from gold_plugin.alignment.sorted_vocab import hex_keys, sorted_vocab, truncate_hex  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.signals import aligned_logit_loss  # noqa: E402
 from gold_plugin.signals.logit import (  # noqa: E402
     LogitLossOptions,
@@ -79,7 +80,6 @@ from gold_plugin.signals.logit import (  # noqa: E402
     logit_loss_inputs,
     projected_logit_loss,
 )
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 # The new API (guarded: absent until the rewrite of byte_projection_inputs lands).
 projection_positions_fn: Callable[..., Any] | None = getattr(bpi, "projection_positions", None)
@@ -339,7 +339,7 @@ class Batch:
 
 
 def make_batch(student_name: str, teacher_name: str, args: argparse.Namespace) -> Batch:
-    student, teacher = load_test_tokenizer(student_name), load_test_tokenizer(teacher_name)
+    student, teacher = load_packaged_tokenizer(student_name), load_packaged_tokenizer(teacher_name)
     index = TeacherIndex.build(teacher)
     rng = np.random.default_rng(args.seed)
     texts, s_ids, t_ids, top_ids, top_lp = [], [], [], [], []

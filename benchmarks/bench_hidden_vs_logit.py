@@ -128,10 +128,10 @@ def responses(student, count: int, tokens: int, seed: int) -> list[list[int]]:
 def build(args: argparse.Namespace, variant: str, work: Path):
     """The stand-in trainer (the real LocalTrainer's step methods on a bare object) and the step's experience."""
     from gold_plugin.config import GoldConfig, TeacherConfig
-    from gold_plugin.demo.models import tiny_llama
     from gold_plugin.hidden_state_step import HiddenStateSignal, hidden_state_targets
-    from gold_plugin.local.modeling import Rollout
+    from gold_plugin.local.modeling import Rollout, tiny_llama
     from gold_plugin.local.trainer import LocalExperience, LocalTrainer
+    from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
     from gold_plugin.step import (
         LogitVocab,
         align_results,
@@ -140,15 +140,14 @@ def build(args: argparse.Namespace, variant: str, work: Path):
     )
     from gold_plugin.teacher import HFTeacher
     from gold_plugin.testing.tiny_teacher import save_tiny_teacher
-    from gold_plugin.testing.tokenizers import load_test_tokenizer
 
     device = torch.device(args.device)
     options = dict(VARIANTS[variant])
     topk = options.pop("topk", args.topk)
     gold = GoldConfig(**options, teacher=TeacherConfig(topk=topk))
     student_tok, teacher_tok = (
-        load_test_tokenizer(args.student),
-        load_test_tokenizer(args.teacher),
+        load_packaged_tokenizer(args.student),
+        load_packaged_tokenizer(args.teacher),
     )
     if student_tok.pad_token_id is None:
         student_tok.pad_token = student_tok.eos_token

@@ -199,10 +199,10 @@ def projection_inputs_for(positions: int, samples: int, per_sample: int, topk: i
 
     from gold_plugin.alignment import align, encode_continuation, text_for_teacher
     from gold_plugin.alignment.sorted_vocab import sorted_vocab
+    from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
     from gold_plugin.signals.logit import projection_inputs
-    from gold_plugin.testing.tokenizers import load_test_tokenizer
 
-    student, teacher = load_test_tokenizer("qwen"), load_test_tokenizer("gpt2")
+    student, teacher = load_packaged_tokenizer("qwen"), load_packaged_tokenizer("gpt2")
     rng = np.random.default_rng(0)
     vocab = sorted_vocab(student, teacher)
     alignments, ids, top_ids, top_lp = [], [], [], []

@@ -84,10 +84,10 @@ GIB = 1 << 30
 
 
 def build_model(out: Path, max_len: int) -> Path:
-    from gold_plugin.demo.models import tiny_llama
-    from gold_plugin.testing.tokenizers import load_test_tokenizer
+    from gold_plugin.local.modeling import tiny_llama
+    from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 
-    tokenizer = load_test_tokenizer("qwen")
+    tokenizer = load_packaged_tokenizer("qwen")
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 1, "num_key_value_heads": 1}
     model = tiny_llama(
         VOCAB, head_dim=64, max_position_embeddings=max_len, tie_word_embeddings=False, seed=0, **shape

@@ -91,9 +91,9 @@ def load_tokenizer(tokenizer_dir: str | None, workdir: Path):
     if tokenizer_dir:
         return AutoTokenizer.from_pretrained(tokenizer_dir), f"folder {tokenizer_dir}"
     try:
-        from gold_plugin.testing.tokenizers import load_test_tokenizer
+        from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 
-        return load_test_tokenizer("gpt2"), "gpt2 test tokenizer"
+        return load_packaged_tokenizer("gpt2"), "gpt2 test tokenizer"
     except Exception:
         return build_bpe_tokenizer(workdir / "bpe"), "in-script byte-level BPE"
 

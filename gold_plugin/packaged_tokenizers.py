@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-TEST_TOKENIZERS = ("gpt2", "qwen", "mistral")
+PACKAGED_TOKENIZERS = ("gpt2", "qwen", "mistral")
 
 # Minimal ChatML and Llama-2-style templates so that chat rendering can be tested with these tokenizers.
 CHATML_TEMPLATE = (
@@ -124,7 +124,7 @@ _BUILDERS = {"gpt2": _build_gpt2, "qwen": _build_qwen, "mistral": _build_mistral
 def tokenizer_dir(name: str) -> Path:
     """Folder of the named test tokenizer, converted and saved on first use (atomic per name)."""
     if name not in _BUILDERS:
-        raise ValueError(f"Unknown test tokenizer {name!r}; choose one of {TEST_TOKENIZERS}.")
+        raise ValueError(f"Unknown test tokenizer {name!r}; choose one of {PACKAGED_TOKENIZERS}.")
     out = cache_dir() / name
     if not (out / "tokenizer_config.json").exists():
         tmp = out.with_name(f"{name}.tmp{os.getpid()}")
@@ -137,7 +137,7 @@ def tokenizer_dir(name: str) -> Path:
 
 
 @functools.cache
-def load_test_tokenizer(name: str):
+def load_packaged_tokenizer(name: str):
     """A ``transformers`` tokenizer for ``gpt2``, ``qwen`` or ``mistral`` (cached in-process)."""
     from transformers import AutoTokenizer
 

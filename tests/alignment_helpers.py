@@ -13,9 +13,11 @@ from gold_plugin.alignment import (
     text_for_teacher,
     token_bytes,
 )
-from gold_plugin.testing.tokenizers import TEST_TOKENIZERS, load_test_tokenizer
+from gold_plugin.packaged_tokenizers import PACKAGED_TOKENIZERS, load_packaged_tokenizer
 
-ORDERED_PAIRS = list(itertools.product(TEST_TOKENIZERS, repeat=2))  # every pair, both directions, and self
+ORDERED_PAIRS = list(
+    itertools.product(PACKAGED_TOKENIZERS, repeat=2)
+)  # every pair, both directions, and self
 CROSS_PAIRS = [(s, t) for s, t in ORDERED_PAIRS if s != t]
 
 # Texts that break naive aligners (issue 2).
@@ -37,7 +39,7 @@ HARD_TEXTS = {
 
 
 def tokenizers(student: str, teacher: str):
-    return load_test_tokenizer(student), load_test_tokenizer(teacher)
+    return load_packaged_tokenizer(student), load_packaged_tokenizer(teacher)
 
 
 def response_ids(student, teacher, text: str, eos: bool = True) -> tuple[list[int], list[int]]:

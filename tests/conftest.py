@@ -62,5 +62,5 @@ def demo_models():
     from gold_plugin.demo.prepare import prepare_models
 
     torch.set_num_threads(2)
-    sources = ["gold_plugin/demo", "gold_plugin/local/modeling.py", "gold_plugin/testing/tokenizers.py"]
+    sources = ["gold_plugin/demo", "gold_plugin/local/modeling.py", "gold_plugin/packaged_tokenizers.py"]
     return prepare_models(content_cache("demo_models", sources))

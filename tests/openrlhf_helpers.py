@@ -25,10 +25,10 @@ from gold_plugin.integrations.openrlhf.args import build_parser  # noqa: E402
 from gold_plugin.integrations.openrlhf.experience_maker import GoldExperienceMaker  # noqa: E402
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
 from gold_plugin.integrations.openrlhf.prompts import build_prompt_lookup, build_reference_lookup  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.step import LogitVocab  # noqa: E402
 from gold_plugin.teacher import HFTeacher  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 TOPK = 4
 ROWS = [
@@ -61,7 +61,7 @@ def build_models(tmp_path_factory) -> SimpleNamespace:
     def local_teacher():
         if not scorers:
             scorers.append(
-                HFTeacher(str(teacher_dir), device="cpu", tokenizer=load_test_tokenizer("mistral"))
+                HFTeacher(str(teacher_dir), device="cpu", tokenizer=load_packaged_tokenizer("mistral"))
             )
         return scorers[0]
 
@@ -187,7 +187,7 @@ def rollout_sample(
 
 
 def make_makers(models, teacher, plan, critic=False, rows=ROWS):
-    student_tok = load_test_tokenizer("qwen")
+    student_tok = load_packaged_tokenizer("qwen")
     strategy = SimpleNamespace(args=plan.args)
     groups = dict(
         actor_model_group=log_prob_group(models.student, plan.args.rollout.temperature),
@@ -204,7 +204,7 @@ def make_makers(models, teacher, plan, critic=False, rows=ROWS):
         **groups,
         teacher=teacher,
         gold_config=plan.gold,
-        teacher_tokenizer=load_test_tokenizer("mistral"),
+        teacher_tokenizer=load_packaged_tokenizer("mistral"),
         prompt_lookup=lookup,
         reference_lookup=references,
     )

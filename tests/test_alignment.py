@@ -27,7 +27,7 @@ from gold_plugin.alignment import (
     text_for_teacher,
     token_byte_lengths,
 )
-from gold_plugin.testing.tokenizers import load_test_tokenizer
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 
 
 def same_alignment(a: Alignment, b: Alignment) -> bool:
@@ -61,7 +61,7 @@ def test_hard_texts_align_with_equal_group_bytes(student_name, teacher_name):
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen", "mistral"])
 def test_identical_tokenizers_give_only_one_to_one_groups(name):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     for text in HARD_TEXTS.values():
         s_ids, t_ids = response_ids(tok, tok, text)
         alignment = align(tok, s_ids, tok, t_ids)
@@ -74,7 +74,7 @@ def test_identical_tokenizers_give_only_one_to_one_groups(name):
 @settings(max_examples=20, deadline=None)
 @given(text=st.text(st.characters(exclude_categories=("Cs",)), max_size=40))
 def test_identical_tokenizers_one_to_one_on_random_text(name, text):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     s_ids, t_ids = response_ids(tok, tok, text)
     alignment = align_batch(tok, [s_ids], tok, [t_ids])[0]
     assert np.array_equal(alignment.student_group, np.arange(len(s_ids)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gold_plugin.alignment.inspector import dataset_stats, main, read_jsonl_texts
-from gold_plugin.testing.tokenizers import load_test_tokenizer, tokenizer_dir
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer, tokenizer_dir
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "data" / "responses.jsonl"
@@ -48,7 +48,7 @@ def test_dataset_mode_reports_statistics():
 
 
 def test_dataset_statistics_are_consistent():
-    gpt2, qwen = load_test_tokenizer("gpt2"), load_test_tokenizer("qwen")
+    gpt2, qwen = load_packaged_tokenizer("gpt2"), load_packaged_tokenizer("qwen")
     texts = read_jsonl_texts(str(EXAMPLE), "text")
     same = dataset_stats(qwen, qwen, texts)
     assert same.one_to_one_share == 1.0 and same.unalignable == 0

@@ -20,7 +20,7 @@ from gold_plugin.alignment import (
     token_bytes,
     tokenizer_kind,
 )
-from gold_plugin.testing.tokenizers import TEST_TOKENIZERS, load_test_tokenizer
+from gold_plugin.packaged_tokenizers import PACKAGED_TOKENIZERS, load_packaged_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -39,13 +39,13 @@ from gold_plugin.testing.tokenizers import TEST_TOKENIZERS, load_test_tokenizer
     ],
 )
 def test_known_token_bytes(name, piece, expected):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     assert token_bytes(tok)[tok.convert_tokens_to_ids(piece)] == expected
 
 
-@pytest.mark.parametrize("name", TEST_TOKENIZERS)
+@pytest.mark.parametrize("name", PACKAGED_TOKENIZERS)
 def test_special_tokens_are_zero_width_and_tables_are_cached(name):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     table = token_bytes(tok)
     lengths = token_byte_lengths(tok)
     assert len(table) == len(tok) == lengths.size
@@ -63,16 +63,16 @@ def test_special_tokens_are_zero_width_and_tables_are_cached(name):
 
 
 def test_qwen_end_of_turn_and_mistral_bos_are_zero_width():
-    qwen, mistral = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
+    qwen, mistral = load_packaged_tokenizer("qwen"), load_packaged_tokenizer("mistral")
     for piece in ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|extra_0|>"):
         assert token_bytes(qwen)[qwen.convert_tokens_to_ids(piece)] == b""
     for piece in ("<s>", "</s>", "<unk>"):
         assert token_bytes(mistral)[mistral.convert_tokens_to_ids(piece)] == b""
 
 
-@pytest.mark.parametrize("name", TEST_TOKENIZERS)
+@pytest.mark.parametrize("name", PACKAGED_TOKENIZERS)
 def test_bytes_of_encoded_text_and_the_dummy_prefix_rule(name):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     assert adds_prefix_space(tok) == (name == "mistral")
     texts = list(HARD_TEXTS.values())
     batch = encode_continuation_batch(tok, texts)
@@ -88,9 +88,9 @@ def test_bytes_of_encoded_text_and_the_dummy_prefix_rule(name):
         assert text_for_teacher(tok, plain) == expected_plain.decode()
 
 
-@pytest.mark.parametrize("name", TEST_TOKENIZERS)
+@pytest.mark.parametrize("name", PACKAGED_TOKENIZERS)
 def test_special_token_strings_in_a_response_are_text(name):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     text = "say <|im_end|> or </s> <s> <|endoftext|> now"
     ids = encode_continuation(tok, text)
     assert ids_to_bytes(tok, ids) == text.encode()
@@ -98,17 +98,17 @@ def test_special_token_strings_in_a_response_are_text(name):
 
 
 def test_decode_drops_the_sentencepiece_space_but_canonical_bytes_keep_it():
-    mistral = load_test_tokenizer("mistral")
+    mistral = load_packaged_tokenizer("mistral")
     ids = [mistral.convert_tokens_to_ids("▁Hello")]
     assert mistral.decode(ids) == "Hello"
     assert text_for_teacher(mistral, ids) == " Hello"
     assert ids_to_bytes(mistral, np.asarray(ids)) == b" Hello"
 
 
-@pytest.mark.parametrize("name", TEST_TOKENIZERS)
+@pytest.mark.parametrize("name", PACKAGED_TOKENIZERS)
 def test_ids_outside_the_vocabulary_never_crash_and_make_the_sample_unalignable(name):
-    tok = load_test_tokenizer(name)
-    teacher = load_test_tokenizer("gpt2" if name == "qwen" else "qwen")
+    tok = load_packaged_tokenizer(name)
+    teacher = load_packaged_tokenizer("gpt2" if name == "qwen" else "qwen")
     good = encode_continuation(tok, "Hi there")
     # A padded embedding row (vLLM samples the model's logits width, which exceeds the tokenizer) and -1.
     for bad_id in (len(tok) + 5, -1):
@@ -122,7 +122,7 @@ def test_ids_outside_the_vocabulary_never_crash_and_make_the_sample_unalignable(
 
 
 def test_invalid_utf8_inside_a_response_makes_the_sample_unalignable():
-    mistral, qwen = load_test_tokenizer("mistral"), load_test_tokenizer("qwen")
+    mistral, qwen = load_packaged_tokenizer("mistral"), load_packaged_tokenizer("qwen")
     # A lead byte followed by ASCII: not a cut at the end, so it cannot be sent to the teacher faithfully.
     s_ids = [mistral.convert_tokens_to_ids("<0xF0>"), mistral.convert_tokens_to_ids("▁ok")]
     text = text_for_teacher(mistral, s_ids)
@@ -146,7 +146,7 @@ def test_wordpiece_is_refused_with_a_clear_error():
     with pytest.raises(UnsupportedTokenizerError, match="tiny-bert-wordpiece.*WordPiece"):
         token_bytes(tok)
     assert issubclass(UnsupportedTokenizerError, ValueError)
-    qwen = load_test_tokenizer("qwen")
+    qwen = load_packaged_tokenizer("qwen")
     with pytest.raises(UnsupportedTokenizerError, match="tiny-bert-wordpiece"):
         align(qwen, [1], tok, [2])
 
@@ -166,7 +166,7 @@ def test_normalising_tokenizer_sample_is_unalignable():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     normalising = _wrap(backend, "nfkc-byte-level")
-    qwen = load_test_tokenizer("qwen")
+    qwen = load_packaged_tokenizer("qwen")
     text = "a ﬁne day"
     s_ids = encode_continuation(qwen, text)
     t_ids = encode_continuation(normalising, text)

@@ -34,9 +34,9 @@ from openrlhf_helpers import (
 from gold_plugin.local.config import LocalTrainConfig
 from gold_plugin.local.modeling import Rollout
 from gold_plugin.local.trainer import LocalTrainer
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.step import per_unit_means, sum_per_sample_key, teacher_requests
 from gold_plugin.teacher import HFTeacher
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def models(tmp_path_factory):
 def teacher(models):
     """The teacher both backends call: in-process, with the top-k the logit loss needs."""
     return HFTeacher(
-        str(models.teacher_dir), device="cpu", tokenizer=load_test_tokenizer("mistral"), topk=TOPK
+        str(models.teacher_dir), device="cpu", tokenizer=load_packaged_tokenizer("mistral"), topk=TOPK
     )
 
 
@@ -106,7 +106,7 @@ class _FixedSampler:
 
 
 def _local_side(models, teacher, plan, monkeypatch) -> tuple[LocalTrainer, Any]:
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     sampled: dict[tuple, list[list[int]]] = {}
     rewards: dict[tuple, float] = {}
     for sample, reward in zip(
@@ -140,7 +140,7 @@ def _local_side(models, teacher, plan, monkeypatch) -> tuple[LocalTrainer, Any]:
         device="cpu",
         no_progress=True,
     )
-    trainer = LocalTrainer(config, plan.gold, teacher, load_test_tokenizer("mistral"))
+    trainer = LocalTrainer(config, plan.gold, teacher, load_packaged_tokenizer("mistral"))
     rollout, off, missing = trainer.make_rollout(PARITY_ROWS, step=0)
     experience = trainer.make_experience(PARITY_ROWS, rollout, off, missing)
     return trainer, experience
@@ -268,7 +268,7 @@ def test_both_backends_give_the_same_hidden_state_loss_bridge_and_metrics(models
     teacher = HFTeacher(
         str(models.teacher_dir),
         device="cpu",
-        tokenizer=load_test_tokenizer("mistral"),
+        tokenizer=load_packaged_tokenizer("mistral"),
         topk=TOPK,
         hidden_state_layers=2,
         hidden_state_rank=HIDDEN_RANK,

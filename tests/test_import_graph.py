@@ -98,6 +98,7 @@ def test_no_import_cycles_in_the_package():
 
 # docs/design.md, "Layers": lowest first; a module may import its own layer and the ones before it.
 LAYERS = (
+    "gold_plugin.packaged_tokenizers",
     "gold_plugin.cli_options",
     "gold_plugin.config",
     "gold_plugin.alignment",
@@ -115,12 +116,6 @@ BACKENDS = ("gold_plugin.local", "gold_plugin.integrations")
 # The demo builds on the local backend; production code outside it enters it only here, lazily, for --demo.
 DEMO = "gold_plugin.demo"
 DEMO_ENTRY = {("gold_plugin.local.cli", "gold_plugin.demo.run")}
-# Production code that may import the test scaffolding: the inspector offers the bundled test tokenizers by name, and
-# the demo's real tokenizer pair (``--pair real`` of the experiment) loads them.
-USES_TESTING = {
-    ("gold_plugin.alignment.inspector", "gold_plugin.testing.tokenizers"),
-    ("gold_plugin.demo.tokenizers", "gold_plugin.testing.tokenizers"),
-}
 HEAVY = ("ray", "vllm", "deepspeed", "openrlhf", "flash_attn")
 
 
@@ -136,11 +131,7 @@ def test_imports_point_down_the_layers():
             there = _layer(target)
             if here is not None and there is not None and there > here and (module, target) not in DEMO_ENTRY:
                 upward.append(f"{module} -> {target}")
-            if (
-                target.startswith("gold_plugin.testing")
-                and not module.startswith("gold_plugin.testing")
-                and (module, target) not in USES_TESTING
-            ):
+            if target.startswith("gold_plugin.testing") and not module.startswith("gold_plugin.testing"):
                 upward.append(f"{module} -> {target} (test scaffolding)")
     assert not upward, upward
 

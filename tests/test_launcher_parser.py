@@ -339,7 +339,7 @@ def test_cli_reports_config_errors_as_usage_errors(capsys):
 
 
 def test_dry_run_checks_real_tokenizers_and_prints_the_vocabulary_map(capsys):
-    from gold_plugin.testing.tokenizers import tokenizer_dir
+    from gold_plugin.packaged_tokenizers import tokenizer_dir
 
     student, teacher = tokenizer_dir("qwen"), tokenizer_dir("mistral")
     argv = _argv() + ["--dry_run"]
@@ -486,14 +486,14 @@ def test_real_run_refuses_an_unmappable_tokenizer_before_starting_ray(tmp_path, 
 
 def test_dry_run_reports_the_vocabulary_map_shares():
     from gold_plugin.alignment import VocabMap
-    from gold_plugin.testing.tokenizers import load_test_tokenizer, tokenizer_dir
+    from gold_plugin.packaged_tokenizers import load_packaged_tokenizer, tokenizer_dir
 
     argv = _argv()
     argv[argv.index("/nonexistent/student")] = str(tokenizer_dir("mistral"))
     argv[argv.index("/nonexistent/teacher")] = str(tokenizer_dir("gpt2"))
     out = io.StringIO()
     report = run_dry_run(_plan(argv), out)
-    expected = VocabMap(load_test_tokenizer("mistral"), load_test_tokenizer("gpt2"))
+    expected = VocabMap(load_packaged_tokenizer("mistral"), load_packaged_tokenizer("gpt2"))
     assert report.student_checked and report.teacher_checked and report.same_vocabulary is False
     assert report.student_matched_fraction == pytest.approx(expected.student_matched_fraction)
     assert 0.6 < report.student_matched_fraction < 0.7  # docs/results.md: bytes match ~66% of Mistral-v1
@@ -517,9 +517,9 @@ def test_the_hidden_state_loss_runs_with_the_hf_teacher_and_is_refused_with_the_
 def test_dry_run_refuses_chat_prompts_for_a_teacher_without_a_chat_template(tmp_path, capsys):
     """A base teacher (no chat template) with chat prompts would reject every request: the dry run says so and
     names both ways out; text prompts, or --gold.teacher.chat_template student, pass."""
-    from gold_plugin.testing.tokenizers import load_test_tokenizer, tokenizer_dir
+    from gold_plugin.packaged_tokenizers import load_packaged_tokenizer, tokenizer_dir
 
-    base = copy.deepcopy(load_test_tokenizer("gpt2"))  # the loaded tokenizer is shared: change a copy
+    base = copy.deepcopy(load_packaged_tokenizer("gpt2"))  # the loaded tokenizer is shared: change a copy
     base.chat_template = None
     base.save_pretrained(tmp_path / "base_teacher")
     argv = _argv()

@@ -11,10 +11,10 @@ import torch
 
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 from gold_plugin.no_signal import NoDistillationSignalError, NoSignalWatch, no_signal_reasons
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.step import align_results, distill_advantages
 from gold_plugin.teacher.tokenizer import check_teacher_chat_template
 from gold_plugin.teacher.types import TeacherResult
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 REJECTED = "the prompt is chat messages but the teacher tokenizer has no chat template"
 
@@ -32,7 +32,7 @@ def _result(ids, logprobs, truncated=0):
 
 def _step(results):
     """Aligned batch and signal mask of three gpt2 responses scored by a same-tokenizer 'teacher'."""
-    tok = load_test_tokenizer("gpt2")
+    tok = load_packaged_tokenizer("gpt2")
     ids = [np.asarray(tok(t)["input_ids"]) for t in (" one two three", " four five", " six")]
     gold = GoldConfig(signal="advantage")
     aligned = align_results(tok, tok, ids, results(ids), gold)
@@ -91,8 +91,8 @@ def test_the_watch_reports_each_empty_step_and_stops_after_several_in_a_row():
 
 
 def test_chat_prompts_need_a_teacher_template():
-    qwen = load_test_tokenizer("qwen")  # has a chat template
-    base = copy.deepcopy(load_test_tokenizer("gpt2"))  # the loaded tokenizer is shared: change a copy
+    qwen = load_packaged_tokenizer("qwen")  # has a chat template
+    base = copy.deepcopy(load_packaged_tokenizer("gpt2"))  # the loaded tokenizer is shared: change a copy
     base.chat_template = None
     gold = GoldConfig(teacher=TeacherConfig(model_name_or_path="/models/base-teacher"))
     with pytest.raises(

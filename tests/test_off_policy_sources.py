@@ -10,9 +10,9 @@ import pytest
 
 from gold_plugin.alignment import encode_continuation
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.step import OffPolicyDraw, choose_off_policy, draw_off_policy, off_policy_responses
 from gold_plugin.teacher.generation import GenerationParams, TeacherGeneration
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 REFERENCES = ["a", None, "c", "d", "e", None]
 # choose_off_policy(REFERENCES, 0.5, seed=7, step=4) draws prompts 1, 2 and 4; prompt 1 has no reference.
@@ -69,7 +69,7 @@ def test_the_draw_is_the_same_prompts_for_every_source():
 
 
 def test_teacher_and_reference_completions_become_student_ids_the_same_way():
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     eos = tok.eos_token_id
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(len(REFERENCES))]
     teacher = RecordingTeacher(
@@ -134,7 +134,7 @@ def test_teacher_and_reference_completions_become_student_ids_the_same_way():
 def test_the_teacher_gets_the_drawn_prompts_in_text_order_whatever_the_row_order():
     """A sampled batch depends on its order; OpenRLHF lists a batch's prompts in vLLM's completion order, the local
     backend in the data's, so the teacher is asked in the texts' order and each completion lands on its own row."""
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     texts = {"q1": "one", "q2": "two", "q4": "four"}
     teacher = RecordingTeacher(
         {q: TeacherGeneration(t, finished=True, num_tokens=1) for q, t in texts.items()}
@@ -163,7 +163,7 @@ def test_the_teacher_gets_the_drawn_prompts_in_text_order_whatever_the_row_order
 
 
 def test_mixed_source_uses_references_where_rows_have_them():
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     prompts = [f"q{i}" for i in range(len(REFERENCES))]
     teacher = RecordingTeacher({"q1": TeacherGeneration("from the teacher", finished=True, num_tokens=3)})
     draw = draw_off_policy(REFERENCES, gold("reference_or_teacher"), SEED, STEP)
@@ -203,7 +203,7 @@ def test_mixed_source_uses_references_where_rows_have_them():
 
 
 def test_a_prompt_the_teacher_cannot_complete_is_trained_on_policy_and_counted(caplog):
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     prompts = [f"q{i}" for i in range(len(REFERENCES))]
     teacher = RecordingTeacher(
         {
@@ -241,7 +241,7 @@ def test_a_teacher_without_generate_is_a_clear_error():
     draw = OffPolicyDraw(np.array([True]), np.array([True]), np.array([False]))
     with pytest.raises(TypeError, match="cannot generate"):
         off_policy_responses(
-            load_test_tokenizer("qwen"), draw, [None], ["q"], ScoreOnly(),
+            load_packaged_tokenizer("qwen"), draw, [None], ["q"], ScoreOnly(),
             max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0, step=0,
         )  # fmt: skip
 

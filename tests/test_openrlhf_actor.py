@@ -31,10 +31,10 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     pack_logit_inputs,
 )
 from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.signals.logit import LogitLossInputs, LogitLossOptions  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 TOPK = 5
 ALPHA, LOGIT_COEF = 0.5, 3.0
@@ -57,7 +57,7 @@ def setup(tmp_path_factory, process_group):
         "--actor.num_gpus_per_node 1 --reward.remote_url /unused/reward_func.py"
     ).split()
     plan = resolve_launch(build_parser().parse_args(argv))
-    student_tok, teacher_tok = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
+    student_tok, teacher_tok = load_packaged_tokenizer("qwen"), load_packaged_tokenizer("mistral")
     mapping = VocabMap(student_tok, teacher_tok).teacher_to_student_tensor()
     return SimpleNamespace(plan=plan, student_dir=student_dir, mapping=mapping, tok=student_tok)
 

@@ -41,10 +41,10 @@ from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
     pop_logit_inputs,
     unpack_logit_inputs,
 )
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions  # noqa: E402
 from gold_plugin.teacher import TeacherGroup, TeacherRequest, TeacherScorer  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]  # one Ray teacher actor + tiny models: ~1-2 min on 2 cores
 
@@ -75,7 +75,7 @@ def _by_row(experiences):
 
 def _independent_distill_advantages(models, plan, key, exp, b, rows=ROWS):
     """Per-sample distillation advantages from the public per-sample functions, computed from scratch."""
-    student_tok, teacher_tok = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
+    student_tok, teacher_tok = load_packaged_tokenizer("qwen"), load_packaged_tokenizer("mistral")
     prompt, response_ids = key
     response_ids = np.asarray(response_ids)
     ends = response_ids.size and int(response_ids[-1]) == student_tok.convert_tokens_to_ids("<|im_end|>")
@@ -566,7 +566,7 @@ def test_hidden_state_targets_survive_openrlhf_batching_and_replay_buffer(models
     teacher = HFTeacher(
         str(models.teacher_dir),
         device="cpu",
-        tokenizer=load_test_tokenizer("mistral"),
+        tokenizer=load_packaged_tokenizer("mistral"),
         topk=4,
         hidden_state_layers=2,
         hidden_state_rank=8,

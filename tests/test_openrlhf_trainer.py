@@ -32,7 +32,7 @@ from gold_plugin.integrations.openrlhf.trainer import (  # noqa: E402
     install_gold_experience_maker,
     seed_prompt_order,
 )
-from gold_plugin.testing.tokenizers import load_test_tokenizer, tokenizer_dir  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer, tokenizer_dir  # noqa: E402
 
 ROWS = [
     {
@@ -75,7 +75,7 @@ def test_trainer_classes_subclass_openrlhfs_ray_actor_classes():
 
 
 def test_install_swaps_in_the_gold_maker_with_a_lookup_for_every_dataset_prompt(strategy):
-    student = load_test_tokenizer("qwen")
+    student = load_packaged_tokenizer("qwen")
     groups = [object(), None, None, object()]
     base = RemoteExperienceMaker(*groups, FixedKLController(0.0), strategy, student)
     trainer = SimpleNamespace(strategy=strategy, tokenizer=student, experience_maker=base)
@@ -83,7 +83,7 @@ def test_install_swaps_in_the_gold_maker_with_a_lookup_for_every_dataset_prompt(
     assert isinstance(trainer.experience_maker, GoldExperienceMaker) and maker is trainer.experience_maker
     assert maker.actor_model_group is groups[0] and maker.initial_model_group is groups[3]
     assert maker.reward_model_group is None and maker.kl_ctl is base.kl_ctl
-    assert len(maker.teacher_tokenizer) == len(load_test_tokenizer("mistral"))
+    assert len(maker.teacher_tokenizer) == len(load_packaged_tokenizer("mistral"))
 
     # The keys are exactly the prompt strings OpenRLHF's PromptDataset gives the rollouts.
     from datasets import Dataset
@@ -322,7 +322,7 @@ def test_the_prompt_order_is_a_function_of_the_train_seed(strategy, tmp_path, mo
     # The single-process loader (the trainer's): another test of this process may have set up torch.distributed.
     monkeypatch.setattr("openrlhf.utils.deepspeed.deepspeed.dist.is_initialized", lambda: False)
     strategy.setup_dataloader = DeepspeedStrategy.setup_dataloader.__get__(strategy)
-    student = load_test_tokenizer("qwen")
+    student = load_packaged_tokenizer("qwen")
 
     def order(seed: int, rng_before: int, seeded: bool = True) -> list[str]:
         strategy.args.train.seed = seed

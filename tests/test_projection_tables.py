@@ -10,6 +10,7 @@ import torch
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.alignment.sorted_vocab import sorted_vocab
 from gold_plugin.demo.tokenizers import build_tokenizer
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.signals.logit import (
     build_projection_tables,
     expand_positions,
@@ -18,7 +19,6 @@ from gold_plugin.signals.logit import (
 )
 from gold_plugin.signals.logit import byte_projection_tables as tables_module
 from gold_plugin.testing.reference_projection import reference_projection_inputs
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 _TEXTS = [
     "In 2024, 1,234,567 people paid $89.99 each; 3.14159 * 2 = 6.28318 and 9876543210 / 3 = 3292181070.",
@@ -96,7 +96,7 @@ def _assert_equal_to_reference(student, teacher, texts, k=24, seed=0):
     [("gpt2", "qwen"), ("qwen", "gpt2"), ("mistral", "qwen"), ("qwen", "mistral")],
 )
 def test_inputs_gathered_from_tables_equal_the_byte_string_reference(student_name, teacher_name):
-    student, teacher = load_test_tokenizer(student_name), load_test_tokenizer(teacher_name)
+    student, teacher = load_packaged_tokenizer(student_name), load_packaged_tokenizer(teacher_name)
     reference = _assert_equal_to_reference(student, teacher, _TEXTS)
     # Every kind of term occurs, so the comparison covers them.
     assert int((reference.consumed > 0).sum()) > 0
@@ -116,7 +116,7 @@ def test_digit_tokenizers_both_ways_equal_the_reference(tmp_path):
 
 
 def test_tables_equal_a_scan_of_the_vocabulary():
-    student, teacher = load_test_tokenizer("gpt2"), load_test_tokenizer("qwen")
+    student, teacher = load_packaged_tokenizer("gpt2"), load_packaged_tokenizer("qwen")
     vocab = sorted_vocab(student, teacher)
     tables = projection_tables(vocab)
     s_bytes, t_bytes = token_bytes(student), token_bytes(teacher)
@@ -153,7 +153,7 @@ def test_tables_equal_a_scan_of_the_vocabulary():
 
 def test_colliding_hash_bases_are_replaced(monkeypatch):
     """Bases under which two student prefixes share a key are skipped (base 1: every anagram collides)."""
-    student, teacher = load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
+    student, teacher = load_packaged_tokenizer("gpt2"), load_packaged_tokenizer("mistral")
     vocab = sorted_vocab(student, teacher)
     good = build_projection_tables(vocab)
     monkeypatch.setattr(tables_module, "_BASES", ((1, 1), good.bases))

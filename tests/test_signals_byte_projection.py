@@ -11,6 +11,7 @@ import torch
 from gold_plugin.alignment import align, encode_continuation, text_for_teacher, token_bytes
 from gold_plugin.alignment.sorted_vocab import sorted_vocab, truncate_hex
 from gold_plugin.demo.tokenizers import build_tokenizer
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.signals.logit import (
     LogitLossOptions,
     ProjectionVocab,
@@ -24,7 +25,6 @@ from gold_plugin.signals.logit import (
 from gold_plugin.signals.logit import byte_projection_range_mass as range_mass_module
 from gold_plugin.testing.prefix_hashes import PrefixHashes, PrefixLookups
 from gold_plugin.testing.reference_projection import reference_projection_inputs
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_split_student_merged_teacher_follows_the_sampled_path(digit_tokenizers)
 
 @pytest.mark.parametrize("name", ["gpt2", "merged"])
 def test_same_tokenizer_equals_todays_matched_loss(name, digit_tokenizers):
-    tokenizer = load_test_tokenizer("gpt2") if name == "gpt2" else digit_tokenizers[1]
+    tokenizer = load_packaged_tokenizer("gpt2") if name == "gpt2" else digit_tokenizers[1]
     text = "The year 2024 had 366 days; 12+30=42." if name == "gpt2" else "12+30=42"
     s_ids, t_ids = _pair(tokenizer, tokenizer, text)
     assert s_ids == t_ids
@@ -244,7 +244,7 @@ _TEXTS = [
 def test_real_tokenizers_ranges_equal_a_vocabulary_scan_and_probabilities_sum_to_at_most_one(
     student_name, teacher_name
 ):
-    student, teacher = load_test_tokenizer(student_name), load_test_tokenizer(teacher_name)
+    student, teacher = load_packaged_tokenizer(student_name), load_packaged_tokenizer(teacher_name)
     vocab = sorted_vocab(student, teacher)
     s_bytes = token_bytes(student)
     rng = np.random.default_rng(0)
@@ -297,7 +297,7 @@ def test_real_tokenizers_ranges_equal_a_vocabulary_scan_and_probabilities_sum_to
 
 
 def test_prefix_lookups_by_hash_equal_searchsorted_and_check_every_hit():
-    vocab = sorted_vocab(load_test_tokenizer("qwen"), load_test_tokenizer("gpt2"))
+    vocab = sorted_vocab(load_packaged_tokenizer("qwen"), load_packaged_tokenizer("gpt2"))
     rng = np.random.default_rng(0)
     # Student keys followed by teacher keys: many prefixes are tokens on one side or both.
     keys = np.strings.add(

@@ -7,19 +7,19 @@ import pytest
 import torch
 
 from gold_plugin.alignment import FlatAlignment, VocabMap, align, group_starts
-from gold_plugin.demo.models import tiny_llama
+from gold_plugin.local.modeling import tiny_llama
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.signals import (
     LogitLossOptions,
     aligned_logit_loss,
     batch_distill_advantages,
     group_advantages,
 )
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup():
-    tokenizer = load_test_tokenizer("gpt2")
+    tokenizer = load_packaged_tokenizer("gpt2")
     model = tiny_llama(
         len(tokenizer),
         hidden_size=32,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.signals import LogitLossOptions, aligned_logit_loss
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 from gold_plugin.testing.trl_reference import trl_uld_config
 
 
@@ -59,7 +59,7 @@ def _string_equality_map(student_tok, teacher_tok, teacher_vocab: int) -> torch.
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    return load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
+    return load_packaged_tokenizer("gpt2"), load_packaged_tokenizer("mistral")
 
 
 CASES = [

@@ -11,6 +11,7 @@ import torch
 from gold_plugin.alignment import FlatAlignment, align, encode_continuation
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.config import GoldConfig, TeacherConfig
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.signals.logit import LogitLoss
 from gold_plugin.step import (
     _without_text,
@@ -31,7 +32,6 @@ from gold_plugin.step import (
     teacher_requests,
 )
 from gold_plugin.teacher.types import TeacherResult
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 
 def test_off_policy_draw_is_a_seeded_share_of_the_prompts():
@@ -53,7 +53,7 @@ def test_reference_text_and_ids():
     assert reference_text("42") == "42" and reference_text(7) == "7"
     assert reference_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
     assert reference_text(None) is None and reference_text("") is None and reference_text(True) is None
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     [full, cut] = (
         reference_response_ids(tok, ["Hello world", "Hello world"], None),
         reference_response_ids(tok, ["Hello world"], 1),
@@ -63,7 +63,7 @@ def test_reference_text_and_ids():
 
 
 def test_teacher_requests_from_canonical_bytes():
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     end = tok.convert_tokens_to_ids("<|im_end|>")
     ids = tok(" café ☕", add_special_tokens=False)["input_ids"]
     with_end, cut = teacher_requests(tok, [ids + [end], ids], [[{"role": "user", "content": "hi"}], "plain"])
@@ -103,7 +103,7 @@ def _result(token_ids, logprobs, error=None, topk=2):
 @pytest.fixture(scope="module")
 def batch():
     """Three gpt2 responses scored by a 'teacher' with the same tokenizer: good, unscored tail, teacher error."""
-    tok = load_test_tokenizer("gpt2")
+    tok = load_packaged_tokenizer("gpt2")
     texts = [" one two three", " four five", " six"]
     ids = [np.asarray(tok(t)["input_ids"]) for t in texts]
     results = [
@@ -272,7 +272,7 @@ def test_empty_and_special_only_responses_and_cut_teacher_prompts():
     teacher's verdict on ending right after the prompt (its end-of-turn is scored there) and are counted in
     ``gold/empty_response``; a sample whose teacher prompt was cut to fit the teacher's context gets no
     distillation signal and is counted in ``gold/teacher_prompt_truncated``. No sample is dropped."""
-    s, t = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
+    s, t = load_packaged_tokenizer("qwen"), load_packaged_tokenizer("mistral")
     end, start = s.convert_tokens_to_ids("<|im_end|>"), s.convert_tokens_to_ids("<|im_start|>")
     hello = s("Hello world", add_special_tokens=False)["input_ids"]
     responses = [hello + [end], [end], [start, end], hello + [end]]

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from gold_plugin.alignment import encode_continuation, ids_to_bytes
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.teacher import HFTeacher, TeacherRequest, TeacherResult, TeacherScorer, build_teacher
 from gold_plugin.teacher.prepare import RequestEncoder, fit_to_context
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 TOPK = 8
 CHAT = [{"role": "user", "content": "What is two plus two?"}]
@@ -35,13 +35,13 @@ def teacher_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mistral_teacher(teacher_dirs) -> HFTeacher:
     path = teacher_dirs("mistral")
-    return HFTeacher(str(path), topk=TOPK, micro_batch_size=3, tokenizer=load_test_tokenizer("mistral"))
+    return HFTeacher(str(path), topk=TOPK, micro_batch_size=3, tokenizer=load_packaged_tokenizer("mistral"))
 
 
 @pytest.fixture(scope="session")
 def gpt2_teacher(teacher_dirs) -> HFTeacher:
     path = teacher_dirs("gpt2")
-    return HFTeacher(str(path), topk=TOPK, micro_batch_size=4, tokenizer=load_test_tokenizer("gpt2"))
+    return HFTeacher(str(path), topk=TOPK, micro_batch_size=4, tokenizer=load_packaged_tokenizer("gpt2"))
 
 
 def direct_scores(model, prompt_ids, response_ids, topk: int = TOPK):
@@ -123,7 +123,7 @@ def test_batched_equals_one_by_one(gpt2_teacher):
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen", "mistral"])
 def test_response_bytes_are_exactly_the_response_text(name):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     encoder = RequestEncoder(tok, max_context=512)
     texts = [
         "Hello world",  # SentencePiece would add a dummy-prefix space here
@@ -171,12 +171,12 @@ _ENCODERS: dict[str, RequestEncoder] = {}
 
 def _encoder(name: str) -> RequestEncoder:
     if name not in _ENCODERS:
-        _ENCODERS[name] = RequestEncoder(load_test_tokenizer(name), max_context=512)
+        _ENCODERS[name] = RequestEncoder(load_packaged_tokenizer(name), max_context=512)
     return _ENCODERS[name]
 
 
 def test_output_layer_sees_only_response_positions_in_chunks(teacher_dirs):
-    tok = load_test_tokenizer("gpt2")
+    tok = load_packaged_tokenizer("gpt2")
     teacher = HFTeacher(str(teacher_dirs("gpt2")), topk=2, logit_chunk_size=5, tokenizer=tok)
     seen: list[tuple[int, ...]] = []
     hook = teacher._lm_head.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
@@ -194,7 +194,7 @@ def test_output_layer_sees_only_response_positions_in_chunks(teacher_dirs):
 def test_long_responses_scored_in_chunks_equal_one_chunk(teacher_dirs):
     """--gold.teacher.logprob_chunk_size: the output layer and log-softmax see a few positions at a time, far fewer
     than one response holds, and the log-probs and top-k equal those of one chunk holding every position."""
-    tok = load_test_tokenizer("gpt2")
+    tok = load_packaged_tokenizer("gpt2")
     config = TeacherConfig(model_name_or_path=str(teacher_dirs("gpt2")), topk=TOPK, logprob_chunk_size=7)
     chunked = build_teacher(config, tokenizer=tok)
     assert isinstance(chunked, HFTeacher) and chunked.logit_chunk_size == 7
@@ -227,7 +227,7 @@ def test_long_responses_scored_in_chunks_equal_one_chunk(teacher_dirs):
     ("name", "end_of_turn"), [("qwen", "<|im_end|>"), ("mistral", "</s>"), ("gpt2", "<|endoftext|>")]
 )
 def test_end_of_turn_token_comes_from_the_template(name, end_of_turn):
-    encoder = RequestEncoder(load_test_tokenizer(name), max_context=64)
+    encoder = RequestEncoder(load_packaged_tokenizer(name), max_context=64)
     assert encoder.tokenizer.convert_ids_to_tokens(encoder.end_of_turn_id) == end_of_turn
 
 
@@ -264,7 +264,7 @@ def test_fit_to_context_truncates_prompt_from_the_left_then_masks():
 
 
 def test_response_longer_than_the_context_is_masked_and_counted(teacher_dirs):
-    tok = load_test_tokenizer("mistral")
+    tok = load_packaged_tokenizer("mistral")
     teacher = HFTeacher(str(teacher_dirs("mistral")), topk=TOPK, max_len=24, tokenizer=tok)
     prompt = "Some long context. " * 6
     response = "one two three four five six seven eight nine ten " * 3
@@ -284,7 +284,7 @@ def test_response_longer_than_the_context_is_masked_and_counted(teacher_dirs):
 
 
 def test_prompt_is_cut_from_the_left_when_only_the_prompt_is_too_long(teacher_dirs):
-    tok = load_test_tokenizer("gpt2")
+    tok = load_packaged_tokenizer("gpt2")
     teacher = HFTeacher(str(teacher_dirs("gpt2")), max_len=32, tokenizer=tok)
     prompt = " ".join(f"w{i}" for i in range(40))
     [result] = teacher.score([TeacherRequest(prompt, " the end")])
@@ -319,7 +319,7 @@ def test_bad_requests_get_documented_results_and_do_not_break_the_batch(gpt2_tea
 
 
 def test_chat_prompt_without_template_is_an_error_result(teacher_dirs):
-    tok = load_test_tokenizer("gpt2")
+    tok = load_packaged_tokenizer("gpt2")
     bare = type(tok).from_pretrained(str(teacher_dirs("gpt2")))
     bare.chat_template = None
     teacher = HFTeacher(str(teacher_dirs("gpt2")), tokenizer=bare)

@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.teacher import HFTeacher
 from gold_plugin.teacher.generation import GenerationParams, TeacherGeneration, finish
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 QUESTION = "What is two plus two?"
 CHAT = [{"role": "user", "content": QUESTION}]
@@ -25,13 +25,13 @@ def mistral_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mistral_teacher(mistral_dir) -> HFTeacher:
-    return HFTeacher(str(mistral_dir), tokenizer=load_test_tokenizer("mistral"), micro_batch_size=4)
+    return HFTeacher(str(mistral_dir), tokenizer=load_packaged_tokenizer("mistral"), micro_batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def qwen_teacher(tmp_path_factory) -> HFTeacher:
     path = save_tiny_teacher(tmp_path_factory.mktemp("gen_qwen"), "qwen", seed=6)
-    return HFTeacher(str(path), tokenizer=load_test_tokenizer("qwen"), micro_batch_size=4)
+    return HFTeacher(str(path), tokenizer=load_packaged_tokenizer("qwen"), micro_batch_size=4)
 
 
 def argmax_loop(model, prompt_ids: list[int], steps: int, stops: set[int]) -> tuple[list[int], bool]:
@@ -97,7 +97,7 @@ def test_greedy_chat_generation_equals_a_hand_run_argmax_loop_on_the_templated_i
 
 def test_generation_stops_at_the_end_of_turn_token_which_is_not_part_of_the_text(mistral_dir):
     """The third greedy token made the end-of-turn token: the completion is the first two tokens, finished."""
-    tok = load_test_tokenizer("mistral")
+    tok = load_packaged_tokenizer("mistral")
     plain = HFTeacher(str(mistral_dir), tokenizer=tok)
     prompt_ids = plain.encoder.prompt_ids(CHAT).tolist()
     new, _ = argmax_loop(plain.model, prompt_ids, 3, set())
@@ -139,7 +139,7 @@ def test_sampling_is_seeded_and_leaves_the_global_generator_alone(mistral_teache
 
 
 def test_a_long_prompt_is_cut_from_the_left_keeping_its_bos(mistral_dir, monkeypatch):
-    tok = load_test_tokenizer("mistral")
+    tok = load_packaged_tokenizer("mistral")
     teacher = HFTeacher(str(mistral_dir), tokenizer=tok, max_len=20)
     calls = spy_generate(monkeypatch, teacher)
     text = " ".join(f"w{i}" for i in range(40))
@@ -151,7 +151,7 @@ def test_a_long_prompt_is_cut_from_the_left_keeping_its_bos(mistral_dir, monkeyp
 
 
 def test_a_prompt_the_teacher_cannot_render_gets_an_error_and_the_batch_goes_on(mistral_dir):
-    tok = copy.deepcopy(load_test_tokenizer("mistral"))
+    tok = copy.deepcopy(load_packaged_tokenizer("mistral"))
     tok.chat_template = None
     teacher = HFTeacher(str(mistral_dir), tokenizer=tok)
     bad, good = teacher.generate([CHAT, "Plain text"], GenerationParams(max_new_tokens=3, temperature=0.0))
@@ -160,7 +160,7 @@ def test_a_prompt_the_teacher_cannot_render_gets_an_error_and_the_batch_goes_on(
 
 
 def test_finish_cuts_at_the_first_stop_or_the_limit_and_drops_a_broken_last_character():
-    tok = load_test_tokenizer("qwen")
+    tok = load_packaged_tokenizer("qwen")
     hello = tok("Hello there", add_special_tokens=False)["input_ids"]
     end = tok.convert_tokens_to_ids("<|im_end|>")
     assert finish(tok, [*hello, end, *hello], [end], 10) == TeacherGeneration("Hello there", True, len(hello))

@@ -11,11 +11,11 @@ ray = pytest.importorskip("ray")
 
 from gold_plugin.alignment import encode_continuation  # noqa: E402
 from gold_plugin.config import GoldConfig, TeacherConfig  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherReplicaError, TeacherRequest  # noqa: E402
 from gold_plugin.teacher.ray_group import split_balanced  # noqa: E402
 from gold_plugin.teacher.types import TeacherScorer  # noqa: E402
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher  # noqa: E402
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +44,9 @@ def teacher_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(teacher_config):
-    teacher = HFTeacher(teacher_config.model_name_or_path, topk=TOPK, tokenizer=load_test_tokenizer("gpt2"))
+    teacher = HFTeacher(
+        teacher_config.model_name_or_path, topk=TOPK, tokenizer=load_packaged_tokenizer("gpt2")
+    )
     return teacher.score(REQUESTS)
 
 
@@ -163,7 +165,7 @@ def test_group_generates_in_order_like_a_local_teacher_and_retries_a_dead_replic
 
     params = GenerationParams(max_new_tokens=5, temperature=0.0)
     local = HFTeacher(
-        teacher_config.model_name_or_path, tokenizer=load_test_tokenizer("gpt2"), micro_batch_size=4
+        teacher_config.model_name_or_path, tokenizer=load_packaged_tokenizer("gpt2"), micro_batch_size=4
     )
     expected = local.generate(GENERATION_PROMPTS, params)
     assert all(g.error is None and g.num_tokens > 0 for g in expected)

@@ -18,6 +18,7 @@ from vllm_helpers import require_vllm
 require_vllm()
 
 from gold_plugin.config import GoldConfigError, TeacherConfig  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.teacher import (  # noqa: E402
     GenerationParams,
     ServedTeacher,
@@ -27,7 +28,6 @@ from gold_plugin.teacher import (  # noqa: E402
     build_teacher,
 )
 from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher, vllm_cpu_engine_kwargs  # noqa: E402
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 from gold_plugin.testing.vllm_server import SERVED_NAME, VLLMServer, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -140,7 +140,7 @@ def test_start_up_failures_say_what_to_change(server, teacher_dir, key_env, monk
     assert "does not serve 'another-model'" in message and SERVED_NAME in message
     message = refused(topk=16)
     assert "--max-logprobs 16" in message and "greater than max allowed: 8" in message
-    other = load_test_tokenizer("gpt2")
+    other = load_packaged_tokenizer("gpt2")
     with pytest.raises(TeacherServerError, match="tokenises differently"):
         ServedTeacher([server.url], SERVED_NAME, other, topk=TOPK, api_key_env=KEY_ENV)
     assert "needs an API key" in refused(api_key_env=None)

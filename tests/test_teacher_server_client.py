@@ -141,12 +141,12 @@ def test_served_prompt_logprobs_are_ranked_as_the_in_cluster_backend_ranks_them(
 
 
 def test_an_unreadable_answer_fails_its_sample_only(scripted):
+    from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
     from gold_plugin.teacher import ServedTeacher, TeacherRequest
     from gold_plugin.teacher.prepare import RequestEncoder
-    from gold_plugin.testing.tokenizers import load_test_tokenizer
 
     server = scripted([(200, {"choices": []})])
-    teacher = ServedTeacher([server.url], "m", load_test_tokenizer("gpt2"), topk=2, check=False)
+    teacher = ServedTeacher([server.url], "m", load_packaged_tokenizer("gpt2"), topk=2, check=False)
     teacher.encoder = RequestEncoder(teacher.tokenizer, 63)  # what check() sets from the server's context
     results, retries = teacher.score_counting_retries(
         [TeacherRequest("A prompt", " a response"), TeacherRequest("B", "")]

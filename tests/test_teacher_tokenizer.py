@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gold_plugin.config import GoldConfigError, TeacherConfig
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.teacher.tokenizer import load_teacher_tokenizer, load_tokenizer, teacher_tokenizer_source
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 
 def test_source_prefers_the_tokenizer_path():
@@ -31,7 +31,7 @@ def test_loads_with_trust_remote_code(monkeypatch):
 
 
 def test_loads_a_saved_tokenizer(tmp_path):
-    original = load_test_tokenizer("gpt2")
+    original = load_packaged_tokenizer("gpt2")
     original.save_pretrained(tmp_path)
     loaded = load_teacher_tokenizer(TeacherConfig(model_name_or_path=str(tmp_path)))
     assert loaded.get_vocab() == original.get_vocab()

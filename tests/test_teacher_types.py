@@ -12,6 +12,7 @@ import pytest
 
 from gold_plugin.alignment.types import ChatTokenizer, Tokenizer
 from gold_plugin.local.launch import RayTeacher
+from gold_plugin.packaged_tokenizers import PACKAGED_TOKENIZERS, load_packaged_tokenizer
 from gold_plugin.teacher import (
     HFTeacher,
     ServedTeacher,
@@ -21,7 +22,6 @@ from gold_plugin.teacher import (
     TeacherScorer,
     VLLMTeacher,
 )
-from gold_plugin.testing.tokenizers import TEST_TOKENIZERS, load_test_tokenizer
 
 SCORERS = [HFTeacher, VLLMTeacher, ServedTeacher, TeacherGroup, RayTeacher]
 NAMES = {"ChatTokenizer": ChatTokenizer, "Tokenizer": Tokenizer}  # imported under TYPE_CHECKING where used
@@ -124,9 +124,9 @@ def _accepts(protocol_fn: Callable, real_fn: Callable) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("name", sorted(TEST_TOKENIZERS))
+@pytest.mark.parametrize("name", sorted(PACKAGED_TOKENIZERS))
 def test_real_tokenizers_have_every_member_the_tokenizer_protocols_name(name):
-    tokenizer = load_test_tokenizer(name)
+    tokenizer = load_packaged_tokenizer(name)
     for member, declared in _members(ChatTokenizer).items():
         assert hasattr(tokenizer, member), member
         if not isinstance(declared, property):

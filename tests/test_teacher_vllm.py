@@ -16,11 +16,11 @@ import sys
 import numpy as np
 import pytest
 
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.teacher import HFTeacher, TeacherError, TeacherRequest, VLLMTeacher
 from gold_plugin.teacher.vllm_backend import parse_prompt_logprobs
 from gold_plugin.testing import vllm_standins as vs
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher
-from gold_plugin.testing.tokenizers import load_test_tokenizer
 
 TOPK = 5
 CHAT = [{"role": "user", "content": "Say something about the sea."}]
@@ -39,7 +39,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_reference(teacher_dir):
-    return HFTeacher(str(teacher_dir), topk=TOPK, tokenizer=load_test_tokenizer("mistral"))
+    return HFTeacher(str(teacher_dir), topk=TOPK, tokenizer=load_packaged_tokenizer("mistral"))
 
 
 @pytest.fixture
@@ -150,4 +150,4 @@ def test_vllm_is_imported_lazily(monkeypatch, teacher_dir):
     import gold_plugin.teacher.vllm_backend  # noqa: F401  (imports without vLLM)
 
     with pytest.raises(ImportError):
-        VLLMTeacher(str(teacher_dir), tokenizer=load_test_tokenizer("mistral"))
+        VLLMTeacher(str(teacher_dir), tokenizer=load_packaged_tokenizer("mistral"))

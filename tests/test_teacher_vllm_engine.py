@@ -21,10 +21,10 @@ from vllm.logprobs import FlatLogprobs  # noqa: E402
 
 from gold_plugin.alignment import encode_continuation  # noqa: E402
 from gold_plugin.config import TeacherConfig  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherRequest, VLLMTeacher, build_teacher  # noqa: E402
 from gold_plugin.testing import vllm_standins  # noqa: E402
 from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher, vllm_cpu_engine_kwargs  # noqa: E402
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 TOPK = 6
 MAX_LEN = 64
@@ -49,7 +49,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_test_tokenizer("mistral")
+    return load_packaged_tokenizer("mistral")
 
 
 @pytest.fixture(scope="module")

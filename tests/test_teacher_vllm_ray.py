@@ -13,13 +13,13 @@ ray = pytest.importorskip("ray")
 require_vllm()
 
 from gold_plugin.config import TeacherConfig  # noqa: E402
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.teacher import HFTeacher, TeacherGroup, TeacherRequest  # noqa: E402
 from gold_plugin.testing.tiny_teacher import (  # noqa: E402
     VLLM_CPU_SHAPE,
     save_tiny_teacher,
     vllm_cpu_engine_kwargs,
 )
-from gold_plugin.testing.tokenizers import load_test_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -83,7 +83,7 @@ def test_vllm_group_equals_the_hf_backend(group, unfailed, teacher_config):
         teacher_config.model_name_or_path,
         topk=TOPK,
         max_len=MAX_LEN - 1,
-        tokenizer=load_test_tokenizer("gpt2"),
+        tokenizer=load_packaged_tokenizer("gpt2"),
     )
     assert_same(unfailed, hf.score(REQUESTS), atol=1e-4)
     assert unfailed[-1].error and unfailed[-2].num_tokens == 0

@@ -7,7 +7,7 @@ import pytest
 from alignment_helpers import CROSS_PAIRS, ORDERED_PAIRS
 
 from gold_plugin.alignment import VocabMap, token_bytes
-from gold_plugin.testing.tokenizers import load_test_tokenizer
+from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 
 
 def ids(tok, *pieces):
@@ -16,7 +16,7 @@ def ids(tok, *pieces):
 
 @pytest.mark.parametrize("byte_level", ["gpt2", "qwen"])
 def test_sentencepiece_and_byte_level_hello_map_both_ways(byte_level):
-    mistral, other = load_test_tokenizer("mistral"), load_test_tokenizer(byte_level)
+    mistral, other = load_packaged_tokenizer("mistral"), load_packaged_tokenizer(byte_level)
     (m_hello,) = ids(mistral, "▁Hello")
     (b_hello,) = ids(other, "ĠHello")
     (m_newline,) = ids(mistral, "<0x0A>")
@@ -32,7 +32,7 @@ def test_sentencepiece_and_byte_level_hello_map_both_ways(byte_level):
 
 @pytest.mark.parametrize(("student_name", "teacher_name"), ORDERED_PAIRS)
 def test_mapped_ids_have_equal_bytes_and_specials_never_map(student_name, teacher_name):
-    student, teacher = load_test_tokenizer(student_name), load_test_tokenizer(teacher_name)
+    student, teacher = load_packaged_tokenizer(student_name), load_packaged_tokenizer(teacher_name)
     vocab = VocabMap(student, teacher)
     s_bytes, t_bytes = token_bytes(student), token_bytes(teacher)
     for mapping, src_tok, src_bytes, dst_tok, dst_bytes in (
@@ -54,7 +54,7 @@ def test_mapped_ids_have_equal_bytes_and_specials_never_map(student_name, teache
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen", "mistral"])
 def test_same_tokenizer_maps_every_regular_token_to_itself(name):
-    tok = load_test_tokenizer(name)
+    tok = load_packaged_tokenizer(name)
     vocab = VocabMap(tok, tok)
     assert vocab.matched_fraction == 1.0 and vocab.student_matched_fraction == 1.0
     regular = np.flatnonzero(vocab.teacher_to_student >= 0)
@@ -70,7 +70,7 @@ def test_same_tokenizer_maps_every_regular_token_to_itself(name):
 
 
 def test_byte_fallback_duplicates_prefer_the_regular_piece():
-    gpt2, mistral = load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
+    gpt2, mistral = load_packaged_tokenizer("gpt2"), load_packaged_tokenizer("mistral")
     vocab = VocabMap(mistral, gpt2)  # gpt2 teacher -> mistral student
     (g_a,) = ids(gpt2, "A")
     (m_a, m_byte_a) = ids(mistral, "A", "<0x41>")
@@ -79,22 +79,22 @@ def test_byte_fallback_duplicates_prefer_the_regular_piece():
 
 
 def test_matched_shares_canonical_bytes_vs_exact_string():
-    gpt2, mistral = load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
+    gpt2, mistral = load_packaged_tokenizer("gpt2"), load_packaged_tokenizer("mistral")
     vocab = VocabMap(gpt2, mistral)  # mistral teacher: shares are of Mistral's vocabulary
     # docs/results.md, "Vocabulary map shares": exact strings match about a quarter of Mistral's vocabulary, canonical bytes about two thirds.
     assert 0.20 < vocab.exact_string_matched_fraction < 0.30
     assert 0.60 < vocab.matched_fraction < 0.72
     for s, t in CROSS_PAIRS:
-        pair = VocabMap(load_test_tokenizer(s), load_test_tokenizer(t))
+        pair = VocabMap(load_packaged_tokenizer(s), load_packaged_tokenizer(t))
         assert pair.matched_fraction >= pair.exact_string_matched_fraction
         assert pair.student_matched_fraction >= pair.exact_string_student_matched_fraction
-        reverse = VocabMap(load_test_tokenizer(t), load_test_tokenizer(s))
+        reverse = VocabMap(load_packaged_tokenizer(t), load_packaged_tokenizer(s))
         assert reverse.matched_fraction == pytest.approx(pair.student_matched_fraction)
 
 
 def test_cached_per_pair_and_lookup_helpers():
     torch = pytest.importorskip("torch")
-    qwen, mistral = load_test_tokenizer("qwen"), load_test_tokenizer("mistral")
+    qwen, mistral = load_packaged_tokenizer("qwen"), load_packaged_tokenizer("mistral")
     first, second = VocabMap(mistral, qwen), VocabMap(mistral, qwen)
     assert first.teacher_to_student is second.teacher_to_student  # built once per pair
     assert not first.teacher_to_student.flags.writeable
@@ -116,7 +116,7 @@ def test_clearing_the_token_bytes_cache_also_forgets_vocabulary_maps():
     from gold_plugin.alignment import clear_token_bytes_cache, token_table
     from gold_plugin.alignment.vocab_map import _MAPS
 
-    student, teacher = load_test_tokenizer("gpt2"), load_test_tokenizer("mistral")
+    student, teacher = load_packaged_tokenizer("gpt2"), load_packaged_tokenizer("mistral")
     first = VocabMap(student, teacher)
     assert _MAPS and VocabMap(student, teacher).teacher_to_student is first.teacher_to_student  # cached
     clear_token_bytes_cache()

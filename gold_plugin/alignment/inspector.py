@@ -33,10 +33,10 @@ from gold_plugin.alignment.vocab_map import VocabMap
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
     """A tokenizer folder / hub name, or one of the bundled test tokenizers (``gpt2``, ``qwen``, ``mistral``)."""
-    from gold_plugin.testing.tokenizers import TEST_TOKENIZERS, load_test_tokenizer
+    from gold_plugin.packaged_tokenizers import PACKAGED_TOKENIZERS, load_packaged_tokenizer
 
-    if name_or_path in TEST_TOKENIZERS and not os.path.exists(name_or_path):
-        return load_test_tokenizer(name_or_path)
+    if name_or_path in PACKAGED_TOKENIZERS and not os.path.exists(name_or_path):
+        return load_packaged_tokenizer(name_or_path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name_or_path)

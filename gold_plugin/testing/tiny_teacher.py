@@ -48,10 +48,10 @@ def save_tiny_teacher(
 ) -> Path:
     """Build a tiny ``LlamaForCausalLM`` with the vocabulary of test tokenizer ``tokenizer_name``
     (``gpt2``, ``qwen`` or ``mistral``), save it with the tokenizer into ``out_dir`` and return it."""
-    from gold_plugin.demo.models import tiny_llama
-    from gold_plugin.testing.tokenizers import load_test_tokenizer
+    from gold_plugin.local.modeling import tiny_llama
+    from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 
-    tokenizer = load_test_tokenizer(tokenizer_name)
+    tokenizer = load_packaged_tokenizer(tokenizer_name)
     model = tiny_llama(len(tokenizer), seed=seed, **{**TINY_TEACHER_SHAPE, **overrides})
     out = Path(out_dir)
     model.save_pretrained(out)
