@@ -258,8 +258,10 @@ def test_async_trainer_wires_the_gold_training_actor_to_openrlhfs_generator(monk
     def remote_class(name):
         return SimpleNamespace(remote=lambda *args, **kwargs: made.setdefault(name, (args, kwargs)) and name)
 
-    monkeypatch.setattr(trainer_module, "Queue", FakeQueue)
-    monkeypatch.setattr(trainer_module, "VLLMLock", remote_class("lock"))
+    import openrlhf.trainer.ppo_trainer_async as openrlhf_async
+
+    monkeypatch.setattr(openrlhf_async, "Queue", FakeQueue)  # OpenRLHF's own constructor builds the parts
+    monkeypatch.setattr(openrlhf_async, "VLLMLock", remote_class("lock"))
     monkeypatch.setattr(trainer_module, "GoldGenerateSamplesActor", remote_class("generator"))
     monkeypatch.setattr(trainer_module, "GoldTrainingActor", remote_class("gold_trainer"))
     strategy.args.train.async_queue_size = 2
@@ -270,14 +272,20 @@ def test_async_trainer_wires_the_gold_training_actor_to_openrlhfs_generator(monk
     )
     assert instance.trainer_actor == "gold_trainer" and instance.generator_actor == "generator"
     args, kwargs = made["gold_trainer"]
-    assert (
-        args == ("/m/student", strategy, "actor", None, None, "ref", ["engine"])
-        and kwargs["teacher"] is teacher
-    )
+    passed = dict(
+        pretrain="/m/student", strategy=strategy, actor_model_group="actor", critic_model_group=None,
+        reward_model_group=None, reference_model_group="ref", vllm_engines=["engine"],
+    )  # fmt: skip
+    assert args == () and {k: kwargs[k] for k in passed} == passed and kwargs["teacher"] is teacher
     gen_kwargs = made["generator"][1]
     assert gen_kwargs["max_len"] == 64 and gen_kwargs["rollout_queue"] is kwargs["rollout_queue"]
     assert kwargs["rollout_slots"].items == [0, 0] and kwargs["vllm_lock"] == "lock"
     assert strategy.args.eval.steps == float("inf") and strategy.args.ckpt.save_steps == float("inf")
+    # OpenRLHF's names are its own again after the constructor.
+    assert (
+        openrlhf_async.TrainingActor is TrainingActor
+        and openrlhf_async.GenerateSamplesActor is GenerateSamplesActor
+    )
 
 
 @pytest.mark.parametrize("trainer_class", [GoldPPOTrainer, GoldTrainingActor])

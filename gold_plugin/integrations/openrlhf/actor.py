@@ -45,6 +45,7 @@ from gold_plugin.step import (
     per_unit_means,
 )
 
+from .compat import BackwardAddsLoss, rebound, require_compatible
 from .experience_maker import (
     HIDDEN_TARGETS_PREFIX,
     OFF_POLICY_KEY,
@@ -61,26 +62,6 @@ if TYPE_CHECKING:
 
     from gold_plugin.alignment.types import Tokenizer
     from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
-
-
-class _BackwardAddsLoss:
-    """Delegates to the real strategy, but adds one pending loss term to the first ``backward`` it sees."""
-
-    def __init__(self, strategy: DeepspeedStrategy, extra_loss: Callable[[], torch.Tensor]) -> None:
-        self._strategy = strategy
-        self._extra_loss = extra_loss
-        self.added = 0
-
-    def backward(
-        self, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
-    ) -> None:
-        if self.added == 0:
-            loss = loss + self._extra_loss()
-        self.added += 1
-        self._strategy.backward(loss, model, optimizer, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._strategy, name)
 
 
 @contextlib.contextmanager
@@ -121,8 +102,7 @@ def on_policy_kl_and_entropy(
     on-policy token exactly what it contributed before. ``expected_calls`` (1 per enabled term) is checked after
     the step, so that an OpenRLHF whose step no longer reduces these terms that way fails loudly instead of
     training them on off-policy tokens."""
-    namespace = ActorPPOTrainer.training_step.__globals__
-    original = namespace["aggregate_loss"]
+    original = ActorPPOTrainer.training_step.__globals__["aggregate_loss"]
     calls = 0
 
     def aggregate_on_policy_tokens(
@@ -135,11 +115,8 @@ def on_policy_kl_and_entropy(
             loss_mask = torch.where(keep, loss_mask, torch.zeros_like(loss_mask))
         return original(loss, loss_mask, *args, **kwargs)
 
-    namespace["aggregate_loss"] = aggregate_on_policy_tokens
-    try:
+    with rebound(ActorPPOTrainer.training_step, "aggregate_loss", aggregate_on_policy_tokens):
         yield
-    finally:
-        namespace["aggregate_loss"] = original
     if calls != expected_calls:
         raise RuntimeError(
             f"OpenRLHF's training step reduced {calls} terms over the action mask where GOLD expected "
@@ -171,8 +148,7 @@ def optimiser_step_groups(strategy: Any) -> Iterator[None]:
     ``ppo_train`` pairs micro-batches with their window's normalisers through ``iter_grad_accum_global_norm``,
     which reads every micro-batch of a window (its ``mask_fn``) before it yields the first; for the duration of
     the call that name is a wrapper that counts the groups as the masks are read."""
-    namespace = ActorPPOTrainer.ppo_train.__globals__
-    original = namespace["iter_grad_accum_global_norm"]
+    original = ActorPPOTrainer.ppo_train.__globals__["iter_grad_accum_global_norm"]
 
     def with_groups(
         data_iter: Any, strategy: Any, accumulated_gradient: int, mask_fn: Callable[[Any], torch.Tensor]
@@ -194,11 +170,8 @@ def optimiser_step_groups(strategy: Any) -> Iterator[None]:
                 last = info
             yield item, info
 
-    namespace["iter_grad_accum_global_norm"] = with_groups
-    try:
+    with rebound(ActorPPOTrainer.ppo_train, "iter_grad_accum_global_norm", with_groups):
         yield
-    finally:
-        namespace["iter_grad_accum_global_norm"] = original
 
 
 def transformers_model(actor: torch.nn.Module) -> torch.nn.Module:
@@ -423,7 +396,7 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
             return term
 
         real_strategy = self.strategy
-        proxy = _BackwardAddsLoss(real_strategy, extra_loss)
+        proxy = BackwardAddsLoss(real_strategy, extra_loss)
         states: list[torch.Tensor] = []
         with contextlib.ExitStack() as stack:
             if targets is not None:
@@ -509,6 +482,7 @@ class GoldPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         max_steps: int | None = None,
         vllm_engines: list[ActorHandle] | None = None,
     ) -> None:
+        require_compatible()
         super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
         self.restore_rng_state()
         gold = gold_config_from_args(strategy.args)

@@ -13,21 +13,19 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 from openrlhf.trainer.ppo_trainer import PPOTrainer
-from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor, VLLMLock
+from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor
 from openrlhf.utils.logging_utils import init_logger
-from ray.util.queue import Queue
 
 from gold_plugin.config import gold_config_from_args
 from gold_plugin.teacher.tokenizer import check_teacher_chat_template, load_teacher_tokenizer
 
+from .compat import rebound, with_arguments
 from .experience_maker import GoldExperienceMaker
 from .prompts import load_prompt_lookup, load_reference_lookup
 
 if TYPE_CHECKING:
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
-    from openrlhf.trainer.ray.launcher import RayActorGroup
     from openrlhf.utils.deepspeed import DeepspeedStrategy
-    from ray.actor import ActorHandle
 
     from gold_plugin.teacher.types import TeacherScorer
 
@@ -142,50 +140,13 @@ class GoldGenerateSamplesActor(GenerateSamplesActor.__ray_actor_class__):
 @ray.remote
 class GoldPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
     """OpenRLHF's async trainer (rollout and training overlap) with :class:`GoldTrainingActor` and
-    :class:`GoldGenerateSamplesActor`.
+    :class:`GoldGenerateSamplesActor`: OpenRLHF's own constructor, the two actor classes it starts rebound to the
+    GOLD ones for the call (``compat``'s ``async_actors`` entry), the training actor also given the teacher."""
 
-    The base constructor would start OpenRLHF's own actors, so this one builds the same parts (rollout queue, slot
-    tokens, vLLM lock) around the GOLD ones instead.
-    """
-
-    def __init__(
-        self,
-        pretrain: str,
-        strategy: DeepspeedStrategy,
-        actor_model_group: RayActorGroup,
-        critic_model_group: RayActorGroup | None,
-        reward_model_group: RayActorGroup | None,
-        reference_model_group: RayActorGroup | None,
-        vllm_engines: list[ActorHandle] | None,
-        *,
-        teacher: TeacherScorer,
-        **generate_kwargs: Any,
-    ) -> None:
-        args = strategy.args
-        if args.eval.steps == -1:
-            args.eval.steps = float("inf")
-        if args.ckpt.save_steps == -1:
-            args.ckpt.save_steps = float("inf")
-        queue_size = int(getattr(args.train, "async_queue_size", 1))
-        if queue_size <= 0:
-            raise ValueError(f"--train.async_queue_size must be positive, got {queue_size}.")
-        self.rollout_queue = Queue(maxsize=queue_size)
-        self.rollout_slots = Queue(maxsize=queue_size)  # counting semaphore: one token per queued batch
-        for _ in range(queue_size):
-            self.rollout_slots.put(0, block=True)
-        vllm_lock = VLLMLock.remote()
-        shared = dict(vllm_lock=vllm_lock, rollout_queue=self.rollout_queue, rollout_slots=self.rollout_slots)
-        self.generator_actor = GoldGenerateSamplesActor.remote(
-            pretrain=pretrain, strategy=strategy, vllm_engines=vllm_engines, **shared, **generate_kwargs
-        )
-        self.trainer_actor = GoldTrainingActor.remote(
-            pretrain,
-            strategy,
-            actor_model_group,
-            critic_model_group,
-            reward_model_group,
-            reference_model_group,
-            vllm_engines,
-            teacher=teacher,
-            **shared,
-        )
+    def __init__(self, *args: Any, teacher: TeacherScorer, **generate_kwargs: Any) -> None:
+        base_init = PPOTrainerAsync.__ray_actor_class__.__init__
+        with (
+            rebound(base_init, "GenerateSamplesActor", GoldGenerateSamplesActor),
+            rebound(base_init, "TrainingActor", with_arguments(GoldTrainingActor, teacher=teacher)),
+        ):
+            super().__init__(*args, **generate_kwargs)
