@@ -21,6 +21,7 @@ from gold_plugin.step import (
     compute_logit_loss,
     logit_inputs_class,
     logit_metrics,
+    per_unit_means,
     select_samples,
 )
 from gold_plugin.teacher.types import TeacherResult
@@ -105,6 +106,7 @@ def test_projection_remainder_metric_is_the_teachers_top_k_mass_outside_the_even
     torch.manual_seed(2)
     logits = torch.randn(mask.shape[0], mask.shape[1], len(student))
     metrics = logit_metrics(compute_logit_loss(logits, inputs, gold, vocab), mask.shape[0])
+    metrics = per_unit_means({k: float(v) for k, v in metrics.items()})  # the mean per position
     t_bytes = token_bytes(teacher)
     positions = projected_positions(inputs, aligned.alignments, responses, token_bytes(student), mask)
     expected = []

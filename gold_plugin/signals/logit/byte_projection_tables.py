@@ -326,27 +326,33 @@ def build_projection_tables(vocab: SortedVocab) -> ProjectionTables:
     )
 
 
-def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | None:
-    trie = _student_trie(vocab, bases)
-    if trie is None:
-        return None
-    nodes, prefix_node, offsets = trie
-    node_table = _OpenTable.build(pack_key(nodes["h1"][1:], nodes["h2"][1:]))
-    node_values = np.where(node_table.values >= 0, node_table.values + 1, -1)
+@dataclass(frozen=True)
+class _TeacherWalk:
+    """Each teacher token's bytes hashed prefix by prefix, and the deepest student trie node its bytes reach."""
 
-    t_matrix, t_lengths = _byte_matrix(vocab.teacher_keys)
-    t_size = t_matrix.shape[0]
-    text = ~vocab.teacher_special[:t_size] & (t_lengths > 0)
-    t_offsets = np.concatenate([[0], np.cumsum(t_lengths)]).astype(np.int64)
-    t_prefix = np.zeros((2, int(t_offsets[-1])), dtype=np.int64)
-    hashes = np.zeros((2, t_size), dtype=np.int64)
-    deepest = np.zeros(t_size, dtype=np.int64)
+    text: np.ndarray  # [V_t] bool: a token with text (not special, not empty)
+    lengths: np.ndarray  # [V_t] its byte length
+    offsets: np.ndarray  # [V_t + 1] where its prefixes start in ``prefix``
+    prefix: np.ndarray  # [2, sum(lengths)] the (h1, h2) hash of each of its prefixes
+    hashes: np.ndarray  # [2, V_t] the hash of its whole bytes
+    deepest: np.ndarray  # [V_t] the deepest student node that is a prefix of its bytes (0: the root)
+
+
+def _walk_teacher(
+    vocab: SortedVocab, bases: tuple[int, int], nodes: dict, node_table: _OpenTable
+) -> _TeacherWalk:
+    matrix, lengths = _byte_matrix(vocab.teacher_keys)
+    size = matrix.shape[0]
+    text = ~vocab.teacher_special[:size] & (lengths > 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    prefix = np.zeros((2, int(offsets[-1])), dtype=np.int64)
+    hashes = np.zeros((2, size), dtype=np.int64)
+    deepest = np.zeros(size, dtype=np.int64)
     matching = text.copy()
-    depth_max = int(t_lengths.max(initial=0))
-    for depth in range(1, depth_max + 1):
-        at = np.flatnonzero(t_lengths >= depth)
-        hashes[:, at] = _step(hashes[:, at], t_matrix[at, depth - 1], bases)
-        t_prefix[:, t_offsets[at] + depth - 1] = hashes[:, at]
+    for depth in range(1, int(lengths.max(initial=0)) + 1):
+        at = np.flatnonzero(lengths >= depth)
+        hashes[:, at] = _step(hashes[:, at], matrix[at, depth - 1], bases)
+        prefix[:, offsets[at] + depth - 1] = hashes[:, at]
         # The deepest student node: one byte further while the prefix is still a node (checked exactly: the
         # found node's parent is the node one byte up and its last byte is this byte).
         walk = at[matching[at]]
@@ -357,18 +363,15 @@ def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | Non
             (found >= 0)
             & (nodes["depth"][safe] == depth)
             & (nodes["parent"][safe] == deepest[walk])
-            & (nodes["last_byte"][safe] == t_matrix[walk, depth - 1])
+            & (nodes["last_byte"][safe] == matrix[walk, depth - 1])
         )
         deepest[walk[ok]] = found[ok]
         matching[walk[~ok]] = False
+    return _TeacherWalk(text, lengths, offsets, prefix, hashes, deepest)
 
-    sorted_teacher = vocab.teacher_sorted_keys
-    order = np.where(text, np.searchsorted(sorted_teacher, vocab.teacher_keys[:t_size]), -1)
-    order_end = np.where(
-        text, np.searchsorted(sorted_teacher, np.strings.add(vocab.teacher_keys[:t_size], b"g")), -1
-    )
 
-    # Student id -> canonical teacher id with the same bytes.
+def _student_to_teacher(vocab: SortedVocab) -> np.ndarray:
+    """Student id -> the canonical teacher id with the same bytes (-1: none, or a zero-width student token)."""
     student_teacher = np.full(vocab.size, -1, dtype=np.int64)
     if vocab.teacher_sorted_keys.shape[0]:
         at = np.minimum(
@@ -377,9 +380,26 @@ def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | Non
         )
         same = (vocab.teacher_sorted_keys[at] == vocab.student_keys) & ~vocab.zero_width
         student_teacher = np.where(same, vocab.teacher_sorted_canonical[at], -1)
+    return student_teacher
+
+
+def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | None:
+    trie = _student_trie(vocab, bases)
+    if trie is None:
+        return None
+    nodes, prefix_node, offsets = trie
+    node_table = _OpenTable.build(pack_key(nodes["h1"][1:], nodes["h2"][1:]))
+    node_values = np.where(node_table.values >= 0, node_table.values + 1, -1)
+    teacher = _walk_teacher(vocab, bases, nodes, node_table)
+    t_size = teacher.lengths.shape[0]
+    # Each teacher text token's range in the sorted teacher keys: itself and its extensions (hex keys: + "g"
+    # bounds them).
+    sorted_teacher, keys = vocab.teacher_sorted_keys, vocab.teacher_keys[:t_size]
+    order = np.where(teacher.text, np.searchsorted(sorted_teacher, keys), -1)
+    order_end = np.where(teacher.text, np.searchsorted(sorted_teacher, np.strings.add(keys, b"g")), -1)
     student_length = offsets[1:] - offsets[:-1]
     full_node = np.where(student_length > 0, prefix_node[np.maximum(offsets[1:] - 1, 0)], 0)
-    length_max = max(depth_max, int(student_length.max(initial=0)))
+    length_max = max(int(teacher.lengths.max(initial=0)), int(student_length.max(initial=0)))
 
     def tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(array, dtype=np.int64))
@@ -402,16 +422,16 @@ def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | Non
         student_h2=tensor(nodes["h2"][full_node]),
         student_offset=tensor(offsets[:-1]),
         student_prefix_node=tensor(prefix_node),
-        student_teacher=tensor(student_teacher),
-        teacher_text=torch.from_numpy(text.copy()),
+        student_teacher=tensor(_student_to_teacher(vocab)),
+        teacher_text=torch.from_numpy(teacher.text.copy()),
         teacher_canonical=tensor(vocab.teacher_canonical[:t_size]),
-        teacher_length=tensor(t_lengths),
-        teacher_h1=tensor(hashes[0]),
-        teacher_h2=tensor(hashes[1]),
-        teacher_offset=tensor(t_offsets[:-1]),
-        teacher_prefix_h1=tensor(t_prefix[0]),
-        teacher_prefix_h2=tensor(t_prefix[1]),
-        teacher_node=tensor(deepest),
+        teacher_length=tensor(teacher.lengths),
+        teacher_h1=tensor(teacher.hashes[0]),
+        teacher_h2=tensor(teacher.hashes[1]),
+        teacher_offset=tensor(teacher.offsets[:-1]),
+        teacher_prefix_h1=tensor(teacher.prefix[0]),
+        teacher_prefix_h2=tensor(teacher.prefix[1]),
+        teacher_node=tensor(teacher.deepest),
         teacher_order=tensor(order),
         teacher_order_end=tensor(order_end),
     )
