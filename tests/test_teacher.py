@@ -12,7 +12,7 @@ from gold_plugin.alignment import encode_continuation, ids_to_bytes
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.teacher import HFTeacher, TeacherRequest, TeacherResult, TeacherScorer, build_teacher
-from gold_plugin.teacher.prepare import RequestEncoder, fit_to_context
+from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, fit_to_context
 from gold_plugin.testing.tiny_teacher import save_tiny_teacher
 
 TOPK = 8
@@ -343,3 +343,24 @@ def test_build_teacher_from_config(teacher_dirs):
     assert result.topk_ids.shape == (len(result.token_ids), 3)
     with pytest.raises(GoldConfigError, match="model_name_or_path"):
         build_teacher(TeacherConfig())
+
+
+def test_a_batch_renders_each_distinct_prompt_once(monkeypatch):
+    """A prompt's samples share its rendering: the teacher's template and tokenizer run once per distinct prompt in a
+    batch, and every request gets what preparing it alone gives."""
+    encoder = RequestEncoder(load_packaged_tokenizer("qwen"), max_context=512)
+    chats = [[{"role": "user", "content": "Add 2 and 3."}], [{"role": "user", "content": "Spell cat."}]]
+    requests = [
+        TeacherRequest(prompt=prompt, response=response, ends_with_eos=True)
+        for prompt in (chats[0], chats[1], "plain text prompt")
+        for response in ("5", "It is 5.", "c-a-t")
+    ]
+    rendered: list[object] = []
+    original = encoder.prompt_ids
+    monkeypatch.setattr(encoder, "prompt_ids", lambda prompt: rendered.append(prompt) or original(prompt))
+    batched = encoder.prepare_all(requests)
+    assert rendered == [chats[0], chats[1], "plain text prompt"]
+    for got, request in zip(batched, requests):
+        alone = encoder.prepare(request)
+        assert isinstance(got, PreparedSequence) and np.array_equal(got.input_ids, alone.input_ids)
+        assert got.prompt_len == alone.prompt_len

@@ -5,6 +5,7 @@ Shared by every backend, so that the hf and vllm teachers score exactly the same
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -78,6 +79,16 @@ def fit_to_context(
         prompt_ids = np.concatenate([head, prompt_ids[num_prompt - tail :]]) if tail else head
     num_fed = max(0, min(num_response, max_context - kept))
     return prompt_ids, num_fed, num_prompt - kept
+
+
+def _prompt_key(prompt: object) -> str | None:
+    """A key equal for equal prompts (text, or chat messages), or None for one that cannot be keyed."""
+    if isinstance(prompt, str):
+        return "text:" + prompt
+    try:
+        return "chat:" + json.dumps(prompt, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
 
 
 class RequestEncoder:
@@ -255,11 +266,19 @@ class RequestEncoder:
         return ids
 
     # -- whole request ----------------------------------------------------------------------------
-    def prepare(self, request: TeacherRequest) -> PreparedSequence:
-        """Token ids of one request, fitted to the context; raises :class:`RequestRejected`."""
+    def prepare(
+        self, request: TeacherRequest, rendered: dict[str, np.ndarray] | None = None
+    ) -> PreparedSequence:
+        """Token ids of one request, fitted to the context; raises :class:`RequestRejected`. ``rendered``: the
+        prompt ids already computed in this batch, by :func:`_prompt_key` (read and filled)."""
         if not isinstance(request.response, str):
             raise RequestRejected(f"response must be text, got {type(request.response).__name__}")
-        prompt = self.prompt_ids(request.prompt)
+        key = None if rendered is None else _prompt_key(request.prompt)
+        prompt = None if key is None or rendered is None else rendered.get(key)
+        if prompt is None:
+            prompt = self.prompt_ids(request.prompt)
+            if key is not None and rendered is not None:
+                rendered[key] = prompt
         response = self.response_ids(request.response)
         lengths = self.byte_lengths[response] if response.size else np.zeros(0, dtype=np.int64)
         if request.ends_with_eos:
@@ -284,11 +303,13 @@ class RequestEncoder:
         )
 
     def prepare_all(self, requests: Sequence[TeacherRequest]) -> list[PreparedSequence | str]:
-        """Prepared sequence per request, or the error message for a request that cannot be scored."""
+        """Prepared sequence per request, or the error message for a request that cannot be scored. Each distinct
+        prompt is rendered and tokenised once (a prompt's samples share it)."""
         out: list[PreparedSequence | str] = []
+        rendered: dict[str, np.ndarray] = {}
         for request in requests:
             try:
-                out.append(self.prepare(request))
+                out.append(self.prepare(request, rendered))
             except RequestRejected as exc:
                 out.append(str(exc))
             except Exception as exc:  # a tokenizer crash on odd text must not kill the batch
