@@ -812,7 +812,7 @@ def main(argv: list[str] | None = None) -> None:
     # OpenRLHF's transport; its import needs flash_attn: the import-only stand-in at the end of sys.path.
     sys.path.append(str(ROOT / "gold_plugin" / "testing" / "stubs"))
     try:
-        from gold_plugin.integrations.openrlhf.experience_maker import pack_logit_inputs
+        from gold_plugin.integrations.openrlhf.transport import pack_logit_inputs
     except Exception as error:  # noqa: BLE001 - any import failure means: no transport column
         print(f"[transport] skipped: cannot import pack_logit_inputs ({type(error).__name__}: {error})")
         pack_logit_inputs = None

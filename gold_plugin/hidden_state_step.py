@@ -8,8 +8,8 @@ student's forward and gathers its states at the targets' ``(sample, action)`` pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,41 +21,41 @@ from gold_plugin.signals.hidden_states import (
     hidden_state_loss,
     layers_at_depths,
 )
+from gold_plugin.signals.positions import PositionBatch
 from gold_plugin.step import AlignedBatch, sum_per_sample_key
 
 
 @dataclass(frozen=True)
-class HiddenStateTargets:
-    """One entry per aligned group of a batch whose two ends both have a state (samples in order, then text order)."""
+class HiddenStateTargets(PositionBatch):
+    """One entry per aligned group of a batch whose two ends both have a state (samples in order, then text order):
+    a :class:`~gold_plugin.signals.positions.PositionBatch` whose position is the group's last student token."""
 
-    sample: torch.Tensor
+    positions: torch.Tensor
+    """int64 ``[G, 2]``: (sample, action index of the student's last response token of the group), whose state is
+    compared."""
+    sample_index: torch.Tensor
     """int64 ``[G]``: the group's sample (batch row)."""
-    action: torch.Tensor
-    """int64 ``[G]``: the student's last response token of the group (action index): its state is compared."""
     teacher_states: torch.Tensor
     """float32 ``[G, L, r]``: the teacher's sketched states after its last token of the group."""
 
+    @classmethod
+    def at(
+        cls, sample: torch.Tensor, action: torch.Tensor, teacher_states: torch.Tensor
+    ) -> HiddenStateTargets:
+        """The targets of groups ending at (``sample``, ``action``), int64 ``[G]`` each."""
+        return cls(torch.stack([sample, action], dim=1), sample, teacher_states)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return self.sample_index
+
+    @property
+    def action(self) -> torch.Tensor:
+        return self.positions[:, 1]
+
     @property
     def num_groups(self) -> int:
-        return int(self.sample.shape[0])
-
-    def to(self, device: torch.device | str) -> HiddenStateTargets:
-        return HiddenStateTargets(
-            self.sample.to(device), self.action.to(device), self.teacher_states.to(device)
-        )
-
-    def select(self, rows: Sequence[int]) -> HiddenStateTargets:
-        """The groups of samples ``rows`` (in that order), their samples renumbered ``0..len(rows)-1``."""
-        index = torch.as_tensor(list(rows), dtype=torch.int64, device=self.sample.device)
-        size = max(
-            int(self.sample.max()) + 1 if self.num_groups else 0, int(index.max()) + 1 if len(rows) else 0
-        )
-        new_row = torch.full((size,), -1, dtype=torch.int64, device=index.device)
-        new_row[index] = torch.arange(index.shape[0], device=index.device)
-        mapped = new_row[self.sample]
-        keep = torch.nonzero(mapped >= 0).flatten()
-        keep = keep[torch.argsort(mapped[keep], stable=True)]
-        return HiddenStateTargets(mapped[keep], self.action[keep], self.teacher_states[keep])
+        return self.num_positions
 
     def in_action_columns(self, action_mask: torch.Tensor) -> HiddenStateTargets:
         """The same groups with ``action`` the column of ``action_mask`` (``[B, A]``, row = sample) that holds the
@@ -65,7 +65,7 @@ class HiddenStateTargets:
         counts = mask.sum(1)
         starts = torch.cumsum(counts, 0) - counts
         index = starts[self.sample.cpu()] + self.action.cpu()
-        return replace(self, action=columns[index].to(self.action.device))
+        return HiddenStateTargets.at(self.sample, columns[index].to(self.action.device), self.teacher_states)
 
 
 def _group_last(groups: np.ndarray, num_groups: int) -> np.ndarray:
@@ -94,7 +94,7 @@ def hidden_state_targets(aligned: AlignedBatch) -> HiddenStateTargets:
         else:
             states.append(None)
     if width is None:
-        return HiddenStateTargets(
+        return HiddenStateTargets.at(
             torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, 1)
         )
     teacher = np.concatenate(
@@ -111,7 +111,7 @@ def hidden_state_targets(aligned: AlignedBatch) -> HiddenStateTargets:
     sample_of = np.repeat(np.arange(student_counts.shape[0]), student_counts)
     first_of = np.repeat(np.cumsum(student_counts) - student_counts, student_counts)
     tokens = last_student[keep]
-    return HiddenStateTargets(
+    return HiddenStateTargets.at(
         torch.from_numpy(sample_of[tokens]),
         torch.from_numpy(tokens - first_of[tokens]),
         torch.from_numpy(teacher[last_teacher[keep]]),

@@ -74,7 +74,6 @@ __all__ = [
     "compute_logit_loss",
     "distill_advantages",
     "gold_advantages",
-    "logit_inputs_class",
     "logit_loss_term",
     "logit_metrics",
     "mask_unscored_groups",
@@ -85,7 +84,6 @@ __all__ = [
     "response_ends_with_eos",
     "sample_metrics",
     "sum_per_sample_key",
-    "select_samples",
     "teacher_prompt",
     "teacher_requests",
 ]
@@ -613,11 +611,6 @@ def _projects_bytes(gold: GoldConfig) -> bool:
     return gold.alignment == "spans" and gold.logit_projection == "bytes"
 
 
-def logit_inputs_class(gold: GoldConfig) -> type[LogitLossInputs] | type[ProjectionPositions]:
-    """The inputs dataclass :func:`build_logit_inputs` returns for this configuration (for transport)."""
-    return ProjectionPositions if _projects_bytes(gold) else LogitLossInputs
-
-
 def build_logit_inputs(
     aligned: AlignedBatch,
     response_ids: Sequence[Sequence[int] | np.ndarray],
@@ -651,28 +644,6 @@ def build_logit_inputs(
             vocab.sorted, aligned.alignments, response_ids, topk_ids, topk_logprobs, action_mask
         )
     return logit_loss_inputs(aligned.alignments, topk_ids, topk_logprobs, action_mask)
-
-
-def select_samples(
-    inputs: LogitLossInputs | ProjectionPositions, rows: Sequence[int]
-) -> LogitLossInputs | ProjectionPositions:
-    """The positions of samples ``rows`` (in that order) of a batch's inputs, renumbered ``0..len(rows)-1``: the
-    inputs of a micro-batch taken from inputs built once for a whole step (columns unchanged)."""
-    index = torch.as_tensor(list(rows), dtype=torch.int64, device=inputs.sample_index.device)
-    rows_before = int(inputs.sample_index.max()) + 1 if inputs.num_positions else 0
-    batch = max(rows_before, int(index.max()) + 1 if index.numel() else 0)
-    new_row = torch.full((batch,), -1, dtype=torch.int64, device=index.device)
-    new_row[index] = torch.arange(index.shape[0], device=index.device)
-    mapped = new_row[inputs.sample_index.to(torch.int64)]
-    keep = torch.nonzero(mapped >= 0).flatten()
-    keep = keep[torch.argsort(mapped[keep], stable=True)]
-    fields = {f.name: getattr(inputs, f.name)[keep] for f in dataclasses.fields(inputs)}
-    rows_kept = mapped[keep]
-    fields["sample_index"] = rows_kept.to(inputs.sample_index.dtype)
-    fields["positions"] = torch.stack([rows_kept, fields["positions"][:, 1].to(torch.int64)], dim=1).to(
-        inputs.positions.dtype
-    )
-    return type(inputs)(**fields)
 
 
 def _shift_columns(positions: torch.Tensor, offset: int) -> torch.Tensor:

@@ -154,7 +154,7 @@ def test_a_frozen_bridge_is_fitted_once_and_a_refitted_one_every_step():
 def _targets(samples: torch.Tensor, teacher: torch.Tensor):
     from gold_plugin.hidden_state_step import HiddenStateTargets
 
-    return HiddenStateTargets(samples, torch.zeros_like(samples), teacher)
+    return HiddenStateTargets.at(samples, torch.zeros_like(samples), teacher)
 
 
 def _result(states: np.ndarray) -> TeacherResult:

@@ -26,11 +26,11 @@ from openrlhf_helpers import init_gloo, make_trainer  # noqa: E402
 
 from gold_plugin.alignment import VocabMap  # noqa: E402
 from gold_plugin.integrations.openrlhf.args import build_parser  # noqa: E402
-from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
+from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
+from gold_plugin.integrations.openrlhf.transport import (  # noqa: E402
     LOGIT_INPUTS_PREFIX,
     pack_logit_inputs,
 )
-from gold_plugin.integrations.openrlhf.launch_plan import resolve_launch  # noqa: E402
 from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
 from gold_plugin.signals.logit import LogitLossInputs, LogitLossOptions  # noqa: E402
 from gold_plugin.testing.references import aligned_logit_loss_reference  # noqa: E402
@@ -458,7 +458,7 @@ def test_every_optimiser_step_window_gets_its_hidden_state_group_count(process_g
     from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
 
     from gold_plugin.integrations.openrlhf.actor import BATCH_GROUPS_KEY, optimiser_step_groups
-    from gold_plugin.integrations.openrlhf.experience_maker import HIDDEN_TARGETS_PREFIX
+    from gold_plugin.integrations.openrlhf.transport import HIDDEN_TARGETS_PREFIX
 
     def micro_batch(groups: list[int]) -> SimpleNamespace:
         width = max(groups)

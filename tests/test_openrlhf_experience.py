@@ -36,9 +36,9 @@ from openrlhf_helpers import (  # noqa: E402
 )
 
 from gold_plugin.alignment import align, text_for_teacher  # noqa: E402
-from gold_plugin.integrations.openrlhf.experience_maker import (  # noqa: E402
+from gold_plugin.integrations.openrlhf.transport import (  # noqa: E402
     LOGIT_INPUTS_PREFIX,
-    pop_logit_inputs,
+    pop_packed,
     unpack_logit_inputs,
 )
 from gold_plugin.packaged_tokenizers import load_packaged_tokenizer  # noqa: E402
@@ -194,7 +194,8 @@ def _logit_inputs_by_sample(experiences, cls=LogitLossInputs) -> dict:
     out = {}
     for exp in experiences:
         packed = {k: v for k, v in exp.info.items() if k.startswith(LOGIT_INPUTS_PREFIX)}
-        inputs = unpack_logit_inputs(packed, cls)
+        inputs = unpack_logit_inputs(packed)
+        assert isinstance(inputs, cls)  # the type tag names the bundle
         for key, (_, b) in _by_row([exp]).items():
             mine = inputs.sample_index == b
             out[key] = (
@@ -228,7 +229,7 @@ def test_logit_inputs_survive_openrlhf_batching_and_replay_buffer(models, teache
     for key, (columns, ids, logprobs) in after.items():
         torch.testing.assert_close(columns, before[key][0], rtol=0, atol=0)
         assert torch.equal(ids, before[key][1]) and torch.equal(logprobs, before[key][2])
-    assert pop_logit_inputs(batch) is not None
+    assert pop_packed(batch) is not None
     assert not any(k.startswith(LOGIT_INPUTS_PREFIX) for k in batch.info)
     # What remains in info is what OpenRLHF's training step turns into logged metrics.
     for key, value in batch.info.items():
@@ -473,19 +474,20 @@ def test_unpacking_fills_in_samples_without_positions_and_refuses_disagreeing_on
     naming the field."""
     prefix = LOGIT_INPUTS_PREFIX
     packed = {
+        prefix + "type": [torch.tensor(LogitLossInputs.TYPE_TAG)] * 2,
         prefix + "valid": [torch.ones(2), torch.zeros(2)],
         prefix + "columns": [torch.tensor([3, 5], dtype=torch.int32), torch.zeros(2, dtype=torch.int32)],
         prefix + "teacher_topk_ids": [torch.tensor([[7, 8], [9, 10]]), torch.zeros(0, 2, dtype=torch.int64)],
         prefix + "teacher_topk_logprobs": [torch.full((2, 2), -1.0), torch.zeros(0, 2)],
     }
-    inputs = unpack_logit_inputs(packed, LogitLossInputs)
+    inputs = unpack_logit_inputs(packed)
     assert inputs.positions.tolist() == [[0, 3], [0, 5]] and inputs.sample_index.tolist() == [0, 0]
     # [P, k]: the position axis comes first again
     assert inputs.teacher_topk_ids.tolist() == [[7, 9], [8, 10]]
     packed[prefix + "valid"][1] = torch.tensor([1.0, 0.0])
     packed[prefix + "teacher_topk_ids"][1] = torch.zeros(3, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="teacher_topk_ids: samples disagree"):
-        unpack_logit_inputs(packed, LogitLossInputs)
+        unpack_logit_inputs(packed)
 
 
 @pytest.mark.parametrize("source", ["reference_or_teacher", "teacher"])
@@ -556,11 +558,8 @@ def test_hidden_state_targets_survive_openrlhf_batching_and_replay_buffer(models
     """With the hidden-state loss (hf teacher returning sketched states), every micro-batch carries its group ends
     (action columns inside the response) and the teacher's float16 states, packed like the logit inputs; they come
     out of OpenRLHF's balancing, replay buffer and collate unchanged, and ``gold/hidden_state_groups`` counts them."""
-    from gold_plugin.integrations.openrlhf.experience_maker import (
-        HIDDEN_GROUPS_KEY,
-        HIDDEN_TARGETS_PREFIX,
-        unpack_hidden_targets,
-    )
+    from gold_plugin.integrations.openrlhf.experience_maker import HIDDEN_GROUPS_KEY
+    from gold_plugin.integrations.openrlhf.transport import HIDDEN_TARGETS_PREFIX, unpack_hidden_targets
     from gold_plugin.teacher import HFTeacher
 
     teacher = HFTeacher(
@@ -603,5 +602,5 @@ def test_hidden_state_targets_survive_openrlhf_batching_and_replay_buffer(models
     assert set(after) == set(before)
     for key, (columns, states) in after.items():
         assert torch.equal(columns, before[key][0]) and torch.equal(states, before[key][1])
-    assert pop_logit_inputs(batch, HIDDEN_TARGETS_PREFIX) is not None
+    assert pop_packed(batch, HIDDEN_TARGETS_PREFIX) is not None
     assert not any(k.startswith(HIDDEN_TARGETS_PREFIX) for k in batch.info)

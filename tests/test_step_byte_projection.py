@@ -19,10 +19,8 @@ from gold_plugin.step import (
     align_results,
     build_logit_inputs,
     compute_logit_loss,
-    logit_inputs_class,
     logit_metrics,
     per_unit_means,
-    select_samples,
 )
 from gold_plugin.teacher.types import TeacherResult
 from gold_plugin.testing.byte_marginal import projected_positions
@@ -68,10 +66,11 @@ def test_the_hooks_build_projection_inputs_and_shift_every_column(batch):
     student, teacher, responses, aligned, results, mask, gold = batch
     vocab = LogitVocab.build(student, teacher, gold)
     vocab.check(gold)
-    assert logit_inputs_class(gold) is ProjectionPositions  # compact: expanded where the loss runs
     assert vocab.student_end_ids == (student.eos_token_id,) and teacher.eos_token_id in vocab.teacher_end_ids
     inputs = build_logit_inputs(aligned, responses, mask, gold, vocab)
-    assert isinstance(inputs, ProjectionPositions) and inputs.num_positions > 0
+    assert (
+        isinstance(inputs, ProjectionPositions) and inputs.num_positions > 0
+    )  # compact: expanded at the loss
     assert int((inputs.consumed > 0).sum()) > 0  # teacher digits inside the student's merged tokens
     torch.manual_seed(0)
     logits = torch.randn(mask.shape[0], mask.shape[1], len(student), dtype=torch.float64)
@@ -125,7 +124,7 @@ def test_projection_inputs_survive_openrlhfs_per_sample_transport(batch):
     sys.path.append(
         str(Path(__file__).parent / "stubs")
     )  # vllm / flash_attn import stand-ins when not installed
-    from gold_plugin.integrations.openrlhf.experience_maker import pack_logit_inputs, unpack_logit_inputs
+    from gold_plugin.integrations.openrlhf.transport import pack_logit_inputs, unpack_logit_inputs
 
     student, teacher, responses, aligned, results, mask, gold = batch
     vocab = LogitVocab.build(student, teacher, gold)
@@ -134,7 +133,8 @@ def test_projection_inputs_survive_openrlhfs_per_sample_transport(batch):
     # OpenRLHF splits a batch into samples and batches them again (here: reversed order, as a list per key).
     order = [2, 1, 0]
     per_sample = {key: [value[b] for b in order] for key, value in packed.items()}
-    back = unpack_logit_inputs(per_sample, logit_inputs_class(gold))
+    back = unpack_logit_inputs(per_sample)
+    assert isinstance(back, ProjectionPositions)  # the type tag names the bundle
     torch.manual_seed(1)
     logits = torch.randn(mask.shape[0], mask.shape[1], len(student), dtype=torch.float64)
     options = LogitLossOptions.from_config(gold)
@@ -152,7 +152,7 @@ def test_unknown_projection_is_refused():
 
 
 def test_a_micro_batch_takes_its_samples_from_the_steps_inputs(batch):
-    """The local backend builds a step's inputs once; ``select_samples`` gives what building them for the
+    """The local backend builds a step's inputs once; ``select`` gives what building them for the
     micro-batch alone gives (rows renumbered in the micro-batch's order, columns unchanged)."""
     student, teacher, responses, aligned, results, mask, gold = batch
     vocab = LogitVocab.build(student, teacher, gold)
@@ -162,8 +162,8 @@ def test_a_micro_batch_takes_its_samples_from_the_steps_inputs(batch):
         student, teacher, [responses[b] for b in micro], [results[b] for b in micro], gold
     )
     alone = build_logit_inputs(sub_aligned, [responses[b] for b in micro], mask[micro], gold, vocab)
-    picked = select_samples(whole, micro)
+    picked = whole.select(micro)
     assert picked.sample_index.tolist() == alone.sample_index.tolist() and alone.num_positions > 0
     for f in dataclasses.fields(alone):
         assert torch.equal(getattr(picked, f.name), getattr(alone, f.name)), f.name
-    assert select_samples(whole, []).num_positions == 0
+    assert whole.select([]).num_positions == 0

@@ -51,7 +51,11 @@ def _batch() -> tuple[torch.Tensor, HiddenStateTargets, torch.Tensor]:
     sample = torch.repeat_interleave(torch.arange(samples), counts)
     action = torch.randint(0, STEPS - 2, (int(counts.sum()),), generator=g)
     teacher = torch.randn(int(counts.sum()), 2, RANK, generator=g) * 3 + 1
-    return inputs, HiddenStateTargets(sample, action, teacher), torch.randn(INPUT, WIDTH, generator=g) * 0.3
+    return (
+        inputs,
+        HiddenStateTargets.at(sample, action, teacher),
+        torch.randn(INPUT, WIDTH, generator=g) * 0.3,
+    )
 
 
 def _bridge_and_gradient(rows: tuple[int, ...]) -> dict[str, torch.Tensor | dict]:

@@ -61,7 +61,6 @@ from gold_plugin.step import (
     reference_text,
     response_ends_with_eos,
     sample_metrics,
-    select_samples,
     teacher_prompt,
     teacher_requests,
 )
@@ -84,7 +83,7 @@ class LocalExperience:
     """Teacher results aligned to the responses (None when ``alpha == 0``: no teacher)."""
     logit_inputs: LogitLossInputs | ProjectionPositions | None
     """The step's logit-loss inputs, built once for all its samples, on the training device (None without the
-    logit loss); each micro-batch takes its samples' positions (:func:`gold_plugin.step.select_samples`)."""
+    logit loss); each micro-batch takes its samples' positions (:meth:`~gold_plugin.signals.positions.PositionBatch.select`)."""
     hidden_targets: HiddenStateTargets | None
     """The step's group ends and the teacher's states there, on the training device (None without the
     hidden-state loss); each micro-batch takes its samples' groups (:meth:`HiddenStateTargets.select`)."""
@@ -544,7 +543,7 @@ class LocalTrainer:
         loss = policy_loss
         metrics = {"train/policy_loss": float(policy_loss.detach())}
         if experience.logit_inputs is not None:
-            inputs = select_samples(experience.logit_inputs, micro)
+            inputs = experience.logit_inputs.select(micro)
             # Action logits (offset 0), divided by the rollout temperature like the policy's log-probs.
             out = compute_logit_loss(logits, inputs, gold, self.vocab, logits_temperature=c.temperature)
             loss = loss + logit_loss_term(out.loss, batch_tokens, gold)

@@ -39,18 +39,17 @@ from gold_plugin.hidden_state_step import HiddenStateSignal, HiddenStateTargets
 from gold_plugin.step import (
     LogitVocab,
     compute_logit_loss,
-    logit_inputs_class,
     logit_loss_term,
     logit_metrics,
     per_unit_means,
 )
 
 from .compat import BackwardAddsLoss, rebound, require_compatible
-from .experience_maker import (
+from .transport import (
     HIDDEN_TARGETS_PREFIX,
     OFF_POLICY_KEY,
     hidden_group_count,
-    pop_logit_inputs,
+    pop_packed,
     unpack_hidden_targets,
     unpack_logit_inputs,
 )
@@ -342,8 +341,8 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         loss_batch_info: dict | None = None,
         batch_groups: torch.Tensor | None = None,
     ) -> dict:
-        packed = pop_logit_inputs(experience)
-        packed_hidden = pop_logit_inputs(experience, HIDDEN_TARGETS_PREFIX)
+        packed = pop_packed(experience)
+        packed_hidden = pop_packed(experience, HIDDEN_TARGETS_PREFIX)
         gold = self.gold
         logit_on = gold is not None and gold.uses_logit_loss and gold.alpha > 0 and packed is not None
         hidden_on = (
@@ -352,7 +351,7 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         if not (logit_on or hidden_on):
             return super().training_step(experience, kl_ctl, step, loss_batch_info)
         device = experience.action_mask.device
-        inputs = unpack_logit_inputs(packed, logit_inputs_class(gold), device) if logit_on else None
+        inputs = unpack_logit_inputs(packed, device) if logit_on else None
         targets = unpack_hidden_targets(packed_hidden, device) if hidden_on else None
 
         if loss_batch_info is None:

@@ -17,13 +17,9 @@ An adapter around :mod:`gold_plugin.step` (the GOLD step both backends share). F
    (``--gold.advantage_norm``) and mixes: ``A = (1 - alpha) A_reward + alpha kl_coef norm(A_distill)``.
 
 With ``alpha == 1`` the rollouts' rewards are replaced by zeros before OpenRLHF sees them: no reward model is
-called and no reward is read. The logit-loss inputs travel to the policy actor in ``Experience.info``, one entry
-per field, per sample, with the **position axis last** (so OpenRLHF's right-padding of info tensors in
-``concat_experiences``, the replay buffer and ``balance_experiences`` pads positions); the policy actor pops them
-(:func:`pop_logit_inputs`) before OpenRLHF turns ``info`` into logged metrics. Everything else left in ``info`` is
-a per-sample metric. With the hidden-state loss the micro-batch's group ends and the teacher's sketched states
-there (:func:`gold_plugin.hidden_state_step.hidden_state_targets`) travel the same way, through the same packing
-under :data:`HIDDEN_TARGETS_PREFIX` (:func:`pack_hidden_targets`).
+called and no reward is read. The logit-loss inputs, and with the hidden-state loss the micro-batch's group ends
+and the teacher's sketched states there (:func:`gold_plugin.hidden_state_step.hidden_state_targets`), travel to the
+policy actor in ``Experience.info`` (:mod:`.transport`).
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import dataclasses
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -40,9 +36,8 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from gold_plugin.config import GoldConfig
-from gold_plugin.hidden_state_step import HiddenStateTargets, hidden_state_targets
+from gold_plugin.hidden_state_step import hidden_state_targets
 from gold_plugin.no_signal import NoSignalWatch
-from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.step import (
     AlignedBatch,
     LogitVocab,
@@ -60,6 +55,8 @@ from gold_plugin.step import (
 from gold_plugin.teacher.hf import shipped_state_width
 from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult, TeacherScorer
 
+from .transport import OFF_POLICY_KEY, pack_hidden_targets, pack_logit_inputs
+
 if TYPE_CHECKING:
     from gold_plugin.alignment.types import Tokenizer
 
@@ -67,15 +64,8 @@ DISTILL_ADVANTAGES_KEY = "gold_distill_advantages"
 """(batch, num_actions) raw distillation advantages, from make_experience to compute_advantages_and_returns."""
 SIGNAL_MASK_KEY = "gold_signal_mask"
 """(batch, num_actions) bool: tokens of scored groups (the normalisation's statistics), popped with the above."""
-LOGIT_INPUTS_PREFIX = "gold_logit_inputs."
-"""Prefix of the info keys carrying the logit-loss inputs (``<prefix><field>``, ``<prefix>columns``, ``valid``)."""
-HIDDEN_TARGETS_PREFIX = "gold_hidden_targets."
-"""Prefix of the info keys carrying the hidden-state targets (:func:`pack_hidden_targets`)."""
 HIDDEN_GROUPS_KEY = "gold/hidden_state_groups"
 """Per sample: its aligned groups with hidden-state targets; a logged metric (the local backend's, per sample)."""
-OFF_POLICY_KEY = "gold/off_policy"
-"""Per-sample 1.0 for an off-policy completion (the dataset's or the teacher's), 0.0 for a student sample; also a
-logged metric."""
 MISSING_REFERENCE_KEY = "gold/missing_reference"
 OFF_POLICY_TEACHER_KEY = "gold/off_policy_teacher"
 """Per-sample 1.0 for an off-policy completion the teacher wrote (``--gold.off_policy_source``); a logged metric."""
@@ -90,11 +80,6 @@ def _response_positions(action_mask_row: torch.Tensor) -> tuple[np.ndarray, bool
     return index, contiguous
 
 
-LogitInputs = TypeVar("LogitInputs", LogitLossInputs, ProjectionPositions, "HiddenPositions")
-PackedInputs = dict[str, "torch.Tensor | list[torch.Tensor]"]
-"""The logit-loss inputs' info entries, a batched tensor or one tensor per sample each (after OpenRLHF's batching)."""
-
-
 class _TeacherBatch(TypedDict):
     """One micro-batch's share of the teacher call (:meth:`GoldExperienceMaker._samples_for_teacher`)."""
 
@@ -102,142 +87,6 @@ class _TeacherBatch(TypedDict):
     problems: list[str | None]
     requests: list[TeacherRequest | None]
     fallback: torch.Tensor
-
-
-def pack_logit_inputs(
-    inputs: LogitLossInputs | ProjectionPositions | HiddenPositions,
-    batch_size: int,
-    prefix: str = LOGIT_INPUTS_PREFIX,
-) -> dict[str, torch.Tensor]:
-    """The logit-loss inputs of a micro-batch as info tensors: row b holds sample b's positions, position axis last.
-
-    Every per-position field ``[N, *rest]`` (all fields but ``positions`` and ``sample_index``) becomes
-    ``[B, *rest, P]`` (P = the most positions of one sample, zero-padded, dtypes kept), plus ``columns``
-    ``[B, P]`` (int32 action columns) and ``valid`` ``[B, P]`` (1.0 = a real position), each under ``prefix``.
-    :func:`unpack_logit_inputs` inverts it. The hidden-state targets travel the same way (:class:`HiddenPositions`).
-    """
-    rows = inputs.sample_index.to(torch.int64).cpu()
-    order = torch.argsort(rows, stable=True)
-    rows = rows[order]
-    counts = torch.bincount(rows, minlength=batch_size)
-    width = int(counts.max()) if rows.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel()) - starts[rows]
-    packed: dict[str, torch.Tensor] = {}
-    columns = torch.zeros(batch_size, width, dtype=torch.int32)
-    columns[rows, slot] = inputs.positions[:, 1].cpu()[order].to(torch.int32)
-    valid = torch.zeros(batch_size, width)
-    valid[rows, slot] = 1.0
-    packed[prefix + "columns"] = columns
-    packed[prefix + "valid"] = valid
-    for f in dataclasses.fields(inputs):
-        if f.name in ("positions", "sample_index"):
-            continue
-        values = getattr(inputs, f.name).cpu()[order]
-        out = torch.zeros((batch_size, width, *values.shape[1:]), dtype=values.dtype)
-        out[rows, slot] = values
-        packed[prefix + f.name] = out.movedim(1, -1).contiguous()
-    return packed
-
-
-def unpack_logit_inputs(
-    packed: PackedInputs,
-    cls: type[LogitInputs],
-    device: torch.device | str | None = None,
-    prefix: str = LOGIT_INPUTS_PREFIX,
-) -> LogitInputs:
-    """The inputs of :func:`pack_logit_inputs` back, for a batch whose rows are the packed samples (after
-    OpenRLHF's batching: a list of per-sample tensors or a batched tensor per key, widths may differ).
-
-    A sample without positions (no ``valid`` slot) may come from a micro-batch that had none at all, whose
-    per-position fields then have other inner sizes (a top-k of width 0): it holds nothing, so it takes the
-    others' sizes. Samples with positions whose inner sizes differ raise ``ValueError``."""
-
-    def per_sample(key: str) -> list[torch.Tensor]:
-        value = packed[prefix + key]
-        return [torch.as_tensor(t) for t in (value if isinstance(value, (list, tuple)) else value.unbind(0))]
-
-    holds = [bool((t > 0).any()) for t in per_sample("valid")]
-
-    def batched(key: str) -> torch.Tensor:
-        items = per_sample(key)
-        width = max((int(t.shape[-1]) for t in items), default=0)
-        inner = {tuple(t.shape[:-1]) for t, held in zip(items, holds) if held}
-        if len(inner) > 1:
-            raise ValueError(f"{prefix}{key}: samples disagree on the inner sizes {sorted(inner)}.")
-        # without any position in the batch: the widest inner sizes (nothing is read from them)
-        rest = inner.pop() if inner else tuple(max(s) for s in zip(*(t.shape[:-1] for t in items)))
-        padded = [
-            torch.nn.functional.pad(t, (0, width - int(t.shape[-1]))) if held else t.new_zeros((*rest, width))
-            for t, held in zip(items, holds)
-        ]
-        return torch.stack(padded).movedim(-1, 1)  # [B, P, *rest]
-
-    valid = batched("valid") > 0
-    rows, slots = valid.nonzero(as_tuple=True)
-    columns = batched("columns")[rows, slots].to(torch.int64)
-    values = {
-        f.name: batched(f.name)[rows, slots].to(device)
-        for f in dataclasses.fields(cls)
-        if f.name not in ("positions", "sample_index")
-    }
-    rows = rows.to(device)
-    return cls(positions=torch.stack([rows, columns.to(device)], dim=1), sample_index=rows, **values)
-
-
-def pop_logit_inputs(experience: Experience, prefix: str = LOGIT_INPUTS_PREFIX) -> PackedInputs | None:
-    """Remove the logit-loss inputs (or what else was packed under ``prefix``) from ``experience.info`` (None when
-    there are none)."""
-    keys = [k for k in experience.info if k.startswith(prefix)]
-    return {k: experience.info.pop(k) for k in keys} or None
-
-
-@dataclasses.dataclass(frozen=True)
-class HiddenPositions:
-    """:class:`~gold_plugin.hidden_state_step.HiddenStateTargets` in the layout :func:`pack_logit_inputs` ships:
-    ``positions`` = (sample, action column of the group's last student token), the teacher's states float16
-    (lossless: the teacher sends float16)."""
-
-    positions: torch.Tensor
-    sample_index: torch.Tensor
-    teacher_states: torch.Tensor
-
-    @classmethod
-    def of(cls, targets: HiddenStateTargets) -> HiddenPositions:
-        return cls(
-            torch.stack([targets.sample, targets.action], dim=1),
-            targets.sample,
-            targets.teacher_states.to(torch.float16),
-        )
-
-    def targets(self) -> HiddenStateTargets:
-        return HiddenStateTargets(
-            self.positions[:, 0].to(torch.int64),
-            self.positions[:, 1].to(torch.int64),
-            self.teacher_states.float(),
-        )
-
-
-def pack_hidden_targets(targets: HiddenStateTargets, batch_size: int) -> dict[str, torch.Tensor]:
-    """The hidden-state targets of a micro-batch (``action`` = action columns) as info tensors under
-    :data:`HIDDEN_TARGETS_PREFIX`, as :func:`pack_logit_inputs` packs the logit-loss inputs."""
-    return pack_logit_inputs(HiddenPositions.of(targets), batch_size, HIDDEN_TARGETS_PREFIX)
-
-
-def unpack_hidden_targets(
-    packed: PackedInputs, device: torch.device | str | None = None
-) -> HiddenStateTargets:
-    """:func:`pack_hidden_targets` inverted, for the batch OpenRLHF hands to the training step."""
-    return unpack_logit_inputs(packed, HiddenPositions, device, HIDDEN_TARGETS_PREFIX).targets()
-
-
-def hidden_group_count(info: dict) -> int:
-    """The aligned groups a (possibly collated) experience carries hidden-state targets for (0 without)."""
-    valid = info.get(HIDDEN_TARGETS_PREFIX + "valid")
-    if valid is None:
-        return 0
-    items = valid if isinstance(valid, (list, tuple)) else [valid]
-    return int(sum(int((torch.as_tensor(v) > 0).sum()) for v in items))
 
 
 class GoldExperienceMaker(RemoteExperienceMaker):

@@ -42,11 +42,9 @@ straight from byte strings (the tests' reference).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -55,12 +53,13 @@ from gold_plugin.alignment.result import Alignment
 from gold_plugin.alignment.sorted_vocab import SortedVocab
 from gold_plugin.signals.logit.byte_projection_tables import ProjectionTables, projection_tables
 from gold_plugin.signals.logit.topk import checked_topk
+from gold_plugin.signals.positions import PositionBatch
 
 DEFAULT_MAX_CHAIN = 4
 
 
 @dataclass
-class ProjectionInputs:
+class ProjectionInputs(PositionBatch):
     """Everything :func:`~gold_plugin.signals.logit.byte_projection.projected_logit_loss` needs for a batch of P
     teacher positions.
 
@@ -102,17 +101,9 @@ class ProjectionInputs:
     condition_exact_rank: torch.Tensor
     """[P] int64: where ``consumed > 0``, the conditioning mass is range minus the exact token (-1 = none)."""
 
-    @property
-    def num_positions(self) -> int:
-        return int(self.positions.shape[0])
-
-    def to(self, device: torch.device | str) -> ProjectionInputs:
-        """Every field on ``device``."""
-        return _fields_to(self, device)
-
 
 @dataclass
-class ProjectionPositions:
+class ProjectionPositions(PositionBatch):
     """The compact per-position data the experience maker ships; :func:`expand_positions` builds the rest.
 
     Every field is per position (first dimension P), like :class:`ProjectionInputs`.
@@ -135,22 +126,6 @@ class ProjectionPositions:
     """[P, k] int32 (-1 = padding)."""
     teacher_topk_logprobs: torch.Tensor
     """[P, k] float32 (-inf = padding)."""
-
-    @property
-    def num_positions(self) -> int:
-        return int(self.positions.shape[0])
-
-    def to(self, device: torch.device | str) -> ProjectionPositions:
-        """Every field on ``device``."""
-        return _fields_to(self, device)
-
-
-_Tensors = TypeVar("_Tensors", "ProjectionInputs", "ProjectionPositions")
-
-
-def _fields_to(inputs: _Tensors, device: torch.device | str) -> _Tensors:
-    """A copy of a dataclass of tensors with every field on ``device``."""
-    return type(inputs)(**{f.name: getattr(inputs, f.name).to(device) for f in dataclasses.fields(inputs)})
 
 
 # ── step 1: where each teacher position sits on the student side (experience maker) ──

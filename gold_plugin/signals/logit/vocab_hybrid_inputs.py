@@ -12,7 +12,7 @@ is the distribution that predicted teacher response token t).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,10 +20,11 @@ import torch
 from gold_plugin.alignment import group_starts
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.signals.logit.topk import checked_topk
+from gold_plugin.signals.positions import PositionBatch
 
 
 @dataclass
-class LogitLossInputs:
+class LogitLossInputs(PositionBatch):
     """Inputs of :func:`~gold_plugin.signals.logit.vocab_hybrid.aligned_logit_loss` for a batch (N aligned
     positions in all)."""
 
@@ -35,14 +36,6 @@ class LogitLossInputs:
     """[N, k] float32, -inf at padded slots."""
     sample_index: torch.Tensor
     """[N] int64: the row of each position, for per-sample reductions."""
-
-    @property
-    def num_positions(self) -> int:
-        return int(self.positions.shape[0])
-
-    def to(self, device: torch.device | str) -> LogitLossInputs:
-        """Every field on ``device``."""
-        return LogitLossInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def logit_loss_inputs(
