@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -550,7 +550,8 @@ def gold_advantages(
 
 @dataclass(frozen=True)
 class LogitVocab:
-    """Vocabulary tables the logit loss needs, built once per run (on both the rollout and the training side)."""
+    """What the logit loss needs of the tokenizer pair, built once per run (on both the rollout and the training
+    side) and moved once to the device where the loss runs (:meth:`to`)."""
 
     teacher_to_student: torch.Tensor | None = None
     """int64 ``[teacher vocabulary]``, -1 = unmatched (``--gold.logit_projection vocab``)."""
@@ -562,16 +563,15 @@ class LogitVocab:
     """The student's EOS: its probability is the end event of the byte projection."""
     teacher_end_ids: tuple[int, ...] = ()
     """The teacher's special ids (EOS, end-of-turn, ...): one end event."""
-    _mapping_on_device: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
-    def mapping_on(self, device: torch.device | str) -> torch.Tensor | None:
-        """``teacher_to_student`` on ``device``, copied there once per device (None without it)."""
-        if self.teacher_to_student is None:
-            return None
-        key = str(torch.device(device))
-        if key not in self._mapping_on_device:
-            self._mapping_on_device[key] = self.teacher_to_student.to(device)
-        return self._mapping_on_device[key]
+    def to(self, device: torch.device | str) -> LogitVocab:
+        """The pair's tensors (the vocabulary map, the projection's vocabulary and tables) on ``device``; the
+        byte-sorted vocabulary stays on the host, where the rollout side builds the compact inputs."""
+        return dataclasses.replace(
+            self,
+            teacher_to_student=None if self.teacher_to_student is None else self.teacher_to_student.to(device),
+            projection=None if self.projection is None else self.projection.to(device),
+        )
 
     @classmethod
     def build(
@@ -696,10 +696,19 @@ def compute_logit_loss(
         student_logits,
         inputs.teacher_topk_ids,
         inputs.teacher_topk_logprobs,
-        vocab.mapping_on(student_logits.device),
+        _on_logits_device(vocab.teacher_to_student, student_logits),
         positions=positions,
         options=LogitLossOptions.from_config(gold, student_temperature=student_temperature),
     )
+
+
+def _on_logits_device(mapping: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    if mapping is not None and mapping.device != logits.device:
+        raise ValueError(
+            f"The vocabulary map is on {mapping.device}, the student logits on {logits.device}: move the "
+            "LogitVocab once with .to(device) where the loss runs."
+        )
+    return mapping
 
 
 def logit_loss_term(

@@ -12,12 +12,13 @@ from gold_plugin.alignment import FlatAlignment, align, encode_continuation
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.config import GoldConfig, TeacherConfig
 from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
-from gold_plugin.signals.logit import LogitLoss
+from gold_plugin.signals.logit import LogitLoss, LogitLossInputs
 from gold_plugin.step import (
     _without_text,
     align_results,
     build_logit_inputs,
     choose_off_policy,
+    compute_logit_loss,
     distill_advantages,
     gold_advantages,
     logit_loss_term,
@@ -237,6 +238,27 @@ def test_the_action_offset_shift_stays_on_the_positions_device():
     assert shifted.tolist() == [[0, 4], [2, 8]] and shifted.dtype == torch.int32
     on_meta = _shift_columns(positions.to("meta"), 3)
     assert on_meta.device.type == "meta" and on_meta.shape == (2, 2)
+
+
+def test_the_pair_vocabulary_moves_once_to_the_loss_device():
+    """The backends move the pair's tensors once (``LogitVocab.to``); a map left on another device than the logits
+    (the meta device stands in for a GPU) is refused with what to do, not copied at every step."""
+    from gold_plugin.step import LogitVocab
+
+    vocab = LogitVocab(teacher_to_student=torch.tensor([2, -1, 0]))
+    assert (
+        vocab.to("meta").teacher_to_student.device.type == "meta"
+        and vocab.teacher_to_student.device.type == "cpu"
+    )
+    inputs = LogitLossInputs(
+        positions=torch.zeros(0, 2, dtype=torch.int64),
+        teacher_topk_ids=torch.zeros(0, 1, dtype=torch.int64),
+        teacher_topk_logprobs=torch.zeros(0, 1),
+        sample_index=torch.zeros(0, dtype=torch.int64),
+    )
+    gold = GoldConfig(logit_projection="vocab", teacher=TeacherConfig(topk=1))
+    with pytest.raises(ValueError, match=r"move the LogitVocab once with \.to\(device\)"):
+        compute_logit_loss(torch.zeros(1, 2, 3), inputs, gold, vocab.to("meta"))
 
 
 def test_teacher_prompt_is_one_rule_for_both_backends():

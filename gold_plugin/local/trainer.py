@@ -164,7 +164,7 @@ class LocalTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(self.device)
-        self.vocab = LogitVocab.build(self.tokenizer, teacher_tokenizer, gold)
+        self.vocab = LogitVocab.build(self.tokenizer, teacher_tokenizer, gold).to(self.device)
         self.hidden: HiddenStateSignal | None = None
         if gold.uses_hidden_states:
             self.hidden = HiddenStateSignal(gold, self.model.config.num_hidden_layers)

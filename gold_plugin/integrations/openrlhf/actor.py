@@ -237,7 +237,7 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         hidden-state loss, its signal (the student's layers; the bridge, fitted at the first step)."""
         vocab.check(gold_config)
         self.gold = gold_config
-        self.vocab = vocab
+        self.vocab = vocab.to(next(self.actor.parameters()).device)
         self.hidden = None
         if gold_config.uses_hidden_states:
             model = transformers_model(self.actor)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,7 +53,6 @@ class ProjectionVocab:
     """The student's EOS: its probability is the end event."""
     teacher_end_ids: tuple[int, ...] = ()
     """The teacher's special ids (EOS, end-of-turn, ...): one end event."""
-    _on_device: dict[str, ProjectionVocab] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_sorted(
@@ -74,21 +73,16 @@ class ProjectionVocab:
         return out if device is None else out.to(device)
 
     def to(self, device: torch.device | str) -> ProjectionVocab:
-        """This vocabulary on ``device`` (copied there once, then cached)."""
+        """This vocabulary on ``device`` (itself when it is there already)."""
         device = torch.device(device)
         if self.order.device == device:
             return self
-        moved = self._on_device.get(str(device))
-        if moved is None:
-            moved = dataclasses.replace(
-                self,
-                order=self.order.to(device),
-                untied_sorted=self.untied_sorted.to(device),
-                tables=None if self.tables is None else self.tables.to(device),
-                _on_device={},
-            )
-            self._on_device[str(device)] = moved
-        return moved
+        return dataclasses.replace(
+            self,
+            order=self.order.to(device),
+            untied_sorted=self.untied_sorted.to(device),
+            tables=None if self.tables is None else self.tables.to(device),
+        )
 
     def expand(self, positions: ProjectionPositions) -> ProjectionInputs:
         """The full inputs of compact positions, on this vocabulary's device."""

@@ -684,7 +684,7 @@ def projection_inputs(
     )
     device = action_mask.device
     return expand_positions(
-        projection_tables(vocab, device),
+        projection_tables(vocab).to(device),
         compact.to(device),
         student_end_ids=student_end_ids,
         teacher_end_ids=teacher_end_ids,

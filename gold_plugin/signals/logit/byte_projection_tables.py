@@ -437,20 +437,17 @@ def _build(vocab: SortedVocab, bases: tuple[int, int]) -> ProjectionTables | Non
     )
 
 
-_CACHE: dict[int, tuple[SortedVocab, dict[str, ProjectionTables]]] = {}
-_MAX_CACHED = 8
+_BUILT: dict[int, tuple[SortedVocab, ProjectionTables]] = {}
+_MAX_BUILT = 8
 
 
-def projection_tables(vocab: SortedVocab, device: torch.device | str = "cpu") -> ProjectionTables:
-    """The cached tables of ``vocab`` on ``device`` (built on the CPU once, copied to each device once)."""
-    entry = _CACHE.get(id(vocab))
+def projection_tables(vocab: SortedVocab) -> ProjectionTables:
+    """The tables of ``vocab``, on the CPU, built once per pair (``vocab`` is :func:`sorted_vocab`'s cached object
+    of the pair; the entry holds it, so its ``id`` cannot be reused while cached). Move them with ``.to``."""
+    entry = _BUILT.get(id(vocab))
     if entry is None or entry[0] is not vocab:
-        if len(_CACHE) >= _MAX_CACHED:
-            _CACHE.pop(next(iter(_CACHE)))
-        entry = (vocab, {"cpu": build_projection_tables(vocab)})
-        _CACHE[id(vocab)] = entry
-    by_device = entry[1]
-    name = str(torch.device(device))
-    if name not in by_device:
-        by_device[name] = by_device["cpu"].to(device)
-    return by_device[name]
+        if len(_BUILT) >= _MAX_BUILT:
+            _BUILT.pop(next(iter(_BUILT)))
+        entry = (vocab, build_projection_tables(vocab))
+        _BUILT[id(vocab)] = entry
+    return entry[1]
