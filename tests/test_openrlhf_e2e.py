@@ -251,25 +251,6 @@ def test_the_hidden_state_loss_with_the_hf_teacher_on_two_actor_ranks(cluster):
     assert "train/gold/logit_loss" not in scalars  # the hidden-state loss alone: no logit loss
 
 
-def test_same_tokenizer_example_with_a_served_teacher(cluster):
-    """The same-tokenizer example with its teacher served by a real ``vllm serve`` on 127.0.0.1, which the job only
-    calls (from OpenRLHF's trainer actor): no teacher replica is started."""
-    with VLLMServer(
-        cluster["same"], max_logprobs=64, log_path=cluster["root"] / "served_teacher.log"
-    ) as server:
-        save, text = _submit(
-            cluster, "gold_same_tokenizer_qwen3_8b_to_1p7b.sh", "same", "--data.max_samples", "8",
-            "--gold.teacher.backend", "server", "--gold.teacher.url", server.url,
-            "--gold.teacher.served_model_name", SERVED_NAME, "--gold.teacher.num_replicas", "1",
-            env={"TEACHER": str(cluster["same"])},
-        )  # fmt: skip
-    scalars = _check_gold_run(cluster, save, text, steps=2, reward_free=True, teacher="server")
-    # One vocabulary, yet not every group is 1:1: the teacher scores its own (canonical) encoding of the text, and a
-    # random student samples non-canonical token sequences (measured: 0.82-0.83 of the groups are 1:1).
-    assert all(0.5 <= v <= 1.0 for v in scalars["train/gold/one_to_one_group_share"].values())
-    assert all(math.isfinite(v) for v in scalars["train/gold/logit_loss"].values())
-
-
 def _with_a_long_prompt(cluster) -> Path:
     """The first 8 Countdown prompts, the first of them too long for a teacher context of 128 tokens (the Countdown
     prompts take 77 teacher tokens, the long one about 180)."""
@@ -343,23 +324,42 @@ def _steps_seen_by_the_teacher(calls: list[dict], answers: dict[str, str]) -> li
     return steps
 
 
-def test_checkpoint_stop_and_resume_on_two_actor_ranks(cluster):
-    """A job on two data-parallel actor ranks (two DeepSpeed processes over gloo), stopped after its first checkpoint
-    and resumed from it, against one uninterrupted job on one rank with the same global batch: the two-rank job goes
-    on at the next step, to the same end, with the one-rank job's prompts, off-policy draws and (greedy sampling)
-    responses at every step, its metrics before and after the stop, and its final weights. Equal updates on one and
-    two ranks need the loss normalised by the global count of positions (each rank's samples differ in length)."""
+def test_served_teacher_and_a_two_rank_stop_and_resume(cluster):
+    """The same-tokenizer example with its teacher served by a real ``vllm serve`` on 127.0.0.1, which the jobs only
+    call (from OpenRLHF's trainer actor: no teacher replica is started), in three jobs: one uninterrupted on one actor
+    rank, then one on two data-parallel ranks (two DeepSpeed processes over gloo) with the same global batch,
+    stopped after its first checkpoint and resumed from it. The two-rank job goes on at the next step, to the same
+    end, with the one-rank job's prompts, off-policy draws and (greedy sampling) responses at every step, its metrics
+    before and after the stop, and its final weights. Equal updates on one and two ranks need the loss normalised by
+    the global count of positions (each rank's samples differ in length)."""
+    log_path = cluster["root"] / "served_teacher.log"
+    with VLLMServer(cluster["same"], max_logprobs=64, log_path=log_path) as server:
+        _stop_and_resume_on_two_ranks(cluster, server.url)
+
+
+def _stop_and_resume_on_two_ranks(cluster, url: str) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     answers = _with_references(Path(cluster["env"]["DATA"]), cluster["root"] / "countdown_answers.jsonl")
-    env = {"SAVE_STEPS": "1", "DATA": str(cluster["root"] / "countdown_answers.jsonl")}
+    env = {
+        "SAVE_STEPS": "1",
+        "DATA": str(cluster["root"] / "countdown_answers.jsonl"),
+        "TEACHER": str(cluster["same"]),
+    }
     options = (
         "--data.max_samples", "12",  # 12 prompts / 4 per rollout batch = 3 steps
         "--gold.lmbda", "0.5", "--data.output_key", "answer",  # 2 of each step's 4 prompts off-policy
         "--rollout.top_p", "1e-6",  # greedy sampling (measured: see docs/openrlhf.md)
+        "--gold.teacher.backend", "server", "--gold.teacher.url", url,
+        "--gold.teacher.served_model_name", SERVED_NAME,
     )  # fmt: skip
-    script = "gold_countdown_qwen3_4b_to_llama3_1b.sh"
-    whole, _ = _submit(cluster, script, "uninterrupted", *options, env=env, record_teacher=True)
+    script = "gold_same_tokenizer_qwen3_8b_to_1p7b.sh"
+    whole, text = _submit(cluster, script, "uninterrupted", *options, env=env, record_teacher=True)
+    served = _check_gold_run(cluster, whole, text, steps=3, reward_free=True, teacher="server")
+    # One vocabulary, yet not every group is 1:1: the teacher scores its own (canonical) encoding of the text, and a
+    # random student samples non-canonical token sequences (measured: 0.82-0.83 of the groups are 1:1).
+    assert all(0.5 <= v <= 1.0 for v in served["train/gold/one_to_one_group_share"].values())
+    assert all(v > 0 and math.isfinite(v) for v in served["train/gold/logit_loss"].values())
     uninterrupted = _steps_seen_by_the_teacher(teacher_calls(str(_teacher_call_log(whole))), answers)
     assert len(uninterrupted) == 3
     assert all(len(step["prompts"]) == 4 and len(step["off"]) == 2 for step in uninterrupted), uninterrupted
