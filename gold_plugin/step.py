@@ -569,7 +569,9 @@ class LogitVocab:
         byte-sorted vocabulary stays on the host, where the rollout side builds the compact inputs."""
         return dataclasses.replace(
             self,
-            teacher_to_student=None if self.teacher_to_student is None else self.teacher_to_student.to(device),
+            teacher_to_student=None
+            if self.teacher_to_student is None
+            else self.teacher_to_student.to(device),
             projection=None if self.projection is None else self.projection.to(device),
         )
 
