@@ -116,7 +116,7 @@ def gold_options(kind: str, teacher: Path) -> list[str]:
     return [
         "--gold.teacher.model_name_or_path", str(teacher), "--gold.teacher.backend", "hf",
         "--gold.teacher.num_replicas", "1", "--gold.teacher.micro_batch_size", "8",
-        "--gold.alpha", "0.5", "--gold.kl_coef", "1.0", *signal,
+        "--gold.alpha", "0.5", *signal,
     ]  # fmt: skip
 
 

@@ -44,7 +44,7 @@ if [[ " $* " == *" --dry_run "* ]]; then SUBMIT=(); fi
    --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
    --gold.teacher.model_name_or_path "$TEACHER" \
    --gold.teacher.backend vllm --gold.teacher.num_replicas "$TEACHER_REPLICAS" --gold.teacher.num_gpus_per_replica 1 \
-   --gold.alpha 1.0 --gold.kl_coef 1.0 --gold.signal logit --gold.alignment spans \
+   --gold.alpha 1.0 --gold.signal logit --gold.alignment spans \
    --algo.advantage.estimator reinforce --algo.kl.init_coef 0 \
    --data.prompt_dataset "$DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template \
    --data.max_len "$MAX_LEN" --rollout.max_new_tokens "$MAX_NEW_TOKENS" --rollout.temperature 1.0 \

@@ -46,7 +46,7 @@ if [[ " $* " == *" --dry_run "* ]]; then SUBMIT=(); fi
    --vllm.num_engines "$VLLM_ENGINES" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.85 \
    --gold.teacher.model_name_or_path "$TEACHER" \
    --gold.teacher.backend hf --gold.teacher.num_replicas "$TEACHER_REPLICAS" --gold.teacher.micro_batch_size 8 \
-   --gold.alpha 0.5 --gold.kl_coef 1.0 --gold.signal logit \
+   --gold.alpha 0.5 --gold.signal logit \
    --reward.remote_url examples/countdown_reward.py \
    --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt "$N_SAMPLES" \
    --algo.kl.init_coef 1e-3 --algo.kl.use_loss --algo.kl.estimator k3 \

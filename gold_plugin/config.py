@@ -190,8 +190,9 @@ class GoldConfig:
 
     alpha: float = 1.0
     """Weight of distillation vs task reward: A = (1-alpha)*A_reward + alpha*kl_coef*A_distill. 1 = reward-free."""
-    kl_coef: float = 1.0
-    """Scale of the distillation advantages."""
+    kl_coef: float | None = None
+    """Weight of the sampled-KL distillation advantages. Unset: 1 when --gold.signal is advantage or both, else 0;
+    0 turns them off; a weight > 0 with a --gold.signal that leaves them off is refused."""
     kl_discount: float = 0.0
     """gamma in [0, 1]: distillation advantage of a group sums discounted d of later groups (0 = own group only)."""
     kl_length_normalised: bool = False
@@ -206,8 +207,9 @@ class GoldConfig:
     """``logit`` (the aligned logit loss: with ``logit_projection=bytes`` the best signal on every tokenizer pair
     measured in docs/local.md), ``advantage`` (sampled aligned KL as advantages; no teacher top-k needed) or
     ``both``; ``hidden`` = the hidden-state loss alone (``hidden_state_coef``)."""
-    logit_coef: float = 1.0
-    """Weight of the logit loss: loss = policy_loss + alpha*logit_coef*L."""
+    logit_coef: float | None = None
+    """Weight of the logit loss: loss = policy_loss + alpha*logit_coef*L. Unset: 1 when --gold.signal is logit or
+    both, else 0; 0 turns it off; a weight > 0 with a --gold.signal that leaves it off is refused."""
     hidden_state_coef: float | None = None
     """Weight of the hidden-state loss (OPRD across tokenizers: the student's and the teacher's hidden states where
     both have read the same text, through a frozen low-rank bridge fitted on the first batch; docs/signals.md,
@@ -279,12 +281,22 @@ class GoldConfig:
             )
 
     @property
+    def advantage_weight(self) -> float:
+        """``kl_coef``, or the ``--gold.signal`` preset's weight (1 with advantage or both, else 0) when unset."""
+        return _preset_weight(self.kl_coef, self.signal in ("advantage", "both"))
+
+    @property
+    def logit_loss_weight(self) -> float:
+        """``logit_coef``, or the ``--gold.signal`` preset's weight (1 with logit or both, else 0) when unset."""
+        return _preset_weight(self.logit_coef, self.signal in ("logit", "both"))
+
+    @property
     def uses_logit_loss(self) -> bool:
-        return self.signal in ("logit", "both")
+        return self.logit_loss_weight > 0
 
     @property
     def uses_advantages(self) -> bool:
-        return self.signal in ("advantage", "both")
+        return self.advantage_weight > 0
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -325,9 +337,7 @@ class GoldConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise GoldConfigError(f"--gold.{name} must be in [0, 1], got {value}.")
-        for name in ("kl_coef", "logit_coef"):
-            if getattr(self, name) < 0:
-                raise GoldConfigError(f"--gold.{name} must be >= 0, got {getattr(self, name)}.")
+        self._validate_signal_weights()
         for name in ("uld_student_temperature", "uld_teacher_temperature"):
             if getattr(self, name) <= 0:
                 raise GoldConfigError(f"--gold.{name} must be > 0, got {getattr(self, name)}.")
@@ -370,14 +380,28 @@ class GoldConfig:
             )
         self.teacher.validate()
 
+    def _validate_signal_weights(self) -> None:
+        presets = {"kl_coef": ("advantage", "both"), "logit_coef": ("logit", "both")}
+        for name, signals in presets.items():
+            weight = getattr(self, name)
+            if weight is not None and weight < 0:
+                raise GoldConfigError(f"--gold.{name} must be >= 0, got {weight}.")
+            if weight and self.signal not in signals:
+                raise GoldConfigError(
+                    f"--gold.{name} {weight} weights a signal that --gold.signal {self.signal} leaves off (it is on "
+                    f"with --gold.signal {' or '.join(signals)}): drop --gold.{name}, or change --gold.signal."
+                )
+        if self.alpha > 0 and not (self.uses_advantages or self.uses_logit_loss or self.uses_hidden_states):
+            raise GoldConfigError(
+                f"--gold.signal {self.signal} with its weight at 0 (--gold.kl_coef, --gold.logit_coef, "
+                "--gold.hidden_state_coef) learns nothing from the teacher: set the weight > 0, or --gold.alpha 0 "
+                "for the task reward alone."
+            )
+
     def _validate_hidden_states(self) -> None:
         t = self.teacher
         if self.hidden_state_coef < 0:
             raise GoldConfigError(f"--gold.hidden_state_coef must be >= 0, got {self.hidden_state_coef}.")
-        if self.signal == "hidden" and not self.uses_hidden_states:
-            raise GoldConfigError(
-                "--gold.signal hidden with --gold.hidden_state_coef 0 trains nothing: set it > 0."
-            )
         if not self.uses_hidden_states:
             return
         if not t.hidden_state_layers:
@@ -420,6 +444,12 @@ def _flat_options(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{name}"] = value
     return flat
+
+
+def _preset_weight(weight: float | None, preset_on: bool) -> float:
+    if weight is not None:
+        return weight
+    return 1.0 if preset_on else 0.0
 
 
 def _check_choice(name: str, value: object, literal: object) -> None:

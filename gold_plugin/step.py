@@ -537,7 +537,7 @@ def gold_advantages(
     out = []
     for b in range(parts):
         reward = reward_advantages[b] if (reward_advantages is not None and gold.alpha < 1.0) else None
-        mixed = mix_advantages(reward, normed[b], gold.alpha, gold.kl_coef)
+        mixed = mix_advantages(reward, normed[b], gold.alpha, gold.advantage_weight)
         off = off_policy[b].to(torch.bool).to(mixed.device)
         if bool(off.any()):
             mixed = torch.where(off[:, None], torch.zeros((), dtype=mixed.dtype, device=mixed.device), mixed)
@@ -725,7 +725,7 @@ def logit_loss_term(
     total = per_position_loss.sum()
     return (
         gold.alpha
-        * gold.logit_coef
+        * gold.logit_loss_weight
         * total
         / torch.as_tensor(num_action_tokens, dtype=total.dtype, device=total.device).clamp(min=1.0)
     )

@@ -5,6 +5,7 @@ OpenRLHF's own samples generator, and OpenRLHF's actor trainer with a recording 
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,6 +76,7 @@ def build_models(tmp_path_factory) -> SimpleNamespace:
 
 
 def make_plan(models, alpha: float, extra: str = "", estimator: str = "group_norm"):
+    advantages = re.search(r"--gold\.signal (advantage|both)", extra)
     argv = (
         f"--actor.model_name_or_path {models.student_dir} --gold.teacher.model_name_or_path {models.teacher_dir} "
         f"--gold.teacher.num_gpus_per_replica 0 --gold.teacher.topk {TOPK} --gold.teacher.micro_batch_size 4 "
@@ -82,7 +84,7 @@ def make_plan(models, alpha: float, extra: str = "", estimator: str = "group_nor
         f"--data.output_key label "
         f"--algo.advantage.estimator {estimator} --rollout.n_samples_per_prompt 2 --rollout.batch_size 3 "
         f"--rollout.micro_batch_size 2 --actor.num_nodes 1 --actor.num_gpus_per_node 2 --vllm.num_engines 1 "
-        f"--algo.kl.init_coef 0.05 --algo.kl.use_loss --gold.alpha {alpha} --gold.kl_coef 2.0 "
+        f"--algo.kl.init_coef 0.05 --algo.kl.use_loss --gold.alpha {alpha} {'--gold.kl_coef 2.0' if advantages else ''} "
         f"--gold.kl_discount 0.5 --reward.remote_url /unused/reward.py {extra}"
     ).split()
     return resolve_launch(build_parser().parse_args(argv))

@@ -37,6 +37,33 @@ def test_the_default_signal_is_the_logit_loss_and_the_top_k_follows_the_signal()
     assert TeacherConfig().topk is None  # on its own: decided by the GoldConfig that holds it
 
 
+def test_signal_weights_follow_the_preset_and_a_weight_for_a_signal_that_is_off_is_refused():
+    default = _parse([])
+    assert (default.kl_coef, default.logit_coef) == (None, None)  # unset: the preset decides
+    assert (default.advantage_weight, default.logit_loss_weight) == (0.0, 1.0)
+    both = _parse(["--gold.signal", "both", "--gold.kl_coef", "3"])
+    assert (both.advantage_weight, both.logit_loss_weight) == (3.0, 1.0)
+    assert both.uses_advantages and both.uses_logit_loss
+    logit_only = _parse(["--gold.signal", "both", "--gold.kl_coef", "0"])  # 0 = off
+    assert not logit_only.uses_advantages and logit_only.uses_logit_loss
+    assert _parse(["--gold.signal", "logit", "--gold.kl_coef", "0"]).advantage_weight == 0.0
+    with pytest.raises(
+        GoldConfigError, match=r"--gold\.kl_coef 3\.0 weights a signal that --gold\.signal logit"
+    ):
+        _parse(["--gold.signal", "logit", "--gold.kl_coef", "3"])
+    with pytest.raises(
+        GoldConfigError, match=r"--gold\.logit_coef 2\.0 .* --gold\.signal advantage leaves off"
+    ):
+        _parse(["--gold.signal", "advantage", "--gold.logit_coef", "2"])
+    with pytest.raises(GoldConfigError, match="learns nothing from the teacher"):
+        _parse(["--gold.logit_coef", "0"])
+    assert _parse(["--gold.logit_coef", "0", "--gold.alpha", "0"]).alpha == 0.0  # the task reward alone
+    assert _parse(["--gold.signal", "advantage"]).teacher.topk == 0
+    assert (
+        _parse(["--gold.signal", "both", "--gold.logit_coef", "0"]).teacher.topk == 0
+    )  # no logit loss: no top-k
+
+
 def test_dotted_options_reach_nested_fields():
     cfg = _parse(
         [

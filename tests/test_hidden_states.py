@@ -243,7 +243,7 @@ def test_options():
     assert GoldConfig().teacher.hidden_state_layers == 0 and not GoldConfig().uses_hidden_states
     with pytest.raises(GoldConfigError, match="backend hf"):
         GoldConfig(signal="hidden", teacher=TeacherConfig(backend="vllm"))
-    with pytest.raises(GoldConfigError, match="trains nothing"):
+    with pytest.raises(GoldConfigError, match="learns nothing"):
         GoldConfig(signal="hidden", hidden_state_coef=0.0)
     with pytest.raises(GoldConfigError, match="hidden_state_layers"):
         GoldConfig(hidden_state_coef=1.0, teacher=TeacherConfig(hidden_state_layers=0))

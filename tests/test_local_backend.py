@@ -373,11 +373,14 @@ def test_bad_samples_are_counted_and_the_step_trains_on(models, tmp_path, monkey
     [ended] = teacher.score([TeacherRequest(tok.decode(prompt), "", ends_with_eos=True)])
     old = experience.old_logprobs
     torch.testing.assert_close(
-        experience.advantages[4, :1], gold.kl_coef * (ended.logprobs[0] - old[4, :1]), rtol=1e-4, atol=1e-5
+        experience.advantages[4, :1],
+        gold.advantage_weight * (ended.logprobs[0] - old[4, :1]),
+        rtol=1e-4,
+        atol=1e-5,
     )
     torch.testing.assert_close(
         experience.advantages[5, :3],
-        gold.kl_coef * (ended.logprobs[0] - old[5, :3].sum()).expand(3),
+        gold.advantage_weight * (ended.logprobs[0] - old[5, :3].sum()).expand(3),
         rtol=1e-4,
         atol=1e-5,
     )
