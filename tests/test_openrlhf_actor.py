@@ -205,11 +205,12 @@ OFF_ROW = 1  # of three samples, the middle one is a reference completion
 
 
 def _mixed_plan(setup, signal: str, keep: bool):
+    logit_coef = f"--gold.logit_coef {LOGIT_COEF} " if signal != "advantage" else ""
     argv = (
         f"--actor.model_name_or_path {setup.student_dir} --gold.teacher.model_name_or_path /nonexistent/teacher "
         "--data.prompt_dataset unused.jsonl --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt 2 "
         f"--vllm.num_engines 1 --actor.num_gpus_per_node 1 --reward.remote_url /unused/reward_func.py "
-        f"--gold.alpha {ALPHA} --gold.logit_coef {LOGIT_COEF} --gold.signal {signal} --gold.teacher.topk {TOPK} "
+        f"--gold.alpha {ALPHA} {logit_coef}--gold.signal {signal} --gold.teacher.topk {TOPK} "
         "--gold.logit_projection vocab --gold.lmbda 0.5 --data.output_key label "
         f"--algo.kl.init_coef {KL_COEF} --algo.kl.use_loss --algo.kl.estimator k3 --actor.entropy_coef {ENTROPY_COEF} "
         f"--gold.off_policy_kl_and_entropy {str(keep).lower()}"
