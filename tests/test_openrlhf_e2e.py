@@ -243,7 +243,7 @@ def _with_a_long_prompt(cluster) -> Path:
 
 def test_the_pretrained_pair_through_the_whole_loop(cluster, pretrained_pair):
     """SmolLM2-135M-Instruct as OpenRLHF's actor (vLLM rollouts, DeepSpeed) and Gemma-3-270M as the hf teacher group,
-    each with its own chat template, the byte-projected logit loss over the teacher's top-64 of 262,144 ids, one step:
+    each with its own chat template, the byte-projected logit loss over the teacher's top-64 of 262,144 ids, 2 steps:
     every sample scored and aligned, teacher positions in the loss, a finite loss that moved the weights, the
     projection's remainder logged."""
     from gold_plugin.pretrained import write_translation_prompts
@@ -252,16 +252,17 @@ def test_the_pretrained_pair_through_the_whole_loop(cluster, pretrained_pair):
         cluster["root"] / "translate.jsonl", input_key="prompt", label_key="label"
     )
     save, text = _submit(
-        cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "pretrained", "--data.max_samples", "2",
+        cluster, "gold_countdown_qwen3_4b_to_llama3_1b.sh", "pretrained", "--data.max_samples", "4",
         "--gold.teacher.backend", "hf",
         "--gold.teacher.tokenizer_name_or_path", str(pretrained_pair.teacher_chat_tokenizer), "--actor.adam.lr", "1e-5",
         env={"STUDENT": str(pretrained_pair.student), "TEACHER": str(pretrained_pair.teacher), "DATA": str(data),
              # 2 prompts x 2 samples per step, one micro-batch: DeepSpeed's bf16 actor step is slow on CPUs
-             # without bf16 instructions (about 30 s per 2 x 53 tokens of SmolLM2 here)
+             # without bf16 instructions (about 30 s per 2 x 53 tokens of SmolLM2 here). Two steps: the first
+             # one's learning rate is 0 (OpenRLHF's warm-up starts from 0), so one step would not move the weights.
              "ROLLOUT_BATCH": "2", "TRAIN_BATCH": "4", "TRAIN_MICRO": "4", "MAX_NEW_TOKENS": "12"},
     )  # fmt: skip
     scalars = _check_gold_run(
-        cluster, save, text, steps=1, reward_free=True, teacher="hf", student=pretrained_pair.student
+        cluster, save, text, steps=2, reward_free=True, teacher="hf", student=pretrained_pair.student
     )  # fmt: skip
     for tag in ("unaligned", "teacher_prompt_truncated", "teacher_prompt_fallback"):
         assert all(v == 0 for v in scalars[f"train/gold/{tag}"].values()), (tag, scalars[f"train/gold/{tag}"])
