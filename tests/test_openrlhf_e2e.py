@@ -562,9 +562,9 @@ def test_two_actor_ranks_the_hidden_state_loss_and_a_killed_hf_teacher_replica(c
     assert all(v > 0 for v in scalars["train/gold/hidden_state_groups"].values())
     assert list(scalars["train/gold/hidden_bridge_fit"]) == [1]  # fitted once, then frozen
     assert math.isfinite(scalars["train/gold/hidden_bridge_fit"][1])
-    # fp32 as in the job; the two replicas scored halves of each step, the fresh teacher whole steps (other padding
-    # and matrix shapes: float rounding)
-    _teacher_results_equal_a_fresh_scoring("hf_teacher", save, scalars, atol=1e-4)
+    # fp32 as in the job (threads may differ: float rounding); the two replicas scored halves of each step, the fresh
+    # teacher whole steps (measured: equal to the last bit)
+    _teacher_results_equal_a_fresh_scoring("hf_teacher", save, scalars, atol=1e-5)
     print(f"hf_teacher: the job with a killed teacher replica took {seconds:.0f} s")
 
 
