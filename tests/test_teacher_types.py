@@ -153,3 +153,12 @@ def test_a_missing_or_moved_parameter_is_caught():
         "token_ids (positional 1)",
         "skip_special_tokens (positional 2)",
     ]
+
+
+def test_a_backend_that_leaves_a_request_without_an_answer_raises_instead_of_passing_none_on():
+    from gold_plugin.teacher.types import TeacherError, filled
+
+    answers = ["a", "b"]
+    assert filled(answers) == answers
+    with pytest.raises(TeacherError, match=r"left 2 of 3 requests without an answer: \[0, 2\]"):
+        filled([None, "b", None])

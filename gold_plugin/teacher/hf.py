@@ -18,7 +18,7 @@ from gold_plugin.teacher.generation import (
     stop_ids,
 )
 from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
-from gold_plugin.teacher.types import TeacherRequest, TeacherResult, TeacherScorer
+from gold_plugin.teacher.types import TeacherRequest, TeacherResult, TeacherScorer, filled
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -166,7 +166,7 @@ class HFTeacher(TeacherScorer):
             sequences = prepared[start : start + self.micro_batch_size]
             for index, seq, scores in zip(batch, sequences, self._score_batch(sequences)):
                 results[index] = build_result(seq, self.topk, *scores)
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     @torch.inference_mode()
     def _score_batch(
@@ -271,7 +271,7 @@ class HFTeacher(TeacherScorer):
                 ):
                     results[index] = generation
                 start += len(batch)
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     @torch.inference_mode()
     def _generate_batch(

@@ -16,7 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerC
 
 from gold_plugin.config import GoldConfig, TeacherConfig
 from gold_plugin.teacher.generation import GenerationParams, Prompt, TeacherGeneration
-from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
+from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer, filled
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -155,8 +155,8 @@ class TeacherBatch:
             for index, item in zip(indices, out):
                 results[index] = item
             pending.discard(share)
-        self._results = results  # type: ignore[assignment]
-        return self._results  # type: ignore[return-value]
+        self._results = filled(results)
+        return self._results
 
     def _retry(self, share: int, exc: Exception) -> None:
         replica, indices = self._shares[share]

@@ -37,7 +37,7 @@ from gold_plugin.teacher.generation import (
     stop_ids,
 )
 from gold_plugin.teacher.prepare import PreparedSequence, RequestEncoder, build_result
-from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
+from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer, filled
 from gold_plugin.teacher.vllm_backend import parse_position_dicts
 
 if TYPE_CHECKING:
@@ -443,7 +443,7 @@ class ServedTeacher(TeacherScorer):
             results[index] = result
         stats.failed = sum(result.error is not None for result in scored)
         self.last_call = stats
-        return results, stats.retries  # type: ignore[return-value]
+        return filled(results), stats.retries
 
     # -- generation ---------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[TeacherGeneration]:

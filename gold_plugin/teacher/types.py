@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 
@@ -16,6 +16,20 @@ ChatMessages = list[dict[str, Any]]
 
 class TeacherError(RuntimeError):
     """A teacher failure that cannot be confined to one request (model, device or replica)."""
+
+
+Slot = TypeVar("Slot")
+
+
+def filled(slots: Sequence[Slot | None]) -> list[Slot]:
+    """``slots`` (one per request, in order) once every one holds its answer; a slot still empty is a backend bug,
+    raised as :class:`TeacherError` naming the requests, never passed on as a missing result."""
+    empty = [index for index, slot in enumerate(slots) if slot is None]
+    if empty:
+        raise TeacherError(
+            f"The teacher left {len(empty)} of {len(slots)} requests without an answer: {empty[:8]}."
+        )
+    return cast(list[Slot], list(slots))
 
 
 @dataclass

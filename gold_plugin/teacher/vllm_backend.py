@@ -24,7 +24,7 @@ from gold_plugin.teacher.generation import (
     stop_ids,
 )
 from gold_plugin.teacher.prepare import RequestEncoder, build_result
-from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer
+from gold_plugin.teacher.types import TeacherError, TeacherRequest, TeacherResult, TeacherScorer, filled
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -259,7 +259,7 @@ class VLLMTeacher(TeacherScorer):
                 positions = seq.prompt_len + np.arange(seq.first_scored, seq.num_fed)
                 scores = parse_prompt_logprobs(output.prompt_logprobs, seq.input_ids, positions, self.topk)
                 results[index] = build_result(seq, self.topk, *scores)
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[TeacherGeneration]:
         """One completion per prompt, in order: the engine's ``generate`` on the prompt's teacher ids (the scoring
@@ -276,7 +276,7 @@ class VLLMTeacher(TeacherScorer):
         ]
         todo = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
         if not todo:
-            return results  # type: ignore[return-value]
+            return filled(results)
         stops = stop_ids(self.encoder)
         sampling = [
             SamplingParams(
@@ -301,7 +301,7 @@ class VLLMTeacher(TeacherScorer):
             ):  # stop token left out of the ids
                 generation = dataclasses.replace(generation, finished=True)
             results[i] = generation
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     def close(self) -> None:
         """Shut the engine's processes down now (not at garbage collection); the teacher is unusable after."""
