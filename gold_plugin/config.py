@@ -33,6 +33,13 @@ HiddenStateBridgeFit = Literal["frozen", "refit"]
 OffPolicySource = Literal["reference", "teacher", "reference_or_teacher"]
 
 
+SIGNAL_PRESETS: dict[str, tuple[str, ...]] = {
+    "kl_coef": ("advantage", "both"),
+    "logit_coef": ("logit", "both"),
+}
+"""The ``--gold.signal`` values that turn on the signal each weight scales (an unset weight is 1 with them, else 0)."""
+
+
 class GoldConfigError(ValueError):
     """A GOLD option, or a combination of options, that cannot work; the message says what to change."""
 
@@ -283,12 +290,16 @@ class GoldConfig:
     @property
     def advantage_weight(self) -> float:
         """``kl_coef``, or the ``--gold.signal`` preset's weight (1 with advantage or both, else 0) when unset."""
-        return _preset_weight(self.kl_coef, self.signal in ("advantage", "both"))
+        return self._signal_weight("kl_coef")
 
     @property
     def logit_loss_weight(self) -> float:
         """``logit_coef``, or the ``--gold.signal`` preset's weight (1 with logit or both, else 0) when unset."""
-        return _preset_weight(self.logit_coef, self.signal in ("logit", "both"))
+        return self._signal_weight("logit_coef")
+
+    def _signal_weight(self, name: str) -> float:
+        weight = getattr(self, name)
+        return float(self.signal in SIGNAL_PRESETS[name]) if weight is None else weight
 
     @property
     def uses_logit_loss(self) -> bool:
@@ -381,8 +392,7 @@ class GoldConfig:
         self.teacher.validate()
 
     def _validate_signal_weights(self) -> None:
-        presets = {"kl_coef": ("advantage", "both"), "logit_coef": ("logit", "both")}
-        for name, signals in presets.items():
+        for name, signals in SIGNAL_PRESETS.items():
             weight = getattr(self, name)
             if weight is not None and weight < 0:
                 raise GoldConfigError(f"--gold.{name} must be >= 0, got {weight}.")
@@ -444,12 +454,6 @@ def _flat_options(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{name}"] = value
     return flat
-
-
-def _preset_weight(weight: float | None, preset_on: bool) -> float:
-    if weight is not None:
-        return weight
-    return 1.0 if preset_on else 0.0
 
 
 def _check_choice(name: str, value: object, literal: object) -> None:
