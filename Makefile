@@ -6,6 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | sha1sum | cut -c1-12)
 
+# Two test workers, each taking whole files: the `ray job submit` runs (one file, collected first) keep one worker
+# while the other runs the rest, whose engine and server starts leave a core idle.
+PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
+
 .PHONY: venv test test-fast test-dev lint format demo pretrained clean-venv
 
 venv: $(STAMP)
@@ -32,10 +36,10 @@ $(STAMP):
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	GOLD_REQUIRE_VLLM=1 $(PY) -m pytest -q  # the real-vLLM tests fail instead of skipping
+	GOLD_REQUIRE_VLLM=1 $(PY) -m pytest -q $(PARALLEL)  # the real-vLLM tests fail instead of skipping
 
 test-fast: venv  # everything but the `ray job submit` runs of the examples (tests marked e2e)
-	GOLD_REQUIRE_VLLM=1 $(PY) -m pytest -q -m "not e2e"
+	GOLD_REQUIRE_VLLM=1 $(PY) -m pytest -q -m "not e2e" $(PARALLEL)
 
 test-dev: venv  # the development tier: no Ray, no vLLM engine, no model trained or loaded from a package (minutes)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

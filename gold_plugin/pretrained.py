@@ -232,11 +232,15 @@ def _prepare_teacher(cache: Path) -> tuple[Path, Path]:
 
 def prepare_pretrained_pair(cache_dir: str | os.PathLike[str] | None = None) -> PretrainedPair:
     """The pair's folders under ``cache_dir`` (default :func:`default_cache_dir`), prepared if missing or if a
-    file no longer matches its recorded sha256; idempotent. Raises :class:`PretrainedModelError`."""
+    file no longer matches its recorded sha256; idempotent. Processes preparing one cache at once take turns (a
+    lock file in it). Raises :class:`PretrainedModelError`."""
+    from filelock import FileLock
+
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    student = _prepare_student(cache)
-    teacher, chat_tokenizer = _prepare_teacher(cache)
+    with FileLock(str(cache / ".prepare.lock")):
+        student = _prepare_student(cache)
+        teacher, chat_tokenizer = _prepare_teacher(cache)
     return PretrainedPair(student=student, teacher=teacher, teacher_chat_tokenizer=chat_tokenizer)
 
 

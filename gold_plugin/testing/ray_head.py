@@ -7,12 +7,16 @@ groups resolve (:mod:`gold_plugin.testing.openrlhf_cpu` keeps every process on t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,27 +67,51 @@ def _wait_for_job_agent(address: str, env: dict[str, str], timeout_s: float) -> 
 
 @contextmanager
 def local_ray_head(num_cpus: int = 16, num_gpus: int = 4, agent_timeout_s: float = 180) -> Iterator[str]:
-    """Start a Ray head on free ports, wait until it accepts jobs, yield its job-submission address; stop it after.
+    """Start a Ray head on free ports with a temp dir of its own, wait until it accepts jobs, yield its
+    job-submission address; stop it after.
 
-    ``ray stop --force`` stops every Ray instance on the machine, so this process is disconnected from any Ray
-    first (a raylet it is attached to would take it down)."""
-    import ray
-
-    ray.shutdown()
+    Only this head's processes are stopped (``ray stop`` would stop every Ray instance on the machine, such as the
+    local Ray of a test running beside this one)."""
     env = job_env()
     dashboard = _free_port()
-    subprocess.run(
-        [f"{BIN_DIR}/ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}", f"--num-cpus={num_cpus}",
-         f"--num-gpus={num_gpus}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=300,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
+    gcs_port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-", dir="/tmp")  # short: Ray puts its sockets under it
     try:
+        subprocess.run(
+            [f"{BIN_DIR}/ray", "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard}",
+             "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}", f"--num-cpus={num_cpus}",
+             f"--num-gpus={num_gpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            check=True, env=env, capture_output=True, timeout=300,
+        )  # fmt: skip
+        address = f"http://127.0.0.1:{dashboard}"
         _wait_for_job_agent(address, env, agent_timeout_s)
         yield address
     finally:
-        subprocess.run([f"{BIN_DIR}/ray", "stop", "--force"], env=env, capture_output=True, timeout=300)
+        _kill_head(temp_dir, gcs_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_head(temp_dir: str, gcs_port: int) -> None:
+    """SIGKILL the processes whose command line names the head's ``temp_dir`` (its GCS, raylet, dashboard and
+    workers) or its GCS port (its client server), and everything they started (jobs' drivers, vLLM engine
+    processes), as ``ray stop --force`` does to every Ray instance."""
+    import psutil
+
+    port = re.compile(rf":{gcs_port}(?!\d)")
+
+    def of_this_head(cmdline: list[str] | None) -> bool:
+        text = " ".join(cmdline or ())
+        return temp_dir in text or bool(port.search(text))
+
+    own = [p for p in psutil.process_iter(["cmdline"]) if of_this_head(p.info["cmdline"])]
+    victims = {p.pid: p for p in own}
+    for process in own:
+        with contextlib.suppress(psutil.Error):
+            victims.update({child.pid: child for child in process.children(recursive=True)})
+    for process in victims.values():
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(list(victims.values()), timeout=60)
 
 
 def tensorboard_scalars(run_root: Path) -> dict[str, dict[int, float]]:
