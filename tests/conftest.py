@@ -11,10 +11,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A Ray that a test starts with ray.init() is its own, even while another test's Ray head runs on this machine
-# (ray.init() would otherwise join the newest one: the e2e jobs' head, when test workers run side by side).
-os.environ.setdefault("RAY_ADDRESS", "local")
-
 # Import-only flash_attn stand-in (OpenRLHF imports it at module level); at the end, so a real one wins.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "gold_plugin" / "testing" / "stubs"))
 

@@ -28,6 +28,7 @@ from vllm_helpers import require_vllm
 pytest.importorskip("openrlhf")
 require_vllm()
 
+from gold_plugin.testing.deepspeed_ops import build_in_subprocess as build_deepspeed_ops  # noqa: E402
 from gold_plugin.testing.openrlhf_cpu import check, runtime_env, teacher_calls  # noqa: E402
 from gold_plugin.testing.ray_head import (  # noqa: E402
     REPO,
@@ -40,8 +41,9 @@ from gold_plugin.testing.tiny_teacher import VLLM_CPU_SHAPE, save_tiny_teacher  
 from gold_plugin.testing.vllm_server import SERVED_NAME, VLLMServer  # noqa: E402
 
 # A job starts Ray actors, vLLM engines and DeepSpeed on 2 cores. `pytest -m "not e2e"` runs the rest.
-pytestmark = [pytest.mark.timeout(1800), pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
-JOB_TIMEOUT_S = 900
+# Timeouts: `make test` runs the other tests beside these (two workers), which can double a job's time.
+pytestmark = [pytest.mark.timeout(2700), pytest.mark.e2e, pytest.mark.slow, pytest.mark.ray]
+JOB_TIMEOUT_S = 1500
 SIZES = {  # what the examples read from the environment
     "ACTOR_GPUS": "1",
     "VLLM_ENGINES": "1",
@@ -65,6 +67,7 @@ def cluster(tmp_path_factory):
     teacher = save_tiny_teacher(root / "teacher", "gpt2", seed=2, **VLLM_CPU_SHAPE)
     same_tokenizer_teacher = save_tiny_teacher(root / "teacher_same", "mistral", seed=3, **VLLM_CPU_SHAPE)
     data = countdown_prompts(root / "countdown.jsonl", 16)
+    build_deepspeed_ops()  # before the first job, which would build them in its start
     with local_ray_head(num_cpus=16, num_gpus=4) as address:
         env = {**job_env(), **SIZES, "RAY_ADDRESS": address}  # and RUNTIME_ENV per job (_submit)
         env.update(STUDENT=str(student), TEACHER=str(teacher), DATA=str(data))

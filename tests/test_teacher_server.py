@@ -220,6 +220,7 @@ def test_the_local_backend_trains_with_the_served_teacher_as_with_its_in_process
     from gold_plugin.local.cli import configs_from_args, parse_args
     from gold_plugin.local.launch import train
 
+    ray.shutdown()  # a Ray left running in this process by an earlier test would hide one started here
     student = save_tiny_teacher(tmp_path / "student", "gpt2", seed=1, **VLLM_CPU_SHAPE)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(f'{{"input": "Tell me about the number {i}:"}}\n' for i in range(8)))
