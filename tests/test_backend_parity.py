@@ -38,7 +38,9 @@ from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.step import per_unit_means, sum_per_sample_key, teacher_requests
 from gold_plugin.teacher import HFTeacher
 
-pytestmark = pytest.mark.slow
+# local_ray: the stand-in actor groups return Ray object refs, as OpenRLHF's do (without it, ray.put would start a
+# full Ray that outlives the module).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 # Seed 42 at step 0 draws 2 of the 3 prompts (round(0.5 * 3) = 2) in the order of their texts ("Name ...",
 # "Spell ...", "What ..."): the first and the third, i.e. ROWS[1], trained off-policy on its reference, and

@@ -46,7 +46,9 @@ from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions  # no
 from gold_plugin.teacher import TeacherGroup, TeacherRequest, TeacherScorer  # noqa: E402
 from gold_plugin.testing.references import group_advantages_reference  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]  # one Ray teacher actor + tiny models: ~1-2 min on 2 cores
+# One Ray teacher actor + tiny models: ~1-2 min on 2 cores. local_ray for every test: the stand-in actor groups return
+# Ray object refs, as OpenRLHF's do.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.usefixtures("local_ray")]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+AGENT_PORT_OPTIONS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
 BIN_DIR = str(Path(sys.executable).parent)
 
 
@@ -80,7 +88,9 @@ def local_ray_head(num_cpus: int = 16, num_gpus: int = 4, agent_timeout_s: float
         subprocess.run(
             [f"{BIN_DIR}/ray", "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard}",
              "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}", f"--num-cpus={num_cpus}",
-             f"--num-gpus={num_gpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+             f"--num-gpus={num_gpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             # every port of its own: another Ray on this machine (a test's ray.init) holds the default ones
+             *(f"--{option}={_free_port()}" for option in AGENT_PORT_OPTIONS)],
             check=True, env=env, capture_output=True, timeout=300,
         )  # fmt: skip
         address = f"http://127.0.0.1:{dashboard}"
