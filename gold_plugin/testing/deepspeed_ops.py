@@ -27,8 +27,15 @@ def build() -> None:
 
 
 def build_in_subprocess(timeout_s: float = 1200) -> None:
-    """:func:`build` in a fresh process with ``DS_ACCELERATOR=cpu`` (what the jobs' runtime env sets)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    """:func:`build` in a fresh process with ``DS_ACCELERATOR=cpu`` (what the jobs' runtime env sets) and this
+    Python's bin folder first on PATH, as the jobs have it: torch builds with the first ``ninja`` on PATH, and an
+    op built by another ninja version (a system one) is built again by the job."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     subprocess.run(
         [sys.executable, "-m", "gold_plugin.testing.deepspeed_ops"], env=env, check=True, timeout=timeout_s
     )
