@@ -8,7 +8,6 @@ that job's start, next to whatever else the machine runs. ``python -m gold_plugi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -30,12 +29,9 @@ def build_in_subprocess(timeout_s: float = 1200) -> None:
     """:func:`build` in a fresh process with ``DS_ACCELERATOR=cpu`` (what the jobs' runtime env sets) and this
     Python's bin folder first on PATH, as the jobs have it: torch builds with the first ``ninja`` on PATH, and an
     op built by another ninja version (a system one) is built again by the job."""
-    bin_dir = os.path.dirname(sys.executable)
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    from gold_plugin.testing.ray_head import job_env
+
+    env = {**job_env(), "DS_ACCELERATOR": "cpu"}
     subprocess.run(
         [sys.executable, "-m", "gold_plugin.testing.deepspeed_ops"], env=env, check=True, timeout=timeout_s
     )
