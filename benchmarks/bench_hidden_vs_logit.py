@@ -128,7 +128,6 @@ def responses(student, count: int, tokens: int, seed: int) -> list[list[int]]:
 def build(args: argparse.Namespace, variant: str, work: Path):
     """The stand-in trainer (the real LocalTrainer's step methods on a bare object) and the step's experience."""
     from gold_plugin.config import GoldConfig, TeacherConfig
-    from gold_plugin.hidden_state_step import HiddenStateSignal, hidden_state_targets
     from gold_plugin.local.modeling import Rollout, tiny_llama
     from gold_plugin.local.trainer import LocalExperience, LocalTrainer
     from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
@@ -138,6 +137,7 @@ def build(args: argparse.Namespace, variant: str, work: Path):
         build_logit_inputs,
         teacher_requests,
     )
+    from gold_plugin.step.hidden_states import HiddenStateSignal, hidden_state_targets
     from gold_plugin.teacher import HFTeacher
     from gold_plugin.testing.tiny_teacher import save_tiny_teacher
 

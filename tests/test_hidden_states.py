@@ -12,7 +12,6 @@ import torch
 from gold_plugin.alignment.flat import FlatAlignment
 from gold_plugin.alignment.result import Alignment
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
-from gold_plugin.hidden_state_step import HiddenStateSignal, hidden_state_targets
 from gold_plugin.signals.hidden_states import (
     HiddenStateBridge,
     bridge_statistics,
@@ -22,6 +21,7 @@ from gold_plugin.signals.hidden_states import (
     teacher_sketch,
 )
 from gold_plugin.step import AlignedBatch, per_unit_means
+from gold_plugin.step.hidden_states import HiddenStateSignal, hidden_state_targets
 from gold_plugin.teacher.types import TeacherRequest, TeacherResult
 
 
@@ -152,7 +152,7 @@ def test_a_frozen_bridge_is_fitted_once_and_a_refitted_one_every_step():
 
 
 def _targets(samples: torch.Tensor, teacher: torch.Tensor):
-    from gold_plugin.hidden_state_step import HiddenStateTargets
+    from gold_plugin.step.hidden_states import HiddenStateTargets
 
     return HiddenStateTargets.at(samples, torch.zeros_like(samples), teacher)
 

@@ -105,7 +105,6 @@ LAYERS = (
     "gold_plugin.signals",
     "gold_plugin.teacher",
     "gold_plugin.step",
-    "gold_plugin.hidden_state_step",
     "gold_plugin.local",
     "gold_plugin.demo",
     "gold_plugin.integrations",

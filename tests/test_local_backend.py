@@ -484,7 +484,7 @@ def test_a_run_without_distillation_signal_says_why_and_stops(models, tmp_path, 
     """Every teacher prompt cut to a 4-token context: each step says on the console that no sample got a
     signal, with the reason counted, and the run stops at --gold.max_steps_without_signal (2) instead of training on
     nothing; chat prompts for a teacher without a chat template are refused before anything loads."""
-    from gold_plugin.no_signal import NoDistillationSignalError
+    from gold_plugin.step.no_signal import NoDistillationSignalError
 
     options = [*FAST, "--gold.teacher.max_len", "4", "--gold.max_steps_without_signal", "2",
                "--local.teacher_in_process", "--local.max_steps", "5", "--eval.steps", "0",

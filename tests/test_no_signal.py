@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
-from gold_plugin.no_signal import NoDistillationSignalError, NoSignalWatch, no_signal_reasons
 from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.step import align_results, distill_advantages
+from gold_plugin.step.no_signal import NoDistillationSignalError, NoSignalWatch, no_signal_reasons
 from gold_plugin.teacher.tokenizer import check_teacher_chat_template
 from gold_plugin.teacher.types import TeacherResult
 

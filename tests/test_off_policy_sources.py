@@ -11,8 +11,15 @@ import pytest
 from gold_plugin.alignment import encode_continuation
 from gold_plugin.config import GoldConfig, GoldConfigError, TeacherConfig
 from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
-from gold_plugin.step import OffPolicyDraw, choose_off_policy, draw_off_policy, off_policy_responses
-from gold_plugin.teacher.generation import GenerationParams, TeacherGeneration
+from gold_plugin.step import (
+    OffPolicyDraw,
+    OffPolicyResponses,
+    choose_off_policy,
+    draw_off_policy,
+    off_policy_responses,
+    teacher_completion_call,
+)
+from gold_plugin.teacher.generation import GenerationParams, TeacherGeneration, generate_counting_retries
 
 REFERENCES = ["a", None, "c", "d", "e", None]
 # choose_off_policy(REFERENCES, 0.5, seed=7, step=4) draws prompts 1, 2 and 4; prompt 1 has no reference.
@@ -33,6 +40,17 @@ class RecordingTeacher:
     def generate(self, prompts, params):
         self.calls.append((list(prompts), params))
         return [self.outputs[p if isinstance(p, str) else p[-1]["content"]] for p in prompts]
+
+
+def complete(
+    tok, draw, references, teacher_prompts, teacher, *, max_new_tokens, **call
+) -> OffPolicyResponses:
+    """What a backend does: ask the teacher what the step's call says, then hand the answers back to the step."""
+    asked = teacher_completion_call(draw, teacher_prompts, max_new_tokens=max_new_tokens, **call)
+    generations, _ = (
+        generate_counting_retries(teacher, asked.prompts, asked.params) if asked.params else ([], 0)
+    )
+    return off_policy_responses(tok, draw, references, asked, generations, max_new_tokens=max_new_tokens)
 
 
 def as_set(mask: np.ndarray) -> set[int]:
@@ -82,7 +100,7 @@ def test_teacher_and_reference_completions_become_student_ids_the_same_way():
         }
     )
     draw = draw_off_policy(REFERENCES, gold("teacher"), SEED, STEP)
-    out = off_policy_responses(
+    out = complete(
         tok,
         draw,
         REFERENCES,
@@ -108,10 +126,9 @@ def test_teacher_and_reference_completions_become_student_ids_the_same_way():
     assert out.response_ids[2] == encode_continuation(tok, " cut off mid-sentence by the length limit")
     assert out.response_ids[4] == encode_continuation(tok, "Ünïcode ☃ answer") + [eos]
     assert as_set(out.draw.off_policy) == as_set(out.draw.teacher) == {1, 2, 4}
-    assert out.teacher_retries == 0 and out.teacher_seconds >= 0
 
     # The student's length limit cuts a long text (then no EOS), whichever the source.
-    long = off_policy_responses(
+    long = complete(
         tok,
         draw,
         REFERENCES,
@@ -126,7 +143,7 @@ def test_teacher_and_reference_completions_become_student_ids_the_same_way():
     assert long.response_ids[1] == encode_continuation(tok, "The teacher's answer: 4.")[:3]
 
     # The same run and step ask for the same seed; the next step for another.
-    off_policy_responses(tok, draw, REFERENCES, prompts, teacher, max_new_tokens=12, temperature=0.7, top_p=0.9,
+    complete(tok, draw, REFERENCES, prompts, teacher, max_new_tokens=12, temperature=0.7, top_p=0.9,
                          seed=SEED, step=STEP + 1)  # fmt: skip
     assert teacher.calls[1][1].seed == expected_seed and teacher.calls[2][1].seed != expected_seed
 
@@ -144,7 +161,7 @@ def test_the_teacher_gets_the_drawn_prompts_in_text_order_whatever_the_row_order
     # The rows of the test above (drawn: 1, 2, 4), with texts whose order is not the rows': q4 < q1 < q2.
     prompts = ["q3", "zz q1", "zz q2", "q0", "a q4", "q5"]
     teacher.outputs = {p: teacher.outputs[p.split()[-1]] for p in ("zz q1", "zz q2", "a q4")}
-    out = off_policy_responses(tok, draw, REFERENCES, prompts, teacher, **options)
+    out = complete(tok, draw, REFERENCES, prompts, teacher, **options)
     assert teacher.calls[-1][0] == ["a q4", "zz q1", "zz q2"]
     for row, text in ((1, "one"), (2, "two"), (4, "four")):
         assert out.response_ids[row] == encode_continuation(tok, text) + [tok.eos_token_id]
@@ -152,13 +169,13 @@ def test_the_teacher_gets_the_drawn_prompts_in_text_order_whatever_the_row_order
     permutation = [4, 0, 2, 5, 1, 3]
     draw_permuted = OffPolicyDraw(*(mask[permutation] for mask in (draw.off_policy, draw.teacher,
                                                                    draw.missing_reference)))  # fmt: skip
-    off_policy_responses(tok, draw_permuted, [REFERENCES[i] for i in permutation],
+    complete(tok, draw_permuted, [REFERENCES[i] for i in permutation],
                          [prompts[i] for i in permutation], teacher, **options)  # fmt: skip
     assert teacher.calls[-1][0] == teacher.calls[-2][0]
     teacher.outputs = {t: TeacherGeneration(t, finished=True, num_tokens=1) for t in ("b", "a", "c")}
     chats = [None, [{"role": "user", "content": "b"}], [{"role": "user", "content": "a"}], None,
              [{"role": "user", "content": "c"}], None]  # fmt: skip
-    off_policy_responses(tok, draw, REFERENCES, chats, teacher, **options)
+    complete(tok, draw, REFERENCES, chats, teacher, **options)
     assert [m[-1]["content"] for m in teacher.calls[-1][0]] == ["a", "b", "c"]
 
 
@@ -167,7 +184,7 @@ def test_mixed_source_uses_references_where_rows_have_them():
     prompts = [f"q{i}" for i in range(len(REFERENCES))]
     teacher = RecordingTeacher({"q1": TeacherGeneration("from the teacher", finished=True, num_tokens=3)})
     draw = draw_off_policy(REFERENCES, gold("reference_or_teacher"), SEED, STEP)
-    out = off_policy_responses(
+    out = complete(
         tok,
         draw,
         REFERENCES,
@@ -187,7 +204,7 @@ def test_mixed_source_uses_references_where_rows_have_them():
 
     # The reference source never asks the teacher.
     silent = RecordingTeacher({})
-    only_refs = off_policy_responses(
+    only_refs = complete(
         tok,
         draw_off_policy(REFERENCES, gold("reference"), SEED, STEP),
         REFERENCES,
@@ -216,7 +233,7 @@ def test_a_prompt_the_teacher_cannot_complete_is_trained_on_policy_and_counted(c
     )
     draw = draw_off_policy(REFERENCES, gold("teacher"), SEED, STEP)
     with caplog.at_level(logging.WARNING, logger="gold_plugin.step"):
-        out = off_policy_responses(
+        out = complete(
             tok,
             draw,
             REFERENCES,
@@ -240,7 +257,7 @@ def test_a_teacher_without_generate_is_a_clear_error():
 
     draw = OffPolicyDraw(np.array([True]), np.array([True]), np.array([False]))
     with pytest.raises(TypeError, match="cannot generate"):
-        off_policy_responses(
+        complete(
             load_packaged_tokenizer("qwen"), draw, [None], ["q"], ScoreOnly(),
             max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0, step=0,
         )  # fmt: skip
@@ -265,3 +282,28 @@ def test_combinations_that_cannot_work_are_refused(kwargs, message):
     assert GoldConfig(
         lmbda=0.5, off_policy_source="reference_or_teacher", teacher=TeacherConfig(topk=4)
     ).needs_references
+
+
+def test_the_completion_call_asks_nothing_without_teacher_rows_and_refuses_a_missing_prompt():
+    none = draw_off_policy(REFERENCES, gold("reference"), SEED, STEP)
+    call = teacher_completion_call(
+        none, [None] * len(REFERENCES), max_new_tokens=None, temperature=1.0, top_p=1.0, seed=0, step=0
+    )
+    assert call.rows == () and call.prompts == [] and call.params is None
+    teacher = draw_off_policy(REFERENCES, gold("teacher"), SEED, STEP)
+    with pytest.raises(ValueError, match="length limit"):
+        teacher_completion_call(
+            teacher, ["q"] * 6, max_new_tokens=None, temperature=1.0, top_p=1.0, seed=0, step=0
+        )
+    with pytest.raises(ValueError, match="Prompt 1, drawn for a teacher completion"):
+        teacher_completion_call(
+            teacher, [None] * 6, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0, step=0
+        )
+    asked = teacher_completion_call(
+        teacher, ["q"] * 6, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0, step=0
+    )
+    with pytest.raises(ValueError, match="2 teacher completions for 3 prompts"):
+        off_policy_responses(
+            load_packaged_tokenizer("qwen"), teacher, REFERENCES, asked, [TeacherGeneration("a", True)] * 2,
+            max_new_tokens=4,
+        )  # fmt: skip

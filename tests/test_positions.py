@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from gold_plugin.hidden_state_step import HiddenStateTargets
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionInputs, ProjectionPositions
 from gold_plugin.signals.positions import PositionBatch
+from gold_plugin.step.hidden_states import HiddenStateTargets
 
 PREFIX = "x."
 

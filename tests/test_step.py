@@ -14,7 +14,6 @@ from gold_plugin.config import GoldConfig, TeacherConfig
 from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
 from gold_plugin.signals.logit import LogitLoss, LogitLossInputs
 from gold_plugin.step import (
-    _without_text,
     align_results,
     build_logit_inputs,
     choose_off_policy,
@@ -32,6 +31,7 @@ from gold_plugin.step import (
     teacher_prompt,
     teacher_requests,
 )
+from gold_plugin.step.aligned import _without_text
 from gold_plugin.teacher.types import TeacherResult
 
 
@@ -231,7 +231,7 @@ def test_per_position_means_do_not_depend_on_how_samples_fall_into_micro_batches
 def test_the_action_offset_shift_stays_on_the_positions_device():
     """The hooks add OpenRLHF's action offset to positions unpacked on the actor's device (a GPU on a cluster);
     the meta device stands in for it: a shift built on the CPU would raise there."""
-    from gold_plugin.step import _shift_columns
+    from gold_plugin.step.logit_loss import _shift_columns
 
     positions = torch.tensor([[0, 1], [2, 5]], dtype=torch.int32)
     shifted = _shift_columns(positions, 3)

@@ -25,8 +25,8 @@ sys.path.append(str(Path(__file__).parent / "stubs"))  # vllm / flash_attn impor
 pytest.importorskip("openrlhf")
 
 from gold_plugin.config import GoldConfig, TeacherConfig  # noqa: E402
-from gold_plugin.hidden_state_step import HiddenStateSignal, HiddenStateTargets  # noqa: E402
 from gold_plugin.integrations.openrlhf.actor import GoldActorPPOTrainer, dp_sum  # noqa: E402
+from gold_plugin.step.hidden_states import HiddenStateSignal, HiddenStateTargets  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two processes that import OpenRLHF, DeepSpeed and Ray
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from gold_plugin.config import GoldConfig
-from gold_plugin.hidden_state_step import HiddenStateSignal, HiddenStateTargets, hidden_state_targets
 from gold_plugin.local.config import LocalTrainConfig
 from gold_plugin.local.modeling import (
     ResponseForward,
@@ -39,13 +38,15 @@ from gold_plugin.local.modeling import (
     response_forward,
     sample,
 )
-from gold_plugin.no_signal import NoSignalWatch
 from gold_plugin.signals.estimators import reward_advantages
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.signals.policy_loss import clipped_policy_loss
 from gold_plugin.step import (
     AlignedBatch,
+    HiddenStateSignal,
+    HiddenStateTargets,
     LogitVocab,
+    NoSignalWatch,
     align_results,
     build_logit_inputs,
     chat_messages,
@@ -53,17 +54,21 @@ from gold_plugin.step import (
     distill_advantages,
     draw_off_policy,
     gold_advantages,
+    hidden_state_targets,
     logit_loss_term,
     logit_metrics,
     mean_metrics,
+    off_policy_metrics,
     off_policy_responses,
     per_unit_means,
     reference_text,
     response_ends_with_eos,
     sample_metrics,
+    teacher_completion_call,
     teacher_prompt,
     teacher_requests,
 )
+from gold_plugin.teacher.generation import generate_counting_retries
 from gold_plugin.teacher.types import TeacherScorer
 
 if TYPE_CHECKING:
@@ -257,25 +262,29 @@ class LocalTrainer:
         prompt_ids = [encode_prompt(self.tokenizer, self._student_prompt(r)) for r in rows]
         references = [self._reference(r) for r in rows]
         draw = draw_off_policy(references, gold, c.seed, step, [self._student_prompt(r) for r in rows])
-        completions = off_policy_responses(
-            self.tokenizer,
+        call = teacher_completion_call(
             draw,
-            references,
             [self._teacher_prompt(r)[0] if draw.teacher[i] else None for i, r in enumerate(rows)],
-            self.teacher,
             max_new_tokens=c.max_new_tokens,
             temperature=c.temperature,
             top_p=c.top_p,
             seed=c.seed,
             step=step,
         )
+        start = time.perf_counter()
+        generations, retries = (
+            generate_counting_retries(self.teacher, call.prompts, call.params) if call.params else ([], 0)
+        )
         self.rollout_metrics = (
             {
-                "gold/teacher_generation_seconds": completions.teacher_seconds,
-                "gold/teacher_generation_retries": float(completions.teacher_retries),
+                "gold/teacher_generation_seconds": time.perf_counter() - start,
+                "gold/teacher_generation_retries": float(retries),
             }
             if gold.teacher_generates
             else {}
+        )
+        completions = off_policy_responses(
+            self.tokenizer, draw, references, call, generations, max_new_tokens=c.max_new_tokens
         )
         off, missing, by_teacher = (
             completions.draw.off_policy,
@@ -369,15 +378,7 @@ class LocalTrainer:
             distill_adv = distill.advantages
         else:
             distill_adv, signal = torch.zeros_like(old), torch.zeros_like(mask)
-            metrics.update(
-                {
-                    "gold/on_policy": float((~off).float().mean()),
-                    "gold/off_policy": float(off.float().mean()),
-                    "gold/off_policy_reference": float((off & ~by_teacher).float().mean()),
-                    "gold/off_policy_teacher": float(by_teacher.float().mean()),
-                    "gold/missing_reference": float(missing.float().mean()),
-                }
-            )
+            metrics.update(mean_metrics(off_policy_metrics(off, missing, by_teacher)))
         reward_adv = None
         if gold.needs_reward and rewards is not None:
             per_sample = reward_advantages(rewards, c.n_samples_per_prompt, c.advantage_estimator)

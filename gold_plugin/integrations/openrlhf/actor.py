@@ -11,7 +11,7 @@ projection, ``gold/projection_remainder``; the means are taken over the whole st
 :func:`gold_plugin.step.per_unit_means`).
 
 With the hidden-state loss (docs/signals.md, "Hidden states") the same backward also gets
-:meth:`gold_plugin.hidden_state_step.HiddenStateSignal.term`, from the student's states at the paired layers read
+:meth:`gold_plugin.step.hidden_states.HiddenStateSignal.term`, from the student's states at the paired layers read
 off the same forward (:func:`student_hidden_states`), normalised by the optimiser step's group count
 (:func:`optimiser_step_groups`); the bridge is fitted in :meth:`GoldActorPPOTrainer.ppo_train` before the first
 update (and before every update with ``--gold.hidden_state_bridge refit``), from statistics summed over the
@@ -35,7 +35,6 @@ from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 from openrlhf.utils.loss_utils import _get_dp_group, get_loss_batch_info
 
 from gold_plugin.config import GoldConfig, gold_config_from_args
-from gold_plugin.hidden_state_step import HiddenStateSignal, HiddenStateTargets
 from gold_plugin.step import (
     LogitVocab,
     compute_logit_loss,
@@ -43,6 +42,7 @@ from gold_plugin.step import (
     logit_metrics,
     per_unit_means,
 )
+from gold_plugin.step.hidden_states import HiddenStateSignal, HiddenStateTargets
 
 from .compat import BackwardAddsLoss, rebound, require_compatible
 from .transport import (

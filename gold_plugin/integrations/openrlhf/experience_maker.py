@@ -18,7 +18,7 @@ An adapter around :mod:`gold_plugin.step` (the GOLD step both backends share). F
 
 With ``alpha == 1`` the rollouts' rewards are replaced by zeros before OpenRLHF sees them: no reward model is
 called and no reward is read. The logit-loss inputs, and with the hidden-state loss the micro-batch's group ends
-and the teacher's sketched states there (:func:`gold_plugin.hidden_state_step.hidden_state_targets`), travel to the
+and the teacher's sketched states there (:func:`gold_plugin.step.hidden_states.hidden_state_targets`), travel to the
 policy actor in ``Experience.info`` (:mod:`.transport`).
 """
 
@@ -36,22 +36,24 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 
 from gold_plugin.config import GoldConfig
-from gold_plugin.hidden_state_step import hidden_state_targets
-from gold_plugin.no_signal import NoSignalWatch
 from gold_plugin.step import (
     AlignedBatch,
     LogitVocab,
+    NoSignalWatch,
     align_results,
     build_logit_inputs,
     distill_advantages,
     draw_off_policy,
     gold_advantages,
+    hidden_state_targets,
     off_policy_responses,
     response_ends_with_eos,
     sample_metrics,
+    teacher_completion_call,
     teacher_prompt,
     teacher_requests,
 )
+from gold_plugin.teacher.generation import generate_counting_retries
 from gold_plugin.teacher.hf import shipped_state_width
 from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult, TeacherScorer
 
@@ -167,20 +169,25 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         draw = draw_off_policy(references, self.gold, self.args.train.seed, step, distinct)
         rollout = self.args.rollout
         chat = bool(getattr(self.args.data, "apply_chat_template", False))
-        completions = off_policy_responses(
-            self.tokenizer,
+        call = teacher_completion_call(
             draw,
-            references,
             [
                 teacher_prompt(p, self.prompt_lookup.get(p), self.gold, chat)[0] if draw.teacher[i] else None
                 for i, p in enumerate(distinct)
             ],
-            self.teacher,
             max_new_tokens=rollout.max_new_tokens,
             temperature=rollout.temperature,
             top_p=rollout.top_p,
             seed=self.args.train.seed,
             step=step,
+        )
+        start = time.perf_counter()
+        generations, retries = (
+            generate_counting_retries(self.teacher, call.prompts, call.params) if call.params else ([], 0)
+        )
+        seconds = time.perf_counter() - start
+        completions = off_policy_responses(
+            self.tokenizer, draw, references, call, generations, max_new_tokens=rollout.max_new_tokens
         )
         draw = completions.draw
         index_of = {p: i for i, p in enumerate(distinct)}
@@ -192,10 +199,8 @@ class GoldExperienceMaker(RemoteExperienceMaker):
             sample.info[MISSING_REFERENCE_KEY] = torch.tensor([float(draw.missing_reference[i])])
             sample.info[OFF_POLICY_TEACHER_KEY] = torch.tensor([float(draw.teacher[i])])
             if self.gold.teacher_generates:  # the step's teacher-generation call (every sample carries it)
-                sample.info["gold/teacher_generation_seconds"] = torch.tensor([completions.teacher_seconds])
-                sample.info["gold/teacher_generation_retries"] = torch.tensor(
-                    [float(completions.teacher_retries)]
-                )
+                sample.info["gold/teacher_generation_seconds"] = torch.tensor([seconds])
+                sample.info["gold/teacher_generation_retries"] = torch.tensor([float(retries)])
 
     def _replace_response(self, sample: Experience, response_ids: list[int]) -> None:
         """Make the single-sample ``sample`` hold ``prompt + response_ids`` (cut at ``--data.max_len``)."""

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gold_plugin.hidden_state_step import HiddenStateTargets
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.signals.positions import PackedInputs, PositionBatch
+from gold_plugin.step.hidden_states import HiddenStateTargets
 
 if TYPE_CHECKING:
     from openrlhf.trainer.ppo_utils.experience import Experience

@@ -22,7 +22,8 @@ from gold_plugin.signals.hidden_states import (
     layers_at_depths,
 )
 from gold_plugin.signals.positions import PositionBatch
-from gold_plugin.step import AlignedBatch, sum_per_sample_key
+from gold_plugin.step.aligned import AlignedBatch
+from gold_plugin.step.metrics import sum_per_sample_key
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gold_plugin.step import AlignedBatch
+from gold_plugin.step.aligned import AlignedBatch
 
 _REASON_WIDTH = 240
 
