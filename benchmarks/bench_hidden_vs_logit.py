@@ -131,13 +131,7 @@ def build(args: argparse.Namespace, variant: str, work: Path):
     from gold_plugin.local.modeling import Rollout, tiny_llama
     from gold_plugin.local.trainer import LocalExperience, LocalTrainer
     from gold_plugin.packaged_tokenizers import load_packaged_tokenizer
-    from gold_plugin.step import (
-        LogitVocab,
-        align_results,
-        build_logit_inputs,
-        teacher_requests,
-    )
-    from gold_plugin.step.hidden_states import HiddenStateSignal, hidden_state_targets
+    from gold_plugin.step import LogitVocab, align_results, loss_signals, student_layers, teacher_requests
     from gold_plugin.teacher import HFTeacher
     from gold_plugin.testing.tiny_teacher import save_tiny_teacher
 
@@ -196,31 +190,31 @@ def build(args: argparse.Namespace, variant: str, work: Path):
         student_tok,
         device,
     )
-    trainer.vocab = LogitVocab.build(student_tok, teacher_tok, gold)
-    trainer.hidden = HiddenStateSignal(gold, args.layers) if gold.uses_hidden_states else None
+    vocab = LogitVocab.build(student_tok, teacher_tok, gold)
+    trainer.losses = {name: s.to(device) for name, s in loss_signals(gold, vocab, args.layers).items()}
+    trainer.student_layers = student_layers(trainer.losses)
     n = args.samples
     rollout = Rollout([0] * n, [prompt] * n, [list(ids) for ids in response_ids], [False] * n)
     with torch.no_grad():
         old, mask = LocalTrainer._logprobs_in_chunks(trainer, rollout)
-    hidden_targets = hidden_state_targets(aligned).to(device) if trainer.hidden is not None else None
-    logit_inputs = None
-    if gold.uses_logit_loss:
-        logit_inputs = build_logit_inputs(aligned, response_ids, mask, gold, trainer.vocab).to(device)
+    prepared = {
+        name: signal.prepare(aligned, response_ids, mask.cpu())[0].to(device)
+        for name, signal in trainer.losses.items()
+    }
     experience = LocalExperience(
         rollout=rollout,
         off_policy=torch.zeros(args.samples, dtype=torch.bool),
         aligned=aligned,
-        logit_inputs=logit_inputs,
-        hidden_targets=hidden_targets,
+        prepared=prepared,
         old_logprobs=old,
         mask=mask,
         # Advantages of a typical size (the cost does not depend on their values).
         advantages=torch.randn(old.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
         * mask,
+        signal=mask.clone(),
         metrics={},
     )
-    if trainer.hidden is not None:
-        LocalTrainer._fit_hidden_bridge(trainer, experience)  # as on a run's first step, before any update
+    LocalTrainer.fit_signals(trainer, experience)  # as on a run's first step, before any update
     return trainer, experience
 
 
@@ -234,16 +228,15 @@ def child(args: argparse.Namespace) -> None:
     trainer, experience = build(args, args.child, Path(args.work_dir))
     micro = list(range(args.samples))
     batch_tokens = max(float(experience.mask.sum()), 1.0)
-    batch_groups = (
-        float(experience.hidden_targets.num_groups) if experience.hidden_targets is not None else 0.0
-    )
+    normalisers = LocalTrainer._normalisers(trainer, experience, micro, batch_tokens)
+    batch_groups = normalisers.get("hidden_state", 0.0)
     memory = Memory(device)
 
     def once() -> tuple[float, int, dict[str, float]]:
         trainer.model.zero_grad(set_to_none=True)
         memory.start()
         start = time.perf_counter()
-        loss, metrics = LocalTrainer.micro_batch_loss(trainer, experience, micro, batch_tokens, batch_groups)
+        loss, metrics = LocalTrainer.micro_batch_loss(trainer, experience, micro, batch_tokens, normalisers)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

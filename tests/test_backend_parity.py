@@ -201,8 +201,8 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
         plan=plan,
         student_dir=models.student_dir,
         tok=tok,
-        mapping=trainer.vocab.teacher_to_student,
-        vocab=trainer.vocab,
+        mapping=trainer.losses["logit"].vocab.teacher_to_student,
+        vocab=trainer.losses["logit"].vocab,
     )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
@@ -212,7 +212,7 @@ def test_both_backends_give_identical_advantages_logit_loss_and_metrics(
         buffer.append(exp)
     batch = buffer.collate_fn([buffer[i] for i in range(len(buffer))])
     plain_batch = copy.deepcopy(batch)
-    for key in [k for k in plain_batch.info if k.startswith("gold_logit_inputs.")]:
+    for key in [k for k in plain_batch.info if k.startswith("gold_logit.")]:
         plain_batch.info.pop(key)
     plain, plain_strategy, _ = make_trainer(setup, monkeypatch, gold=False)
     plain.training_step(plain_batch, 0.0, 0)
@@ -287,31 +287,32 @@ def test_both_backends_give_the_same_hidden_state_loss_bridge_and_metrics(models
         plan=plan,
         student_dir=models.student_dir,
         tok=trainer.tokenizer,
-        mapping=trainer.vocab.teacher_to_student,
-        vocab=trainer.vocab,
+        mapping=trainer.losses["logit"].vocab.teacher_to_student,
+        vocab=trainer.losses["logit"].vocab,
     )
     plain, plain_strategy, _ = make_trainer(setup, monkeypatch, gold=False)
     gold, gold_strategy, _ = make_trainer(setup, monkeypatch, gold=True)
-    assert gold.hidden is not None and gold.hidden.layers == trainer.hidden.layers
+    hidden, local_hidden = gold.losses["hidden_state"], trainer.losses["hidden_state"]
+    assert hidden.student_layers == local_hidden.student_layers and hidden.student_layers
     for exp in copy.deepcopy(experiences):
         gold.replay_buffer.append(exp)
     items = [gold.replay_buffer[i] for i in range(len(gold.replay_buffer))]
     batch = gold.replay_buffer.collate_fn(items)
     plain_batch = copy.deepcopy(batch)
-    for key in [k for k in plain_batch.info if k.startswith(("gold_logit_inputs.", "gold_hidden_targets."))]:
+    for key in [k for k in plain_batch.info if k.startswith(("gold_logit.", "gold_hidden_state."))]:
         plain_batch.info.pop(key)
 
     # The bridge: fitted on the step's group ends by both, before any update.
-    fitted = gold.fit_hidden_bridge()
-    local_fitted = trainer._fit_hidden_bridge(local)
-    assert gold.fit_hidden_bridge() == {}  # once
+    fitted = gold.fit_signals()
+    local_fitted = trainer.fit_signals(local)
+    assert gold.fit_signals() == {}  # once
     # --gold.hidden_state_bridge refit: fitted again (the same states, the same map).
-    refit = copy.copy(gold.hidden)
+    refit = copy.copy(hidden)
     refit.gold = dataclasses.replace(refit.gold, hidden_state_bridge="refit")
-    gold.hidden, frozen = refit, gold.hidden
-    assert gold.fit_hidden_bridge() == pytest.approx(fitted, rel=1e-6)
-    gold.hidden = frozen
-    ours, theirs = gold.hidden.state_dict(), trainer.hidden.state_dict()
+    gold.losses = {**gold.losses, "hidden_state": refit}
+    assert gold.fit_signals() == pytest.approx(fitted, rel=1e-6)
+    gold.losses = {**gold.losses, "hidden_state": hidden}
+    ours, theirs = hidden.state_dict(), local_hidden.state_dict()
     assert set(ours) == set(theirs) and ours["student_map"].shape[-1] == HIDDEN_RANK
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3, msg=key)
@@ -326,8 +327,7 @@ def test_both_backends_give_the_same_hidden_state_loss_bridge_and_metrics(models
     status = gold.training_step(batch, 0.0, 0)
     openrlhf_term = float(gold_strategy.losses[0] - plain_strategy.losses[0])
     everything = list(range(len(local.rollout.response_ids)))
-    groups = float(local.hidden_targets.num_groups)
-    loss, local_metrics = trainer.micro_batch_loss(local, everything, float(local.mask.sum()), groups)
+    loss, local_metrics = trainer.micro_batch_loss(local, everything, float(local.mask.sum()))
     local_term = float(loss.detach()) - local_metrics["train/policy_loss"]
     assert local_metrics[sum_per_sample_key("gold/hidden_state_loss")] > 0
     assert local_term == pytest.approx(openrlhf_term, rel=1e-4, abs=1e-6)

@@ -93,15 +93,15 @@ def test_the_signal_term_is_alpha_coef_times_the_group_mean_and_flows_through_th
         signal="hidden", alpha=0.5, hidden_state_coef=2.0, teacher=TeacherConfig(hidden_state_layers=1)
     )
     signal = HiddenStateSignal(gold, student_num_layers=4)
-    assert signal.layers == (4,)
+    assert signal.student_layers == (4,)
     generator = torch.Generator().manual_seed(1)
     student = torch.randn(10, 1, 3, generator=generator)
     teacher = torch.randn(10, 1, 2, generator=generator)
     targets = _targets(torch.arange(10), teacher)
-    metrics = signal.fit(student, teacher)
+    metrics = signal.fit_states(student, teacher)
     assert 0.0 < metrics["gold/hidden_bridge_fit"] < 1.0 and metrics["gold/hidden_bridge_groups"] == 10
     states = student.clone().requires_grad_(True)
-    term, part = signal.term(states, targets, batch_groups=20.0, batch_size=4)
+    term, part = signal.term_at_states(states, targets, batch_groups=20.0, batch_size=4)
     bridge = signal.bridge
     projected = bridge.project(student)
     per_group = (projected - bridge.targets(teacher)).pow(2).mean(-1).mean(-1)
@@ -136,12 +136,12 @@ def test_a_frozen_bridge_is_fitted_once_and_a_refitted_one_every_step():
     student, teacher = torch.randn(12, 1, 3, generator=generator), torch.randn(12, 1, 2, generator=generator)
     frozen, refit = signal("frozen"), signal("refit")
     assert frozen.needs_fit and refit.needs_fit
-    frozen.fit(student, teacher)
-    refit.fit(student, teacher)
+    frozen.fit_states(student, teacher)
+    refit.fit_states(student, teacher)
     assert not frozen.needs_fit and refit.needs_fit
     # A refit on other states replaces the map (the same sums give the same bridge as a fresh fit on them).
     moved = 2.0 * student + 1.0
-    refit.fit(moved, teacher)
+    refit.fit_states(moved, teacher)
     torch.testing.assert_close(refit.bridge.student_map, HiddenStateBridge.fit(moved, teacher).student_map)
     assert not torch.allclose(refit.bridge.student_map, frozen.bridge.student_map)
     restored = signal("frozen")

@@ -261,8 +261,8 @@ def test_a_refitted_hidden_state_bridge_is_fitted_on_every_step(models, tmp_path
     history = [h for h in _metrics(ckpt / "metrics.jsonl") if "gold/hidden_state_loss" in h]
     assert len(history) == 2 and all(0.0 < h["gold/hidden_bridge_fit"] <= 1.0 for h in history)
     maps = [
-        torch.load(ckpt / f"global_step{step}" / "trainer_state.pt", weights_only=False)[
-            "hidden_state_bridge"
+        torch.load(ckpt / f"global_step{step}" / "trainer_state.pt", weights_only=False)["signals"][
+            "hidden_state"
         ]
         for step in (1, 2)
     ]
@@ -286,7 +286,9 @@ def test_the_hidden_state_loss_alone_fits_its_bridge_once_and_trains_the_student
     assert len(history) == 2 and all(h["gold/hidden_state_loss"] > 0 for h in history)
     assert 0.0 < history[0]["gold/hidden_bridge_fit"] <= 1.0 and "gold/hidden_bridge_fit" not in history[1]
     assert all(h["gold/hidden_state_groups"] > 1 and "gold/logit_loss" not in h for h in history)
-    saved = torch.load(ckpt / "global_step2" / "trainer_state.pt", weights_only=False)["hidden_state_bridge"]
+    saved = torch.load(ckpt / "global_step2" / "trainer_state.pt", weights_only=False)["signals"][
+        "hidden_state"
+    ]
     assert saved["student_map"].shape == (2, 128, 64)  # 2 layer pairs, the student's width, the default rank
 
     config, gold = configs_from_args(
@@ -295,19 +297,20 @@ def test_the_hidden_state_loss_alone_fits_its_bridge_once_and_trains_the_student
     trainer = LocalTrainer(
         config, gold, build_teacher(gold.teacher, device="cpu"), load_teacher_tokenizer(gold.teacher)
     )
-    assert trainer.step == 2 and torch.equal(trainer.hidden.bridge.student_map, saved["student_map"])
+    assert trainer.step == 2 and torch.equal(
+        trainer.losses["hidden_state"].bridge.student_map, saved["student_map"]
+    )
     rows = trainer.batch_rows(trainer.step)
     rollout, off, missing = trainer.make_rollout(rows, trainer.step)
     experience = trainer.make_experience(rows, rollout, off, missing)
     assert experience.advantages.abs().sum() == 0
     everyone = list(range(len(rollout.response_ids)))
-    groups = float(experience.hidden_targets.num_groups)
-    before, parts = trainer.micro_batch_loss(experience, everyone, 1.0, groups)
+    before, parts = trainer.micro_batch_loss(experience, everyone, 1.0)
     assert parts["train/policy_loss"] == 0.0 and float(before) > 0
     trainer.optimizer.zero_grad()
     before.backward()
     trainer.optimizer.step()
-    after, _ = trainer.micro_batch_loss(experience, everyone, 1.0, groups)
+    after, _ = trainer.micro_batch_loss(experience, everyone, 1.0)
     assert float(after) < float(before)
 
 
@@ -365,7 +368,7 @@ def test_bad_samples_are_counted_and_the_step_trains_on(models, tmp_path, monkey
     assert aligned.empty_response.nonzero().flatten().tolist() == [4, 5]
     assert all(a.reason.startswith("teacher: prompt cut by") for a in aligned.alignments[:4])
     assert experience.advantages[:4].abs().sum() == 0  # reward-free: no signal at all for the cut prompt
-    rows_with_positions = experience.logit_inputs.sample_index.tolist()
+    rows_with_positions = experience.prepared["logit"].sample_index.tolist()
     assert not set(rows_with_positions) & {0, 1, 2, 3}
     assert rows_with_positions.count(4) == rows_with_positions.count(5) == 1  # the end pair
     # The empty responses' signal: the teacher's log-prob of ending right after "a+b=", scored afresh.

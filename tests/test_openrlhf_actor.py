@@ -257,7 +257,7 @@ def _mixed_experience(setup, actor) -> Experience:
                 response_length=torch.tensor([len(r_ids)]),
                 total_length=torch.tensor([length]),
                 info={
-                    **pack_logit_inputs(inputs, 1),
+                    **(pack_logit_inputs(inputs, 1) if setup.plan.gold.uses_logit_loss else {}),
                     "gold/off_policy": torch.tensor([float(row == OFF_ROW)]),
                 },
             )
@@ -285,6 +285,13 @@ def _kl_and_entropy_by_hand(actor, experience) -> tuple[torch.Tensor, torch.Tens
 def _pop_logit_inputs(experience) -> None:
     for key in _logit_keys(experience.info):
         experience.info.pop(key)
+
+
+def test_inputs_of_a_signal_the_run_does_not_enable_are_refused(setup, monkeypatch):
+    trainer, _, actor = make_trainer(_mixed_plan(setup, "advantage", False), monkeypatch, gold=True)
+    experience = _mixed_experience(_mixed_plan(setup, "logit", False), actor)
+    with pytest.raises(ValueError, match=r"signals \['logit'\], which this run's options do not enable"):
+        trainer.training_step(experience, KL_COEF, 0)
 
 
 def test_off_policy_rows_reads_both_info_layouts():
@@ -400,7 +407,7 @@ def test_the_policy_actors_checkpoint_holds_the_fitted_hidden_state_bridge(setup
 
     from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
-    from gold_plugin.integrations.openrlhf.actor import HIDDEN_BRIDGE_KEY, GoldPolicyModelActor
+    from gold_plugin.integrations.openrlhf.actor import SIGNAL_STATE_KEY, GoldPolicyModelActor
 
     saved = {}
 
@@ -421,61 +428,69 @@ def test_the_policy_actors_checkpoint_holds_the_fitted_hidden_state_bridge(setup
         tok=setup.tok,
     )
     trainer, _, _ = make_trainer(hidden_setup, monkeypatch, gold=True)
-    assert trainer.hidden is not None and not trainer.hidden.fitted
+    hidden = trainer.losses["hidden_state"]
+    assert not hidden.fitted
     width = trainer.actor.model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(20, 2, width, generator=g), torch.randn(20, 2, 4, generator=g)
-    trainer.hidden.fit(student, teacher)
+    hidden.fit_states(student, teacher)
 
     actor = object.__new__(actor_class)
     actor.trainer = trainer
     actor_class.save_checkpoint(actor, "global_step1", client_states={"global_step": 1})
     states = torch.load(tmp_path / "client_states.pt", weights_only=False)
-    assert saved["tag"] == "global_step1" and HIDDEN_BRIDGE_KEY in states
+    assert (
+        saved["tag"] == "global_step1"
+        and SIGNAL_STATE_KEY in states
+        and set(states[SIGNAL_STATE_KEY]) == {"hidden_state"}
+    )
 
     resumed = object.__new__(actor_class)
     resumed.trainer, _, _ = make_trainer(hidden_setup, monkeypatch, gold=True)
     resumed.checkpoint_states = states
-    assert actor_class.restore_hidden_bridge(resumed)
-    assert (
-        HIDDEN_BRIDGE_KEY not in resumed.checkpoint_states and resumed.checkpoint_states["global_step"] == 1
-    )
-    restored = resumed.trainer.hidden.state_dict()
-    for key, value in trainer.hidden.state_dict().items():
+    assert actor_class.restore_signal_states(resumed)
+    assert SIGNAL_STATE_KEY not in resumed.checkpoint_states and resumed.checkpoint_states["global_step"] == 1
+    restored = resumed.trainer.losses["hidden_state"].state_dict()
+    for key, value in hidden.state_dict().items():
         torch.testing.assert_close(restored[key], value, atol=0, rtol=0)
     # Not refitted: the first step keeps it (its replay buffer is empty here; a fit would raise).
-    assert len(resumed.trainer.replay_buffer) == 0 and resumed.trainer.fit_hidden_bridge() == {}
-    assert resumed.trainer.hidden.state_dict()["student_map"].equal(restored["student_map"])
+    assert len(resumed.trainer.replay_buffer) == 0 and resumed.trainer.fit_signals() == {}
+    assert resumed.trainer.losses["hidden_state"].state_dict()["student_map"].equal(restored["student_map"])
 
     fresh = object.__new__(actor_class)
     fresh.trainer, _, _ = make_trainer(hidden_setup, monkeypatch, gold=True)
     fresh.checkpoint_states = {}
-    assert not actor_class.restore_hidden_bridge(fresh) and not fresh.trainer.hidden.fitted
+    assert not actor_class.restore_signal_states(fresh) and not fresh.trainer.losses["hidden_state"].fitted
 
 
 def test_every_optimiser_step_window_gets_its_hidden_state_group_count(process_group):
-    """Inside ``ppo_train`` (:func:`optimiser_step_groups`), OpenRLHF's window iterator gives every micro-batch of an
-    optimiser step the step's group count divided by the accumulation steps, as it does for its token count."""
+    """Inside ``ppo_train`` (:func:`optimiser_step_positions`), OpenRLHF's window iterator gives every micro-batch of
+    an optimiser step the step's group count divided by the accumulation steps, as it does for its token count."""
     from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
 
-    from gold_plugin.integrations.openrlhf.actor import BATCH_GROUPS_KEY, optimiser_step_groups
-    from gold_plugin.integrations.openrlhf.transport import HIDDEN_TARGETS_PREFIX
+    from gold_plugin.integrations.openrlhf.actor import BATCH_POSITIONS_KEY, optimiser_step_positions
+    from gold_plugin.integrations.openrlhf.transport import prefix_of
 
     def micro_batch(groups: list[int]) -> SimpleNamespace:
         width = max(groups)
         valid = [torch.arange(width).lt(g).float() for g in groups]  # per sample, as after the replay buffer
         return SimpleNamespace(
-            action_mask=torch.ones(len(groups), 3), info={HIDDEN_TARGETS_PREFIX + "valid": valid}
+            action_mask=torch.ones(len(groups), 3), info={prefix_of("hidden_state") + "valid": valid}
         )
 
     batches = [micro_batch([2, 1]), micro_batch([0, 3]), micro_batch([4, 4]), micro_batch([1, 0])]
     strategy = SimpleNamespace()
     namespace = ActorPPOTrainer.ppo_train.__globals__
     original = namespace["iter_grad_accum_global_norm"]
-    with optimiser_step_groups(strategy):
+    with optimiser_step_positions(strategy, ("hidden_state",)):
         windows = list(
             namespace["iter_grad_accum_global_norm"](iter(batches), strategy, 2, lambda e: e.action_mask)
         )
     assert namespace["iter_grad_accum_global_norm"] is original
-    assert [float(info[BATCH_GROUPS_KEY]) for _, info in windows] == [3.0, 3.0, 4.5, 4.5]  # (3+3)/2, (8+1)/2
+    assert [float(info[BATCH_POSITIONS_KEY]["hidden_state"]) for _, info in windows] == [
+        3.0,
+        3.0,
+        4.5,
+        4.5,
+    ]  # (3+3)/2, (8+1)/2
     assert [float(info["batch_num_tokens"]) for _, info in windows] == [6.0, 6.0, 6.0, 6.0]

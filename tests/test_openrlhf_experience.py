@@ -560,8 +560,7 @@ def test_hidden_state_targets_survive_openrlhf_batching_and_replay_buffer(models
     """With the hidden-state loss (hf teacher returning sketched states), every micro-batch carries its group ends
     (action columns inside the response) and the teacher's float16 states, packed like the logit inputs; they come
     out of OpenRLHF's balancing, replay buffer and collate unchanged, and ``gold/hidden_state_groups`` counts them."""
-    from gold_plugin.integrations.openrlhf.experience_maker import HIDDEN_GROUPS_KEY
-    from gold_plugin.integrations.openrlhf.transport import HIDDEN_TARGETS_PREFIX, unpack_hidden_targets
+    from gold_plugin.integrations.openrlhf.transport import prefix_of, unpack_signal
     from gold_plugin.teacher import HFTeacher
 
     teacher = HFTeacher(
@@ -576,23 +575,28 @@ def test_hidden_state_targets_survive_openrlhf_batching_and_replay_buffer(models
     gold_maker, _, strategy, student_tok = make_makers(models, teacher, plan)
     experiences = gold_maker.make_experience_batch(make_rollouts(strategy, student_tok))
 
+    prefix = prefix_of("hidden_state")
+
     def by_sample(batches) -> dict:
         out = {}
         for exp in batches:
-            packed = {k: v for k, v in exp.info.items() if k.startswith(HIDDEN_TARGETS_PREFIX)}
-            targets = unpack_hidden_targets(packed)
+            packed = {k: v for k, v in exp.info.items() if k.startswith(prefix)}
+            targets = unpack_signal(gold_maker.losses["hidden_state"], packed)
             for key, (_, b) in _by_row([exp]).items():
                 mine = targets.sample == b
                 out[key] = (targets.action[mine], targets.teacher_states[mine])
         return out
 
     before = by_sample(experiences)
+    assert all(
+        exp.info[prefix + "teacher_states"].dtype == torch.float16 for exp in experiences
+    )  # as shipped
     for key, (exp, b) in _by_row(experiences).items():
         columns, states = before[key]
         assert columns.numel() > 0 and exp.action_mask[b][columns].all()
         assert states.shape == (columns.numel(), 2, 8) and torch.isfinite(states).all()
         assert torch.equal(states, states.half().float())  # float16 on the way: exact
-        assert float(exp.info[HIDDEN_GROUPS_KEY][b]) == columns.numel()
+        assert float(exp.info["gold/hidden_state_groups"][b]) == columns.numel()
         assert (columns.diff() > 0).all()  # group ends in text order
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # NaiveReplayBuffer only names a device
@@ -604,5 +608,5 @@ def test_hidden_state_targets_survive_openrlhf_batching_and_replay_buffer(models
     assert set(after) == set(before)
     for key, (columns, states) in after.items():
         assert torch.equal(columns, before[key][0]) and torch.equal(states, before[key][1])
-    assert pop_packed(batch, HIDDEN_TARGETS_PREFIX) is not None
-    assert not any(k.startswith(HIDDEN_TARGETS_PREFIX) for k in batch.info)
+    assert pop_packed(batch, prefix) is not None
+    assert not any(k.startswith(prefix) for k in batch.info)

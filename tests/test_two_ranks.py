@@ -1,7 +1,8 @@
 """Two data-parallel ranks against one: the hidden-state bridge and loss of OpenRLHF's GOLD actor trainer.
 
-Two processes in a real gloo group run the trainer's own :meth:`GoldActorPPOTrainer.fit_hidden_bridge` statistics
-path (:func:`dp_sum` over OpenRLHF's data-parallel group) and its :meth:`GoldActorPPOTrainer._hidden_loss`, each on
+Two processes in a real gloo group run the signal's bridge fit with the trainer's statistics sum (:func:`dp_sum`
+over OpenRLHF's data-parallel group) and its term with the trainer's normaliser
+(:meth:`GoldActorPPOTrainer._normaliser`), each on
 its own samples (of different sizes), and average their gradients as DeepSpeed does; one process without a group
 runs the same on all samples. The bridge must be the same on both ranks and equal the one-rank fit, and the averaged
 gradient must equal the one-rank gradient (the loss normalised by the global count of groups, 18, not each rank's,
@@ -26,7 +27,7 @@ pytest.importorskip("openrlhf")
 
 from gold_plugin.config import GoldConfig, TeacherConfig  # noqa: E402
 from gold_plugin.integrations.openrlhf.actor import GoldActorPPOTrainer, dp_sum  # noqa: E402
-from gold_plugin.step.hidden_states import HiddenStateSignal, HiddenStateTargets  # noqa: E402
+from gold_plugin.step import HiddenStateSignal, HiddenStateTargets, StudentForward  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two processes that import OpenRLHF, DeepSpeed and Ray
 
@@ -65,7 +66,8 @@ def _bridge_and_gradient(rows: tuple[int, ...]) -> dict[str, torch.Tensor | dict
     inputs, targets = inputs[list(rows)], targets.select(rows)
     weight = start.clone().requires_grad_(True)
     strategy = SimpleNamespace()  # no device mesh: OpenRLHF's data-parallel group is the whole world
-    trainer = SimpleNamespace(hidden=HiddenStateSignal(_gold(), NUM_LAYERS), strategy=strategy)
+    signal = HiddenStateSignal(_gold(), NUM_LAYERS)
+    trainer = SimpleNamespace(losses={signal.name: signal}, strategy=strategy)
     # A one-token prompt: action column j is sequence token j + 1, whose state the group compares.
     experience = SimpleNamespace(
         sequences=torch.zeros(len(rows), STEPS, dtype=torch.long),
@@ -73,17 +75,20 @@ def _bridge_and_gradient(rows: tuple[int, ...]) -> dict[str, torch.Tensor | dict
     )
     states = inputs @ weight  # [B, T, L, WIDTH]
     at_groups = states[targets.sample, 1 + targets.action].detach()
-    fitted = trainer.hidden.fit(at_groups, targets.teacher_states, lambda sums: dp_sum(strategy, sums))
+    fitted = signal.fit_states(at_groups, targets.teacher_states, lambda sums: dp_sum(strategy, sums))
     dp_size = dist.get_world_size() if dist.is_initialized() else 1
-    term, _ = GoldActorPPOTrainer._hidden_loss(
-        trainer, states, experience, targets, {"dp_size": dp_size}, None
+    # outside ppo_train's windows: the normaliser is the micro-batch's own groups summed over the ranks
+    normaliser = GoldActorPPOTrainer._normaliser(
+        trainer, signal, targets, experience, {"dp_size": dp_size}, {}
     )
+    forward = StudentForward(logits=None, states=states, layers=signal.student_layers, state_offset=1)
+    term, _ = signal.term(forward, targets, normaliser, len(rows))
     term.backward()
     gradient = weight.grad
     if dist.is_initialized():
         dist.all_reduce(gradient)
         gradient = gradient / dp_size
-    return {"bridge": trainer.hidden.state_dict(), "fit": fitted, "gradient": gradient}
+    return {"bridge": signal.state_dict(), "fit": fitted, "gradient": gradient}
 
 
 def _rank(rank: int, rendezvous: str, out: str) -> None:

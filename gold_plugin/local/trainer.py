@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,24 +39,19 @@ from gold_plugin.local.modeling import (
     sample,
 )
 from gold_plugin.signals.estimators import reward_advantages
-from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.signals.policy_loss import clipped_policy_loss
+from gold_plugin.signals.positions import PositionBatch
 from gold_plugin.step import (
     AlignedBatch,
-    HiddenStateSignal,
-    HiddenStateTargets,
     LogitVocab,
     NoSignalWatch,
+    StudentForward,
     align_results,
-    build_logit_inputs,
     chat_messages,
-    compute_logit_loss,
     distill_advantages,
     draw_off_policy,
     gold_advantages,
-    hidden_state_targets,
-    logit_loss_term,
-    logit_metrics,
+    loss_signals,
     mean_metrics,
     off_policy_metrics,
     off_policy_responses,
@@ -64,6 +59,7 @@ from gold_plugin.step import (
     reference_text,
     response_ends_with_eos,
     sample_metrics,
+    student_layers,
     teacher_completion_call,
     teacher_prompt,
     teacher_requests,
@@ -86,12 +82,10 @@ class LocalExperience:
     """[N] bool: the sample is the dataset's reference completion (no policy gradient; logit loss only)."""
     aligned: AlignedBatch | None
     """Teacher results aligned to the responses (None when ``alpha == 0``: no teacher)."""
-    logit_inputs: LogitLossInputs | ProjectionPositions | None
-    """The step's logit-loss inputs, built once for all its samples, on the training device (None without the
-    logit loss); each micro-batch takes its samples' positions (:meth:`~gold_plugin.signals.positions.PositionBatch.select`)."""
-    hidden_targets: HiddenStateTargets | None
-    """The step's group ends and the teacher's states there, on the training device (None without the
-    hidden-state loss); each micro-batch takes its samples' groups (:meth:`HiddenStateTargets.select`)."""
+    prepared: dict[str, PositionBatch]
+    """Per loss signal (by name): its inputs, built once for all the step's samples (:meth:`LossSignal.prepare`),
+    on the training device; each micro-batch takes its samples' positions
+    (:meth:`~gold_plugin.signals.positions.PositionBatch.select`). Empty without a teacher."""
     old_logprobs: torch.Tensor
     """[N, A] log-probs of the responses under the sampling policy."""
     mask: torch.Tensor
@@ -169,10 +163,13 @@ class LocalTrainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(self.device)
-        self.vocab = LogitVocab.build(self.tokenizer, teacher_tokenizer, gold).to(self.device)
-        self.hidden: HiddenStateSignal | None = None
-        if gold.uses_hidden_states:
-            self.hidden = HiddenStateSignal(gold, self.model.config.num_hidden_layers)
+        vocab = LogitVocab.build(self.tokenizer, teacher_tokenizer, gold)
+        self.losses = {
+            name: signal.to(self.device)
+            for name, signal in loss_signals(gold, vocab, self.model.config.num_hidden_layers).items()
+        }
+        """The run's loss signals (:func:`~gold_plugin.step.loss_signals`), on the training device."""
+        self.student_layers = student_layers(self.losses)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.learning_rate,
@@ -384,21 +381,17 @@ class LocalTrainer:
             per_sample = reward_advantages(rewards, c.n_samples_per_prompt, c.advantage_estimator)
             reward_adv = per_sample[:, None].to(old.device) * mask
         [advantages] = gold_advantages([reward_adv], [distill_adv], [signal], [off], gold)
-        hidden_targets = None
-        if self.hidden is not None and aligned is not None:
-            hidden_targets = hidden_state_targets(aligned).to(self.device)
-            metrics["gold/hidden_state_groups"] = hidden_targets.num_groups / max(num_samples, 1)
-        logit_inputs = None
-        if gold.uses_logit_loss and aligned is not None:
-            logit_inputs = build_logit_inputs(aligned, rollout.response_ids, mask, gold, self.vocab).to(
-                self.device
-            )
+        prepared: dict[str, PositionBatch] = {}
+        if aligned is not None:
+            for name, loss in self.losses.items():
+                batch, part = loss.prepare(aligned, rollout.response_ids, mask.cpu())
+                prepared[name] = batch.to(self.device)
+                metrics.update(mean_metrics(part))
         return LocalExperience(
             rollout=rollout,
             off_policy=off,
             aligned=aligned,
-            logit_inputs=logit_inputs,
-            hidden_targets=hidden_targets,
+            prepared=prepared,
             old_logprobs=old,
             mask=mask,
             advantages=advantages.detach(),
@@ -424,8 +417,7 @@ class LocalTrainer:
 
         t2 = time.perf_counter()
         num_samples = len(rollout.response_ids)
-        if self.hidden is not None and self.hidden.needs_fit and experience.hidden_targets is not None:
-            metrics.update(self._fit_hidden_bridge(experience))
+        metrics.update(self.fit_signals(experience))
         train_batch = min(c.train_batch_size or num_samples, num_samples)
         self.model.train()
         stats: dict[str, list[float]] = {}
@@ -434,13 +426,11 @@ class LocalTrainer:
             for start in range(0, num_samples, train_batch):
                 batch = list(range(start, min(start + train_batch, num_samples)))
                 batch_tokens = max(float(experience.mask[batch].sum()), 1.0)
-                batch_groups = 0.0
-                if experience.hidden_targets is not None:
-                    batch_groups = float(experience.hidden_targets.select(batch).num_groups)
+                normalisers = self._normalisers(experience, batch, batch_tokens)
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(batch), c.micro_batch_size):
                     micro = batch[micro_start : micro_start + c.micro_batch_size]
-                    loss, part = self.micro_batch_loss(experience, micro, batch_tokens, batch_groups)
+                    loss, part = self.micro_batch_loss(experience, micro, batch_tokens, normalisers)
                     loss.backward()
                     stats.setdefault("train/policy_loss", []).append(part.pop("train/policy_loss"))
                     for key, value in part.items():
@@ -484,54 +474,70 @@ class LocalTrainer:
             mask[sl, : m.shape[1]] = m
         return logprobs, mask
 
-    def _fit_hidden_bridge(self, experience: LocalExperience) -> dict[str, float]:
-        """Fit the hidden-state bridge on this step's group ends (the first step's, or every step's to refit), before
-        its update."""
-        assert self.hidden is not None and experience.hidden_targets is not None
-        rollout, targets = experience.rollout, experience.hidden_targets
-        states = []
-        with torch.no_grad():
-            for start in range(0, len(rollout.response_ids), self.config.micro_batch_size):
-                micro = list(
-                    range(start, min(start + self.config.micro_batch_size, len(rollout.response_ids)))
-                )
-                states.append(self._student_states(rollout, micro, targets.select(micro)))
-        return self.hidden.fit(torch.cat(states), targets.teacher_states)
+    def fit_signals(self, experience: LocalExperience) -> dict[str, float]:
+        """Fit the signals that need it (the hidden-state bridge: at the first step, or every step to refit) on this
+        step's samples, before its update; their metrics."""
+        metrics: dict[str, float] = {}
+        for name, signal in self.losses.items():
+            if signal.needs_fit and name in experience.prepared:
+                metrics.update(signal.fit(self._no_grad_forwards(experience, name)))
+        return metrics
 
-    def _student_states(
-        self,
-        rollout: Rollout,
-        micro: list[int],
-        targets: HiddenStateTargets,
-        forward: ResponseForward | None = None,
-    ) -> torch.Tensor:
-        """``[G, L, d]``: the student's states at the micro-batch's group ends (a new forward unless given)."""
-        assert self.hidden is not None
-        if forward is None:
-            forward = self._forward(rollout, micro, hidden=True)
-        assert forward.hidden_states is not None
-        return forward.hidden_states[targets.sample, targets.action]
+    def _no_grad_forwards(
+        self, experience: LocalExperience, name: str
+    ) -> Iterator[tuple[StudentForward, PositionBatch]]:
+        """The step's micro-batches: a no-grad forward each, with signal ``name``'s inputs."""
+        count = len(experience.rollout.response_ids)
+        for start in range(0, count, self.config.micro_batch_size):
+            micro = list(range(start, min(start + self.config.micro_batch_size, count)))
+            with torch.no_grad():
+                forward = self._student_forward(self._forward(experience.rollout, micro))
+            yield forward, experience.prepared[name].select(micro)
 
-    def _forward(self, rollout: Rollout, micro: list[int], hidden: bool) -> ResponseForward:
+    def _forward(self, rollout: Rollout, micro: list[int]) -> ResponseForward:
         return response_forward(
             self.model,
             [rollout.prompt_ids[i] for i in micro],
             [rollout.response_ids[i] for i in micro],
             self.tokenizer.pad_token_id,
             temperature=self.config.temperature,
-            hidden_layers=self.hidden.layers if hidden and self.hidden is not None else (),
+            hidden_layers=self.student_layers,
         )
 
+    def _student_forward(self, forward: ResponseForward) -> StudentForward:
+        """What the loss signals read of a forward: the action logits (offset 0), divided by the rollout
+        temperature like the policy's log-probs, and the states at the action tokens."""
+        return StudentForward(
+            logits=forward.action_logits,
+            logits_temperature=self.config.temperature,
+            states=forward.hidden_states,
+            layers=self.student_layers,
+        )
+
+    def _normalisers(self, experience: LocalExperience, rows: list[int], tokens: float) -> dict[str, float]:
+        """Per loss signal, the count of its unit in the optimiser batch ``rows``: its ``tokens`` action tokens, or
+        the signal's own positions there."""
+        return {
+            name: tokens
+            if self.losses[name].unit == "action_tokens"
+            else float(prepared.select(rows).num_positions)
+            for name, prepared in experience.prepared.items()
+        }
+
     def micro_batch_loss(
-        self, experience: LocalExperience, micro: list[int], batch_tokens: float, batch_groups: float = 0.0
+        self,
+        experience: LocalExperience,
+        micro: list[int],
+        batch_tokens: float,
+        normalisers: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward of samples ``micro``; the clipped policy loss plus the logit-loss term, both token means over
-        the optimiser batch's ``batch_tokens`` action tokens (micro-batches add up to one batch's loss), plus the
-        hidden-state term, a mean over the batch's ``batch_groups`` aligned groups."""
-        c, gold = self.config, self.gold
+        """Forward of samples ``micro``; the clipped policy loss, a token mean over the optimiser batch's
+        ``batch_tokens`` action tokens (micro-batches add up to one batch's loss), plus every loss signal's term over
+        its ``normalisers[name]`` (the optimiser batch's count of the signal's unit; None: ``micro`` is the batch)."""
+        c = self.config
         rollout = experience.rollout
-        forward = self._forward(rollout, micro, hidden=experience.hidden_targets is not None)
-        logits, logprobs, mask = forward.action_logits, forward.logprobs, forward.action_mask
+        forward = self._forward(rollout, micro)
+        logprobs, mask = forward.logprobs, forward.action_mask
         width = logprobs.shape[1]
         policy_loss = clipped_policy_loss(
             logprobs,
@@ -543,16 +549,12 @@ class LocalTrainer:
         )
         loss = policy_loss
         metrics = {"train/policy_loss": float(policy_loss.detach())}
-        if experience.logit_inputs is not None:
-            inputs = experience.logit_inputs.select(micro)
-            # Action logits (offset 0), divided by the rollout temperature like the policy's log-probs.
-            out = compute_logit_loss(logits, inputs, gold, self.vocab, logits_temperature=c.temperature)
-            loss = loss + logit_loss_term(out.loss, batch_tokens, gold)
-            metrics.update({k: float(v) for k, v in logit_metrics(out, len(micro)).items()})
-        if experience.hidden_targets is not None and self.hidden is not None:
-            targets = experience.hidden_targets.select(micro)
-            term, part = self.hidden.term(
-                self._student_states(rollout, micro, targets, forward), targets, batch_groups, len(micro)
+        student = self._student_forward(forward)
+        if normalisers is None:
+            normalisers = self._normalisers(experience, micro, batch_tokens)
+        for name, prepared in experience.prepared.items():
+            term, part = self.losses[name].term(
+                student, prepared.select(micro), normalisers[name], len(micro)
             )
             loss = loss + term
             metrics.update({k: float(v) for k, v in part.items()})
@@ -595,7 +597,7 @@ class LocalTrainer:
                 "rng": _rng_state(),
                 "gold": self.gold.to_dict(),
                 "history": self.history,
-                "hidden_state_bridge": self.hidden.state_dict() if self.hidden is not None else {},
+                "signals": {name: signal.state_dict() for name, signal in self.losses.items()},
             },
             tmp / "trainer_state.pt",
         )
@@ -615,8 +617,9 @@ class LocalTrainer:
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         _set_rng_state(state["rng"])
-        if self.hidden is not None:
-            self.hidden.load_state_dict(state.get("hidden_state_bridge", {}), self.device)
+        saved = state.get("signals", {})
+        for name, signal in self.losses.items():
+            signal.load_state_dict(saved.get(name, {}), self.device)
         print(f"Resumed from {folder} at step {self.step}.")
         changed = self.gold.changes_from(state.get("gold", {}))
         if changed:

@@ -16,6 +16,8 @@ One module per section, in the step's order:
 - :mod:`~gold_plugin.step.logit_loss`: the logit loss's two hooks (:func:`build_logit_inputs`,
   :func:`compute_logit_loss`) and its one reduction;
 - :mod:`~gold_plugin.step.hidden_states`: the hidden-state loss's targets, bridge and term;
+- :mod:`~gold_plugin.step.loss_signal`: the interface of the signals that add a loss term (the logit loss, the
+  hidden-state loss), which both backends loop over; :mod:`~gold_plugin.step.signal_set`: a run's signals;
 - :mod:`~gold_plugin.step.metrics`: one set of metric names;
 - :mod:`~gold_plugin.step.no_signal`: steps in which no sample got a signal, reported, and a run without any
   stopped.
@@ -26,7 +28,14 @@ Imports alignment, signals and the teacher's types and generation contract; neve
 from gold_plugin.step.advantages import distill_advantages, gold_advantages
 from gold_plugin.step.aligned import AlignedBatch, align_results, mask_unscored_groups
 from gold_plugin.step.hidden_states import HiddenStateSignal, HiddenStateTargets, hidden_state_targets
-from gold_plugin.step.logit_loss import LogitVocab, build_logit_inputs, compute_logit_loss, logit_loss_term
+from gold_plugin.step.logit_loss import (
+    LogitLossSignal,
+    LogitVocab,
+    build_logit_inputs,
+    compute_logit_loss,
+    logit_loss_term,
+)
+from gold_plugin.step.loss_signal import LossSignal, StudentForward
 from gold_plugin.step.metrics import (
     PER_UNIT_MEANS,
     logit_metrics,
@@ -49,17 +58,21 @@ from gold_plugin.step.off_policy import (
     teacher_completion_call,
 )
 from gold_plugin.step.requests import chat_messages, response_ends_with_eos, teacher_prompt, teacher_requests
+from gold_plugin.step.signal_set import loss_signals, student_layers
 
 __all__ = [
     "PER_UNIT_MEANS",
     "AlignedBatch",
     "HiddenStateSignal",
     "HiddenStateTargets",
+    "LogitLossSignal",
     "LogitVocab",
+    "LossSignal",
     "NoDistillationSignalError",
     "NoSignalWatch",
     "OffPolicyDraw",
     "OffPolicyResponses",
+    "StudentForward",
     "TeacherCompletionCall",
     "align_results",
     "build_logit_inputs",
@@ -72,6 +85,7 @@ __all__ = [
     "hidden_state_targets",
     "logit_loss_term",
     "logit_metrics",
+    "loss_signals",
     "mask_unscored_groups",
     "mean_metrics",
     "no_signal_reasons",
@@ -82,6 +96,7 @@ __all__ = [
     "reference_text",
     "response_ends_with_eos",
     "sample_metrics",
+    "student_layers",
     "sum_per_sample_key",
     "teacher_completion_call",
     "teacher_prompt",

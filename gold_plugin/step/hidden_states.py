@@ -3,12 +3,13 @@
 From a step's :class:`~gold_plugin.step.AlignedBatch`: the aligned groups' ends, where the student's and the
 teacher's states are compared (:func:`hidden_state_targets`); per run: the student's layers, the bridge fitted on
 the first batch and frozen, the loss term and its metrics (:class:`HiddenStateSignal`). The backend runs the
-student's forward and gathers its states at the targets' ``(sample, action)`` pairs.
+student's forward with the signal's layers (:class:`~gold_plugin.step.loss_signal.StudentForward`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from gold_plugin.signals.hidden_states import (
 )
 from gold_plugin.signals.positions import PositionBatch
 from gold_plugin.step.aligned import AlignedBatch
+from gold_plugin.step.loss_signal import AllReduce, LossSignal, StudentForward
 from gold_plugin.step.metrics import sum_per_sample_key
 
 
@@ -119,15 +121,32 @@ def hidden_state_targets(aligned: AlignedBatch) -> HiddenStateTargets:
     )
 
 
-class HiddenStateSignal:
-    """The hidden-state loss of one run: the student's layers paired with the teacher's, the bridge (fitted on the
-    first batch's group ends, then frozen, or refitted every step: :attr:`needs_fit`; :meth:`state_dict` goes into
-    the checkpoint) and the loss term."""
+class HiddenStateSignal(LossSignal):
+    """The hidden-state loss of one run as a :class:`~gold_plugin.step.loss_signal.LossSignal`: the student's layers
+    paired with the teacher's, the bridge (fitted on the first batch's group ends, then frozen, or refitted every
+    step: :attr:`needs_fit`; :meth:`state_dict` goes into the checkpoint) and the loss term, a mean over the optimiser
+    step's aligned groups.
 
-    def __init__(self, gold: GoldConfig, student_num_layers: int) -> None:
+    ``student_num_layers`` is None on a rollout side, which only prepares targets; ``teacher_state_shape`` ``(L, r)``
+    is what a batch without any group carries, until a batch with groups shows the teacher's (OpenRLHF concatenates
+    micro-batches and needs the same inner sizes)."""
+
+    name = "hidden_state"
+    unit = "positions"
+
+    def __init__(
+        self,
+        gold: GoldConfig,
+        student_num_layers: int | None,
+        teacher_state_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.gold = gold
-        self.layers = layers_at_depths(int(student_num_layers), int(gold.teacher.hidden_state_layers or 0))
+        layers = int(gold.teacher.hidden_state_layers or 0)
+        self.student_layers = (
+            () if student_num_layers is None else layers_at_depths(int(student_num_layers), layers)
+        )
         self.bridge: HiddenStateBridge | None = None
+        self._state_shape = teacher_state_shape
 
     @property
     def fitted(self) -> bool:
@@ -139,11 +158,37 @@ class HiddenStateSignal:
         ``--gold.hidden_state_bridge refit``."""
         return self.bridge is None or self.gold.hidden_state_bridge == "refit"
 
-    def fit(
+    def prepare(
         self,
-        student_states: torch.Tensor,
-        teacher_states: torch.Tensor,
-        all_reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        aligned: AlignedBatch,
+        response_ids: Sequence[Sequence[int] | np.ndarray],
+        action_mask: torch.Tensor,
+    ) -> tuple[HiddenStateTargets, dict[str, torch.Tensor]]:
+        """The group ends (in action columns) and the teacher's states there; ``gold/hidden_state_groups`` per
+        sample."""
+        targets = hidden_state_targets(aligned).in_action_columns(action_mask)
+        if targets.num_groups:
+            self._state_shape = tuple(targets.teacher_states.shape[1:])
+        elif self._state_shape is not None:
+            targets = dataclasses.replace(targets, teacher_states=torch.zeros(0, *self._state_shape))
+        groups = torch.bincount(targets.sample.cpu(), minlength=action_mask.shape[0]).float()
+        return targets, {"gold/hidden_state_groups": groups}
+
+    def fit(
+        self, forwards: Iterable[tuple[StudentForward, PositionBatch]], all_reduce: AllReduce | None = None
+    ) -> dict[str, float]:
+        """Fit the bridge on the student's and the teacher's states at the step's group ends
+        (:meth:`fit_states`)."""
+        student, teacher = [], []
+        for forward, batch in forwards:
+            student.append(forward.states_at(batch, self.student_layers))
+            teacher.append(_targets(batch).teacher_states)
+        if not student:
+            raise RuntimeError("No micro-batch to fit the hidden-state bridge on.")
+        return self.fit_states(torch.cat(student), torch.cat(teacher), all_reduce)
+
+    def fit_states(
+        self, student_states: torch.Tensor, teacher_states: torch.Tensor, all_reduce: AllReduce | None = None
     ) -> dict[str, float]:
         """Fit the bridge on the student's states ``[G, L, d_s]`` and the teacher's ``[G, L, r]`` at the same group
         ends (:attr:`HiddenStateTargets.teacher_states`); returns
@@ -173,19 +218,28 @@ class HiddenStateSignal:
         return {"gold/hidden_bridge_fit": fit, "gold/hidden_bridge_groups": count}
 
     def term(
+        self, forward: StudentForward, batch: PositionBatch, normaliser: float | torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        targets = _targets(batch)
+        return self.term_at_states(
+            forward.states_at(targets, self.student_layers), targets, normaliser, batch_size
+        )
+
+    def term_at_states(
         self,
         student_states: torch.Tensor,
         targets: HiddenStateTargets,
-        batch_groups: float,
+        batch_groups: float | torch.Tensor,
         batch_size: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``alpha * hidden_state_coef * sum(per-group loss) / batch_groups`` (differentiable in the student's
-        states ``[G, L, d_s]``) and the micro-batch's ``gold/hidden_state_loss`` as a sum per sample of its
-        ``batch_size`` (:func:`~gold_plugin.step.sum_per_sample_key`; :func:`~gold_plugin.step.per_unit_means` gives
-        the step's mean per group). ``batch_groups`` is the optimiser step's group count, so micro-batches add up to
-        one step's loss."""
+        states ``[G, L, d_s]`` at the targets) and the micro-batch's ``gold/hidden_state_loss`` as a sum per sample
+        of its ``batch_size``. ``batch_groups`` is the optimiser step's group count, so micro-batches add up to one
+        step's loss."""
         if self.bridge is None:
-            raise RuntimeError("Fit the hidden-state bridge (HiddenStateSignal.fit) before the first loss.")
+            raise RuntimeError(
+                "The hidden-state bridge is not fitted: fit it on the step's group ends before the first loss."
+            )
         projected = self.bridge.project(student_states.float())
         per_group = hidden_state_loss(
             projected, self.bridge.targets(targets.teacher_states), self.gold.hidden_state_loss
@@ -200,3 +254,18 @@ class HiddenStateSignal:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
         self.bridge = HiddenStateBridge.from_state_dict(state).to(device) if state else None
+
+    def shipped(self, batch: PositionBatch) -> PositionBatch:
+        """The teacher's states in float16 (lossless: the teacher sends float16)."""
+        targets = _targets(batch)
+        return dataclasses.replace(targets, teacher_states=targets.teacher_states.to(torch.float16))
+
+    def received(self, batch: PositionBatch) -> PositionBatch:
+        targets = _targets(batch)
+        return dataclasses.replace(targets, teacher_states=targets.teacher_states.float())
+
+
+def _targets(batch: PositionBatch) -> HiddenStateTargets:
+    if not isinstance(batch, HiddenStateTargets):
+        raise TypeError(f"The hidden-state loss got a {type(batch).__name__}, not its targets.")
+    return batch

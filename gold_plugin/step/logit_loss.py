@@ -26,7 +26,10 @@ from gold_plugin.signals.logit import (
     projected_logit_loss,
     projection_positions,
 )
+from gold_plugin.signals.positions import PositionBatch
 from gold_plugin.step.aligned import AlignedBatch
+from gold_plugin.step.loss_signal import LossSignal, StudentForward
+from gold_plugin.step.metrics import logit_metrics
 
 if TYPE_CHECKING:
     from gold_plugin.alignment.types import Tokenizer
@@ -213,3 +216,46 @@ def logit_loss_term(
         * total
         / torch.as_tensor(num_action_tokens, dtype=total.dtype, device=total.device).clamp(min=1.0)
     )
+
+
+class LogitLossSignal(LossSignal):
+    """The aligned logit loss (``--gold.signal logit``, ``bytes``, ``both``) as a :class:`LossSignal`: inputs from
+    :func:`build_logit_inputs`, the loss from :func:`compute_logit_loss`, reduced by :func:`logit_loss_term` over the
+    optimiser step's action tokens."""
+
+    name = "logit"
+    unit = "action_tokens"
+
+    def __init__(self, gold: GoldConfig, vocab: LogitVocab) -> None:
+        self.gold, self.vocab = gold, vocab
+        """The rollout side needs of ``vocab`` what :func:`build_logit_inputs` reads; the training side checks the
+        rest (:meth:`LogitVocab.check`) where it moves it to the loss's device."""
+
+    def prepare(
+        self,
+        aligned: AlignedBatch,
+        response_ids: Sequence[Sequence[int] | np.ndarray],
+        action_mask: torch.Tensor,
+    ) -> tuple[PositionBatch, dict[str, torch.Tensor]]:
+        return build_logit_inputs(aligned, response_ids, action_mask, self.gold, self.vocab), {}
+
+    def term(
+        self, forward: StudentForward, batch: PositionBatch, normaliser: float | torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if forward.logits is None:
+            raise RuntimeError("The student's forward returned no logits: cannot compute the logit loss.")
+        if not isinstance(batch, (LogitLossInputs, ProjectionPositions, ProjectionInputs)):
+            raise TypeError(f"The logit loss got a {type(batch).__name__}, not its inputs.")
+        result = compute_logit_loss(
+            forward.logits,
+            batch,
+            self.gold,
+            self.vocab,
+            action_offset=forward.logit_offset,
+            logits_temperature=forward.logits_temperature,
+        )
+        return logit_loss_term(result.loss, normaliser, self.gold), logit_metrics(result, batch_size)
+
+    def to(self, device: torch.device | str) -> LogitLossSignal:
+        self.vocab.check(self.gold)
+        return LogitLossSignal(self.gold, self.vocab.to(device))

@@ -1,22 +1,20 @@
-"""The GOLD policy actor: OpenRLHF's PPO training step plus the aligned logit loss, added exactly once.
+"""The GOLD policy actor: OpenRLHF's PPO training step plus the GOLD loss signals' terms, added exactly once.
 
-``GoldActorPPOTrainer.training_step`` pops the logit-loss inputs from ``experience.info`` (OpenRLHF would
-otherwise try to log them), runs OpenRLHF's own ``training_step`` and, at its single backward, adds the term of
-:func:`gold_plugin.step.logit_loss_term`: ``alpha * logit_coef * sum(L) / (action tokens of the optimiser step)``,
-the reduction of OpenRLHF's token-mean policy loss, with ``L`` the per-position loss of
-:func:`gold_plugin.step.compute_logit_loss` (docs/signals.md). The student's logits are read from the actor
-forward that OpenRLHF's step already runs (a forward hook), so no second forward is made. Logged:
-``gold/logit_loss`` (mean per position), ``gold/logit_positions`` (positions per sample) and, with the byte
-projection, ``gold/projection_remainder``; the means are taken over the whole step (every micro-batch and rank:
-:func:`gold_plugin.step.per_unit_means`).
+``GoldActorPPOTrainer.training_step`` pops every loss signal's inputs from ``experience.info`` (OpenRLHF would
+otherwise try to log them), runs OpenRLHF's own ``training_step`` and, at its single backward, adds each signal's
+term (:meth:`gold_plugin.step.LossSignal.term`), read off the actor forward that OpenRLHF's step already runs: the
+logits through a forward hook, the states of the layers a signal asks for through transformers' hooks
+(:func:`student_hidden_states`), so no second forward is made (docs/signals.md).
 
-With the hidden-state loss (docs/signals.md, "Hidden states") the same backward also gets
-:meth:`gold_plugin.step.hidden_states.HiddenStateSignal.term`, from the student's states at the paired layers read
-off the same forward (:func:`student_hidden_states`), normalised by the optimiser step's group count
-(:func:`optimiser_step_groups`); the bridge is fitted in :meth:`GoldActorPPOTrainer.ppo_train` before the first
-update (and before every update with ``--gold.hidden_state_bridge refit``), from statistics summed over the
-data-parallel ranks, and kept in the actor's checkpoint.
+- The logit loss: ``alpha * logit_coef * sum(L) / (action tokens of the optimiser step)``, the reduction of
+  OpenRLHF's token-mean policy loss. Logged: ``gold/logit_loss`` (mean per position), ``gold/logit_positions``
+  (positions per sample) and, with the byte projection, ``gold/projection_remainder``.
+- The hidden-state loss (docs/signals.md, "Hidden states"): a mean over the optimiser step's aligned groups
+  (:func:`optimiser_step_positions`); its bridge is fitted in :meth:`GoldActorPPOTrainer.ppo_train` before the first
+  update (and before every update with ``--gold.hidden_state_bridge refit``), from statistics summed over the
+  data-parallel ranks, and kept in the actor's checkpoint.
 
+The means are taken over the whole step (every micro-batch and rank: :func:`gold_plugin.step.per_unit_means`).
 Off-policy samples (``gold/off_policy``: reference completions, ``--gold.lmbda < 1``) have advantage 0, so the
 policy loss ignores them; by default OpenRLHF's KL-to-reference loss and entropy term leave their tokens out too
 (:func:`on_policy_kl_and_entropy`), unless ``--gold.off_policy_kl_and_entropy``.
@@ -35,23 +33,24 @@ from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 from openrlhf.utils.loss_utils import _get_dp_group, get_loss_batch_info
 
 from gold_plugin.config import GoldConfig, gold_config_from_args
+from gold_plugin.signals.positions import PositionBatch
 from gold_plugin.step import (
     LogitVocab,
-    compute_logit_loss,
-    logit_loss_term,
-    logit_metrics,
+    LossSignal,
+    StudentForward,
+    loss_signals,
     per_unit_means,
+    student_layers,
 )
-from gold_plugin.step.hidden_states import HiddenStateSignal, HiddenStateTargets
 
 from .compat import BackwardAddsLoss, rebound, require_compatible
 from .transport import (
-    HIDDEN_TARGETS_PREFIX,
     OFF_POLICY_KEY,
-    hidden_group_count,
+    packed_signal_names,
     pop_packed,
-    unpack_hidden_targets,
-    unpack_logit_inputs,
+    position_count,
+    prefix_of,
+    unpack_signal,
 )
 
 if TYPE_CHECKING:
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
 
     from gold_plugin.alignment.types import Tokenizer
-    from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 
 
 @contextlib.contextmanager
@@ -124,9 +122,10 @@ def on_policy_kl_and_entropy(
         )
 
 
-BATCH_GROUPS_KEY = "gold_batch_groups"
-"""In OpenRLHF's per-window ``loss_batch_info``: the optimiser step's hidden-state groups (all micro-batches and
-data-parallel ranks) divided by the gradient-accumulation steps, as its ``batch_num_tokens`` is."""
+BATCH_POSITIONS_KEY = "gold_batch_positions"
+"""In OpenRLHF's per-window ``loss_batch_info``: per loss signal whose unit is its positions (by name), the optimiser
+step's positions (all micro-batches and data-parallel ranks) divided by the gradient-accumulation steps, as its
+``batch_num_tokens`` is."""
 
 
 def dp_sum(strategy: Any, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,36 +139,41 @@ def dp_sum(strategy: Any, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 @contextlib.contextmanager
-def optimiser_step_groups(strategy: Any) -> Iterator[None]:
+def optimiser_step_positions(strategy: Any, names: tuple[str, ...]) -> Iterator[None]:
     """Inside OpenRLHF's ``ActorPPOTrainer.ppo_train``, give every optimiser-step window's ``loss_batch_info`` the
-    window's hidden-state group count (:data:`BATCH_GROUPS_KEY`), reduced as OpenRLHF reduces its token count.
+    window's position count of each loss signal in ``names`` (:data:`BATCH_POSITIONS_KEY`), reduced as OpenRLHF
+    reduces its token count.
 
     ``ppo_train`` pairs micro-batches with their window's normalisers through ``iter_grad_accum_global_norm``,
     which reads every micro-batch of a window (its ``mask_fn``) before it yields the first; for the duration of
-    the call that name is a wrapper that counts the groups as the masks are read."""
+    the call that name is a wrapper that counts the positions as the masks are read."""
     original = ActorPPOTrainer.ppo_train.__globals__["iter_grad_accum_global_norm"]
 
-    def with_groups(
+    def with_positions(
         data_iter: Any, strategy: Any, accumulated_gradient: int, mask_fn: Callable[[Any], torch.Tensor]
     ) -> Iterator[tuple[Any, dict]]:
-        counts: list[int] = []
+        counts: dict[str, int] = dict.fromkeys(names, 0)
 
         def counting(item: Any) -> torch.Tensor:
-            counts.append(hidden_group_count(item.info))
+            for name in names:
+                counts[name] += position_count(item.info, name)
             return mask_fn(item)
 
         last = None
         for item, info in original(data_iter, strategy, accumulated_gradient, counting):
             if info is not last:
                 device = info["batch_num_tokens"].device
-                total = torch.tensor(float(sum(counts)), device=device)
-                counts.clear()
-                (total,) = dp_sum(strategy, {"groups": total}).values()
-                info[BATCH_GROUPS_KEY] = total / max(int(accumulated_gradient), 1)
+                totals = dp_sum(
+                    strategy,
+                    {name: torch.tensor(float(count), device=device) for name, count in counts.items()},
+                )
+                counts.update(dict.fromkeys(names, 0))
+                steps = max(int(accumulated_gradient), 1)
+                info[BATCH_POSITIONS_KEY] = {name: total / steps for name, total in totals.items()}
                 last = info
             yield item, info
 
-    with rebound(ActorPPOTrainer.ppo_train, "iter_grad_accum_global_norm", with_groups):
+    with rebound(ActorPPOTrainer.ppo_train, "iter_grad_accum_global_norm", with_positions):
         yield
 
 
@@ -216,99 +220,103 @@ def student_hidden_states(model: torch.nn.Module, layers: tuple[int, ...]) -> It
             handle.remove()
 
 
-def states_at_targets(
-    states: torch.Tensor, experience: Experience, targets: HiddenStateTargets
-) -> torch.Tensor:
-    """``[G, L, d]``: the student's states (``[B, T, L, d]`` over the sequences) after the targets' action tokens
-    (action column j is sequence token ``T - num_actions + j``)."""
-    offset = experience.sequences.shape[1] - experience.action_mask.shape[1]
-    return states[targets.sample, offset + targets.action]
-
-
 class GoldActorPPOTrainer(ActorPPOTrainer):
-    """OpenRLHF's actor trainer with the GOLD logit loss. Call :meth:`setup_gold` after construction."""
+    """OpenRLHF's actor trainer with the GOLD loss signals' terms. Call :meth:`setup_gold` after construction."""
 
     gold: GoldConfig | None = None
-    vocab: LogitVocab | None = None
-    hidden: HiddenStateSignal | None = None
+    losses: dict[str, LossSignal] = {}
+    student_layers: tuple[int, ...] = ()
 
     def setup_gold(self, gold_config: GoldConfig, vocab: LogitVocab) -> None:
-        """Attach the GOLD options and the logit loss's vocabulary tensors (:meth:`LogitVocab.build`); with the
-        hidden-state loss, its signal (the student's layers; the bridge, fitted at the first step)."""
-        vocab.check(gold_config)
+        """Attach the GOLD options and the run's loss signals (:func:`~gold_plugin.step.loss_signals`; ``vocab`` from
+        :meth:`LogitVocab.build`), on the actor's device."""
+        model = transformers_model(self.actor)
+        device = next(self.actor.parameters()).device
         self.gold = gold_config
-        self.vocab = vocab.to(next(self.actor.parameters()).device)
-        self.hidden = None
-        if gold_config.uses_hidden_states:
-            model = transformers_model(self.actor)
-            self.hidden = HiddenStateSignal(gold_config, int(model.config.num_hidden_layers))
+        signals = loss_signals(gold_config, vocab, int(model.config.num_hidden_layers))
+        self.losses = {name: signal.to(device) for name, signal in signals.items()}
+        self.student_layers = student_layers(self.losses)
+
+    def _units_in_positions(self) -> tuple[str, ...]:
+        return tuple(name for name, signal in self.losses.items() if signal.unit == "positions")
 
     def ppo_train(self, kl_ctl: float) -> dict:
         """OpenRLHF's ``ppo_train``, its GOLD means per position or group taken over the whole step
-        (:func:`per_unit_means`: the same on any number of ranks and micro-batches); with the hidden-state loss, the
-        bridge fitted first (before the first update, or every update to refit: :meth:`fit_hidden_bridge`) and every
-        optimiser step's group count given to its micro-batches."""
-        if self.hidden is None:
-            return per_unit_means(super().ppo_train(kl_ctl))
-        fitted = self.fit_hidden_bridge()
-        with optimiser_step_groups(self.strategy):
+        (:func:`per_unit_means`: the same on any number of ranks and micro-batches); the signals that need it fitted
+        first (:meth:`fit_signals`), and every optimiser step's count of each signal's positions given to its
+        micro-batches where a signal is a mean over its positions."""
+        fitted = self.fit_signals()
+        names = self._units_in_positions()
+        with optimiser_step_positions(self.strategy, names) if names else contextlib.nullcontext():
             status = super().ppo_train(kl_ctl)
         return {**per_unit_means(status), **fitted}
 
-    def fit_hidden_bridge(self) -> dict[str, float]:
-        """Fit the hidden-state bridge on the replay buffer (this step's samples of this rank), the statistics
-        summed over the data-parallel ranks so that every rank gets the same bridge; its metrics. Nothing (``{}``)
-        when there is no hidden-state loss or the bridge is fitted and frozen (``--gold.hidden_state_bridge frozen``:
-        fitted at an earlier step, or restored from a checkpoint)."""
-        if self.hidden is None or not self.hidden.needs_fit:
-            return {}
+    def fit_signals(self) -> dict[str, float]:
+        """Fit the signals that need it (the hidden-state bridge: before the first update, or every update to refit)
+        on the replay buffer (this step's samples of this rank), their statistics summed over the data-parallel
+        ranks so that every rank fits the same; their metrics (``{}`` when none needs a fit)."""
+        metrics: dict[str, float] = {}
+        for signal in self.losses.values():
+            if signal.needs_fit:
+                forwards = self._no_grad_forwards(signal)
+                metrics.update(signal.fit(forwards, lambda sums: dp_sum(self.strategy, sums)))
+        return metrics
+
+    def _no_grad_forwards(self, signal: LossSignal) -> Iterator[tuple[StudentForward, PositionBatch]]:
+        """The replay buffer's micro-batches: a no-grad actor forward each, with ``signal``'s inputs."""
         buffer = self.replay_buffer
+        if len(buffer) == 0:
+            raise RuntimeError(f"The replay buffer is empty: nothing to fit the {signal.name} signal on.")
         size = max(int(buffer.sample_batch_size), 1)
         device = next(self.actor.parameters()).device
-        model = transformers_model(self.actor)
-        states, teacher = [], []
-        with torch.no_grad():
-            for start in range(0, len(buffer), size):
-                batch = buffer.collate_fn([buffer[i] for i in range(start, min(start + size, len(buffer)))])
-                packed = {k: v for k, v in batch.info.items() if k.startswith(HIDDEN_TARGETS_PREFIX)}
-                targets = unpack_hidden_targets(packed, device)
-                sequences, attention_mask = batch.sequences.to(device), batch.attention_mask.to(device)
-                action_mask = batch.action_mask.to(device)
-                with student_hidden_states(model, self.hidden.layers) as captured:
-                    self.actor(sequences, action_mask, attention_mask)
-                states.append(states_at_targets(captured[0], batch, targets))
-                teacher.append(targets.teacher_states)
-        if not states:
-            raise RuntimeError("The replay buffer is empty: no group ends to fit the hidden-state bridge on.")
-        return self.hidden.fit(
-            torch.cat(states), torch.cat(teacher), lambda sums: dp_sum(self.strategy, sums)
-        )
+        prefix = prefix_of(signal.name)
+        for start in range(0, len(buffer), size):
+            batch = buffer.collate_fn([buffer[i] for i in range(start, min(start + size, len(buffer)))])
+            packed = {k: v for k, v in batch.info.items() if k.startswith(prefix)}
+            sequences, attention_mask = batch.sequences.to(device), batch.attention_mask.to(device)
+            with torch.no_grad(), self._student_forward(batch) as forward:
+                self.actor(sequences, batch.action_mask.to(device), attention_mask)
+            yield forward(), unpack_signal(signal, packed, device)
 
-    def _logit_loss(
-        self,
-        output: dict[str, torch.Tensor],
-        experience: Experience,
-        inputs: LogitLossInputs | ProjectionPositions,
-        loss_batch_info: dict,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the term to add to the loss, the logit metrics)."""
-        logits = output["logits"]
-        num_actions = experience.action_mask.shape[1]
-        offset = (
-            logits.shape[1] - 1 - num_actions
-        )  # logits[:, t] predicts token t + 1; action j is token offset+j+1
-        # OpenRLHF's actor forward has divided the logits by --rollout.temperature (in place).
-        temperature = float(getattr(self.actor, "temperature", 1.0))
-        result = compute_logit_loss(
-            logits, inputs, self.gold, self.vocab, action_offset=offset, logits_temperature=temperature
-        )
-        normaliser = loss_batch_info.get("batch_num_tokens")
-        if normaliser is None:
-            normaliser = experience.action_mask.sum()
-        else:  # OpenRLHF's aggregate_loss: sum / batch_num_tokens * dp_size (dp_size undoes DDP's averaging)
-            normaliser = normaliser / loss_batch_info.get("dp_size", 1)
-        term = logit_loss_term(result.loss, normaliser, self.gold)
-        return term, logit_metrics(result, experience.action_mask.shape[0])
+    @contextlib.contextmanager
+    def _student_forward(self, experience: Experience) -> Iterator[Callable[[], StudentForward]]:
+        """Within: the next actor forward (OpenRLHF's own, in its step) is read for the loss signals: its logits
+        (a forward hook on the actor) and the states of :attr:`student_layers` (transformers' hooks). Yields a
+        function that returns them as a :class:`StudentForward`, once the forward ran."""
+        captured: dict[str, Any] = {}
+
+        def keep_output(_module: torch.nn.Module, _inputs: tuple[Any, ...], out: Any) -> None:
+            if "logits" not in captured:
+                output = out[1] if isinstance(out, tuple) and len(out) == 2 else out
+                captured["logits"] = output["logits"] if hasattr(output, "get") else None
+
+        with contextlib.ExitStack() as stack:
+            states: list[torch.Tensor] = []
+            if self.student_layers:
+                model = transformers_model(self.actor)
+                states = stack.enter_context(student_hidden_states(model, self.student_layers))
+            stack.enter_context(_removing(self.actor.register_forward_hook(keep_output)))
+
+            def forward() -> StudentForward:
+                if "logits" not in captured:
+                    raise RuntimeError(
+                        "The actor forward of the training step was not seen; cannot add the GOLD terms."
+                    )
+                logits = captured["logits"]
+                num_actions = experience.action_mask.shape[1]
+                length = experience.sequences.shape[1]
+                return StudentForward(
+                    logits=logits,
+                    # logits[:, t] predicts token t + 1; action j is token T - A + j
+                    logit_offset=(length if logits is None else logits.shape[1]) - 1 - num_actions,
+                    # OpenRLHF's actor forward has divided the logits by --rollout.temperature (in place).
+                    logits_temperature=float(getattr(self.actor, "temperature", 1.0)),
+                    states=states[0] if states else None,
+                    layers=self.student_layers,
+                    state_offset=length - num_actions,  # the state after action j is sequence token T - A + j
+                )
+
+            yield forward
 
     def _off_policy_terms(self, experience: Experience) -> contextlib.AbstractContextManager[None]:
         """Where the KL-to-reference loss and the entropy term leave off-policy tokens out (the default; see
@@ -325,35 +333,37 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
     def training_step(
         self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: dict | None = None
     ) -> dict:
-        batch_groups = None
-        if loss_batch_info is not None and BATCH_GROUPS_KEY in loss_batch_info:
+        batch_positions: dict[str, torch.Tensor] = {}
+        if loss_batch_info is not None and BATCH_POSITIONS_KEY in loss_batch_info:
             # the window's dict (shared by its micro-batches) is left as it is; OpenRLHF gets its own keys only
-            batch_groups = loss_batch_info[BATCH_GROUPS_KEY]
-            loss_batch_info = {k: v for k, v in loss_batch_info.items() if k != BATCH_GROUPS_KEY}
+            batch_positions = loss_batch_info[BATCH_POSITIONS_KEY]
+            loss_batch_info = {k: v for k, v in loss_batch_info.items() if k != BATCH_POSITIONS_KEY}
         with self._off_policy_terms(experience):
-            return self._gold_training_step(experience, kl_ctl, step, loss_batch_info, batch_groups)
+            return self._gold_training_step(experience, kl_ctl, step, loss_batch_info, batch_positions)
 
     def _gold_training_step(
         self,
         experience: Experience,
         kl_ctl: float,
         step: int,
-        loss_batch_info: dict | None = None,
-        batch_groups: torch.Tensor | None = None,
+        loss_batch_info: dict | None,
+        batch_positions: dict[str, torch.Tensor],
     ) -> dict:
-        packed = pop_packed(experience)
-        packed_hidden = pop_packed(experience, HIDDEN_TARGETS_PREFIX)
-        gold = self.gold
-        logit_on = gold is not None and gold.uses_logit_loss and gold.alpha > 0 and packed is not None
-        hidden_on = (
-            gold is not None and self.hidden is not None and gold.alpha > 0 and packed_hidden is not None
-        )
-        if not (logit_on or hidden_on):
-            return super().training_step(experience, kl_ctl, step, loss_batch_info)
         device = experience.action_mask.device
-        inputs = unpack_logit_inputs(packed, device) if logit_on else None
-        targets = unpack_hidden_targets(packed_hidden, device) if hidden_on else None
-
+        stray = packed_signal_names(experience.info) - set(self.losses)
+        if stray:
+            raise ValueError(
+                f"The experience carries the inputs of the loss signals {sorted(stray)}, which this run's options do "
+                f"not enable (enabled: {sorted(self.losses) or 'none'}): the experience maker and the actor must run "
+                "with the same --gold options."
+            )
+        prepared: dict[str, PositionBatch] = {}
+        for name, signal in self.losses.items():
+            packed = pop_packed(experience, prefix_of(name))
+            if packed is not None:
+                prepared[name] = unpack_signal(signal, packed, device)
+        if not prepared:
+            return super().training_step(experience, kl_ctl, step, loss_batch_info)
         if loss_batch_info is None:
             loss_batch_info = get_loss_batch_info(
                 self.strategy,
@@ -362,47 +372,28 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
                 step=step,
                 dynamic_batch=self.args.train.dynamic_batch_enable,
             )
-        captured: dict[str, dict[str, torch.Tensor]] = {}
+        info = loss_batch_info
+        logged: dict[str, torch.Tensor] = {}
 
-        def keep_output(_module: torch.nn.Module, _inputs: tuple[Any, ...], out: Any) -> None:
-            if isinstance(out, tuple) and len(out) == 2 and "output" not in captured:
-                captured["output"] = out[1]
+        with self._student_forward(experience) as student:
 
-        logged: dict[str, torch.Tensor | float] = {}
-
-        def extra_loss() -> torch.Tensor:
-            term = torch.zeros((), device=device)
-            if inputs is not None:
-                if "output" not in captured:
-                    raise RuntimeError(
-                        "The actor forward of the training step was not seen; cannot add the logit loss."
+            def extra_loss() -> torch.Tensor:
+                forward = student()
+                term = torch.zeros((), device=device)
+                for name, batch in prepared.items():
+                    signal = self.losses[name]
+                    part, metrics = signal.term(
+                        forward,
+                        batch,
+                        self._normaliser(signal, batch, experience, info, batch_positions),
+                        len(experience.action_mask),
                     )
-                logit_term, metrics = self._logit_loss(
-                    captured["output"], experience, inputs, loss_batch_info
-                )
-                term = term + logit_term
-                logged.update(metrics)
-            if targets is not None:
-                if not states:
-                    raise RuntimeError(
-                        "The actor forward of the training step was not seen; cannot add the hidden-state loss."
-                    )
-                hidden_term, metrics = self._hidden_loss(
-                    states[0], experience, targets, loss_batch_info, batch_groups
-                )
-                term = term + hidden_term
-                logged.update(metrics)
-            return term
+                    term = term + part
+                    logged.update(metrics)
+                return term
 
-        real_strategy = self.strategy
-        proxy = BackwardAddsLoss(real_strategy, extra_loss)
-        states: list[torch.Tensor] = []
-        with contextlib.ExitStack() as stack:
-            if targets is not None:
-                assert self.hidden is not None
-                model = transformers_model(self.actor)
-                states = stack.enter_context(student_hidden_states(model, self.hidden.layers))
-            stack.enter_context(_removing(self.actor.register_forward_hook(keep_output)))
+            real_strategy = self.strategy
+            proxy = BackwardAddsLoss(real_strategy, extra_loss)
             self.strategy = proxy
             try:
                 status = super().training_step(experience, kl_ctl, step, loss_batch_info)
@@ -417,28 +408,26 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
             status["weights"][key] = "sample"
         return status
 
-    def _hidden_loss(
+    def _normaliser(
         self,
-        states: torch.Tensor,
+        signal: LossSignal,
+        batch: PositionBatch,
         experience: Experience,
-        targets: HiddenStateTargets,
         loss_batch_info: dict,
-        batch_groups: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """(the hidden-state term to add to the loss, its metric): :meth:`HiddenStateSignal.term` with the optimiser
-        step's group count (``batch_groups``, from :func:`optimiser_step_groups`), divided by the data-parallel size
-        as the logit loss's token count is (DeepSpeed averages the ranks' gradients)."""
-        assert self.hidden is not None
-        if not self.hidden.fitted:
-            raise RuntimeError(
-                "The hidden-state bridge is not fitted: ppo_train fits it before the first update (fit_hidden_bridge)."
-            )
-        if batch_groups is None:  # a micro-batch outside ppo_train's windows: its own groups, over the ranks
-            count = torch.tensor(float(targets.num_groups), device=experience.action_mask.device)
-            (batch_groups,) = dp_sum(self.strategy, {"groups": count}).values()
-        normaliser = float(batch_groups) / float(loss_batch_info.get("dp_size", 1))
-        at_targets = states_at_targets(states, experience, targets)
-        return self.hidden.term(at_targets, targets, normaliser, experience.action_mask.shape[0])
+        batch_positions: dict[str, torch.Tensor],
+    ) -> torch.Tensor | float:
+        """What ``signal``'s term of this micro-batch is divided by: the optimiser step's action tokens (OpenRLHF's
+        ``batch_num_tokens``) or the signal's positions (:func:`optimiser_step_positions`), divided by the
+        data-parallel size as OpenRLHF's ``aggregate_loss`` divides (DeepSpeed averages the ranks' gradients)."""
+        dp_size = loss_batch_info.get("dp_size", 1)
+        if signal.unit == "action_tokens":
+            tokens = loss_batch_info.get("batch_num_tokens")
+            return experience.action_mask.sum() if tokens is None else tokens / dp_size
+        count = batch_positions.get(signal.name)
+        if count is None:  # a micro-batch outside ppo_train's windows: its own positions, over the ranks
+            own = torch.tensor(float(batch.num_positions), device=experience.action_mask.device)
+            (count,) = dp_sum(self.strategy, {signal.name: own}).values()
+        return float(count) / float(dp_size)
 
 
 def logit_vocab(student_tokenizer: Tokenizer, gold: GoldConfig) -> LogitVocab:
@@ -453,8 +442,9 @@ def logit_vocab(student_tokenizer: Tokenizer, gold: GoldConfig) -> LogitVocab:
 
 RNG_STATE_KEY = "gold_policy_actor_torch_rng_state"
 """The policy actor's torch RNG state in OpenRLHF's checkpoint (``client_states``)."""
-HIDDEN_BRIDGE_KEY = "gold_hidden_state_bridge"
-"""The fitted hidden-state bridge (:meth:`HiddenStateSignal.state_dict`, CPU tensors) in OpenRLHF's checkpoint."""
+SIGNAL_STATE_KEY = "gold_signal_states"
+"""The loss signals' fitted states (``{name: LossSignal.state_dict()}``, CPU tensors; e.g. the hidden-state bridge)
+in OpenRLHF's checkpoint."""
 
 
 @ray.remote(num_gpus=1)
@@ -488,25 +478,29 @@ class GoldPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         # The base class builds its ActorPPOTrainer (and the vLLM sync group) itself; extend that instance.
         self.trainer.__class__ = GoldActorPPOTrainer
         self.trainer.setup_gold(gold, logit_vocab(self.tokenizer, gold))
-        self.restore_hidden_bridge()
+        self.restore_signal_states()
 
     def save_checkpoint(self, tag: str, client_states: dict | None = None, **kwargs: Any) -> None:
-        """OpenRLHF's checkpoint, its client states extended by this process's torch RNG state and the fitted
-        hidden-state bridge (when there is one)."""
+        """OpenRLHF's checkpoint, its client states extended by this process's torch RNG state and the loss
+        signals' fitted states (those that have one)."""
         states = {**(client_states or {}), RNG_STATE_KEY: torch.get_rng_state()}
-        hidden = getattr(getattr(self, "trainer", None), "hidden", None)
-        if hidden is not None and hidden.fitted:
-            states[HIDDEN_BRIDGE_KEY] = hidden.state_dict()
+        losses = getattr(getattr(self, "trainer", None), "losses", {})
+        fitted = {name: state for name, signal in losses.items() if (state := signal.state_dict())}
+        if fitted:
+            states[SIGNAL_STATE_KEY] = fitted
         super().save_checkpoint(tag, states, **kwargs)
 
-    def restore_hidden_bridge(self) -> bool:
-        """Load the fitted hidden-state bridge from the loaded checkpoint's client states into the trainer (removed
-        from them, so the trainer does not log it): its first step then keeps it. False when there is none."""
-        state = (getattr(self, "checkpoint_states", None) or {}).pop(HIDDEN_BRIDGE_KEY, None)
-        hidden = getattr(getattr(self, "trainer", None), "hidden", None)
-        if state is None or hidden is None:
+    def restore_signal_states(self) -> bool:
+        """Load the loss signals' fitted states from the loaded checkpoint's client states into the trainer (removed
+        from them, so the trainer does not log them): its first step then keeps them (a frozen hidden-state bridge is
+        not fitted again). False when there are none."""
+        saved = (getattr(self, "checkpoint_states", None) or {}).pop(SIGNAL_STATE_KEY, None)
+        losses = getattr(getattr(self, "trainer", None), "losses", {})
+        if not saved or not losses:
             return False
-        hidden.load_state_dict(state, next(self.trainer.actor.parameters()).device)
+        device = next(self.trainer.actor.parameters()).device
+        for name, signal in losses.items():
+            signal.load_state_dict(saved.get(name, {}), device)
         return True
 
     def restore_rng_state(self) -> bool:

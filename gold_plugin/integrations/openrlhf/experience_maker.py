@@ -10,21 +10,19 @@ An adapter around :mod:`gold_plugin.step` (the GOLD step both backends share). F
    shared rule :func:`gold_plugin.step.teacher_prompt`: the raw chat messages of the prompt lookup, rendered with
    the teacher's template, else the student's prompt text, counted in ``gold/teacher_prompt_fallback``) and sends them on a background thread, so that teacher
    scoring overlaps the actor / reference / critic forwards that OpenRLHF dispatches in ``make_experience``;
-3. aligns, computes the raw distillation advantages and the logit-loss inputs (:func:`gold_plugin.step.
-   build_logit_inputs`) of every rollout micro-batch, and the per-sample ``gold/*`` metrics;
+3. aligns, computes the raw distillation advantages and every loss signal's inputs (:meth:`gold_plugin.step.
+   LossSignal.prepare`) of every rollout micro-batch, and the per-sample ``gold/*`` metrics;
 4. in ``compute_advantages_and_returns`` lets OpenRLHF compute its own advantages for the chosen estimator, then
    :func:`gold_plugin.step.gold_advantages` normalises the distillation advantages over the whole rollout
    (``--gold.advantage_norm``) and mixes: ``A = (1 - alpha) A_reward + alpha kl_coef norm(A_distill)``.
 
 With ``alpha == 1`` the rollouts' rewards are replaced by zeros before OpenRLHF sees them: no reward model is
-called and no reward is read. The logit-loss inputs, and with the hidden-state loss the micro-batch's group ends
-and the teacher's sketched states there (:func:`gold_plugin.step.hidden_states.hidden_state_targets`), travel to the
-policy actor in ``Experience.info`` (:mod:`.transport`).
+called and no reward is read. The loss signals' inputs (the logit-loss inputs; the hidden-state loss's group ends
+and the teacher's sketched states there) travel to the policy actor in ``Experience.info`` (:mod:`.transport`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,11 +39,10 @@ from gold_plugin.step import (
     LogitVocab,
     NoSignalWatch,
     align_results,
-    build_logit_inputs,
     distill_advantages,
     draw_off_policy,
     gold_advantages,
-    hidden_state_targets,
+    loss_signals,
     off_policy_responses,
     response_ends_with_eos,
     sample_metrics,
@@ -57,7 +54,7 @@ from gold_plugin.teacher.generation import generate_counting_retries
 from gold_plugin.teacher.hf import shipped_state_width
 from gold_plugin.teacher.types import ChatMessages, TeacherRequest, TeacherResult, TeacherScorer
 
-from .transport import OFF_POLICY_KEY, pack_hidden_targets, pack_logit_inputs
+from .transport import OFF_POLICY_KEY, pack_signal
 
 if TYPE_CHECKING:
     from gold_plugin.alignment.types import Tokenizer
@@ -66,7 +63,6 @@ DISTILL_ADVANTAGES_KEY = "gold_distill_advantages"
 """(batch, num_actions) raw distillation advantages, from make_experience to compute_advantages_and_returns."""
 SIGNAL_MASK_KEY = "gold_signal_mask"
 """(batch, num_actions) bool: tokens of scored groups (the normalisation's statistics), popped with the above."""
-HIDDEN_GROUPS_KEY = "gold/hidden_state_groups"
 """Per sample: its aligned groups with hidden-state targets; a logged metric (the local backend's, per sample)."""
 MISSING_REFERENCE_KEY = "gold/missing_reference"
 OFF_POLICY_TEACHER_KEY = "gold/off_policy_teacher"
@@ -122,26 +118,32 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         self.teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else teacher.tokenizer
         self.prompt_lookup = prompt_lookup or {}
         self.reference_lookup = reference_lookup or {}
-        self.logit_vocab = (
+        vocab = (
             LogitVocab.build(self.tokenizer, self.teacher_tokenizer, gold_config)
             if gold_config.logit_projection == "bytes"
+            else LogitVocab()
+        )  # the byte projection's inputs need the byte-sorted student vocabulary; the vocabulary map, only the loss
+        teacher_options = gold_config.teacher
+        state_shape = (
+            (
+                int(teacher_options.hidden_state_layers or 0),
+                shipped_state_width(teacher_options.model_name_or_path, teacher_options.hidden_state_rank),
+            )
+            if gold_config.uses_hidden_states
             else None
         )
-        """The byte projection's inputs need the byte-sorted student vocabulary (built once, here)."""
+        self.losses = loss_signals(
+            gold_config, vocab, student_num_layers=None, teacher_state_shape=state_shape
+        )
+        """The run's loss signals, on the rollout side: what each ships to the actor (:meth:`LossSignal.prepare`).
+        A batch without hidden-state group carries the teacher's shipped state shape ``(L, r)`` (the last seen; until
+        then the options', ``r`` capped at the teacher's hidden size as its sketch is), so that OpenRLHF can
+        concatenate micro-batches."""
         self.draw_step = 0
         """The ``step`` of the next seeded off-policy draw. The GOLD trainers set it to OpenRLHF's global step before
         every rollout batch (:class:`~gold_plugin.integrations.openrlhf.trainer.DrawAtGlobalStep`), a counter
         OpenRLHF saves in its checkpoint and restores on ``--ckpt.load_enable``, so a resumed job draws what the
         uninterrupted job drew; left alone it counts the batches this maker has made."""
-        teacher_options = gold_config.teacher
-        self._hidden_width: tuple[int, ...] = (
-            int(teacher_options.hidden_state_layers or 0),
-            shipped_state_width(teacher_options.model_name_or_path, teacher_options.hidden_state_rank)
-            if gold_config.uses_hidden_states
-            else int(teacher_options.hidden_state_rank),
-        )
-        """Inner sizes ``(L, r)`` of the teacher's shipped states (the last seen; until then the options', ``r``
-        capped at the teacher's hidden size as its sketch is), given to micro-batches without a group."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-teacher")
         self.no_signal = NoSignalWatch(gold_config.max_steps_without_signal)
 
@@ -351,17 +353,10 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         )
         experience.info[DISTILL_ADVANTAGES_KEY] = distill.advantages
         experience.info[SIGNAL_MASK_KEY] = signal
-        if gold.uses_logit_loss:
-            inputs = build_logit_inputs(
-                aligned,
-                batch["responses"],
-                experience.action_mask,
-                gold,
-                self.logit_vocab,
-            )
-            experience.info.update(pack_logit_inputs(inputs, size))
-        if gold.uses_hidden_states:
-            self._attach_hidden_targets(experience, aligned)
+        for loss in self.losses.values():
+            prepared, part = loss.prepare(aligned, batch["responses"], experience.action_mask)
+            experience.info.update(pack_signal(loss, prepared, size))
+            experience.info.update(part)
         metrics = sample_metrics(
             aligned,
             distill,
@@ -374,18 +369,6 @@ class GoldExperienceMaker(RemoteExperienceMaker):
         metrics["gold/teacher_wait_seconds"] = torch.full((size,), wait_seconds)
         experience.info.update(metrics)
         return aligned, signal
-
-    def _attach_hidden_targets(self, experience: Experience, aligned: AlignedBatch) -> None:
-        """The micro-batch's hidden-state targets (group ends in action columns, the teacher's states) packed into
-        ``info``, and the per-sample group count ``gold/hidden_state_groups``."""
-        size = experience.action_mask.shape[0]
-        targets = hidden_state_targets(aligned).in_action_columns(experience.action_mask)
-        if targets.num_groups:
-            self._hidden_width = tuple(targets.teacher_states.shape[1:])
-        else:  # the inner sizes of the other micro-batches, so that OpenRLHF can concatenate them
-            targets = dataclasses.replace(targets, teacher_states=torch.zeros(0, *self._hidden_width))
-        experience.info.update(pack_hidden_targets(targets, size))
-        experience.info[HIDDEN_GROUPS_KEY] = torch.bincount(targets.sample, minlength=size).float()
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences: list[Experience]) -> list[Experience]:

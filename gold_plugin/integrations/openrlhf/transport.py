@@ -1,69 +1,70 @@
 """What the GOLD experience maker ships to the policy actor in OpenRLHF's ``Experience.info``, and its unpacking.
 
-The per-position bundles (the logit-loss inputs, the hidden-state targets) travel as
-:meth:`~gold_plugin.signals.positions.PositionBatch.pack` lays them out: one entry per field, per sample, with the
-**position axis last**, so that OpenRLHF's right-padding of info tensors (``concat_experiences``, the replay buffer,
-``balance_experiences``) pads positions; each bundle under its own prefix, with its type tag. The policy actor pops
-them (:func:`pop_packed`) before OpenRLHF turns ``info`` into logged metrics; everything else left in ``info`` is a
-per-sample metric.
+Every loss signal's per-position batch (:class:`~gold_plugin.step.LossSignal`: the logit-loss inputs, the hidden-state
+targets) travels as :meth:`~gold_plugin.signals.positions.PositionBatch.pack` lays it out: one entry per field, per
+sample, with the **position axis last**, so that OpenRLHF's right-padding of info tensors (``concat_experiences``,
+the replay buffer, ``balance_experiences``) pads positions; each signal under its own prefix (:func:`prefix_of`), with
+its type tag. The policy actor pops them (:func:`pop_packed`) before OpenRLHF turns ``info`` into logged metrics;
+everything else left in ``info`` is a per-sample metric.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
 from typing import TYPE_CHECKING
 
 import torch
 
 from gold_plugin.signals.logit import LogitLossInputs, ProjectionPositions
 from gold_plugin.signals.positions import PackedInputs, PositionBatch
-from gold_plugin.step.hidden_states import HiddenStateTargets
+from gold_plugin.step import LogitLossSignal, LossSignal
 
 if TYPE_CHECKING:
     from openrlhf.trainer.ppo_utils.experience import Experience
 
-LOGIT_INPUTS_PREFIX = "gold_logit_inputs."
-"""Prefix of the info keys carrying the logit-loss inputs (``<prefix><field>``, ``columns``, ``valid``, ``type``)."""
-HIDDEN_TARGETS_PREFIX = "gold_hidden_targets."
-"""Prefix of the info keys carrying the hidden-state targets (:func:`pack_hidden_targets`)."""
+
+def prefix_of(name: str) -> str:
+    """The info-key prefix of the loss signal ``name``'s batch (``<prefix><field>``, ``columns``, ``valid``,
+    ``type``)."""
+    return f"gold_{name}."
+
+
+LOGIT_INPUTS_PREFIX = prefix_of(LogitLossSignal.name)
+"""Prefix of the info keys carrying the logit-loss inputs."""
 OFF_POLICY_KEY = "gold/off_policy"
 """Per-sample 1.0 for an off-policy completion (the dataset's or the teacher's), 0.0 for a student sample; also a
 logged metric."""
 
 
+def pack_signal(signal: LossSignal, batch: PositionBatch, batch_size: int) -> dict[str, torch.Tensor]:
+    """A micro-batch's inputs of ``signal`` (:meth:`LossSignal.prepare`) as info tensors under its prefix, in the
+    form it ships them (:meth:`LossSignal.shipped`)."""
+    return signal.shipped(batch).pack(batch_size, prefix_of(signal.name))
+
+
+def unpack_signal(
+    signal: LossSignal, packed: PackedInputs, device: torch.device | str | None = None
+) -> PositionBatch:
+    """:func:`pack_signal` inverted, for the batch OpenRLHF hands to the training step."""
+    return signal.received(PositionBatch.unpack(packed, prefix_of(signal.name), device))
+
+
 def pack_logit_inputs(
     inputs: LogitLossInputs | ProjectionPositions, batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """A micro-batch's logit-loss inputs as info tensors under :data:`LOGIT_INPUTS_PREFIX`."""
+    """A micro-batch's logit-loss inputs as info tensors under :data:`LOGIT_INPUTS_PREFIX` (what
+    :func:`pack_signal` ships for the logit loss)."""
     return inputs.pack(batch_size, LOGIT_INPUTS_PREFIX)
 
 
 def unpack_logit_inputs(
     packed: PackedInputs, device: torch.device | str | None = None
 ) -> LogitLossInputs | ProjectionPositions:
-    """:func:`pack_logit_inputs` inverted, for the batch OpenRLHF hands to the training step (the bundle its type
-    tag names)."""
+    """:func:`pack_logit_inputs` inverted (the bundle its type tag names)."""
     inputs = PositionBatch.unpack(packed, LOGIT_INPUTS_PREFIX, device)
     if not isinstance(inputs, (LogitLossInputs, ProjectionPositions)):
         raise ValueError(f"{LOGIT_INPUTS_PREFIX}: a {type(inputs).__name__}, not logit-loss inputs.")
     return inputs
-
-
-def pack_hidden_targets(targets: HiddenStateTargets, batch_size: int) -> dict[str, torch.Tensor]:
-    """A micro-batch's hidden-state targets (``action`` = action columns) as info tensors under
-    :data:`HIDDEN_TARGETS_PREFIX`, the teacher's states in float16 (lossless: the teacher sends float16)."""
-    half = dataclasses.replace(targets, teacher_states=targets.teacher_states.to(torch.float16))
-    return half.pack(batch_size, HIDDEN_TARGETS_PREFIX)
-
-
-def unpack_hidden_targets(
-    packed: PackedInputs, device: torch.device | str | None = None
-) -> HiddenStateTargets:
-    """:func:`pack_hidden_targets` inverted (states back in float32)."""
-    targets = PositionBatch.unpack(packed, HIDDEN_TARGETS_PREFIX, device)
-    if not isinstance(targets, HiddenStateTargets):
-        raise ValueError(f"{HIDDEN_TARGETS_PREFIX}: a {type(targets).__name__}, not hidden-state targets.")
-    return dataclasses.replace(targets, teacher_states=targets.teacher_states.float())
 
 
 def pop_packed(experience: Experience, prefix: str = LOGIT_INPUTS_PREFIX) -> PackedInputs | None:
@@ -72,9 +73,17 @@ def pop_packed(experience: Experience, prefix: str = LOGIT_INPUTS_PREFIX) -> Pac
     return {k: experience.info.pop(k) for k in keys} or None
 
 
-def hidden_group_count(info: dict) -> int:
-    """The aligned groups a (possibly collated) experience carries hidden-state targets for (0 without)."""
-    valid = info.get(HIDDEN_TARGETS_PREFIX + "valid")
+def packed_signal_names(info: dict) -> set[str]:
+    """The loss signals whose batches ``info`` carries (by their :func:`prefix_of`)."""
+    return {match.group(1) for key in info if (match := _PACKED_KEY.match(key))}
+
+
+_PACKED_KEY = re.compile(r"^gold_(\w+?)\.")
+
+
+def position_count(info: dict, name: str) -> int:
+    """The positions a (possibly collated) experience carries of loss signal ``name``'s batch (0 without)."""
+    valid = info.get(prefix_of(name) + "valid")
     if valid is None:
         return 0
     items = valid if isinstance(valid, (list, tuple)) else [valid]
