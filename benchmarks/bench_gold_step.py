@@ -10,9 +10,9 @@ it times, as medians of ``--repeats`` runs on one core, in microseconds per teac
 1. the teacher's re-tokenisation of the response texts (baseline A: every cross-tokenizer method pays it);
 2. the alignment (``gold_plugin.alignment.align_batch``);
 3. the vocabulary-map inputs (``gold_plugin.signals.logit.vocab_hybrid_inputs.logit_loss_inputs``; baseline B);
-4. the byte-projection inputs: ``reference_projection_inputs`` (before: today's ``projection_inputs``), and,
-   when they exist, ``projection_positions`` (experience maker) and ``expand_positions`` (actor), with the
-   projection tables' build time once per pair;
+4. the byte-projection inputs: ``reference_projection_inputs`` (the plain reference, "before"),
+   ``projection_positions`` (experience maker) and ``expand_positions`` (actor), with the projection tables' build
+   time once per pair;
 5. the bytes OpenRLHF's per-sample transport ships per teacher position (``pack_logit_inputs``, the whole batch
    packed at once): ``ProjectionPositions`` (after), ``ProjectionInputs`` (before), the vocabulary-map inputs;
 6. the loss forward + backward at the real student vocabulary size (``projected_logit_loss`` vs the chunked
@@ -80,26 +80,8 @@ from gold_plugin.signals.logit import (  # noqa: E402
     logit_loss_inputs,
     projected_logit_loss,
 )
-
-# The new API (guarded: absent until the rewrite of byte_projection_inputs lands).
-projection_positions_fn: Callable[..., Any] | None = getattr(bpi, "projection_positions", None)
-expand_positions_fn: Callable[..., Any] | None = getattr(bpi, "expand_positions", None)
-try:
-    from gold_plugin.signals.logit.byte_projection_tables import projection_tables as projection_tables_fn
-except ImportError:
-    projection_tables_fn = None
-try:
-    from gold_plugin.testing.reference_projection import reference_projection_inputs as reference_fn
-except ImportError:
-    reference_fn = None
-NEW_API = None not in (projection_positions_fn, expand_positions_fn, projection_tables_fn)
-if reference_fn is None and projection_positions_fn is None:
-    reference_fn = bpi.projection_inputs  # today's implementation is the "before"
-BEFORE_NAME = (
-    "reference_projection_inputs"
-    if reference_fn is not None and reference_fn is not bpi.projection_inputs
-    else "projection_inputs (today's)"
-)
+from gold_plugin.signals.logit.byte_projection_tables import projection_tables  # noqa: E402
+from gold_plugin.testing.reference_projection import reference_projection_inputs  # noqa: E402
 
 PAIRS = ("gpt2:qwen", "qwen:gpt2", "mistral:qwen", "qwen:mistral")
 TARGET_HOST_X = 5.0
@@ -460,13 +442,11 @@ def run_pair(pair: str, args: argparse.Namespace, pack: Callable[..., Any] | Non
     start = time.perf_counter()
     vocab = sorted_vocab(student, teacher)
     result.tables["sorted vocabulary"] = time.perf_counter() - start
-    tables = None
-    if projection_tables_fn is not None:
-        start = time.perf_counter()
-        tables = projection_tables_fn(vocab)
-        result.tables["projection tables"] = time.perf_counter() - start
-        if device.type == "cuda" and hasattr(tables, "to"):
-            tables = tables.to(device)
+    start = time.perf_counter()
+    tables = projection_tables(vocab)
+    result.tables["projection tables"] = time.perf_counter() - start
+    if device.type == "cuda":
+        tables = tables.to(device)
 
     ends = dict(student_end_ids=batch.student_end_ids, teacher_end_ids=batch.teacher_end_ids)
 
@@ -496,55 +476,36 @@ def run_pair(pair: str, args: argparse.Namespace, pack: Callable[..., Any] | Non
     result.stages["vocab-map inputs (baseline B)"] = Stage(seconds, transport_bytes(pack, vm_inputs, rows))
 
     args_common = (vocab, alignments, batch.s_ids, batch.top_ids, batch.top_lp, batch.action_mask)
-    before = None
-    if reference_fn is not None:
-        reference_fn(
-            vocab,
-            alignments[:1],
-            batch.s_ids[:1],
-            batch.top_ids[:1],
-            batch.top_lp[:1],
-            batch.action_mask[:1],
-            **ends,
-        )
-        seconds, before = timed(lambda: reference_fn(*args_common, **ends), args.repeats)
-        result.stages["before: " + BEFORE_NAME] = Stage(seconds, transport_bytes(pack, before, rows))
-    else:
-        result.stages["before: reference_projection_inputs"] = Stage(note="unavailable")
-    after = None
-    if NEW_API:
-        try:
-            first = (vocab, alignments[:1], batch.s_ids[:1], batch.top_ids[:1], batch.top_lp[:1])
-            warm = projection_positions_fn(*first, batch.action_mask[:1])
-            expand_positions_fn(tables, to_device(warm, device), **ends)
-            seconds, positions = timed(lambda: projection_positions_fn(*args_common), args.repeats)
-            try:
-                shipped = transport_bytes(pack, positions, rows)
-                note = ""
-            except Exception as error:  # noqa: BLE001 - reported, not fatal
-                shipped, note = None, f"pack failed: {type(error).__name__}: {error}"
-            result.stages["projection_positions (experience maker)"] = Stage(seconds, shipped, note)
-            positions = to_device(positions, device)
-            seconds, after = timed(
-                lambda: expand_positions_fn(tables, positions, **ends), args.repeats, device
-            )
-            result.stages[f"expand_positions (actor, {device.type})"] = Stage(seconds)
-        except Exception as error:  # noqa: BLE001 - the new code may be mid-rewrite: report and go on
-            result.checks.append(f"new API failed: {type(error).__name__}: {error}")
-    else:
-        for name in ("projection_positions (experience maker)", "expand_positions (actor)"):
-            result.stages[name] = Stage(note="unavailable")
-    if after is not None and before is not None:
-        result.checks.append(f"expand_positions vs {BEFORE_NAME}: {compare_inputs(after, before)}")
-    current = after if after is not None else before
-    if current is not None:
-        result.positions = int(current.num_positions)
-        consumed = getattr(current, "consumed", None)
-        if consumed is not None and consumed.numel():
-            result.inside_share = float((consumed > 0).float().mean())
+    reference_projection_inputs(
+        vocab,
+        alignments[:1],
+        batch.s_ids[:1],
+        batch.top_ids[:1],
+        batch.top_lp[:1],
+        batch.action_mask[:1],
+        **ends,
+    )
+    seconds, before = timed(lambda: reference_projection_inputs(*args_common, **ends), args.repeats)
+    result.stages["before: reference_projection_inputs"] = Stage(seconds, transport_bytes(pack, before, rows))
+    first = (vocab, alignments[:1], batch.s_ids[:1], batch.top_ids[:1], batch.top_lp[:1])
+    bpi.expand_positions(
+        tables, to_device(bpi.projection_positions(*first, batch.action_mask[:1]), device), **ends
+    )
+    seconds, positions = timed(lambda: bpi.projection_positions(*args_common), args.repeats)
+    result.stages["projection_positions (experience maker)"] = Stage(
+        seconds, transport_bytes(pack, positions, rows)
+    )
+    positions = to_device(positions, device)
+    seconds, after = timed(lambda: bpi.expand_positions(tables, positions, **ends), args.repeats, device)
+    result.stages[f"expand_positions (actor, {device.type})"] = Stage(seconds)
+    result.checks.append(f"expand_positions vs reference_projection_inputs: {compare_inputs(after, before)}")
+    result.positions = int(after.num_positions)
+    consumed = getattr(after, "consumed", None)
+    if consumed is not None and consumed.numel():
+        result.inside_share = float((consumed > 0).float().mean())
     loss_case = None
-    if current is not None and not args.skip_loss:
-        loss_case = (batch, vocab, current, vm_inputs)
+    if not args.skip_loss:
+        loss_case = (batch, vocab, after, vm_inputs)
     return result, loss_case
 
 
@@ -713,7 +674,7 @@ def report(
         k: result.stages[n].bytes / max(result.positions, 1)
         for k, n in (
             ("after", "projection_positions (experience maker)"),
-            ("before", "before: " + BEFORE_NAME),
+            ("before", "before: reference_projection_inputs"),
             ("vocab-map", "vocab-map inputs (baseline B)"),
         )
         if n in result.stages and result.stages[n].bytes is not None
@@ -811,15 +772,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("CUDA is not available here: run with --device cpu.")
     # OpenRLHF's transport; its import needs flash_attn: the import-only stand-in at the end of sys.path.
     sys.path.append(str(ROOT / "gold_plugin" / "testing" / "stubs"))
-    try:
-        from gold_plugin.integrations.openrlhf.transport import pack_logit_inputs
-    except Exception as error:  # noqa: BLE001 - any import failure means: no transport column
-        print(f"[transport] skipped: cannot import pack_logit_inputs ({type(error).__name__}: {error})")
-        pack_logit_inputs = None
-    print(
-        f"torch {torch.__version__}, numpy {np.__version__}; before = {BEFORE_NAME}; new API "
-        f"(projection_positions, expand_positions, projection_tables): {'present' if NEW_API else 'unavailable'}"
-    )
+    from gold_plugin.integrations.openrlhf.transport import pack_logit_inputs
+
+    print(f"torch {torch.__version__}, numpy {np.__version__}; before = reference_projection_inputs")
     results, cases = [], []
     for pair in args.pairs:
         print(f"[{pair}] building inputs and timing host stages ...", flush=True)

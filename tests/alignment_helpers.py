@@ -20,7 +20,7 @@ ORDERED_PAIRS = list(
 )  # every pair, both directions, and self
 CROSS_PAIRS = [(s, t) for s, t in ORDERED_PAIRS if s != t]
 
-# Texts that break naive aligners (issue 2).
+# Texts that break naive aligners.
 HARD_TEXTS = {
     "ascii": "Hello world! This is fine.",
     "emoji_cjk": "你好，世界🙂🚀 👨‍👩‍👧 東京タワー",

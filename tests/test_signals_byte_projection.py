@@ -167,7 +167,7 @@ def test_split_student_merged_teacher_follows_the_sampled_path(digit_tokenizers)
     torch.testing.assert_close(rest[0], 1 - expected.sum())
 
 
-# --- same tokenizer: today's loss -----------------------------------------------------------------------------
+# --- same tokenizer: the matched loss ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["gpt2", "merged"])
@@ -180,7 +180,7 @@ def test_same_tokenizer_equals_todays_matched_loss(name, digit_tokenizers):
     torch.manual_seed(1)
     k = 16
     teacher_lp = torch.randn(len(t_ids), vocab, dtype=torch.float64).mul(3).log_softmax(-1)
-    teacher_lp[:, tokenizer.all_special_ids] = -torch.inf  # no special candidates: today's ULD part is empty
+    teacher_lp[:, tokenizer.all_special_ids] = -torch.inf  # no special candidates: the ULD part is empty
     top = teacher_lp.topk(k, dim=-1)
     inputs, pv = _inputs(
         tokenizer, tokenizer, s_ids, t_ids, top.indices.numpy(), top.values.numpy(), ends=False

@@ -159,9 +159,12 @@ def test_start_up_failures_say_what_to_change(server, teacher_dir, key_env, monk
 
 
 def test_a_server_killed_and_restarted_mid_call_gives_what_a_fresh_call_gives(server, teacher_dir, key_env):
-    """Each request is retried with back-off until the server is back; the results equal a fresh scoring."""
+    """A server gone for longer than the retry window: every request fails on its own, none is dropped. A server
+    back within it: each request is retried with back-off until it answers, and the results equal a fresh scoring.
+    (One restart serves both.)"""
     requests = [TeacherRequest(f"Prompt {i}:", f" response number {i} about the sea") for i in range(24)]
     teacher = served(server, teacher_dir, max_concurrency=2, retry_window_s=240.0)
+    short = served(server, teacher_dir, retry_window_s=1.0)
     fresh = teacher.score(requests)
     got: dict[str, object] = {}
 
@@ -169,26 +172,21 @@ def test_a_server_killed_and_restarted_mid_call_gives_what_a_fresh_call_gives(se
         got["results"], got["retries"] = teacher.score_counting_retries(requests * 4)
 
     server.stop()
-    caller = threading.Thread(target=score_through_the_restart)
-    caller.start()
-    time.sleep(2.0)
-    assert caller.is_alive()  # the call is waiting for the server
-    server.start()
-    caller.join(timeout=300)
-    assert not caller.is_alive()
-    assert got["retries"] > 0 and teacher.last_call.failed == 0
-    assert_same_results(got["results"], fresh * 4)
-
-    # The server gone for longer than the retry window: every request fails on its own, none is dropped.
-    short = served(server, teacher_dir, retry_window_s=1.0)
-    server.stop()
     try:
         results, retries = short.score_counting_retries(requests[:3])
         assert [r.num_tokens for r in results] == [0, 0, 0] and retries > 0
         assert all("did not answer within 1 s" in r.error for r in results)
         assert short.last_call.failed == 3
+        caller = threading.Thread(target=score_through_the_restart)
+        caller.start()
+        time.sleep(2.0)
+        assert caller.is_alive()  # the call is waiting for the server
     finally:
         server.start()
+    caller.join(timeout=300)
+    assert not caller.is_alive()
+    assert got["retries"] > 0 and teacher.last_call.failed == 0
+    assert_same_results(got["results"], fresh * 4)
 
 
 def test_dry_run_checks_the_served_teacher(server, teacher_dir, key_env, capsys):

@@ -286,9 +286,9 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
         captured: dict[str, Any] = {}
 
         def keep_output(_module: torch.nn.Module, _inputs: tuple[Any, ...], out: Any) -> None:
-            if "logits" not in captured:
-                output = out[1] if isinstance(out, tuple) and len(out) == 2 else out
-                captured["logits"] = output["logits"] if hasattr(output, "get") else None
+            # The step's forward asks for its output: (log-probs, output); other forwards return log-probs only.
+            if "logits" not in captured and isinstance(out, tuple) and len(out) == 2:
+                captured["logits"] = out[1]["logits"]
 
         with contextlib.ExitStack() as stack:
             states: list[torch.Tensor] = []
@@ -298,11 +298,9 @@ class GoldActorPPOTrainer(ActorPPOTrainer):
             stack.enter_context(_removing(self.actor.register_forward_hook(keep_output)))
 
             def forward() -> StudentForward:
-                if "logits" not in captured:
-                    raise RuntimeError(
-                        "The actor forward of the training step was not seen; cannot add the GOLD terms."
-                    )
-                logits = captured["logits"]
+                if not captured and not states:
+                    raise RuntimeError("The actor forward was not seen: cannot compute the GOLD terms.")
+                logits = captured.get("logits")
                 num_actions = experience.action_mask.shape[1]
                 length = experience.sequences.shape[1]
                 return StudentForward(

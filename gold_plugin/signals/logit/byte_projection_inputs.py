@@ -24,7 +24,7 @@ byte-sorted student vocabulary (:mod:`gold_plugin.alignment.sorted_vocab`), as s
 - **end**: the teacher's end ids (EOS / end-of-turn) against the student's end ids, at shared boundaries.
 
 With the same tokenizer on both sides every boundary is shared, every candidate is a student token and owns
-exactly that token's probability: the loss is today's per-position matched loss (docs/signals.md).
+exactly that token's probability: the loss is the per-position matched loss (docs/signals.md).
 Two steps, split where OpenRLHF's process boundary is (docs/signals.md, "Byte projection: where the work runs"):
 
 1. :func:`projection_positions` (the experience maker, numpy, a few vectorised passes per sample): where each
