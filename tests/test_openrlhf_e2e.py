@@ -63,13 +63,14 @@ CPU_OPTIONS = ["--ds.attn_implementation", "sdpa", "--vllm.enforce_eager"]
 def cluster(tmp_path_factory):
     """A local Ray head with fake GPUs, tiny models, Countdown prompts, and the environment the examples read."""
     root = tmp_path_factory.mktemp("e2e")
-    building = deepspeed_ops.start_build()  # while the models are written and the Ray head starts
     student = save_tiny_teacher(root / "student", "mistral", seed=1, **VLLM_CPU_SHAPE)
     teacher = save_tiny_teacher(root / "teacher", "gpt2", seed=2, **VLLM_CPU_SHAPE)
     same_tokenizer_teacher = save_tiny_teacher(root / "teacher_same", "mistral", seed=3, **VLLM_CPU_SHAPE)
     data = countdown_prompts(root / "countdown.jsonl", 16)
+    deepspeed_ops.wait(
+        deepspeed_ops.start_build()
+    )  # before the first job, which would build them in its start
     with local_ray_head(num_cpus=16, num_gpus=4) as address:
-        deepspeed_ops.wait(building)  # before the first job, which would build them in its start
         env = {**job_env(), **SIZES, "RAY_ADDRESS": address}  # and RUNTIME_ENV per job (_submit)
         env.update(STUDENT=str(student), TEACHER=str(teacher), DATA=str(data))
         yield {
