@@ -126,9 +126,14 @@ def align_results(
         values = np.array(results[b].logprobs, dtype=np.float32)  # a copy: results may be read-only arrays
         alignments[b] = mask_unscored_groups(alignment, values)
         logprobs[b] = values
+    complete = [a for a in alignments if a is not None]
+    if len(complete) != count:
+        raise RuntimeError(
+            f"{count - len(complete)} of {count} samples were neither aligned nor marked unalignable."
+        )
     return AlignedBatch(
-        alignments=alignments,  # type: ignore[arg-type]
-        flat=FlatAlignment.build(alignments),  # type: ignore[arg-type]
+        alignments=complete,
+        flat=FlatAlignment.build(complete),
         teacher_logprobs=torch.from_numpy(np.concatenate(logprobs) if logprobs else np.zeros(0, np.float32)),
         results=list(results),
         teacher_failed=failed,
