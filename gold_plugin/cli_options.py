@@ -155,7 +155,10 @@ def _argparse_kwargs(opt: FieldOption) -> dict[str, Any]:
 def _attribute_docs(cls: type) -> dict[str, str]:
     """Field name -> its attribute docstring (the string literal right after the field in the class body)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    definition = tree.body[0]
+    if not isinstance(definition, ast.ClassDef):
+        raise TypeError(f"{cls.__name__}'s source is not a class definition.")
+    body = definition.body
     docs: dict[str, str] = {}
     for node, following in zip(body, body[1:]):
         if (

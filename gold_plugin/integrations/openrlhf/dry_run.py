@@ -25,7 +25,7 @@ class TokenizerReport:
 
 
 def _is_local(path: str | None) -> bool:
-    return bool(path) and os.path.exists(path)  # type: ignore[arg-type]
+    return path is not None and bool(path) and os.path.exists(path)
 
 
 def check_tokenizers(plan: LaunchPlan, out: TextIO) -> TokenizerReport:

@@ -301,7 +301,8 @@ class ProjectionTables:
         right_length: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hash of the concatenation of two byte strings."""
-        return tuple((left[h] * self.powers[h][right_length] + right[h]) % PRIMES[h] for h in range(2))  # type: ignore[return-value]
+        first, second = ((left[h] * self.powers[h][right_length] + right[h]) % PRIMES[h] for h in range(2))
+        return first, second
 
     def strip(
         self,
@@ -310,9 +311,10 @@ class ProjectionTables:
         tail_length: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hash of ``whole`` without its first bytes ``head`` (``tail_length`` bytes remain)."""
-        return tuple(
+        first, second = (
             torch.remainder(whole[h] - head[h] * self.powers[h][tail_length], PRIMES[h]) for h in range(2)
-        )  # type: ignore[return-value]
+        )
+        return first, second
 
 
 def build_projection_tables(vocab: SortedVocab) -> ProjectionTables:
