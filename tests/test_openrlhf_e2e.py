@@ -28,7 +28,7 @@ from vllm_helpers import require_vllm
 pytest.importorskip("openrlhf")
 require_vllm()
 
-from gold_plugin.testing import deepspeed_ops  # noqa: E402
+from gold_plugin.testing.deepspeed_ops import build_in_subprocess as build_deepspeed_ops  # noqa: E402
 from gold_plugin.testing.openrlhf_cpu import check, runtime_env, teacher_calls  # noqa: E402
 from gold_plugin.testing.ray_head import (  # noqa: E402
     REPO,
@@ -67,9 +67,7 @@ def cluster(tmp_path_factory):
     teacher = save_tiny_teacher(root / "teacher", "gpt2", seed=2, **VLLM_CPU_SHAPE)
     same_tokenizer_teacher = save_tiny_teacher(root / "teacher_same", "mistral", seed=3, **VLLM_CPU_SHAPE)
     data = countdown_prompts(root / "countdown.jsonl", 16)
-    deepspeed_ops.wait(
-        deepspeed_ops.start_build()
-    )  # before the first job, which would build them in its start
+    build_deepspeed_ops()  # before the first job, which would build them in its start
     with local_ray_head(num_cpus=16, num_gpus=4) as address:
         env = {**job_env(), **SIZES, "RAY_ADDRESS": address}  # and RUNTIME_ENV per job (_submit)
         env.update(STUDENT=str(student), TEACHER=str(teacher), DATA=str(data))

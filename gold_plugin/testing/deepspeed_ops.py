@@ -25,20 +25,16 @@ def build() -> None:
         builder.load(verbose=False)
 
 
-def start_build() -> subprocess.Popen:
-    """:func:`build` started in a fresh process with ``DS_ACCELERATOR=cpu`` (what the jobs' runtime env sets) and
-    this Python's bin folder first on PATH, as the jobs have it: torch builds with the first ``ninja`` on PATH, and an
-    op built by another ninja version (a system one) is built again by the job. :func:`wait` for it."""
+def build_in_subprocess(timeout_s: float = 1200) -> None:
+    """:func:`build` in a fresh process with ``DS_ACCELERATOR=cpu`` (what the jobs' runtime env sets) and this
+    Python's bin folder first on PATH, as the jobs have it: torch builds with the first ``ninja`` on PATH, and an
+    op built by another ninja version (a system one) is built again by the job."""
     from gold_plugin.testing.ray_head import job_env
 
     env = {**job_env(), "DS_ACCELERATOR": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "gold_plugin.testing.deepspeed_ops"], env=env)
-
-
-def wait(build: subprocess.Popen, timeout_s: float = 1200) -> None:
-    """Wait for :func:`start_build`'s process; raise when it failed."""
-    if build.wait(timeout=timeout_s) != 0:
-        raise RuntimeError(f"Building DeepSpeed's CPU ops failed (exit status {build.returncode}).")
+    subprocess.run(
+        [sys.executable, "-m", "gold_plugin.testing.deepspeed_ops"], env=env, check=True, timeout=timeout_s
+    )
 
 
 if __name__ == "__main__":
